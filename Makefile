@@ -1,0 +1,55 @@
+# The README's two commands are `make run` and `make test`. Each sets up its own virtual environment
+# from requirements.lock (exact versions) the first time, and again whenever the lock changes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint unit bench lock schemas clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The product's main job.
+run: $(STAMP)
+	mkdir -p out
+	$(BIN)/ab-worker run --config deploy/experiments.yaml --input deploy/sample-requests.jsonl \
+		--output out/events.jsonl --rows out/rows.jsonl --dead-letters out/dead-letters.jsonl
+
+## Lint, type-check and the whole default test suite (unit + integration tiers).
+test: lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.bench_assignment
+
+schemas: $(STAMP)
+	$(BIN)/python -m schemas.generate
+	$(BIN)/python -m tests.conformance_cases
+
+## Re-pin every dependency after changing pyproject.toml.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e ".[test]"
+	{ echo "# Exact versions for a reproducible install: regenerate with \`make lock\` after changing pyproject.toml."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > requirements.lock
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""Speed of the assignment rule, side by side in one run: ``python -m bench.bench_assignment``.
+
+Compares, over the same user ids (default one million):
+
+1. ``reference``  — a plain restatement of the seed's implementation (tests/reference.py), per user;
+2. ``assign_user`` — the project's documented API, per user (returns the full dict);
+3. ``batch``       — the project's batch path (``assign_variants``: map chains + numpy);
+4. ``bare md5 (keys)``  — ``for key in keys: hashlib.md5(key).digest()`` over pre-encoded keys;
+5. ``bare md5 (ids)``   — the same loop building each key from the user id first.
+
+Each is run ``--repeat`` times interleaved; medians are reported, and ratios against the reference and
+the bare loops. This machine is shared and noisy: quote ratios and medians, not single runs.
+Targets (one core): assign_user >= 2x reference; batch at least as fast as the bare md5 loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+
+from tests.reference import ReferenceAgent
+from worker import ABAssignmentAgent
+from worker.assignment import assign_variants
+
+EXPERIMENT = "exp_bench"
+SPLIT = {"control": 0.5, "test_1": 0.3, "test_2": 0.2}
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print a table of medians and ratios."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=1_000_000, help="user ids per run (default 1,000,000)")
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved runs per contender (default 5)")
+    args = parser.parse_args(argv)
+
+    users = [f"user-{i:07d}" for i in range(args.users)]
+    keys = [f"echovoice:{EXPERIMENT}:{u}".encode() for u in users]
+    reference = ReferenceAgent(SPLIT)
+    agent = ABAssignmentAgent(SPLIT)
+    md5 = hashlib.md5
+
+    def run_reference() -> None:
+        assign = reference.assign_user
+        for user in users:
+            assign(user, EXPERIMENT)
+
+    def run_assign_user() -> None:
+        assign = agent.assign_user
+        for user in users:
+            assign(user, EXPERIMENT)
+
+    def run_batch() -> None:
+        assign_variants(users, EXPERIMENT, agent.table, agent.seed)
+
+    def run_bare_keys() -> None:
+        for key in keys:
+            md5(key).digest()
+
+    def run_bare_ids() -> None:
+        for user in users:
+            md5(f"echovoice:{EXPERIMENT}:{user}".encode()).digest()
+
+    contenders = {
+        "reference": run_reference,
+        "assign_user": run_assign_user,
+        "batch": run_batch,
+        "bare md5 (keys)": run_bare_keys,
+        "bare md5 (ids)": run_bare_ids,
+    }
+    # Check the contenders agree before timing them.
+    sample = users[:2000]
+    expected = [reference.assign_user(u, EXPERIMENT)["variant_id"] for u in sample]
+    assert [agent.assign_user(u, EXPERIMENT)["variant_id"] for u in sample] == expected
+    assert assign_variants(sample, EXPERIMENT, agent.table, agent.seed)[1] == expected
+
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(args.repeat):
+        for name, fn in contenders.items():
+            times[name].append(_timed(fn))
+        print(f"round {round_ + 1}/{args.repeat} done", flush=True)
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\n{args.users:,} users, {args.repeat} interleaved runs, medians:")
+    print(f"{'contender':<18}{'seconds':>9}{'users/s':>14}{'vs reference':>14}")
+    for name, seconds in median.items():
+        print(f"{name:<18}{seconds:>9.3f}{args.users / seconds:>14,.0f}{median['reference'] / seconds:>13.2f}x")
+    speedup = median["reference"] / median["assign_user"]
+    vs_keys = median["bare md5 (keys)"] / median["batch"]
+    vs_ids = median["bare md5 (ids)"] / median["batch"]
+    print(f"\nassign_user vs reference: {speedup:.2f}x (target >= 2x)  {'PASS' if speedup >= 2 else 'MISS'}")
+    print(f"batch vs bare md5 over pre-built keys: {vs_keys:.2f}x (target >= 1x)  {'PASS' if vs_keys >= 1 else 'MISS'}")
+    print(f"batch vs bare md5 building keys from ids: {vs_ids:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

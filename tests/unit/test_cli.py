@@ -1,0 +1,172 @@
+"""The command line: assign, run and validate-config, including their errors and exit statuses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.cli import main
+
+REPO = Path(__file__).parents[2]
+CONFIG = str(REPO / "deploy" / "experiments.yaml")
+
+
+def test_assign_single_user_prints_event(capsys):
+    """assign --user prints the event JSON with the known answer."""
+    assert main(["assign", "--experiment", "exp_001", "--user", "U123"]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert event["variant_id"] == "A"
+    assert event["hash_value"] == 0.002099
+    assert event["seed"] == "echovoice"
+
+
+def test_assign_with_split_and_seed(capsys):
+    """--split and --seed change the rule as documented."""
+    assert main(["assign", "--experiment", "exp_001", "--user", "U456", "--split", "A=0.7,B=0.3"]) == 0
+    assert json.loads(capsys.readouterr().out)["variant_id"] == "A"
+    assert main(["assign", "--experiment", "exp_001", "--user", "U123", "--seed", "custom_seed_v2"]) == 0
+    assert json.loads(capsys.readouterr().out)["hash_value"] == 0.800272
+
+
+def test_assign_with_config_uses_segment_and_metadata(capsys):
+    """--config takes split, version, metadata and segment overrides from the registry."""
+    argv = ["assign", "--experiment", "exp_personalization_001", "--user", "U3", "--config", CONFIG]
+    assert main([*argv, "--segment", "high_intent"]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert event["experiment_version"] == "3"
+    assert event["split_ratio"] == {"A": 0.4, "B": 0.6}
+    assert event["variant_metadata"]["tone"] in {"friendly", "professional"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["assign", "--experiment", "e", "--user", "u", "--split", "A=0.6,B=0.3"], "must sum to 1.0"),
+        (["assign", "--experiment", "e", "--user", "u", "--split", "A=half"], "not a number"),
+        (["assign", "--experiment", "e", "--user", "u", "--split", "A0.5"], "VARIANT=SHARE"),
+        (["assign", "--experiment", "nope", "--user", "u", "--config", CONFIG], "'nope' is not in"),
+        (["assign", "--experiment", "e"], "--user"),
+        (["assign", "--experiment", "e", "--input", "/no/such/file.csv"], "file not found"),
+        (["validate-config", "/no/such.yaml"], "file not found"),
+    ],
+)
+def test_usage_errors_exit_2_with_message(capsys, argv, fragment):
+    """Bad flags and files give a one-line error and exit status 2, never a traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert "Traceback" not in err
+
+
+def test_assign_file_streams_csv_and_reports_bad_rows(tmp_path, capsys):
+    """--input CSV: good rows assigned in order, bad rows reported with line numbers and skipped, exit 1."""
+    source = tmp_path / "users.csv"
+    source.write_bytes(b"user_id,segment\nU123,\n,vip\nU456,vip\n" + b"\xff\xfe,x\n" + b"u2226676,\n")
+    out = tmp_path / "out.csv"
+    assert main(["assign", "--experiment", "exp_001", "--input", str(source), "--output", str(out)]) == 1
+    rows = list(csv.DictReader(out.read_text(encoding="utf-8").splitlines()))
+    assert [r["user_id"] for r in rows] == ["U123", "U456", "u2226676"]
+    assert rows[0]["variant_id"] == "A"
+    assert rows[0]["hash_value"] == "0.002099"
+    assert rows[2]["variant_id"] == "B"
+    err = capsys.readouterr().err
+    assert f"{source}: line 3: skipped: user_id is empty" in err
+    assert f"{source}: line 5: skipped: not UTF-8" in err
+    assert "assigned 3 rows" in err
+
+
+def test_assign_file_jsonl_matches_single_assignments(tmp_path, capsys):
+    """JSON-lines input gives the same variants as one-by-one assignment; exit 0 with no bad rows."""
+    from worker import ABAssignmentAgent
+
+    source = tmp_path / "users.jsonl"
+    users = [f"user-{i}" for i in range(1000)]
+    source.write_text("".join(json.dumps({"user_id": u}) + "\n" for u in users), encoding="utf-8")
+    assert main(["assign", "--experiment", "exp_x", "--split", "A=0.2,B=0.3,C=0.5", "--input", str(source)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    agent = ABAssignmentAgent({"A": 0.2, "B": 0.3, "C": 0.5})
+    assert [r["variant_id"] for r in lines] == [agent.assign_user(u, "exp_x")["variant_id"] for u in users]
+
+
+def test_assign_file_bad_jsonl_rows(tmp_path, capsys):
+    """Each kind of bad JSON-lines row names its line."""
+    source = tmp_path / "users.jsonl"
+    source.write_text('{"user_id": "ok"}\nnot json\n[1]\n{"name": "x"}\n{"user_id": 5}\n', encoding="utf-8")
+    assert main(["assign", "--experiment", "e", "--input", str(source)]) == 1
+    err = capsys.readouterr().err
+    for line, problem in [
+        (2, "not JSON"),
+        (3, "expected a JSON object"),
+        (4, "missing field 'user_id'"),
+        (5, "user_id must be a string"),
+    ]:
+        assert f"line {line}: skipped: {problem}" in err
+
+
+def test_csv_without_user_id_column(tmp_path, capsys):
+    """A CSV without user_id is a usage error naming the file and its columns."""
+    source = tmp_path / "users.csv"
+    source.write_text("customer,segment\nU1,a\n", encoding="utf-8")
+    assert main(["assign", "--experiment", "e", "--input", str(source)]) == 2
+    assert "no 'user_id' column" in capsys.readouterr().err
+
+
+def test_validate_config_ok_and_broken(tmp_path, capsys):
+    """validate-config lists experiments; a broken file exits 2 naming experiment and field."""
+    assert main(["validate-config", CONFIG]) == 0
+    assert "all valid" in capsys.readouterr().out
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("experiments:\n  - id: e1\n    split: {A: 0.5}\n    colour: red\n", encoding="utf-8")
+    assert main(["validate-config", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert "experiment 'e1'" in err
+    assert "'colour'" in err
+    assert "unknown key" in err
+
+
+def test_run_processes_a_request_file(tmp_path, capsys):
+    """run --input pumps requests to events, rows and dead letters; exit 1 because one was dead-lettered."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(
+        '{"user_id": "U123", "experiment_id": "exp_001"}\n{"user_id": "U9", "experiment_id": "unknown"}\n',
+        encoding="utf-8",
+    )
+    events, rows, dead = tmp_path / "events.jsonl", tmp_path / "rows.jsonl", tmp_path / "dead.jsonl"
+    argv = ["run", "--config", CONFIG, "--input", str(requests), "--output", str(events), "--rows", str(rows)]
+    assert main([*argv, "--dead-letters", str(dead)]) == 1
+    (event,) = [json.loads(line) for line in events.read_text().splitlines()]
+    assert event["variant_id"] == "A"
+    assert json.loads(rows.read_text())["EventId"] == event["event_id"]
+    dead_letter = json.loads(dead.read_text())
+    assert dead_letter["dead_letter_reason"] == "UnknownExperiment"
+    assert dead_letter["line"] == 2
+    assert "1 assigned, 1 dead-lettered" in capsys.readouterr().err
+
+
+def test_run_without_experiments_is_a_usage_error(capsys, monkeypatch):
+    """run with no registry says how to give one."""
+    monkeypatch.delenv("AB_WORKER_EXPERIMENTS_FILE", raising=False)
+    assert main(["run", "--input", CONFIG]) == 2
+    assert "AB_WORKER_EXPERIMENTS_FILE" in capsys.readouterr().err
+
+
+def test_bad_environment_setting_names_the_variable(capsys, monkeypatch):
+    """An invalid AB_WORKER_* value names the variable."""
+    monkeypatch.setenv("AB_WORKER_MAX_BATCH", "lots")
+    assert main(["run", "--config", CONFIG]) == 2
+    assert "AB_WORKER_MAX_BATCH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["assign"], ["run"], ["validate-config"]])
+def test_help_everywhere(command):
+    """--help works for the tool and each command, via python -m worker."""
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", *command, "--help"], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    assert result.returncode == 0
+    assert "usage: " in result.stdout

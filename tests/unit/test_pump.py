@@ -1,0 +1,312 @@
+"""The pump's settlement rules, on in-memory fakes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from adapters.memory import MemoryPublisher, MemorySink, MemorySource
+from schemas import AssignmentEvent
+from worker.errors import PermanentError, TransientError
+from worker.handling import event_id_for
+from worker.pump import Disposition, Pump, PumpConfig, settlement_for
+from worker.registry import ExperimentRegistry
+
+REGISTRY = ExperimentRegistry.from_dict(
+    {
+        "experiments": [
+            {"id": "exp_001", "split": {"A": 0.5, "B": 0.5}, "version": "7", "variants": {"A": {"tone": "urgent"}}},
+            {"id": "seg", "split": {"A": 0.5, "B": 0.5}, "segments": {"vip": {"A": 0.0, "B": 1.0}}},
+        ]
+    }
+)
+
+
+def _request(user="U123", experiment="exp_001", **extra):
+    return json.dumps({"user_id": user, "experiment_id": experiment, **extra})
+
+
+@pytest.fixture
+def spans():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def _pump(source, publisher=None, sink=None, provider=None, **config):
+    return Pump(
+        source,
+        publisher or MemoryPublisher(),
+        sink or MemorySink(),
+        lambda: REGISTRY,
+        config=PumpConfig(**config),
+        tracer_provider=provider,
+    )
+
+
+def test_success_publishes_records_then_completes():
+    """A good request yields one event and one row, and is completed after both were accepted."""
+    source, publisher, sink = MemorySource(), MemoryPublisher(), MemorySink()
+    source.send(_request(), message_id="m1", correlation_id="corr-1")
+    _pump(source, publisher, sink).run(idle_exit=0)
+    assert [d.message_id for d in source.completed] == ["m1"]
+    (event,) = publisher.published
+    body = json.loads(event.body)
+    assert body["variant_id"] == "A"
+    assert body["hash_value"] == 0.002099
+    assert body["experiment_version"] == "7"
+    assert body["variant_metadata"] == {"tone": "urgent"}
+    assert event.message_id == event_id_for("m1") == body["event_id"]
+    assert event.correlation_id == "corr-1"
+    assert event.application_properties == {"experiment_id": "exp_001", "variant_id": "A", "schema_version": "1.0"}
+    assert [r.EventId for r in sink.rows] == [body["event_id"]]
+
+
+def test_completion_waits_for_the_row_flush():
+    """Nothing is completed while its row is only buffered."""
+    source, sink = MemorySource(), MemorySink(max_rows=10)
+    for i in range(3):
+        source.send(_request(f"U{i}"))
+    pump = _pump(source, sink=sink)
+    pump._handle_batch(source.receive(10, 0))
+    assert source.completed == []
+    assert len(sink.buffer) == 3
+    pump.drain()
+    assert len(source.completed) == 3
+    assert len(sink.rows) == 3
+
+
+def test_redelivered_request_yields_identical_event():
+    """The same message, delivered twice, produces byte-identical events."""
+    source, publisher = MemorySource(), MemoryPublisher()
+    delivery = source.send(_request(), message_id="m-dup")
+    source.send(delivery.body, message_id="m-dup", enqueued_time=delivery.enqueued_time)
+    _pump(source, publisher).run(idle_exit=0)
+    first, second = publisher.published
+    assert first.body == second.body
+    assert first.message_id == second.message_id
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "fragment"),
+    [
+        (b"\xff\xfe not utf8", "InvalidJson", "not UTF-8"),
+        (b"{not json", "InvalidJson", "not JSON"),
+        (b"[1, 2]", "SchemaValidationFailed", "JSON object, got list"),
+        (_request(user=7).encode(), "SchemaValidationFailed", "user_id: Input should be a valid string (got 7)"),
+        (json.dumps({"experiment_id": "exp_001"}).encode(), "SchemaValidationFailed", "user_id: Field required"),
+        (_request(user="x" * 2000).encode(), "SchemaValidationFailed", "at most 1024 characters"),
+        (_request(experiment="nope").encode(), "UnknownExperiment", "experiment_id 'nope' is not configured"),
+        (b"[" * 100_000 + b"]" * 100_000, "MessageTooLarge", "limit is 65536"),
+        (b"[" * 30_000 + b"]" * 30_000, "InvalidJson", "nested too deeply"),
+    ],
+)
+def test_poison_is_dead_lettered_with_precise_reason(body, reason, fragment):
+    """Each kind of bad input is dead-lettered once, with its reason and a precise description."""
+    source = MemorySource()
+    source.send(body, message_id="bad")
+    stats = _pump(source).run(idle_exit=0)
+    (dead,) = source.dead_letters
+    assert dead.reason == reason
+    assert fragment in dead.description
+    assert len(dead.description) <= 1024
+    assert stats.dead_letters == {reason: 1}
+
+
+def test_description_is_truncated_to_a_safe_length():
+    """A huge bad value does not produce a huge description."""
+    source = MemorySource()
+    source.send(json.dumps({"user_id": "U", "experiment_id": "e" * 1000, "segment": "s" * 5000}).encode())
+    _pump(source).run(idle_exit=0)
+    assert len(source.dead_letters[0].description) <= 1024
+
+
+def test_one_bad_message_does_not_affect_its_batch():
+    """Bad messages are dead-lettered individually; the good ones in the same batch complete."""
+    source, publisher = MemorySource(), MemoryPublisher()
+    for i in range(10):
+        source.send(b"garbage" if i % 3 == 0 else _request(f"U{i}").encode(), message_id=f"m{i}")
+    stats = _pump(source, publisher, max_batch=10).run(idle_exit=0)
+    assert stats.batches == 1
+    assert sorted(d.delivery.message_id for d in source.dead_letters) == ["m0", "m3", "m6", "m9"]
+    assert len(source.completed) == 6
+    assert len(publisher.published) == 6
+
+
+def test_publish_failure_abandons_and_redelivers_without_dead_lettering():
+    """A transient publish failure leaves nothing completed or dead-lettered; redelivery then succeeds."""
+    source, publisher, sink = MemorySource(), MemoryPublisher(failures_left=2), MemorySink()
+    source.send(_request(), message_id="m1")
+    stats = _pump(source, publisher, sink).run(idle_exit=0)
+    assert source.dead_letters == []
+    assert stats.abandoned == 2
+    assert [d.message_id for d in source.completed] == ["m1"]
+    assert source.completed[0].delivery_count == 3
+    assert len(publisher.published) == 1
+    assert len(sink.rows) == 1
+
+
+def test_flush_failure_does_not_complete_and_redelivers():
+    """A failed row flush abandons its messages; they come back and their rows land."""
+    source, publisher, sink = MemorySource(), MemoryPublisher(), MemorySink(failures_left=1)
+    for i in range(3):
+        source.send(_request(f"U{i}"), message_id=f"m{i}")
+    stats = _pump(source, publisher, sink).run(idle_exit=0)
+    assert stats.abandoned == 3
+    assert len(source.completed) == 3
+    assert sorted(r.UserId for r in sink.rows) == ["U0", "U1", "U2"]
+    assert source.dead_letters == []
+
+
+def test_lost_lock_is_counted_not_fatal():
+    """A lock lost at settlement is logged and counted; the pump carries on and the message comes back."""
+    source = MemorySource()
+    source.send(_request(), message_id="m1")
+    source.lost_locks.add("m1")
+    stats = _pump(source).run(idle_exit=0)
+    assert stats.settlement_lost == 1
+    assert [d.message_id for d in source.completed] == ["m1"]
+
+
+def test_unexpected_handler_error_abandons_until_max_delivery_count():
+    """A bug in handling abandons the message; the broker's max delivery count bounds the retries."""
+
+    class BrokenRegistry:
+        source = "broken"
+
+        def get(self, experiment_id):
+            raise RuntimeError("bug")
+
+        def __len__(self):
+            return 0
+
+    source = MemorySource(max_delivery_count=3)
+    source.send(_request(), message_id="m1")
+    source.send(_request("U2"), message_id="m2")
+    stats = Pump(source, MemoryPublisher(), MemorySink(), BrokenRegistry, config=PumpConfig()).run(idle_exit=0)
+    assert stats.abandoned == 6
+    assert source.completed == []
+    assert [d.reason for d in source.dead_letters] == ["MaxDeliveryCountExceeded"] * 2
+
+
+def test_segment_override_and_context_allow_list():
+    """A segment's split is applied; only allow-listed context keys leave the worker."""
+    source, publisher, sink = MemorySource(), MemoryPublisher(), MemorySink()
+    context = {"segment": "vip", "email": "person@example.com", "campaign": "c1"}
+    source.send(_request(experiment="seg", context=context))
+    _pump(source, publisher, sink, context_allow_list={"campaign"}).run(idle_exit=0)
+    body = json.loads(publisher.published[0].body)
+    assert body["variant_id"] == "B"
+    assert body["segment"] == "vip"
+    assert body["split_ratio"] == {"A": 0.0, "B": 1.0}
+    assert body["context"] == {"campaign": "c1"}
+    assert "person@example.com" not in publisher.published[0].body.decode()
+    assert sink.rows[0].Context == {"campaign": "c1"}
+
+
+def test_context_is_dropped_by_default():
+    """With no allow-list, no context reaches the event or the row."""
+    source, publisher, sink = MemorySource(), MemoryPublisher(), MemorySink()
+    source.send(_request(context={"email": "person@example.com"}))
+    _pump(source, publisher, sink).run(idle_exit=0)
+    assert json.loads(publisher.published[0].body)["context"] == {}
+    assert sink.rows[0].Context == {}
+
+
+def test_spans_continue_publisher_trace_and_carry_attributes(spans):
+    """One CONSUMER span per message, child of the publisher's traceparent, with messaging and flag attributes."""
+    provider, exporter = spans
+    source = MemorySource()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    source.send(
+        _request(), message_id="m1", application_properties={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    )
+    source.send(b"junk", message_id="m2")
+    _pump(source, provider=provider).run(idle_exit=0)
+    process = {
+        s.attributes["messaging.message.id"]: s for s in exporter.get_finished_spans() if s.kind is SpanKind.CONSUMER
+    }
+    good, bad = process["m1"], process["m2"]
+    assert good.name == "assignment-requests process"
+    assert format(good.context.trace_id, "032x") == trace_id
+    assert good.attributes["messaging.system"] == "servicebus"
+    assert good.attributes["feature_flag.key"] == "exp_001"
+    assert good.attributes["feature_flag.result.variant"] == "A"
+    assert good.attributes["messaging.servicebus.disposition_status"] == "complete"
+    assert bad.attributes["messaging.servicebus.disposition_status"] == "dead_letter"
+    assert bad.attributes["messaging.servicebus.dead_letter_reason"] == "InvalidJson"
+    producers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.PRODUCER]
+    assert [s.name for s in producers] == ["assignment-events publish"]
+
+
+def test_diagnostic_id_is_accepted_as_parent(spans):
+    """The older Diagnostic-Id property also continues the trace."""
+    provider, exporter = spans
+    source = MemorySource()
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    source.send(_request(), application_properties={"Diagnostic-Id": f"00-{trace_id}-b7ad6b7169203331-01"})
+    _pump(source, provider=provider).run(idle_exit=0)
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.CONSUMER]
+    assert format(span.context.trace_id, "032x") == trace_id
+
+
+def test_settlement_policy_is_one_pure_function():
+    """Outcome → settlement: event → complete; permanent → dead-letter with reason; other → abandon."""
+    from worker.errors import DeadLetterReason
+
+    dead = settlement_for(PermanentError(DeadLetterReason.UNKNOWN_EXPERIMENT, "x"))
+    assert (dead.disposition, dead.reason, dead.description) == (Disposition.DEAD_LETTER, "UnknownExperiment", "x")
+    assert settlement_for(TransientError("down")).disposition is Disposition.ABANDON
+    assert settlement_for(ValueError()).disposition is Disposition.ABANDON
+    event = AssignmentEvent.model_validate_json(
+        '{"event_id":"e","correlation_id":"c","variant_id":"A","hash_value":0.1,"threshold":[0,0.5],'
+        '"experiment_id":"x","experiment_version":"1","user_id":"u","strategy":"md5_hash","deterministic":true,'
+        '"seed":"s","split_ratio":{"A":1.0},"assigned_at":"2026-01-01T00:00:00Z"}'
+    )
+    assert settlement_for(event).disposition is Disposition.COMPLETE
+
+
+class _EndlessSource(MemorySource):
+    """Always has more work, so only a stop request ends the pump."""
+
+    def receive(self, max_messages, max_wait):
+        for _ in range(max_messages):
+            self.send(_request(f"U{len(self.completed)}"))
+        time.sleep(0.01)
+        return super().receive(max_messages, max_wait)
+
+
+def test_sigterm_finishes_in_flight_batch_and_exits_cleanly():
+    """SIGTERM: stop receiving, settle the in-flight batch, flush rows, close every port."""
+    from worker.cli import _stop_on_signals
+
+    source, publisher, sink = _EndlessSource(), MemoryPublisher(), MemorySink()
+    pump = _pump(source, publisher, sink, max_batch=20)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _stop_on_signals(pump)
+        thread = threading.Thread(target=pump.run)
+        thread.start()
+        time.sleep(0.1)
+        signal.raise_signal(signal.SIGTERM)
+        thread.join(timeout=5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert not thread.is_alive()
+    received = pump.stats.received
+    assert received > 0
+    assert len(source.completed) == received, "every received message was settled"
+    assert len(sink.rows) == received
+    assert source.closed
+    assert publisher.closed
+    assert sink.closed

@@ -1,0 +1,212 @@
+"""Assigning a whole file of users: the same batch path the benchmark measures.
+
+Reads JSON lines or CSV (a ``user_id`` column, optionally ``segment``), assigns in chunks with
+:func:`worker.assignment.bucket_ints`, and streams JSON lines or CSV out. Bad rows are reported with
+their line number and skipped; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from schemas.models import MAX_ID_CHARS
+from worker.assignment import BUCKETS, bucket_ints
+from worker.registry import Experiment
+
+CHUNK_ROWS = 65_536
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+OUTPUT_FIELDS = (
+    "user_id",
+    "experiment_id",
+    "variant_id",
+    "hash_value",
+    "segment",
+    "experiment_version",
+    "seed",
+)
+
+
+@dataclass(slots=True)
+class BadRow:
+    """A row that was skipped, and why."""
+
+    line: int
+    problem: str
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What a batch run did."""
+
+    assigned: int = 0
+    bad_rows: list[BadRow] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    lines: list[int] = field(default_factory=list)
+    users: list[str] = field(default_factory=list)
+    segments: list[str | None] = field(default_factory=list)
+
+
+def _check_user(user: Any) -> str | None:
+    if not isinstance(user, str):
+        return f"user_id must be a string, got {type(user).__name__}"
+    if not user:
+        return "user_id is empty"
+    if len(user) > MAX_ID_CHARS:
+        return f"user_id is {len(user)} characters; the limit is {MAX_ID_CHARS}"
+    if _CONTROL.search(user):
+        return "user_id contains control characters"
+    return None
+
+
+def detect_format(path: Path, explicit: str | None) -> str:
+    """``csv`` or ``jsonl``, from ``--format`` or the file extension."""
+    if explicit:
+        return explicit
+    return "csv" if path.suffix.lower() in {".csv", ".tsv"} else "jsonl"
+
+
+def read_rows(stream: Iterator[str], fmt: str, source: str, bad: list[BadRow]) -> Iterator[tuple[int, Any, Any]]:
+    """Yield ``(line, user_id, segment)``; unparseable rows go to ``bad``."""
+    if fmt == "csv":
+        reader = csv.reader(stream)
+        header = next(reader, None)
+        if header is None:
+            return
+        columns = [c.strip().lstrip("\ufeff") for c in header]
+        if "user_id" not in columns:
+            raise ValueError(f"{source}: line 1: CSV header has no 'user_id' column (columns: {columns})")
+        user_at = columns.index("user_id")
+        segment_at = columns.index("segment") if "segment" in columns else None
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) <= user_at:
+                bad.append(BadRow(line, f"row has {len(row)} fields; 'user_id' is field {user_at + 1}"))
+                continue
+            segment = row[segment_at] if segment_at is not None and segment_at < len(row) else None
+            yield line, row[user_at], segment or None
+        return
+    for line, text in enumerate(stream, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            bad.append(BadRow(line, f"not JSON: {getattr(exc, 'msg', 'nested too deeply')}"))
+            continue
+        if not isinstance(obj, dict):
+            bad.append(BadRow(line, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        if "user_id" not in obj:
+            bad.append(BadRow(line, "missing field 'user_id'"))
+            continue
+        segment = obj.get("segment")
+        if segment is None and isinstance(obj.get("context"), dict):
+            segment = obj["context"].get("segment")
+        yield line, obj["user_id"], segment if isinstance(segment, str) and segment else None
+
+
+class _Writer:
+    def __init__(self, out: IO[str], fmt: str) -> None:
+        self._out = out
+        self._fmt = fmt
+        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(OUTPUT_FIELDS)
+
+    def write(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._csv is not None:
+            self._csv.writerows(rows)
+            return
+        dumps = json.dumps
+        self._out.write(
+            "".join(dumps(dict(zip(OUTPUT_FIELDS, row, strict=True)), ensure_ascii=False) + "\n" for row in rows)
+        )
+
+
+def assign_file(
+    stream: Iterator[str],
+    out: IO[str],
+    experiment: Experiment,
+    *,
+    in_format: str,
+    out_format: str,
+    source: str,
+    progress: Callable[[int], None] | None = None,
+) -> BatchResult:
+    """Assign every row of ``stream`` and write results to ``out``."""
+    result = BatchResult()
+    writer = _Writer(out, out_format)
+    chunk = _Chunk()
+    for line, user, segment in read_rows(stream, in_format, source, result.bad_rows):
+        problem = _check_user(user)
+        if problem is not None:
+            result.bad_rows.append(BadRow(line, problem))
+            continue
+        chunk.lines.append(line)
+        chunk.users.append(user)
+        chunk.segments.append(segment)
+        if len(chunk.users) >= CHUNK_ROWS:
+            _flush_chunk(chunk, experiment, writer, result, progress)
+            chunk = _Chunk()
+    _flush_chunk(chunk, experiment, writer, result, progress)
+    return result
+
+
+def _flush_chunk(
+    chunk: _Chunk,
+    experiment: Experiment,
+    writer: _Writer,
+    result: BatchResult,
+    progress: Callable[[int], None] | None,
+) -> None:
+    if not chunk.users:
+        return
+    config = experiment.config
+    buckets = bucket_ints(config.seed, config.id, chunk.users)
+    default = experiment.table
+    if experiment.segment_tables and any(chunk.segments):
+        tables = [experiment.table_for(s) for s in chunk.segments]
+        variants = [t.variant_for(b) for t, b in zip(tables, buckets.tolist(), strict=True)]
+    else:
+        names = default.variant_ids
+        variants = [names[i] for i in default.lookup()[buckets].tolist()]
+    # m / 1e6 is already the nearest double to the 6-decimal value that assign_user rounds to.
+    hashes = (buckets / BUCKETS).tolist()
+    rows = [
+        (user, config.id, variant, hv, segment or "", config.version, config.seed)
+        for user, variant, hv, segment in zip(chunk.users, variants, hashes, chunk.segments, strict=True)
+    ]
+    writer.write(rows)
+    result.counts.update(variants)
+    result.assigned += len(rows)
+    if progress is not None:
+        progress(len(rows))
+
+
+def decoded_lines(binary: IO[bytes], bad: list[BadRow]) -> Iterator[str]:
+    """UTF-8 lines of a file; a line that is not UTF-8 is reported and replaced by a blank line.
+
+    Decoding line by line (instead of a text wrapper) keeps one bad byte from ending the run and
+    lets the report name the line.
+    """
+    for number, raw in enumerate(binary, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.append(BadRow(number, f"not UTF-8 ({exc.reason} at byte {exc.start})"))
+            yield "\n"
+            continue
+        yield text.removeprefix("\ufeff") if number == 1 else text

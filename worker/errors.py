@@ -1,0 +1,74 @@
+"""One root for every error the worker raises.
+
+Errors split two ways, and the pump settles a message by which side its error is on:
+
+* :class:`PermanentError` — retrying cannot help (bad bytes, bad schema, unknown experiment). The
+  message is dead-lettered with :attr:`PermanentError.reason` as ``DeadLetterReason`` and a precise,
+  length-bounded description.
+* :class:`TransientError` — a dependency is unavailable (event topic, Kusto). The message is not
+  completed, so the broker redelivers it; nothing is dead-lettered for a downstream outage.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+#: Descriptions go into broker properties, logs and telemetry: bound them so one huge bad value
+#: cannot bloat every place it is copied to.
+MAX_DESCRIPTION_CHARS = 1024
+
+
+class DeadLetterReason(StrEnum):
+    """Reason codes written to ``DeadLetterReason``; the README's operations section explains each."""
+
+    INVALID_JSON = "InvalidJson"
+    SCHEMA_VALIDATION_FAILED = "SchemaValidationFailed"
+    UNKNOWN_EXPERIMENT = "UnknownExperiment"
+    MESSAGE_TOO_LARGE = "MessageTooLarge"
+    COHORT_TOO_LARGE = "CohortTooLarge"
+    INVALID_COHORT = "InvalidCohort"
+
+
+def truncate(text: str, limit: int = MAX_DESCRIPTION_CHARS) -> str:
+    """Cut ``text`` to ``limit`` characters, saying how much was dropped."""
+    if len(text) <= limit:
+        return text
+    suffix = f"… [{len(text) - limit} more characters]"
+    return text[: max(0, limit - len(suffix))] + suffix
+
+
+class WorkerError(Exception):
+    """Root of every error raised by the worker."""
+
+
+class ConfigurationError(WorkerError, ValueError):
+    """A configuration file or setting is invalid; the message names the file and field."""
+
+
+class SplitRatioError(WorkerError, ValueError):
+    """Split ratios are empty, negative, not numbers, or do not sum to 1.0."""
+
+
+class UnsupportedStrategyError(WorkerError, ValueError):
+    """A strategy was asked for that a stateless, deterministic worker cannot honour."""
+
+
+class PermanentError(WorkerError):
+    """The message can never be processed; it is dead-lettered with a reason and description."""
+
+    def __init__(self, reason: DeadLetterReason, description: str) -> None:
+        self.reason = reason
+        self.description = truncate(description)
+        super().__init__(f"{reason}: {self.description}")
+
+
+class DecodeError(PermanentError):
+    """The body is not UTF-8 JSON. Keeps the raw bytes, as dramatiq's ``DecodeError`` does."""
+
+    def __init__(self, data: bytes, description: str) -> None:
+        self.data = data
+        super().__init__(DeadLetterReason.INVALID_JSON, description)
+
+
+class TransientError(WorkerError):
+    """A dependency failed in a way that may pass; the message must be redelivered, not dropped."""

@@ -1,0 +1,102 @@
+"""The ports: small Protocols the pump talks to. Adapters implement them; fakes need no base class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from schemas.models import AssignmentRecord
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One received request message, whatever the source. ``handle`` is the adapter's own object."""
+
+    body: bytes
+    message_id: str
+    correlation_id: str | None = None
+    content_type: str | None = None
+    application_properties: Mapping[str, Any] = field(default_factory=dict)
+    enqueued_time: datetime | None = None
+    delivery_count: int = 0
+    reply_to: str | None = None
+    reply_to_session_id: str | None = None
+    handle: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundEvent:
+    """An assignment event ready to publish: JSON body plus broker properties."""
+
+    body: bytes
+    message_id: str
+    correlation_id: str
+    application_properties: Mapping[str, str]
+    reply_to: str | None = None
+    reply_to_session_id: str | None = None
+    content_type: str = "application/json"
+
+
+class SettlementLostError(Exception):
+    """Settling failed because the lock was lost or the message was already settled.
+
+    Expected under redelivery: the pump logs and counts it, then moves on.
+    """
+
+
+class MessageSource(Protocol):
+    """Where requests come from, and how they are settled."""
+
+    def receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
+        """Up to ``max_messages``, waiting at most ``max_wait`` seconds for the first."""
+        ...
+
+    def complete(self, delivery: Delivery) -> None:
+        """Remove the message: it was processed and its outputs were accepted."""
+        ...
+
+    def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
+        """Move the message to the dead-letter queue with a reason and description."""
+        ...
+
+    def abandon(self, delivery: Delivery) -> None:
+        """Release the message for redelivery (a dependency failed)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class EventPublisher(Protocol):
+    """Where assignment events go. Raises ``TransientError`` when they were not accepted."""
+
+    def publish(self, events: Sequence[OutboundEvent]) -> None:
+        """Publish every event, or raise: a partial success is reported as failure."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class RecordSink(Protocol):
+    """Where Kusto rows go: buffered, and durable only once :meth:`flush` returns."""
+
+    def add(self, records: Sequence[AssignmentRecord]) -> None:
+        """Buffer rows for the next flush."""
+        ...
+
+    def due(self) -> bool:
+        """True when the buffer should be flushed (by size or age)."""
+        ...
+
+    def flush(self) -> None:
+        """Make every buffered row durable, or raise ``TransientError`` and drop the buffer."""
+        ...
+
+    def close(self) -> None:
+        """Flush what is left and release connections."""
+        ...

@@ -1,0 +1,296 @@
+"""The message pump: receive a batch → handle each message → publish → record → settle.
+
+Settlement comes last. A message is completed only after its event was published and its row was
+flushed; a crash anywhere before that means redelivery, never loss. A bad message is dead-lettered
+on its own and never fails or delays the rest of its batch. A downstream failure abandons the
+affected messages so they come back; nothing is dead-lettered for an outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from schemas.models import AssignmentEvent, AssignmentRecord
+from worker.errors import PermanentError, TransientError
+from worker.handling import DEFAULT_MAX_BODY_BYTES, assign, decode_request, outbound
+from worker.ports import Delivery, EventPublisher, MessageSource, RecordSink, SettlementLostError
+from worker.registry import ExperimentRegistry
+from worker.tracing import extract_context
+
+log = logging.getLogger(__name__)
+
+
+class Disposition(StrEnum):
+    """How a message was settled; also the span attribute value."""
+
+    COMPLETE = "complete"
+    DEAD_LETTER = "dead_letter"
+    ABANDON = "abandon"
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What to do with one message, chosen by :func:`settlement_for`."""
+
+    disposition: Disposition
+    reason: str = ""
+    description: str = ""
+
+
+def settlement_for(outcome: AssignmentEvent | BaseException) -> Settlement:
+    """The one place that maps an outcome to a settlement."""
+    if isinstance(outcome, AssignmentEvent):
+        return Settlement(Disposition.COMPLETE)
+    if isinstance(outcome, PermanentError):
+        return Settlement(Disposition.DEAD_LETTER, outcome.reason.value, outcome.description)
+    return Settlement(Disposition.ABANDON)
+
+
+@dataclass(slots=True)
+class PumpConfig:
+    """Tuning of the pump; the settings object fills it in at the entry point."""
+
+    queue_name: str = "assignment-requests"
+    topic_name: str = "assignment-events"
+    max_batch: int = 100
+    max_wait: float = 1.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    context_allow_list: Collection[str] = ()
+    drain_deadline: float = 25.0
+
+
+@dataclass(slots=True)
+class PumpStats:
+    """Counters of what the pump did, for the demo summary, the CLI and tests."""
+
+    received: int = 0
+    completed: int = 0
+    abandoned: int = 0
+    settlement_lost: int = 0
+    batches: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    assignments: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    delivery: Delivery
+    span: Span
+    started: float
+    event: AssignmentEvent | None = None
+
+
+class _Instruments:
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.assignments = meter.create_counter("ab.assignments", description="Assignments by experiment and variant")
+        self.dead_letters = meter.create_counter("ab.dead_letters", description="Dead-lettered requests by reason")
+        self.abandoned = meter.create_counter("ab.abandoned", description="Requests released for redelivery")
+        self.settlement_lost = meter.create_counter(
+            "ab.lock_lost", description="Settlements refused: lock lost or already settled"
+        )
+        self.latency = meter.create_histogram(
+            "ab.processing.duration", unit="s", description="Receive to settlement, per request"
+        )
+        self.batch_size = meter.create_histogram("ab.batch.size", description="Messages per received batch")
+
+
+class Pump:
+    """Drives a :class:`MessageSource` through handling into an :class:`EventPublisher` and :class:`RecordSink`."""
+
+    def __init__(
+        self,
+        source: MessageSource,
+        publisher: EventPublisher,
+        sink: RecordSink,
+        registry: Callable[[], ExperimentRegistry],
+        *,
+        config: PumpConfig | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        on_batch: Callable[[Sequence[AssignmentEvent]], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.publisher = publisher
+        self.sink = sink
+        self.registry = registry
+        self.config = config or PumpConfig()
+        self.stats = PumpStats()
+        self._tracer = trace.get_tracer("ab_assignment_worker", tracer_provider=tracer_provider)
+        self._instruments = _Instruments(metrics.get_meter("ab_assignment_worker", meter_provider=meter_provider))
+        self._on_batch = on_batch
+        self._pending: list[_InFlight] = []
+        self._stop = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the pump to stop after the in-flight batch; safe from a signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    def run(self, idle_exit: float | None = None) -> PumpStats:
+        """Process batches until stopped (or, with ``idle_exit``, until the source stays empty that long)."""
+        idle_since: float | None = None
+        try:
+            while not self._stop.is_set():
+                handled = self.run_once()
+                if handled:
+                    idle_since = None
+                elif idle_exit is not None:
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since >= idle_exit:
+                        break
+        finally:
+            self.drain()
+        return self.stats
+
+    def drain(self) -> None:
+        """Flush the sink and settle everything held, then close the ports."""
+        self._flush_and_settle()
+        for port in (self.source, self.publisher, self.sink):
+            try:
+                port.close()
+            except Exception:
+                log.exception("Error while closing %s", type(port).__name__)
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Receive and handle one batch; returns how many messages it received or settled."""
+        deliveries = self.source.receive(self.config.max_batch, self.config.max_wait)
+        if deliveries:
+            self.stats.batches += 1
+            self.stats.received += len(deliveries)
+            self._instruments.batch_size.record(len(deliveries))
+            self._handle_batch(deliveries)
+        settled = 0
+        if self._pending and (self.sink.due() or self._stop.is_set() or not deliveries):
+            settled = len(self._pending)
+            self._flush_and_settle()
+        return len(deliveries) + settled
+
+    def _handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+        registry = self.registry()
+        assigned: list[_InFlight] = []
+        for delivery in deliveries:
+            flight = self._start(delivery)
+            try:
+                request = decode_request(delivery, self.config.max_body_bytes)
+                flight.event = assign(request, delivery, registry, self.config.context_allow_list)
+            except PermanentError as exc:
+                self._settle(flight, settlement_for(exc))
+                continue
+            except Exception as exc:
+                # A bug, not bad input: let the broker redeliver (and eventually dead-letter it as
+                # MaxDeliveryCountExceeded) rather than stop the whole worker.
+                log.exception("Unexpected error handling message %s", delivery.message_id)
+                self._settle(flight, settlement_for(exc))
+                continue
+            assigned.append(flight)
+        if not assigned:
+            return
+        events = [f.event for f in assigned if f.event is not None]
+        try:
+            self._publish(assigned)
+        except TransientError as exc:
+            log.warning("Publishing %d events failed; they will be redelivered: %s", len(assigned), exc)
+            for flight in assigned:
+                self._settle(flight, settlement_for(exc))
+            return
+        self.sink.add([AssignmentRecord.from_event(e) for e in events])
+        self._pending.extend(assigned)
+        if self._on_batch is not None:
+            self._on_batch(events)
+
+    def _publish(self, flights: Sequence[_InFlight]) -> None:
+        with self._tracer.start_as_current_span(f"{self.config.topic_name} publish", kind=SpanKind.PRODUCER) as span:
+            if span.is_recording():
+                span.set_attribute("messaging.system", "servicebus")
+                span.set_attribute("messaging.destination.name", self.config.topic_name)
+                span.set_attribute("messaging.operation.type", "publish")
+                span.set_attribute("messaging.batch.message_count", len(flights))
+            self.publisher.publish([outbound(f.event, f.delivery) for f in flights if f.event is not None])
+
+    def _flush_and_settle(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        try:
+            self.sink.flush()
+        except TransientError as exc:
+            log.warning("Recording %d rows failed; the requests will be redelivered: %s", len(pending), exc)
+            for flight in pending:
+                self._settle(flight, settlement_for(exc))
+            return
+        for flight in pending:
+            if flight.event is not None:
+                self._settle(flight, settlement_for(flight.event))
+
+    # -- per message -------------------------------------------------------------------------
+
+    def _start(self, delivery: Delivery) -> _InFlight:
+        parent: Context | None = extract_context(delivery.application_properties)
+        span = self._tracer.start_span(f"{self.config.queue_name} process", context=parent, kind=SpanKind.CONSUMER)
+        if span.is_recording():
+            span.set_attribute("messaging.system", "servicebus")
+            span.set_attribute("messaging.destination.name", self.config.queue_name)
+            span.set_attribute("messaging.operation.type", "process")
+            span.set_attribute("messaging.message.id", delivery.message_id)
+            span.set_attribute("messaging.servicebus.message.delivery_count", delivery.delivery_count)
+        return _InFlight(delivery, span, time.perf_counter())
+
+    def _settle(self, flight: _InFlight, settlement: Settlement) -> None:
+        delivery, span = flight.delivery, flight.span
+        try:
+            if settlement.disposition is Disposition.COMPLETE:
+                self.source.complete(delivery)
+            elif settlement.disposition is Disposition.DEAD_LETTER:
+                self.source.dead_letter(delivery, settlement.reason, settlement.description)
+            else:
+                self.source.abandon(delivery)
+        except SettlementLostError as exc:
+            self.stats.settlement_lost += 1
+            self._instruments.settlement_lost.add(1)
+            log.info("Message %s was not settled (%s); it will be redelivered", delivery.message_id, exc)
+            span.set_attribute("messaging.servicebus.disposition_status", "lock_lost")
+            span.end()
+            return
+        self._count(flight, settlement)
+        if span.is_recording():
+            span.set_attribute("messaging.servicebus.disposition_status", settlement.disposition.value)
+            if flight.event is not None:
+                span.set_attribute("feature_flag.key", flight.event.experiment_id)
+                span.set_attribute("feature_flag.result.variant", flight.event.variant_id)
+                span.set_attribute("feature_flag.provider.name", "ab-assignment-worker")
+            if settlement.disposition is Disposition.DEAD_LETTER:
+                span.set_attribute("messaging.servicebus.dead_letter_reason", settlement.reason)
+                span.set_status(Status(StatusCode.ERROR, settlement.reason))
+        span.end()
+
+    def _count(self, flight: _InFlight, settlement: Settlement) -> None:
+        self._instruments.latency.record(time.perf_counter() - flight.started)
+        if settlement.disposition is Disposition.COMPLETE and flight.event is not None:
+            event = flight.event
+            self.stats.completed += 1
+            self.stats.assignments[(event.experiment_id, event.variant_id)] += 1
+            self._instruments.assignments.add(1, {"experiment_id": event.experiment_id, "variant_id": event.variant_id})
+        elif settlement.disposition is Disposition.DEAD_LETTER:
+            self.stats.dead_letters[settlement.reason] += 1
+            self._instruments.dead_letters.add(1, {"reason": settlement.reason})
+        else:
+            self.stats.abandoned += 1
+            self._instruments.abandoned.add(1)

@@ -1,0 +1,256 @@
+"""Experiment configuration: load and validate the registry file, and reload it when it changes.
+
+A broken new file never replaces a good one: the last good configuration keeps running and the
+problem is logged at ERROR with the file, experiment and field named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import JsonValue, ValidationError
+
+from schemas.models import ExperimentConfig, ExperimentFile
+from worker.assignment import VariantTable, validate_split
+from worker.errors import ConfigurationError, SplitRatioError
+
+log = logging.getLogger(__name__)
+
+#: A registry file larger than this is refused: it is configuration, not data.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """A validated experiment with its splits compiled for lookups."""
+
+    config: ExperimentConfig
+    table: VariantTable
+    segment_tables: Mapping[str, VariantTable] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """The experiment id."""
+        return self.config.id
+
+    def table_for(self, segment: str | None) -> VariantTable:
+        """The split for ``segment``: its override when configured, else the experiment's split."""
+        if segment is not None:
+            override = self.segment_tables.get(segment)
+            if override is not None:
+                return override
+        return self.table
+
+    def metadata_for(self, variant_id: str) -> dict[str, JsonValue]:
+        """The variant's metadata from the configuration (empty when none)."""
+        return dict(self.config.variants.get(variant_id, {}))
+
+
+class ExperimentRegistry:
+    """An immutable set of experiments, looked up by id."""
+
+    def __init__(self, experiments: Mapping[str, Experiment], source: str = "<memory>") -> None:
+        self._experiments = dict(experiments)
+        self.source = source
+
+    def get(self, experiment_id: str) -> Experiment | None:
+        """The experiment, or None when it is not configured."""
+        return self._experiments.get(experiment_id)
+
+    def __contains__(self, experiment_id: object) -> bool:
+        return experiment_id in self._experiments
+
+    def __iter__(self) -> Iterator[Experiment]:
+        return iter(self._experiments.values())
+
+    def __len__(self) -> int:
+        return len(self._experiments)
+
+    @classmethod
+    def from_configs(cls, configs: list[ExperimentConfig], source: str = "<memory>") -> ExperimentRegistry:
+        """Compile validated configs; raises :class:`ConfigurationError` naming source and experiment."""
+        problems: list[str] = []
+        experiments: dict[str, Experiment] = {}
+        for config in configs:
+            if config.id in experiments:
+                problems.append(f"{source}: experiment {config.id!r}: duplicate id")
+                continue
+            compiled = _compile(config, source, problems)
+            if compiled is not None:
+                experiments[config.id] = compiled
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+        return cls(experiments, source)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<memory>") -> ExperimentRegistry:
+        """Validate a parsed registry document (``{"experiments": [...]}``)."""
+        try:
+            parsed = ExperimentFile.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe_validation(exc, data, source)) from None
+        return cls.from_configs(parsed.experiments, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ExperimentRegistry:
+        """Read and validate a YAML or JSON registry file."""
+        return cls.from_dict(read_document(Path(path)), str(path))
+
+    @classmethod
+    def single(
+        cls,
+        experiment_id: str,
+        split: Mapping[str, float],
+        seed: str = "echovoice",
+        version: str = "1",
+    ) -> ExperimentRegistry:
+        """A registry of one experiment, for the command line's ``--split``/``--seed``."""
+        try:
+            config = ExperimentConfig(id=experiment_id, split=dict(split), seed=seed, version=version)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe_validation(exc, {}, "--split")) from None
+        return cls.from_configs([config], "--split")
+
+
+def _compile(config: ExperimentConfig, source: str, problems: list[str]) -> Experiment | None:
+    where = f"{source}: experiment {config.id!r}"
+    try:
+        table = VariantTable(validate_split(config.split))
+    except SplitRatioError as exc:
+        problems.append(f"{where}: field 'split': {exc}")
+        return None
+    unknown = sorted(set(config.variants) - set(config.split))
+    if unknown:
+        problems.append(f"{where}: field 'variants': metadata for variants not in the split: {unknown}")
+    segment_tables: dict[str, VariantTable] = {}
+    for segment, split in config.segments.items():
+        try:
+            segment_tables[segment] = VariantTable(validate_split(split))
+        except SplitRatioError as exc:
+            problems.append(f"{where}: field 'segments.{segment}': {exc}")
+            continue
+        extra = sorted(set(split) - set(config.split))
+        if extra:
+            problems.append(f"{where}: field 'segments.{segment}': variants not in the experiment's split: {extra}")
+    return Experiment(config, table, segment_tables)
+
+
+def read_document(path: Path) -> Any:
+    """Parse a YAML (``.yaml``/``.yml``) or JSON file; errors name the file and position."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigurationError(f"{path}: file is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigurationError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot read file ({exc.strerror})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigurationError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+def _describe_validation(exc: ValidationError, data: Any, source: str) -> str:
+    """One line per problem: file, experiment (by id when readable), field path, message."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = list(error["loc"])
+        where = source
+        if len(loc) >= 2 and loc[0] == "experiments" and isinstance(loc[1], int):
+            where += f": experiment {_experiment_label(data, loc[1])}"
+            loc = loc[2:]
+        path = ".".join(str(part) for part in loc) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; unknown keys are not allowed)"
+        lines.append(f"{where}: field '{path}': {message}")
+    return "\n".join(lines)
+
+
+def _experiment_label(data: Any, index: int) -> str:
+    try:
+        experiment_id = data["experiments"][index]["id"]
+    except (KeyError, IndexError, TypeError):
+        return f"#{index + 1}"
+    return repr(experiment_id) if isinstance(experiment_id, str) else f"#{index + 1}"
+
+
+def _fingerprint(path: Path) -> tuple[int, int, str] | None:
+    try:
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, digest)
+
+
+class ReloadingRegistry:
+    """Serves the registry from a file and picks up changes, checked at most every ``interval`` s.
+
+    The pump calls :meth:`current` once per batch, so no watcher thread is needed. A broken new
+    file keeps the last good registry running; ``on_error`` (and an ERROR log) reports it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        interval: float = 2.0,
+        on_error: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self._clock = clock
+        self._on_error = on_error
+        self._registry = ExperimentRegistry.load(self.path)
+        self._seen = _fingerprint(self.path)
+        self._checked_at = clock()
+        self.reloads = 0
+        self.failed_reloads = 0
+
+    def current(self) -> ExperimentRegistry:
+        """The newest good registry, reloading first when the file has changed."""
+        now = self._clock()
+        if now - self._checked_at >= self.interval:
+            self._checked_at = now
+            self.refresh()
+        return self._registry
+
+    def refresh(self) -> bool:
+        """Reload now if the file changed; True when a new configuration was installed."""
+        seen = _fingerprint(self.path)
+        if seen is None or seen == self._seen:
+            return False
+        self._seen = seen
+        try:
+            registry = ExperimentRegistry.load(self.path)
+        except ConfigurationError as exc:
+            self.failed_reloads += 1
+            log.error("Experiment configuration NOT reloaded; still running the last good one:\n%s", exc)
+            if self._on_error is not None:
+                self._on_error(str(exc))
+            return False
+        self._registry = registry
+        self.reloads += 1
+        log.info("Experiment configuration reloaded from %s: %d experiments", self.path, len(registry))
+        return True

@@ -1,0 +1,55 @@
+"""Every setting of the worker, in one object, read from the environment at the entry point only.
+
+Environment variables are ``AB_WORKER_<FIELD>`` (case-insensitive); command-line flags override
+them. Secrets are ``SecretStr`` so they never print in reprs, logs or errors.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.handling import DEFAULT_MAX_BODY_BYTES
+
+
+class WorkerSettings(BaseSettings):
+    """Configuration of ``ab-worker run`` (see the README's configuration table)."""
+
+    model_config = SettingsConfigDict(env_prefix="AB_WORKER_", extra="ignore", case_sensitive=False)
+
+    experiments_file: str | None = Field(default=None, description="Registry file (YAML or JSON).")
+    reload_interval: float = Field(default=2.0, gt=0, description="Seconds between checks of the registry file.")
+    queue_name: str = Field(default="assignment-requests", description="Queue the requests arrive on.")
+    topic_name: str = Field(default="assignment-events", description="Topic the events are published to.")
+    servicebus_connection_string: SecretStr | None = Field(
+        default=None, description="Service Bus connection string (secret)."
+    )
+    servicebus_namespace: str | None = Field(
+        default=None,
+        description="Fully qualified namespace, used with DefaultAzureCredential when no connection string.",
+    )
+    max_batch: int = Field(default=100, ge=1, le=5000, description="Messages per receive.")
+    max_wait: float = Field(default=1.0, gt=0, le=60, description="Seconds to wait for a batch to fill.")
+    prefetch: int = Field(default=300, ge=0, description="Messages the receiver prefetches.")
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=256, le=1024 * 1024)
+    context_allow_list: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Context keys that may leave the worker (events, spans, Kusto). Empty by default.",
+    )
+    drain_deadline: float = Field(default=25.0, gt=0, description="Seconds to finish in-flight work on SIGTERM.")
+    telemetry: Literal["appinsights", "console", "none"] = Field(default="none")
+    applicationinsights_connection_string: SecretStr | None = Field(
+        default=None,
+        validation_alias="APPLICATIONINSIGHTS_CONNECTION_STRING",
+        description="Turns Azure Monitor on (the distro's standard variable).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+
+    @field_validator("context_allow_list", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
