@@ -9,6 +9,7 @@ affected messages so they come back; nothing is dead-lettered for an outage.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -67,6 +68,8 @@ class PumpConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     context_allow_list: Collection[str] = ()
     drain_deadline: float = 25.0
+    min_backoff: float = 0.5
+    max_backoff: float = 30.0
 
 
 @dataclass(slots=True)
@@ -77,6 +80,7 @@ class PumpStats:
     completed: int = 0
     abandoned: int = 0
     settlement_lost: int = 0
+    receive_failures: int = 0
     batches: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
     assignments: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -130,6 +134,7 @@ class Pump:
         self._on_batch = on_batch
         self._pending: list[_InFlight] = []
         self._stop = threading.Event()
+        self._receive_failures = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -171,7 +176,7 @@ class Pump:
 
     def run_once(self) -> int:
         """Receive and handle one batch; returns how many messages it received or settled."""
-        deliveries = self.source.receive(self.config.max_batch, self.config.max_wait)
+        deliveries = self._receive()
         if deliveries:
             self.stats.batches += 1
             self.stats.received += len(deliveries)
@@ -182,6 +187,21 @@ class Pump:
             settled = len(self._pending)
             self._flush_and_settle()
         return len(deliveries) + settled
+
+    def _receive(self) -> Sequence[Delivery]:
+        try:
+            deliveries = self.source.receive(self.config.max_batch, self.config.max_wait)
+        except TransientError as exc:
+            # The broker is unreachable: back off (waking early on stop) and try again; the source
+            # rebuilds its link, so the worker resumes by itself when the broker returns.
+            self.stats.receive_failures += 1
+            delay = min(self.config.max_backoff, self.config.min_backoff * 2 ** min(self._receive_failures, 10))
+            self._receive_failures += 1
+            log.warning("Receiving failed (%s); retrying in %.1fs", exc, delay)
+            self._stop.wait(delay * (0.5 + random.random() / 2))
+            return []
+        self._receive_failures = 0
+        return deliveries
 
     def _handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         registry = self.registry()

@@ -45,6 +45,13 @@ class WorkerSettings(BaseSettings):
         validation_alias="APPLICATIONINSIGHTS_CONNECTION_STRING",
         description="Turns Azure Monitor on (the distro's standard variable).",
     )
+    kusto_ingest_uri: str | None = Field(
+        default=None, description="Kusto ingestion endpoint (https://ingest-<cluster>...); rows go there when set."
+    )
+    kusto_database: str = Field(default="experiments", description="Kusto database.")
+    kusto_table: str = Field(default="AssignmentEvents", description="Kusto table.")
+    kusto_mode: Literal["queued", "streaming"] = Field(default="queued", description="Ingestion mode.")
+    health_port: int = Field(default=8080, ge=0, le=65535, description="Port of /healthz and /readyz (0: off).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
 
     @field_validator("context_allow_list", mode="before")

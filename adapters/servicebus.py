@@ -1,0 +1,402 @@
+"""Azure Service Bus adapters: the request source (PEEK_LOCK receiver) and the event publisher.
+
+SDK exceptions are translated into ours here, at the boundary: a failed receive or publish is a
+:class:`~worker.errors.TransientError` (the pump backs off and retries; the receiver is rebuilt so a
+broker that went away is reconnected), and a settlement refused because the lock was lost or the
+message was already settled is a :class:`~worker.ports.SettlementLostError` (logged and counted, never
+fatal — the broker redelivers). Exception text is passed through :func:`worker.redaction.redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from azure.servicebus import (
+    ServiceBusClient,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiveMode,
+    ServiceBusReceiver,
+    ServiceBusSender,
+)
+from azure.servicebus.amqp import AmqpMessageBodyType
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageLockLostError,
+    MessageSizeExceededError,
+    ServiceBusError,
+    SessionLockLostError,
+)
+
+from worker.errors import TransientError
+from worker.ports import Delivery, OutboundEvent, SettlementLostError
+from worker.redaction import redact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceBusAuth:
+    """How to reach the namespace: a connection string, or a namespace plus an Azure credential."""
+
+    connection_string: str | None = None
+    namespace: str | None = None
+
+    def __repr__(self) -> str:
+        # Never let the connection string reach a log line through a repr.
+        secret = "***" if self.connection_string else None
+        return f"ServiceBusAuth(namespace={self.namespace!r}, connection_string={secret})"
+
+
+def create_client(auth: ServiceBusAuth, *, retry_total: int = 3, retry_backoff_max: float = 10.0) -> ServiceBusClient:
+    """A ``ServiceBusClient`` from a connection string, or ``DefaultAzureCredential`` on a namespace."""
+    options: dict[str, Any] = {
+        "retry_total": retry_total,
+        "retry_backoff_factor": 0.5,
+        "retry_backoff_max": retry_backoff_max,
+    }
+    if auth.connection_string:
+        return ServiceBusClient.from_connection_string(auth.connection_string, **options)
+    if auth.namespace:
+        from azure.identity import DefaultAzureCredential
+
+        namespace = auth.namespace if "." in auth.namespace else f"{auth.namespace}.servicebus.windows.net"
+        return ServiceBusClient(namespace, DefaultAzureCredential(), **options)
+    raise ValueError(
+        "Service Bus is not configured: set AB_WORKER_SERVICEBUS_CONNECTION_STRING or AB_WORKER_SERVICEBUS_NAMESPACE"
+    )
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def message_body(message: ServiceBusReceivedMessage) -> bytes:
+    """The body as bytes, whatever AMQP body type the publisher used."""
+    body_type = message.body_type
+    if body_type == AmqpMessageBodyType.DATA:
+        return b"".join(message.body)
+    value = message.body
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, default=str).encode("utf-8")
+
+
+def to_delivery(message: ServiceBusReceivedMessage) -> Delivery:
+    """Our view of a received message; the SDK object rides along as ``handle`` for settlement."""
+    properties = {_text(k): _text(v) for k, v in (message.application_properties or {}).items()}
+    return Delivery(
+        body=message_body(message),
+        message_id=str(message.message_id) if message.message_id is not None else f"seq-{message.sequence_number}",
+        correlation_id=message.correlation_id,
+        content_type=message.content_type,
+        application_properties=properties,
+        enqueued_time=message.enqueued_time_utc,
+        delivery_count=message.delivery_count or 0,
+        reply_to=message.reply_to,
+        reply_to_session_id=message.reply_to_session_id,
+        handle=message,
+    )
+
+
+class LockKeeper:
+    """Renews the locks of in-flight messages from one background thread.
+
+    The SDK's ``AutoLockRenewer`` re-queues a task per message and spins while any is registered;
+    this wakes once a second and renews only the locks that will expire within ``margin`` seconds.
+    """
+
+    def __init__(self, margin: float = 10.0, max_duration: float = 300.0, interval: float = 1.0) -> None:
+        self.margin = margin
+        self.max_duration = max_duration
+        self.interval = interval
+        self.renewals = 0
+        self.failures = 0
+        self._held: dict[int, tuple[ServiceBusReceiver, ServiceBusReceivedMessage, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, receiver: ServiceBusReceiver, messages: Sequence[ServiceBusReceivedMessage]) -> None:
+        """Keep these messages' locks alive until :meth:`release`."""
+        now = time.monotonic()
+        with self._lock:
+            for message in messages:
+                self._held[id(message)] = (receiver, message, now)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="servicebus-lock-keeper", daemon=True)
+            self._thread.start()
+
+    def release(self, message: ServiceBusReceivedMessage) -> None:
+        """Stop renewing (the message was settled)."""
+        with self._lock:
+            self._held.pop(id(message), None)
+
+    def close(self) -> None:
+        """Stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.renew_due()
+
+    def renew_due(self) -> None:
+        """Renew every held lock expiring within the margin (and not held longer than max_duration)."""
+        with self._lock:
+            held = list(self._held.items())
+        deadline = datetime.now(UTC) + timedelta(seconds=self.margin)
+        for key, (receiver, message, since) in held:
+            if time.monotonic() - since > self.max_duration:
+                self.release(message)
+                continue
+            locked_until = message.locked_until_utc
+            if locked_until is None or locked_until > deadline:
+                continue
+            try:
+                receiver.renew_message_lock(message)
+                self.renewals += 1
+            except (ServiceBusError, MessageAlreadySettled, ValueError) as exc:
+                self.failures += 1
+                log.info("Lock renewal failed for %s: %s", message.message_id, redact(str(exc)))
+                with self._lock:
+                    self._held.pop(key, None)
+
+
+class ServiceBusSource:
+    """Receives request batches in PEEK_LOCK with prefetch; settles as the pump decides."""
+
+    def __init__(
+        self,
+        client: ServiceBusClient,
+        queue_name: str,
+        *,
+        prefetch: int = 300,
+        lock_keeper: LockKeeper | None = None,
+    ) -> None:
+        self._client = client
+        self.queue_name = queue_name
+        self.prefetch = prefetch
+        self.locks = lock_keeper or LockKeeper()
+        self._receiver: ServiceBusReceiver | None = None
+        self.reconnects = 0
+
+    def _get_receiver(self) -> ServiceBusReceiver:
+        if self._receiver is None:
+            self._receiver = self._client.get_queue_receiver(
+                self.queue_name, receive_mode=ServiceBusReceiveMode.PEEK_LOCK, prefetch_count=self.prefetch
+            )
+        return self._receiver
+
+    def _drop_receiver(self) -> None:
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            self.reconnects += 1
+            try:
+                receiver.close()
+            except Exception as exc:  # closing a broken link may fail in many ways; none matter
+                log.debug("Ignoring error while closing a broken receiver: %s", redact(str(exc)))
+
+    def receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
+        """Up to ``max_messages`` deliveries; raises ``TransientError`` when the broker is unreachable."""
+        try:
+            receiver = self._get_receiver()
+            messages = receiver.receive_messages(max_message_count=max_messages, max_wait_time=max_wait)
+        except ServiceBusError as exc:
+            self._drop_receiver()
+            raise TransientError(f"receive from {self.queue_name!r} failed: {redact(str(exc))}") from None
+        if messages:
+            self.locks.hold(receiver, messages)
+        return [to_delivery(m) for m in messages]
+
+    def _settle(self, delivery: Delivery, action: str, **kwargs: Any) -> None:
+        message: ServiceBusReceivedMessage = delivery.handle
+        receiver = self._receiver
+        self.locks.release(message)
+        if receiver is None:
+            raise SettlementLostError("the receiver was rebuilt after a connection loss; the lock is gone")
+        try:
+            getattr(receiver, action)(message, **kwargs)
+        except (MessageLockLostError, SessionLockLostError, MessageAlreadySettled) as exc:
+            raise SettlementLostError(f"{type(exc).__name__}: {redact(str(exc))}") from None
+        except ServiceBusError as exc:
+            # The link broke under us: the lock dies with it and the broker will redeliver.
+            self._drop_receiver()
+            raise SettlementLostError(f"{action} failed, connection lost: {redact(str(exc))}") from None
+
+    def complete(self, delivery: Delivery) -> None:
+        """Complete (remove) the message."""
+        self._settle(delivery, "complete_message")
+
+    def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
+        """Dead-letter with ``DeadLetterReason`` and ``DeadLetterErrorDescription``."""
+        self._settle(delivery, "dead_letter_message", reason=reason, error_description=description)
+
+    def abandon(self, delivery: Delivery) -> None:
+        """Release the lock so the message is redelivered (its delivery count goes up)."""
+        self._settle(delivery, "abandon_message")
+
+    def close(self) -> None:
+        """Stop renewing locks and close the receiver."""
+        self.locks.close()
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            receiver.close()
+
+
+def _properties(values: Mapping[str, str]) -> dict[str | bytes, Any]:
+    return dict(values.items())
+
+
+def to_service_bus_message(event: OutboundEvent, session_id: str | None = None) -> ServiceBusMessage:
+    """Body = event JSON; ``message_id`` = the deterministic event id (duplicate detection drops repeats)."""
+    return ServiceBusMessage(
+        body=event.body,
+        content_type=event.content_type,
+        message_id=event.message_id,
+        correlation_id=event.correlation_id,
+        application_properties=_properties(event.application_properties),
+        session_id=session_id,
+    )
+
+
+class ServiceBusPublisher:
+    """Publishes events to the topic in ``ServiceBusMessageBatch``es, and replies to ``reply_to``."""
+
+    def __init__(self, client: ServiceBusClient, topic_name: str) -> None:
+        self._client = client
+        self.topic_name = topic_name
+        self._sender: ServiceBusSender | None = None
+        self._reply_senders: dict[str, ServiceBusSender] = {}
+
+    def _topic_sender(self) -> ServiceBusSender:
+        if self._sender is None:
+            self._sender = self._client.get_topic_sender(self.topic_name)
+        return self._sender
+
+    def _reply_sender(self, entity: str) -> ServiceBusSender:
+        sender = self._reply_senders.get(entity)
+        if sender is None:
+            sender = self._client.get_queue_sender(entity)
+            self._reply_senders[entity] = sender
+        return sender
+
+    def publish(self, events: Sequence[OutboundEvent]) -> None:
+        """Send every event (and reply), or raise ``TransientError``."""
+        try:
+            self._send_batched(self._topic_sender(), [to_service_bus_message(e) for e in events])
+            replies: dict[str, list[ServiceBusMessage]] = {}
+            for event in events:
+                if event.reply_to:
+                    message = to_service_bus_message(event, session_id=event.reply_to_session_id)
+                    replies.setdefault(_entity_name(event.reply_to), []).append(message)
+            for entity, messages in replies.items():
+                self._send_batched(self._reply_sender(entity), messages)
+        except (ServiceBusError, OSError) as exc:
+            self._reset()
+            raise TransientError(f"publish to {self.topic_name!r} failed: {redact(str(exc))}") from None
+
+    @staticmethod
+    def _send_batched(sender: ServiceBusSender, messages: Sequence[ServiceBusMessage]) -> None:
+        batch = sender.create_message_batch()
+        for message in messages:
+            try:
+                batch.add_message(message)
+            except MessageSizeExceededError:
+                sender.send_messages(batch)
+                batch = sender.create_message_batch()
+                batch.add_message(message)
+        if len(batch):
+            sender.send_messages(batch)
+
+    def _reset(self) -> None:
+        senders = [s for s in (self._sender, *self._reply_senders.values()) if s is not None]
+        self._sender, self._reply_senders = None, {}
+        for sender in senders:
+            try:
+                sender.close()
+            except Exception as exc:  # a broken link may fail to close; the next publish reconnects
+                log.debug("Ignoring error while closing a broken sender: %s", redact(str(exc)))
+
+    def close(self) -> None:
+        """Close every sender."""
+        self._reset()
+
+
+def _entity_name(reply_to: str) -> str:
+    """``reply_to`` may be a bare entity name or an address like ``sb://ns/queue``; return the entity."""
+    if "://" in reply_to:
+        return reply_to.split("://", 1)[1].split("/", 1)[-1].strip("/")
+    return reply_to
+
+
+def send_requests(
+    client: ServiceBusClient,
+    queue_name: str,
+    bodies: Sequence[bytes],
+    *,
+    message_ids: Sequence[str] | None = None,
+    application_properties: Sequence[dict[str, Any]] | None = None,
+) -> int:
+    """Publish request bodies to the queue in batches, as another service would; returns how many."""
+    messages = [
+        ServiceBusMessage(
+            body=body,
+            content_type="application/json",
+            message_id=message_ids[i] if message_ids else None,
+            application_properties=application_properties[i] if application_properties else None,  # type: ignore[arg-type]
+        )
+        for i, body in enumerate(bodies)
+    ]
+    with client.get_queue_sender(queue_name) as sender:
+        ServiceBusPublisher._send_batched(sender, messages)
+    return len(messages)
+
+
+class SubscriptionTail:
+    """Reads a topic subscription in a background thread and hands each event body to ``on_event``."""
+
+    def __init__(self, client: ServiceBusClient, topic_name: str, subscription: str, on_event: Any) -> None:
+        self._client = client
+        self.topic_name = topic_name
+        self.subscription = subscription
+        self._on_event = on_event
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="subscription-tail", daemon=True)
+        self.received = 0
+
+    def start(self) -> None:
+        """Start reading."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        with self._client.get_subscription_receiver(
+            self.topic_name, self.subscription, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
+        ) as receiver:
+            while not self._stop.is_set():
+                try:
+                    messages = receiver.receive_messages(max_message_count=200, max_wait_time=0.5)
+                except ServiceBusError as exc:
+                    log.warning("Reading %s/%s failed: %s", self.topic_name, self.subscription, redact(str(exc)))
+                    self._stop.wait(1.0)
+                    continue
+                for message in messages:
+                    self.received += 1
+                    self._on_event(message_body(message))
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stop reading, after ``drain_seconds`` more of reading what is left."""
+        if drain_seconds:
+            time.sleep(drain_seconds)
+        self._stop.set()
+        self._thread.join(timeout=10)
