@@ -113,9 +113,11 @@ class LockKeeper:
 
     The SDK's ``AutoLockRenewer`` re-queues a task per message and spins while any is registered;
     this wakes once a second and renews only the locks that will expire within ``margin`` seconds.
+    Locks are held for up to ``max_duration`` (an hour by default) so that a downstream outage,
+    during which the pump holds its batch and retries, does not burn delivery counts.
     """
 
-    def __init__(self, margin: float = 10.0, max_duration: float = 300.0, interval: float = 1.0) -> None:
+    def __init__(self, margin: float = 10.0, max_duration: float = 3600.0, interval: float = 1.0) -> None:
         self.margin = margin
         self.max_duration = max_duration
         self.interval = interval

@@ -8,6 +8,8 @@ from schemas.models import (
     AssignmentEvent,
     AssignmentRecord,
     AssignmentRequest,
+    CohortAssignmentRequest,
+    CohortReportEvent,
     ExperimentConfig,
     ExperimentFile,
 )
@@ -20,6 +22,8 @@ __all__ = [
     "AssignmentEvent",
     "AssignmentRecord",
     "AssignmentRequest",
+    "CohortAssignmentRequest",
+    "CohortReportEvent",
     "ExperimentConfig",
     "ExperimentFile",
 ]

@@ -11,13 +11,21 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.models import AssignmentEvent, AssignmentRequest, ExperimentFile
+from schemas.models import (
+    AssignmentEvent,
+    AssignmentRequest,
+    CohortAssignmentRequest,
+    CohortReportEvent,
+    ExperimentFile,
+)
 
 HERE = Path(__file__).parent
 SCHEMA_FILES: dict[str, type[BaseModel]] = {
     "assignment-request.schema.json": AssignmentRequest,
     "assignment-event.schema.json": AssignmentEvent,
     "experiments.schema.json": ExperimentFile,
+    "cohort-request.schema.json": CohortAssignmentRequest,
+    "cohort-report-event.schema.json": CohortReportEvent,
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -117,8 +117,12 @@ class AssignmentEvent(BaseModel):
     request_id: str | None = Field(default=None, description="The request's request_id, if it had one.")
     correlation_id: str = Field(description="The request message's correlation id, else its message id.")
     variant_id: str = Field(description="The assigned variant.")
-    hash_value: float = Field(ge=0.0, lt=1.0, description="The user's bucket in [0, 1), 6 decimal places.")
-    threshold: tuple[float, float] = Field(description="The variant's [lower, upper) bucket range.")
+    hash_value: float | None = Field(
+        ge=0.0, lt=1.0, description="The user's bucket in [0, 1), 6 decimal places (null for cohort assignments)."
+    )
+    threshold: tuple[float, float] | None = Field(
+        description="The variant's [lower, upper) bucket range (null for cohort assignments)."
+    )
     experiment_id: str = Field(description="The experiment.")
     experiment_version: str = Field(description="Version of the experiment configuration that was applied.")
     user_id: str = Field(description="The assigned user.")
@@ -126,7 +130,13 @@ class AssignmentEvent(BaseModel):
     strategy: Literal["md5_hash", "stratified_random"] = Field(description="How the variant was chosen.")
     deterministic: bool = Field(description="True: recomputing from seed, experiment and user gives the same variant.")
     seed: str = Field(description="Hash seed, so anyone can reproduce the bucket.")
-    split_ratio: dict[str, float] = Field(description="The split that was applied (the segment's, if overridden).")
+    experiment_arm: str | None = Field(default=None, description="Cohort assignments: the arm the member is in.")
+    cohort_id: str | None = Field(
+        default=None, description="Cohort assignments: the cohort request's request_id, else its message id."
+    )
+    split_ratio: dict[str, float] = Field(
+        description="The split that was applied (the segment's, if overridden; arm target shares for cohorts)."
+    )
     variant_metadata: dict[str, JsonValue] = Field(
         default_factory=dict,
         description="The variant's metadata from the experiment configuration (e.g. tone).",
@@ -153,7 +163,7 @@ class AssignmentRecord(BaseModel):
     ExperimentVersion: str
     UserId: str
     VariantId: str
-    HashValue: float
+    HashValue: float | None
     Segment: str
     Strategy: str
     Seed: str
@@ -163,6 +173,8 @@ class AssignmentRecord(BaseModel):
     RequestId: str
     CorrelationId: str
     SchemaVersion: str
+    ExperimentArm: str
+    CohortId: str
 
     @classmethod
     def from_event(cls, event: AssignmentEvent) -> AssignmentRecord:
@@ -184,25 +196,90 @@ class AssignmentRecord(BaseModel):
             RequestId=event.request_id or "",
             CorrelationId=event.correlation_id,
             SchemaVersion=event.schema_version,
+            ExperimentArm=event.experiment_arm or "",
+            CohortId=event.cohort_id or "",
         )
 
     #: Kusto column types, in column order: used by deploy/kusto and the ingestion mapping.
     @classmethod
     def kusto_columns(cls) -> list[tuple[str, str]]:
         """``[(column, kusto_type)]`` derived from the model's annotations."""
-        kinds = {
-            "str": "string",
-            "float": "real",
-            "datetime": "datetime",
-            "bool": "bool",
-            "int": "long",
-        }
+        kinds: dict[Any, str] = {str: "string", float: "real", datetime: "datetime", bool: "bool", int: "long"}
         columns = []
         for name, field in cls.model_fields.items():
             annotation = field.annotation
-            kind = kinds.get(getattr(annotation, "__name__", ""), "dynamic")
+            # ``X | None`` is the same Kusto type as X: every Kusto column is nullable.
+            options = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+            kind = kinds.get(options[0], "dynamic") if len(options) == 1 else "dynamic"
             columns.append((name, kind))
         return columns
+
+
+#: Limit on members in one cohort message (also bounded by the body size limit).
+MAX_COHORT_MEMBERS = 5000
+
+
+class CohortMember(BaseModel):
+    """One member of a cohort."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    member_id: Identifier = Field(description="The unit being assigned (customer id).")
+    segment: SegmentName = Field(description="Stratum the member is randomised within.")
+
+
+class CohortArm(BaseModel):
+    """One arm of a cohort experiment."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    id: VariantId = Field(description="Arm id, e.g. control or treatment_1.")
+    weight: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="Relative weight (all arms or none; equal when none)."
+    )
+    variants_by_segment: dict[SegmentName, VariantId] | None = Field(
+        default=None, description="Variant per segment for this arm (e.g. a tone); the arm id otherwise."
+    )
+
+
+class CohortAssignmentRequest(BaseModel):
+    """A whole known cohort to assign by stratified randomisation (``kind: "cohort"``).
+
+    Produces one assignment event per member and one cohort report event. Replaying the same
+    message yields identical events.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    kind: Literal["cohort"] = Field(description='Always "cohort": tells the worker this is a cohort request.')
+    schema_version: Annotated[str, Field(pattern=r"^1\.\d+$")] = Field(default=SCHEMA_VERSION)
+    request_id: Identifier | None = Field(default=None, description="Publisher's id; becomes the cohort id.")
+    experiment_id: Identifier = Field(description="Experiment label for the cohort (need not be in the registry).")
+    arms: list[CohortArm] = Field(min_length=1, max_length=64, description="Arms, in order (order matters).")
+    seed: Annotated[str, StringConstraints(min_length=1, max_length=256)] | int = Field(
+        default=42, description="Seed of the within-segment ordering (default 42, as the strategy document)."
+    )
+    tolerance: Annotated[float, Field(ge=0, le=1)] = Field(default=0.05, description="Allowed share deviation.")
+    min_per_cell: Annotated[int, Field(ge=0)] = Field(default=5, description="Minimum members per segment × arm.")
+    members: list[CohortMember] = Field(min_length=1, description=f"At most {MAX_COHORT_MEMBERS} members.")
+
+
+class CohortReportEvent(BaseModel):
+    """The balance report of one cohort assignment, published beside its member events."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: str = Field(default=SCHEMA_VERSION)
+    event_type: Literal["cohort_report"] = Field(default="cohort_report")
+    event_id: str = Field(description="Deterministic id from the cohort message id.")
+    cohort_id: str = Field(description="request_id, else the message id.")
+    correlation_id: str = Field(description="The request's correlation id, else its message id.")
+    experiment_id: str
+    seed: str
+    member_count: int
+    passed: bool = Field(description="True when every balance check passed.")
+    report: dict[str, JsonValue] = Field(description="Segment × arm table and each check with offending cells.")
+    assigned_at: datetime
 
 
 Ratio = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]

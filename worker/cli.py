@@ -20,16 +20,12 @@ from typing import IO, Any
 
 from pydantic import SecretStr, ValidationError
 
-from worker import cohort_cli, compose
-from worker.errors import ConfigurationError, PermanentError, SplitRatioError, WorkerError
+from worker import cohort_cli, compose, ops_cli
+from worker.errors import ConfigurationError, PermanentError, SplitRatioError, UsageError
 from worker.registry import ExperimentRegistry, ReloadingRegistry
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("ab_worker")
-
-
-class UsageError(WorkerError):
-    """Bad flags or input files; printed without a traceback, exit status 2."""
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -72,7 +68,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
         return _assign_file(args, experiment)
     if not args.user:
         raise UsageError("give --user USER_ID, or --input FILE to assign every row of a file")
-    from worker.handling import assign, decode_request
+    from worker.handling import handle
     from worker.ports import Delivery
 
     body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
@@ -84,7 +80,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
         enqueued_time=datetime.now(UTC),
     )
     try:
-        event = assign(decode_request(delivery), delivery, registry)
+        (event,) = handle(delivery, registry).events
     except PermanentError as exc:
         raise UsageError(f"{exc.reason}: {exc.description}") from None
     print(event.model_dump_json(indent=2))
@@ -209,6 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             meter_provider=meter_provider,
         )
         _stop_on_signals(pump)
+        compose.start_health_server(settings.health_port, pump.health, stack)
         compose.print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
         stats = pump.run(idle_exit=max(3.0, 2 * settings.max_wait) if args.drain else None)
         if viewer is not None:
@@ -348,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("file", help="registry file, e.g. deploy/experiments.yaml")
     validate.set_defaults(func=cmd_validate_config)
     cohort_cli.add_commands(commands)
+    ops_cli.add_commands(commands)
     return parser
 
 

@@ -121,6 +121,21 @@ def telemetry(settings: WorkerSettings) -> Iterator[tuple[Any, Any]]:
         handle.shutdown()
 
 
+def start_health_server(port: int, check: Any, stack: ExitStack) -> int | None:
+    """Serve /healthz and /readyz on ``port`` (0: off); a busy port is logged, not fatal."""
+    if not port:
+        return None
+    from adapters.health import HealthServer
+
+    try:
+        server = HealthServer(check, port=port).start()
+    except OSError as exc:
+        log.warning("Health endpoints not served: port %d unavailable (%s); set AB_WORKER_HEALTH_PORT", port, exc)
+        return None
+    stack.callback(server.stop)
+    return server.port
+
+
 def close_quietly(stack: ExitStack, thing: Any) -> None:
     """Register ``thing.close()`` on the stack, logging instead of raising on failure."""
 

@@ -41,6 +41,10 @@ class WorkerError(Exception):
     """Root of every error raised by the worker."""
 
 
+class UsageError(WorkerError):
+    """Bad command-line flags or input files; printed without a traceback, exit status 2."""
+
+
 class ConfigurationError(WorkerError, ValueError):
     """A configuration file or setting is invalid; the message names the file and field."""
 

@@ -9,12 +9,20 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import JsonValue, ValidationError
 
-from schemas.models import SCHEMA_VERSION, AssignmentEvent, AssignmentRequest
+from schemas.models import (
+    MAX_COHORT_MEMBERS,
+    SCHEMA_VERSION,
+    AssignmentEvent,
+    AssignmentRequest,
+    CohortAssignmentRequest,
+    CohortReportEvent,
+)
 from worker.assignment import BUCKETS, bucket_int
 from worker.errors import DeadLetterReason, DecodeError, PermanentError
 from worker.ports import Delivery, OutboundEvent
@@ -34,17 +42,25 @@ def event_id_for(message_id: str, member: str | None = None) -> str:
     return str(uuid.uuid5(EVENT_NAMESPACE, name))
 
 
-def decode_request(delivery: Delivery, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> AssignmentRequest:
-    """Parse and validate a request body, or raise :class:`PermanentError` saying exactly why."""
+def decode_request(
+    delivery: Delivery, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> AssignmentRequest | CohortAssignmentRequest:
+    """Parse and validate a request body, or raise :class:`PermanentError` saying exactly why.
+
+    A body with ``"kind": "cohort"`` is a :class:`CohortAssignmentRequest`; anything else is read as an
+    :class:`AssignmentRequest`.
+    """
     body = delivery.body
     if len(body) > max_body_bytes:
         raise PermanentError(
-            DeadLetterReason.MESSAGE_TOO_LARGE,
-            f"body is {len(body)} bytes; the limit is {max_body_bytes}",
+            DeadLetterReason.MESSAGE_TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}"
         )
     data = parse_json_object(body)
+    model: type[AssignmentRequest] | type[CohortAssignmentRequest] = (
+        CohortAssignmentRequest if data.get("kind") == "cohort" else AssignmentRequest
+    )
     try:
-        return AssignmentRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise PermanentError(DeadLetterReason.SCHEMA_VALIDATION_FAILED, describe_validation_error(exc)) from None
 
@@ -144,6 +160,7 @@ def outbound(event: AssignmentEvent, delivery: Delivery) -> OutboundEvent:
         message_id=event.event_id,
         correlation_id=event.correlation_id,
         application_properties={
+            "event_type": "assignment",
             "experiment_id": event.experiment_id,
             "variant_id": event.variant_id,
             "schema_version": event.schema_version,
@@ -151,3 +168,108 @@ def outbound(event: AssignmentEvent, delivery: Delivery) -> OutboundEvent:
         reply_to=delivery.reply_to,
         reply_to_session_id=delivery.reply_to_session_id,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """What one request message produced: its assignment events, and any other messages to publish."""
+
+    events: list[AssignmentEvent]
+    extras: list[OutboundEvent] = field(default_factory=list)
+
+    def outbound(self, delivery: Delivery) -> list[OutboundEvent]:
+        """Every broker message for this request, events first."""
+        return [outbound(e, delivery) for e in self.events] + self.extras
+
+
+def handle(
+    delivery: Delivery,
+    registry: ExperimentRegistry,
+    *,
+    context_allow_list: Collection[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_cohort_members: int = MAX_COHORT_MEMBERS,
+) -> Handled:
+    """Decode, validate and assign one message; :class:`PermanentError` when it can never succeed."""
+    request = decode_request(delivery, max_body_bytes)
+    if isinstance(request, CohortAssignmentRequest):
+        return assign_cohort(request, delivery, max_cohort_members)
+    return Handled([assign(request, delivery, registry, context_allow_list)])
+
+
+def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_members: int) -> Handled:
+    """One event per member plus a cohort report; identical for a replayed message."""
+    from worker.stratify import Arm, CohortInputError, stratify_columns
+
+    if len(request.members) > max_members:
+        raise PermanentError(
+            DeadLetterReason.COHORT_TOO_LARGE,
+            f"cohort has {len(request.members)} members; the limit is {max_members} per message "
+            "(split it, or use `ab-worker stratify` for files)",
+        )
+    assigned_at = delivery.enqueued_time or datetime.now(UTC)
+    arms = [Arm(a.id, a.weight, a.variants_by_segment) for a in request.arms]
+    try:
+        result = stratify_columns(
+            [m.member_id for m in request.members],
+            [m.segment for m in request.members],
+            arms,
+            experiment_id=request.experiment_id,
+            seed=request.seed,
+            tolerance=request.tolerance,
+            min_per_cell=request.min_per_cell,
+            assigned_at=assigned_at,
+        )
+    except CohortInputError as exc:
+        raise PermanentError(DeadLetterReason.INVALID_COHORT, "; ".join(exc.problems)) from None
+    cohort_id = request.request_id or delivery.message_id
+    correlation_id = delivery.correlation_id or delivery.message_id
+    shares = {arm: float(share) for arm, share in result.report.target_shares.items()}
+    events = [
+        AssignmentEvent(
+            schema_version=SCHEMA_VERSION,
+            event_id=event_id_for(delivery.message_id, record.customer_id),
+            request_id=request.request_id,
+            correlation_id=correlation_id,
+            variant_id=record.variant_id,
+            hash_value=None,
+            threshold=None,
+            experiment_id=request.experiment_id,
+            experiment_version="cohort",
+            user_id=record.customer_id,
+            segment=record.segment,
+            strategy="stratified_random",
+            deterministic=True,
+            seed=str(request.seed),
+            experiment_arm=record.experiment_arm,
+            cohort_id=cohort_id,
+            split_ratio=shares,
+            assigned_at=assigned_at,
+        )
+        for record in result.records
+    ]
+    report = CohortReportEvent(
+        event_id=event_id_for(delivery.message_id, "\x1ecohort-report"),
+        cohort_id=cohort_id,
+        correlation_id=correlation_id,
+        experiment_id=request.experiment_id,
+        seed=str(request.seed),
+        member_count=len(events),
+        passed=result.report.passed,
+        report=result.report.to_dict(),
+        assigned_at=assigned_at,
+    )
+    extra = OutboundEvent(
+        body=report.model_dump_json().encode(),
+        message_id=report.event_id,
+        correlation_id=correlation_id,
+        application_properties={
+            "event_type": "cohort_report",
+            "experiment_id": request.experiment_id,
+            "schema_version": report.schema_version,
+            "passed": str(report.passed).lower(),
+        },
+        reply_to=delivery.reply_to,
+        reply_to_session_id=delivery.reply_to_session_id,
+    )
+    return Handled(events, [extra])

@@ -2,8 +2,9 @@
 
 Settlement comes last. A message is completed only after its event was published and its row was
 flushed; a crash anywhere before that means redelivery, never loss. A bad message is dead-lettered
-on its own and never fails or delays the rest of its batch. A downstream failure abandons the
-affected messages so they come back; nothing is dead-lettered for an outage.
+on its own and never fails or delays the rest of its batch. During a downstream failure the
+affected messages are held (their locks renewed) and retried with backoff while receiving pauses, so an
+outage burns no delivery counts; nothing is dead-lettered for it.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from schemas.models import AssignmentEvent, AssignmentRecord
+from schemas.models import MAX_COHORT_MEMBERS, AssignmentEvent, AssignmentRecord
 from worker.errors import PermanentError, TransientError
-from worker.handling import DEFAULT_MAX_BODY_BYTES, assign, decode_request, outbound
+from worker.handling import DEFAULT_MAX_BODY_BYTES, Handled, handle
 from worker.ports import Delivery, EventPublisher, MessageSource, RecordSink, SettlementLostError
 from worker.registry import ExperimentRegistry
 from worker.tracing import extract_context
@@ -48,9 +49,9 @@ class Settlement:
     description: str = ""
 
 
-def settlement_for(outcome: AssignmentEvent | BaseException) -> Settlement:
+def settlement_for(outcome: Handled | AssignmentEvent | BaseException) -> Settlement:
     """The one place that maps an outcome to a settlement."""
-    if isinstance(outcome, AssignmentEvent):
+    if isinstance(outcome, Handled | AssignmentEvent):
         return Settlement(Disposition.COMPLETE)
     if isinstance(outcome, PermanentError):
         return Settlement(Disposition.DEAD_LETTER, outcome.reason.value, outcome.description)
@@ -67,9 +68,12 @@ class PumpConfig:
     max_wait: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     context_allow_list: Collection[str] = ()
+    max_cohort_members: int = MAX_COHORT_MEMBERS
     drain_deadline: float = 25.0
     min_backoff: float = 0.5
     max_backoff: float = 30.0
+    #: /healthz fails when the loop has not turned for this long (a wedged process).
+    liveness_timeout: float = 120.0
 
 
 @dataclass(slots=True)
@@ -81,6 +85,7 @@ class PumpStats:
     abandoned: int = 0
     settlement_lost: int = 0
     receive_failures: int = 0
+    downstream_retries: int = 0
     batches: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
     assignments: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -91,7 +96,7 @@ class _InFlight:
     delivery: Delivery
     span: Span
     started: float
-    event: AssignmentEvent | None = None
+    handled: Handled | None = None
 
 
 class _Instruments:
@@ -135,6 +140,8 @@ class Pump:
         self._pending: list[_InFlight] = []
         self._stop = threading.Event()
         self._receive_failures = 0
+        self._down: dict[str, str] = {}
+        self._heartbeat = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -153,7 +160,7 @@ class Pump:
         try:
             while not self._stop.is_set():
                 handled = self.run_once()
-                if handled:
+                if handled or self._down:
                     idle_since = None
                 elif idle_exit is not None:
                     idle_since = idle_since or time.monotonic()
@@ -165,6 +172,7 @@ class Pump:
 
     def drain(self) -> None:
         """Flush the sink and settle everything held, then close the ports."""
+        self._stop.set()
         self._flush_and_settle()
         for port in (self.source, self.publisher, self.sink):
             try:
@@ -176,6 +184,7 @@ class Pump:
 
     def run_once(self) -> int:
         """Receive and handle one batch; returns how many messages it received or settled."""
+        self._heartbeat = time.monotonic()
         deliveries = self._receive()
         if deliveries:
             self.stats.batches += 1
@@ -195,13 +204,57 @@ class Pump:
             # The broker is unreachable: back off (waking early on stop) and try again; the source
             # rebuilds its link, so the worker resumes by itself when the broker returns.
             self.stats.receive_failures += 1
-            delay = min(self.config.max_backoff, self.config.min_backoff * 2 ** min(self._receive_failures, 10))
+            self._unhealthy("broker", exc)
+            self._backoff(self._receive_failures)
             self._receive_failures += 1
-            log.warning("Receiving failed (%s); retrying in %.1fs", exc, delay)
-            self._stop.wait(delay * (0.5 + random.random() / 2))
             return []
         self._receive_failures = 0
+        self._healthy("broker")
         return deliveries
+
+    def _backoff(self, attempt: int) -> None:
+        delay = min(self.config.max_backoff, self.config.min_backoff * 2 ** min(attempt, 16))
+        self._stop.wait(delay * (0.5 + random.random() / 2))
+
+    def _retry_until_stopped(self, dependency: str, action: Callable[[], None]) -> bool:
+        """Run ``action`` until it succeeds (True) or the pump is stopping (False).
+
+        While a dependency is down the pump stops receiving and holds what it has: the locks are
+        kept alive by the source, so no delivery count is burned and healthy requests are never
+        dead-lettered as MaxDeliveryCountExceeded because of someone else's outage.
+        """
+        attempt = 0
+        while True:
+            try:
+                action()
+            except TransientError as exc:
+                self._unhealthy(dependency, exc)
+                if self._stop.is_set():
+                    return False
+                self.stats.downstream_retries += 1
+                self._backoff(attempt)
+                attempt += 1
+                continue
+            self._healthy(dependency)
+            return True
+
+    def _unhealthy(self, dependency: str, exc: BaseException) -> None:
+        if dependency not in self._down:
+            log.warning("%s unavailable; pausing and retrying with backoff: %s", dependency, exc)
+        self._down[dependency] = str(exc)
+
+    def _healthy(self, dependency: str) -> None:
+        if self._down.pop(dependency, None) is not None:
+            log.warning("%s is back; resuming", dependency)
+
+    def health(self) -> tuple[bool, bool, str]:
+        """(live, ready, detail) for the /healthz and /readyz probes."""
+        live = time.monotonic() - self._heartbeat < self.config.liveness_timeout
+        if self._stop.is_set():
+            return live, False, "draining"
+        if self._down:
+            return live, False, "; ".join(f"{name} down: {why}" for name, why in sorted(self._down.items()))
+        return live, True, "ok"
 
     def _handle_batch(self, deliveries: Sequence[Delivery]) -> None:
         registry = self.registry()
@@ -209,8 +262,13 @@ class Pump:
         for delivery in deliveries:
             flight = self._start(delivery)
             try:
-                request = decode_request(delivery, self.config.max_body_bytes)
-                flight.event = assign(request, delivery, registry, self.config.context_allow_list)
+                flight.handled = handle(
+                    delivery,
+                    registry,
+                    context_allow_list=self.config.context_allow_list,
+                    max_body_bytes=self.config.max_body_bytes,
+                    max_cohort_members=self.config.max_cohort_members,
+                )
             except PermanentError as exc:
                 self._settle(flight, settlement_for(exc))
                 continue
@@ -223,13 +281,11 @@ class Pump:
             assigned.append(flight)
         if not assigned:
             return
-        events = [f.event for f in assigned if f.event is not None]
-        try:
-            self._publish(assigned)
-        except TransientError as exc:
-            log.warning("Publishing %d events failed; they will be redelivered: %s", len(assigned), exc)
+        events = [e for f in assigned if f.handled is not None for e in f.handled.events]
+        if not self._retry_until_stopped("event topic", lambda: self._publish(assigned)):
+            # Shutting down mid-outage: release them for another replica rather than wait.
             for flight in assigned:
-                self._settle(flight, settlement_for(exc))
+                self._settle(flight, Settlement(Disposition.ABANDON))
             return
         self.sink.add([AssignmentRecord.from_event(e) for e in events])
         self._pending.extend(assigned)
@@ -243,22 +299,33 @@ class Pump:
                 span.set_attribute("messaging.destination.name", self.config.topic_name)
                 span.set_attribute("messaging.operation.type", "publish")
                 span.set_attribute("messaging.batch.message_count", len(flights))
-            self.publisher.publish([outbound(f.event, f.delivery) for f in flights if f.event is not None])
+            self.publisher.publish(
+                [m for f in flights if f.handled is not None for m in f.handled.outbound(f.delivery)]
+            )
 
     def _flush_and_settle(self) -> None:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        try:
+        first = True
+
+        def flush() -> None:
+            nonlocal first
+            if not first:
+                # A failed flush dropped its buffer (the RecordSink contract): buffer the rows again.
+                self.sink.add(
+                    [AssignmentRecord.from_event(e) for f in pending if f.handled is not None for e in f.handled.events]
+                )
+            first = False
             self.sink.flush()
-        except TransientError as exc:
-            log.warning("Recording %d rows failed; the requests will be redelivered: %s", len(pending), exc)
+
+        if not self._retry_until_stopped("record sink", flush):
             for flight in pending:
-                self._settle(flight, settlement_for(exc))
+                self._settle(flight, Settlement(Disposition.ABANDON))
             return
         for flight in pending:
-            if flight.event is not None:
-                self._settle(flight, settlement_for(flight.event))
+            if flight.handled is not None:
+                self._settle(flight, settlement_for(flight.handled))
 
     # -- per message -------------------------------------------------------------------------
 
@@ -292,10 +359,13 @@ class Pump:
         self._count(flight, settlement)
         if span.is_recording():
             span.set_attribute("messaging.servicebus.disposition_status", settlement.disposition.value)
-            if flight.event is not None:
-                span.set_attribute("feature_flag.key", flight.event.experiment_id)
-                span.set_attribute("feature_flag.result.variant", flight.event.variant_id)
+            if flight.handled is not None and len(flight.handled.events) == 1:
+                (event,) = flight.handled.events
+                span.set_attribute("feature_flag.key", event.experiment_id)
+                span.set_attribute("feature_flag.result.variant", event.variant_id)
                 span.set_attribute("feature_flag.provider.name", "ab-assignment-worker")
+            elif flight.handled is not None:
+                span.set_attribute("ab.cohort.member_count", len(flight.handled.events))
             if settlement.disposition is Disposition.DEAD_LETTER:
                 span.set_attribute("messaging.servicebus.dead_letter_reason", settlement.reason)
                 span.set_status(Status(StatusCode.ERROR, settlement.reason))
@@ -303,11 +373,13 @@ class Pump:
 
     def _count(self, flight: _InFlight, settlement: Settlement) -> None:
         self._instruments.latency.record(time.perf_counter() - flight.started)
-        if settlement.disposition is Disposition.COMPLETE and flight.event is not None:
-            event = flight.event
+        if settlement.disposition is Disposition.COMPLETE and flight.handled is not None:
             self.stats.completed += 1
-            self.stats.assignments[(event.experiment_id, event.variant_id)] += 1
-            self._instruments.assignments.add(1, {"experiment_id": event.experiment_id, "variant_id": event.variant_id})
+            for event in flight.handled.events:
+                self.stats.assignments[(event.experiment_id, event.variant_id)] += 1
+                self._instruments.assignments.add(
+                    1, {"experiment_id": event.experiment_id, "variant_id": event.variant_id}
+                )
         elif settlement.disposition is Disposition.DEAD_LETTER:
             self.stats.dead_letters[settlement.reason] += 1
             self._instruments.dead_letters.add(1, {"reason": settlement.reason})

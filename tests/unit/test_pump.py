@@ -67,7 +67,12 @@ def test_success_publishes_records_then_completes():
     assert body["variant_metadata"] == {"tone": "urgent"}
     assert event.message_id == event_id_for("m1") == body["event_id"]
     assert event.correlation_id == "corr-1"
-    assert event.application_properties == {"experiment_id": "exp_001", "variant_id": "A", "schema_version": "1.0"}
+    assert event.application_properties == {
+        "event_type": "assignment",
+        "experiment_id": "exp_001",
+        "variant_id": "A",
+        "schema_version": "1.0",
+    }
     assert [r.EventId for r in sink.rows] == [body["event_id"]]
 
 
@@ -142,29 +147,77 @@ def test_one_bad_message_does_not_affect_its_batch():
     assert len(publisher.published) == 6
 
 
-def test_publish_failure_abandons_and_redelivers_without_dead_lettering():
-    """A transient publish failure leaves nothing completed or dead-lettered; redelivery then succeeds."""
-    source, publisher, sink = MemorySource(), MemoryPublisher(failures_left=2), MemorySink()
+def test_publish_outage_holds_messages_and_retries_without_burning_deliveries():
+    """A publish outage pauses the batch and retries with backoff: no abandon, no dead-letter, one delivery."""
+    source, publisher, sink = MemorySource(), MemoryPublisher(failures_left=5), MemorySink()
     source.send(_request(), message_id="m1")
-    stats = _pump(source, publisher, sink).run(idle_exit=0)
+    stats = _pump(source, publisher, sink, min_backoff=0.001).run(idle_exit=0)
     assert source.dead_letters == []
-    assert stats.abandoned == 2
-    assert [d.message_id for d in source.completed] == ["m1"]
-    assert source.completed[0].delivery_count == 3
+    assert stats.abandoned == 0
+    assert stats.downstream_retries == 5
+    assert [(d.message_id, d.delivery_count) for d in source.completed] == [("m1", 1)]
     assert len(publisher.published) == 1
     assert len(sink.rows) == 1
 
 
-def test_flush_failure_does_not_complete_and_redelivers():
-    """A failed row flush abandons its messages; they come back and their rows land."""
-    source, publisher, sink = MemorySource(), MemoryPublisher(), MemorySink(failures_left=1)
+def test_flush_outage_retries_with_the_same_rows():
+    """A failed row flush is retried with the rows buffered again; every row lands exactly once."""
+    source, publisher, sink = MemorySource(), MemoryPublisher(), MemorySink(failures_left=3)
     for i in range(3):
         source.send(_request(f"U{i}"), message_id=f"m{i}")
-    stats = _pump(source, publisher, sink).run(idle_exit=0)
-    assert stats.abandoned == 3
+    stats = _pump(source, publisher, sink, min_backoff=0.001).run(idle_exit=0)
+    assert stats.abandoned == 0
+    assert stats.downstream_retries == 3
     assert len(source.completed) == 3
     assert sorted(r.UserId for r in sink.rows) == ["U0", "U1", "U2"]
     assert source.dead_letters == []
+
+
+def test_outage_makes_the_pump_unready_until_it_recovers():
+    """health() reports not ready, naming the dependency, while the topic is down; ready again after."""
+    source, publisher = MemorySource(), MemoryPublisher()
+    pump = _pump(source, publisher, min_backoff=0.001)
+    observed = []
+    publisher.fail = lambda events: (observed.append(pump.health()), len(observed) < 3)[1]
+    source.send(_request())
+    pump.run(idle_exit=0)
+    assert observed[1][1] is False
+    assert "event topic down" in observed[1][2]
+    live, ready, detail = pump.health()
+    assert ready is False
+    assert (live, detail) == (True, "draining")
+    fresh = _pump(MemorySource())
+    assert fresh.health() == (True, True, "ok")
+
+
+def test_shutdown_during_outage_abandons_held_messages():
+    """Stopping while the topic is down releases held messages for another replica instead of waiting."""
+    source = MemorySource()
+    pump = _pump(source, MemoryPublisher(fail=lambda events: (pump.stop(), True)[1]), min_backoff=0.001)
+    source.send(_request(), message_id="m1")
+    stats = pump.run()
+    assert stats.abandoned == 1
+    assert source.completed == []
+    assert [d.message_id for d in source.queue] == ["m1"]
+
+
+def test_receive_failure_backs_off_and_recovers():
+    """A broker outage on receive is retried with backoff; processing resumes when it returns."""
+
+    class FlakySource(MemorySource):
+        failures = 3
+
+        def receive(self, max_messages, max_wait):
+            if self.failures:
+                self.failures -= 1
+                raise TransientError("broker unreachable")
+            return super().receive(max_messages, max_wait)
+
+    source = FlakySource()
+    source.send(_request(), message_id="m1")
+    stats = _pump(source, min_backoff=0.001).run(idle_exit=0)
+    assert stats.receive_failures == 3
+    assert [d.message_id for d in source.completed] == ["m1"]
 
 
 def test_lost_lock_is_counted_not_fatal():
@@ -310,3 +363,74 @@ def test_sigterm_finishes_in_flight_batch_and_exits_cleanly():
     assert source.closed
     assert publisher.closed
     assert sink.closed
+
+
+def _cohort(members, **extra):
+    return json.dumps(
+        {
+            "kind": "cohort",
+            "experiment_id": "email-tone",
+            "arms": [{"id": "control"}, {"id": "treatment", "variants_by_segment": {"vip": "urgent"}}],
+            "members": [{"member_id": m, "segment": s} for m, s in members],
+            **extra,
+        }
+    )
+
+
+def test_cohort_message_yields_member_events_report_and_rows():
+    """A cohort request produces one event and row per member plus one cohort report, then completes."""
+    members = [(f"C{i:03d}", "vip" if i % 3 == 0 else "standard") for i in range(60)]
+    source, publisher, sink = MemorySource(), MemoryPublisher(), MemorySink()
+    source.send(_cohort(members, request_id="cohort-7"), message_id="c1")
+    stats = _pump(source, publisher, sink).run(idle_exit=0)
+    assert stats.completed == 1
+    assignments = [
+        json.loads(m.body) for m in publisher.published if m.application_properties["event_type"] == "assignment"
+    ]
+    (report,) = [
+        json.loads(m.body) for m in publisher.published if m.application_properties["event_type"] == "cohort_report"
+    ]
+    assert sorted(a["user_id"] for a in assignments) == sorted(m for m, _ in members)
+    assert {a["strategy"] for a in assignments} == {"stratified_random"}
+    assert {a["cohort_id"] for a in assignments} == {"cohort-7"}
+    vip_treated = [a for a in assignments if a["segment"] == "vip" and a["experiment_arm"] == "treatment"]
+    assert vip_treated
+    assert {a["variant_id"] for a in vip_treated} == {"urgent"}
+    assert report["member_count"] == 60
+    assert report["passed"] is True
+    assert len(sink.rows) == 60
+    assert {r.CohortId for r in sink.rows} == {"cohort-7"}
+
+
+def test_cohort_replay_yields_identical_events():
+    """The same cohort message delivered twice produces byte-identical events."""
+    members = [(f"C{i}", "s") for i in range(20)]
+    source, publisher = MemorySource(), MemoryPublisher()
+    first = source.send(_cohort(members, min_per_cell=1), message_id="c1")
+    source.send(first.body, message_id="c1", enqueued_time=first.enqueued_time)
+    _pump(source, publisher).run(idle_exit=0)
+    bodies = [m.body for m in publisher.published]
+    half = len(bodies) // 2
+    assert bodies[:half] == bodies[half:]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason", "fragment"),
+    [
+        (_cohort([(f"C{i}", "s") for i in range(30)]), "CohortTooLarge", "limit is 25"),
+        (_cohort([("C1", "s"), ("C1", "s")]), "InvalidCohort", "C1"),
+        (
+            json.dumps({"kind": "cohort", "experiment_id": "e", "arms": [], "members": []}),
+            "SchemaValidationFailed",
+            "arms",
+        ),
+    ],
+)
+def test_bad_cohorts_are_dead_lettered(body, reason, fragment):
+    """Oversized, duplicate-member and malformed cohorts are dead-lettered with a reason saying so."""
+    source = MemorySource()
+    source.send(body)
+    _pump(source, max_cohort_members=25).run(idle_exit=0)
+    (dead,) = source.dead_letters
+    assert dead.reason == reason
+    assert fragment in dead.description
