@@ -19,8 +19,8 @@ install: $(STAMP)
 ## The product's main job.
 run: $(STAMP)
 	mkdir -p out
-	$(BIN)/ab-worker run --config deploy/experiments.yaml --input deploy/sample-requests.jsonl \
-		--output out/events.jsonl --rows out/rows.jsonl --dead-letters out/dead-letters.jsonl
+	AB_WORKER_CONTEXT_ALLOW_LIST=campaign $(BIN)/ab-worker run --config deploy/experiments.yaml \
+		--local --demo --drain --rows out/rows.jsonl
 
 ## Lint, type-check and the whole default test suite (unit + integration tiers).
 test: lint
@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/unit -m "not integration"
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_assignment

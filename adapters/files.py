@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from schemas.models import AssignmentRecord
-from worker.ports import Delivery, OutboundEvent
+from worker.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
 
 
 class JsonLinesSource:
@@ -51,6 +51,10 @@ class JsonLinesSource:
     def complete(self, delivery: Delivery) -> None:
         """Count it."""
         self.completed += 1
+
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
+        """Complete each in turn."""
+        return complete_each(self, deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
         """Write it to the dead-letter file with its line number, reason and description."""

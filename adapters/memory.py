@@ -16,7 +16,7 @@ from typing import Any
 
 from schemas.models import AssignmentRecord
 from worker.errors import TransientError
-from worker.ports import Delivery, OutboundEvent, SettlementLostError
+from worker.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
 
 
 @dataclass(slots=True)
@@ -81,6 +81,10 @@ class MemorySource:
         """Record the completion."""
         self._check_lock(delivery)
         self.completed.append(delivery)
+
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
+        """Complete each in turn."""
+        return complete_each(self, deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
         """Record the dead-letter with its reason."""

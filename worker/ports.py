@@ -46,6 +46,17 @@ class SettlementLostError(Exception):
     """
 
 
+def complete_each(source: MessageSource, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
+    """``complete_batch`` for sources that can only settle one message at a time."""
+    lost: dict[int, SettlementLostError] = {}
+    for delivery in deliveries:
+        try:
+            source.complete(delivery)
+        except SettlementLostError as exc:
+            lost[id(delivery)] = exc
+    return lost
+
+
 class MessageSource(Protocol):
     """Where requests come from, and how they are settled."""
 
@@ -55,6 +66,10 @@ class MessageSource(Protocol):
 
     def complete(self, delivery: Delivery) -> None:
         """Remove the message: it was processed and its outputs were accepted."""
+        ...
+
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> Mapping[int, SettlementLostError]:
+        """Complete many; returns ``{id(delivery): error}`` for those whose lock was lost."""
         ...
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:

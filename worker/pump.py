@@ -323,9 +323,7 @@ class Pump:
             for flight in pending:
                 self._settle(flight, Settlement(Disposition.ABANDON))
             return
-        for flight in pending:
-            if flight.handled is not None:
-                self._settle(flight, settlement_for(flight.handled))
+        self._complete_all(pending)
 
     # -- per message -------------------------------------------------------------------------
 
@@ -341,7 +339,7 @@ class Pump:
         return _InFlight(delivery, span, time.perf_counter())
 
     def _settle(self, flight: _InFlight, settlement: Settlement) -> None:
-        delivery, span = flight.delivery, flight.span
+        delivery = flight.delivery
         try:
             if settlement.disposition is Disposition.COMPLETE:
                 self.source.complete(delivery)
@@ -350,12 +348,29 @@ class Pump:
             else:
                 self.source.abandon(delivery)
         except SettlementLostError as exc:
-            self.stats.settlement_lost += 1
-            self._instruments.settlement_lost.add(1)
-            log.info("Message %s was not settled (%s); it will be redelivered", delivery.message_id, exc)
-            span.set_attribute("messaging.servicebus.disposition_status", "lock_lost")
-            span.end()
+            self._settlement_lost(flight, exc)
             return
+        self._settled(flight, settlement)
+
+    def _complete_all(self, flights: Sequence[_InFlight]) -> None:
+        """Complete many at once: the source may settle contiguous deliveries with one disposition."""
+        lost = self.source.complete_batch([f.delivery for f in flights])
+        for flight in flights:
+            failure = lost.get(id(flight.delivery))
+            if failure is not None:
+                self._settlement_lost(flight, failure)
+            elif flight.handled is not None:
+                self._settled(flight, settlement_for(flight.handled))
+
+    def _settlement_lost(self, flight: _InFlight, exc: Exception) -> None:
+        self.stats.settlement_lost += 1
+        self._instruments.settlement_lost.add(1)
+        log.info("Message %s was not settled (%s); it will be redelivered", flight.delivery.message_id, exc)
+        flight.span.set_attribute("messaging.servicebus.disposition_status", "lock_lost")
+        flight.span.end()
+
+    def _settled(self, flight: _InFlight, settlement: Settlement) -> None:
+        span = flight.span
         self._count(flight, settlement)
         if span.is_recording():
             span.set_attribute("messaging.servicebus.disposition_status", settlement.disposition.value)

@@ -1,0 +1,154 @@
+"""Worker throughput against a bare azure-servicebus loop, side by side: ``python -m bench.bench_throughput``.
+
+Runs the embedded broker in its own process (so it does not share the GIL with what is measured),
+then, interleaved for ``--rounds`` rounds over the same number of requests:
+
+* ``bare``   — a bare SDK loop: ``receive_messages`` in PEEK_LOCK + ``complete_message`` per message, as
+  fast as the SDK allows (nothing decoded, nothing published);
+* ``worker`` — the real pump end to end: decode, validate, assign, publish every event to the topic in
+  batches, append every row to a file and flush it, then complete.
+
+Both are timed in steady state: the clock starts after the first batch (link setup costs the SDK
+about 0.45 s per link, once) and the rate is extrapolated over the remaining messages.
+
+Prints both rates (median of rounds) and their ratio. Target: the worker reaches >= 90% of the bare loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
+
+from adapters.files import JsonLinesSink
+from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
+from worker.pump import Pump, PumpConfig
+from worker.registry import ExperimentRegistry
+
+QUEUE, TOPIC = "assignment-requests", "assignment-events"
+REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}}]})
+BROKER_CONFIG = {
+    "UserConfig": {
+        "Namespaces": [
+            {
+                "Name": "bench",
+                "Queues": [{"Name": QUEUE, "Properties": {"MaxDeliveryCount": 10, "LockDuration": "PT60S"}}],
+                # No subscription: events are accepted and dropped, like a topic nobody reads yet.
+                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": []}],
+            }
+        ]
+    }
+}
+
+
+def start_broker(workdir: Path) -> tuple[subprocess.Popen[str], str]:
+    """``ab-worker broker`` in a child process; returns it and its connection string."""
+    config = workdir / "broker.json"
+    config.write_text(json.dumps(BROKER_CONFIG), encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--log-level", "WARNING", "broker", "--port", "0", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().strip()
+    if not line.startswith("Endpoint="):
+        process.kill()
+        raise RuntimeError(f"broker did not start: {line!r}")
+    return process, line
+
+
+def fill(connection: str, count: int) -> None:
+    """Publish ``count`` requests."""
+    bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": "exp_bench"}).encode() for i in range(count)]
+    with ServiceBusClient.from_connection_string(connection) as client:
+        for start in range(0, count, 2000):
+            send_requests(client, QUEUE, bodies[start : start + 2000])
+
+
+def bare_loop(connection: str, count: int, batch: int, prefetch: int) -> float:
+    """Seconds for a bare receive + complete loop over ``count`` messages."""
+    with (
+        ServiceBusClient.from_connection_string(connection) as client,
+        client.get_queue_receiver(
+            QUEUE, receive_mode=ServiceBusReceiveMode.PEEK_LOCK, prefetch_count=prefetch
+        ) as receiver,
+    ):
+        done, start = 0, 0.0
+        while done < count:
+            for message in receiver.receive_messages(max_message_count=batch, max_wait_time=5):
+                receiver.complete_message(message)
+                done += 1
+            if not start:
+                # Steady state only: the clock starts once the link is open and the first batch is done.
+                start, first = time.perf_counter(), done
+        return (time.perf_counter() - start) * count / (count - first)
+
+
+def worker_run(connection: str, count: int, batch: int, prefetch: int, rows: Path) -> float:
+    """Seconds for the pump to process ``count`` requests end to end."""
+    client = create_client(ServiceBusAuth(connection_string=connection))
+    pump = Pump(
+        ServiceBusSource(client, QUEUE, prefetch=prefetch),
+        ServiceBusPublisher(client, TOPIC),
+        JsonLinesSink(rows, max_rows=batch),
+        lambda: REGISTRY,
+        config=PumpConfig(max_batch=batch, max_wait=5),
+    )
+    start, first = 0.0, 0
+    while pump.stats.completed < count:
+        pump.run_once()
+        if not start and pump.stats.completed:
+            # As for the bare loop: receiver and sender links are open once the first batch is done.
+            start, first = time.perf_counter(), pump.stats.completed
+    elapsed = (time.perf_counter() - start) * count / (count - first)
+    pump.drain()
+    client.close()
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison and print rates and the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=5000, help="requests per round (default 5000)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--batch", type=int, default=100, help="receive batch size (default 100)")
+    parser.add_argument("--prefetch", type=int, default=300, help="receiver prefetch (default 300)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("AB_WORKER_HEALTH_PORT", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        broker, connection = start_broker(Path(tmp))
+        try:
+            times: dict[str, list[float]] = {"bare": [], "worker": []}
+            for round_ in range(args.rounds):
+                fill(connection, args.messages)
+                times["bare"].append(bare_loop(connection, args.messages, args.batch, args.prefetch))
+                fill(connection, args.messages)
+                rows = Path(tmp) / f"rows-{round_}.jsonl"
+                times["worker"].append(worker_run(connection, args.messages, args.batch, args.prefetch, rows))
+                assert sum(1 for _ in rows.open()) == args.messages, "every row was written"
+                rates = {k: args.messages / v[-1] for k, v in times.items()}
+                print(f"round {round_ + 1}: bare {rates['bare']:,.0f} msg/s, worker {rates['worker']:,.0f} msg/s")
+        finally:
+            broker.terminate()
+            broker.wait(timeout=10)
+    bare = args.messages / statistics.median(times["bare"])
+    worker = args.messages / statistics.median(times["worker"])
+    ratio = worker / bare
+    print(f"\n{args.messages:,} messages x {args.rounds} rounds, batch {args.batch}, prefetch {args.prefetch}")
+    print(f"bare SDK receive+complete loop: {bare:>8,.0f} msg/s")
+    print(f"worker end to end:              {worker:>8,.0f} msg/s")
+    print(f"ratio worker / bare: {ratio:.2f} (target >= 0.90)  {'PASS' if ratio >= 0.9 else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
