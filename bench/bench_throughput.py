@@ -66,12 +66,23 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen[str], str]:
     return process, line
 
 
-def fill(connection: str, count: int) -> None:
-    """Publish ``count`` requests."""
+def stop_broker(process: subprocess.Popen[str]) -> None:
+    """Terminate the broker process and release its pipe."""
+    process.terminate()
+    process.wait(timeout=10)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def fill(connection: str, count: int, tag: str = "") -> list[str]:
+    """Publish ``count`` requests with explicit message ids; returns the ids."""
+    tag = tag or f"{time.time_ns()}"
+    ids = [f"{tag}-{i}" for i in range(count)]
     bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": "exp_bench"}).encode() for i in range(count)]
     with ServiceBusClient.from_connection_string(connection) as client:
         for start in range(0, count, 2000):
-            send_requests(client, QUEUE, bodies[start : start + 2000])
+            send_requests(client, QUEUE, bodies[start : start + 2000], message_ids=ids[start : start + 2000])
+    return ids
 
 
 def bare_loop(connection: str, count: int, batch: int, prefetch: int) -> float:
@@ -138,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates = {k: args.messages / v[-1] for k, v in times.items()}
                 print(f"round {round_ + 1}: bare {rates['bare']:,.0f} msg/s, worker {rates['worker']:,.0f} msg/s")
         finally:
-            broker.terminate()
-            broker.wait(timeout=10)
+            stop_broker(broker)
     bare = args.messages / statistics.median(times["bare"])
     worker = args.messages / statistics.median(times["worker"])
     ratio = worker / bare

@@ -1,0 +1,161 @@
+"""Scale-out as competing consumers: ``python -m bench.bench_scale [--messages N] [--workers 1,2,4]``.
+
+For each worker count, starts that many ``ab-worker run`` processes against the embedded broker (run in
+its own process), waits until every one is receiving, fills the queue with N requests, and times until
+every row was written; then stops the workers with SIGTERM (they drain and exit 0). Checks that
+every request produced exactly one distinct event id (redelivery duplicates must be byte-identical
+rows), that nothing is left on the queue or in the dead-letter queue, and prints a table of
+throughput and speed-up against one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
+
+from bench.bench_throughput import QUEUE, fill, start_broker, stop_broker
+from worker.handling import event_id_for
+
+WORKER = [sys.executable, "-m", "worker", "--log-level", "WARNING"]
+EXPERIMENTS = {"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}}]}
+
+
+def run_workers(
+    connection: str, count: int, workdir: Path, batch: int, messages: int
+) -> tuple[float, list[Path], list[str]]:
+    """Start ``count`` worker processes, wait until each is receiving, then fill the queue.
+
+    Returns the seconds from the first request sent until the last worker went idle (process start
+    and link setup are excluded: they are not throughput), the rows files, and the message ids.
+    """
+    config = workdir / "experiments.json"
+    config.write_text(json.dumps(EXPERIMENTS), encoding="utf-8")
+    env = {
+        **os.environ,
+        "AB_WORKER_SERVICEBUS_CONNECTION_STRING": connection,
+        "AB_WORKER_HEALTH_PORT": "0",
+        "AB_WORKER_MAX_BATCH": str(batch),
+        "AB_WORKER_PREFETCH": str(batch * 2),
+    }
+    rows = [workdir / f"rows-{count}-{i}.jsonl" for i in range(count)]
+    logs = [workdir / f"worker-{count}-{i}.log" for i in range(count)]
+    processes = []
+    try:
+        for path, log in zip(rows, logs, strict=True):
+            with log.open("w") as err:
+                processes.append(
+                    subprocess.Popen(
+                        [*WORKER, "run", "--config", str(config), "--rows", str(path)],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )
+                )
+        deadline = time.monotonic() + 60
+        while not all("worker running" in log.read_text() for log in logs):
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not start within 60 s")
+            time.sleep(0.1)
+        start = time.perf_counter()
+        ids = fill(connection, messages, tag=f"scale{count}")
+        deadline = time.monotonic() + 900
+        # Rows are flushed just before completion, so their count tracks finished work closely.
+        while sum(_lines(path) for path in rows) < messages:
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not finish within 900 s")
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process, log in zip(processes, logs, strict=True):
+            process.wait(timeout=60)
+            if process.returncode != 0:
+                raise RuntimeError(f"worker exited {process.returncode}: {log.read_text()[-2000:]}")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return elapsed, rows, ids
+
+
+def _lines(path: Path) -> int:
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for _ in handle)
+    except FileNotFoundError:
+        return 0
+
+
+def check(rows: Sequence[Path], message_ids: Sequence[str]) -> tuple[int, int]:
+    """(distinct events, redelivery duplicates); raises if anything was lost or a duplicate differs."""
+    seen: dict[str, str] = {}
+    duplicates = 0
+    for path in rows:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            event_id = json.loads(line)["EventId"]
+            if event_id in seen:
+                duplicates += 1
+                if seen[event_id] != line:
+                    raise AssertionError(f"duplicate {event_id} with different content")
+            seen[event_id] = line
+    expected = {event_id_for(m) for m in message_ids}
+    missing = expected - set(seen)
+    if missing or len(seen) != len(expected):
+        raise AssertionError(f"lost {len(missing)} events; {len(seen)} distinct for {len(expected)} requests")
+    return len(seen), duplicates
+
+
+def leftovers(connection: str) -> tuple[int, int]:
+    """(active, dead-lettered) messages left on the requests queue."""
+    with ServiceBusClient.from_connection_string(connection) as client:
+        with client.get_queue_receiver(QUEUE) as receiver:
+            active = len(receiver.peek_messages(max_message_count=100))
+        with client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
+            dead = len(receiver.peek_messages(max_message_count=100))
+    return active, dead
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run each worker count and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=20_000, help="requests per run (default 20,000)")
+    parser.add_argument("--workers", default="1,2,4", help="worker counts to compare (default 1,2,4)")
+    parser.add_argument("--batch", type=int, default=250, help="AB_WORKER_MAX_BATCH for the workers (default 250)")
+    args = parser.parse_args(argv)
+    counts = [int(x) for x in args.workers.split(",")]
+    results: list[tuple[int, float, int, int]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        broker, connection = start_broker(workdir)
+        try:
+            for count in counts:
+                seconds, rows, message_ids = run_workers(connection, count, workdir, args.batch, args.messages)
+                distinct, duplicates = check(rows, message_ids)
+                active, dead = leftovers(connection)
+                if active or dead:
+                    raise AssertionError(f"{active} requests left on the queue, {dead} dead-lettered")
+                results.append((count, seconds, distinct, duplicates))
+                print(f"{count} worker(s): {args.messages / seconds:,.0f} msg/s, lost 0, duplicates {duplicates}")
+        finally:
+            stop_broker(broker)
+    base = args.messages / results[0][1]
+    print(f"\n{'workers':>7}  {'seconds':>8}  {'msg/s':>8}  {'speed-up':>8}  {'events':>7}  {'dups':>5}  lost")
+    for count, seconds, distinct, duplicates in results:
+        rate = args.messages / seconds
+        print(f"{count:>7}  {seconds:>8.2f}  {rate:>8,.0f}  {rate / base:>7.2f}x  {distinct:>7}  {duplicates:>5}  0")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

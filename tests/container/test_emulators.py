@@ -1,0 +1,154 @@
+"""The same end-to-end scenarios against Microsoft's official emulators, through testcontainers.
+
+Needs a Docker daemon; without one every test here is skipped with the reason. The emulator images
+are the ones deploy/compose.yaml uses: the Service Bus emulator (with SQL Server), and Azurite.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.container
+
+REPO = Path(__file__).parents[2]
+SERVICEBUS_IMAGE = "mcr.microsoft.com/azure-messaging/servicebus-emulator:latest"
+SQL_IMAGE = "mcr.microsoft.com/mssql/server:2022-latest"
+AZURITE_IMAGE = "mcr.microsoft.com/azure-storage/azurite:latest"
+
+
+@functools.cache
+def docker_unavailable() -> str | None:
+    """Why Docker cannot be used here, or None when a daemon answers (checked once)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        path = host.removeprefix("unix://")
+        if not os.path.exists(path):
+            return f"no Docker daemon reachable: {path} does not exist (container tests need one)"
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                return f"no Docker daemon reachable at {path}: {exc.strerror} (container tests need one)"
+    import docker
+
+    try:
+        client = docker.from_env()
+    except Exception as exc:
+        return f"no Docker daemon reachable ({type(exc).__name__}); container tests need one"
+    try:
+        client.ping()
+    except Exception as exc:
+        return f"Docker daemon did not answer ({type(exc).__name__}); container tests need one"
+    finally:
+        client.close()
+    return None
+
+
+@pytest.fixture(scope="module")
+def docker_reason() -> None:
+    reason = docker_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def servicebus_emulator(docker_reason: None) -> Iterator[str]:
+    """The official emulator with deploy/servicebus-emulator/Config.json; yields its connection string."""
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.network import Network
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    password = "Str0ng!Passw0rd-for-tests"  # a throwaway container credential
+    with Network() as network:
+        sql = (
+            DockerContainer(SQL_IMAGE)
+            .with_network(network)
+            .with_network_aliases("sqledge")
+            .with_env("ACCEPT_EULA", "Y")
+            .with_env("MSSQL_SA_PASSWORD", password)
+        )
+        with sql:
+            emulator = (
+                DockerContainer(SERVICEBUS_IMAGE)
+                .with_network(network)
+                .with_env("ACCEPT_EULA", "Y")
+                .with_env("SQL_SERVER", "sqledge")
+                .with_env("MSSQL_SA_PASSWORD", password)
+                .with_volume_mapping(
+                    str(REPO / "deploy" / "servicebus-emulator" / "Config.json"),
+                    "/ServiceBus_Emulator/ConfigFiles/Config.json",
+                    "ro",
+                )
+                .with_exposed_ports(5672)
+            )
+            with emulator:
+                wait_for_logs(emulator, "Emulator Service is Successfully Up", timeout=180)
+                host, port = emulator.get_container_host_ip(), emulator.get_exposed_port(5672)
+                yield (
+                    f"Endpoint=sb://{host}:{port};SharedAccessKeyName=RootManageSharedAccessKey;"
+                    "SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
+                )
+
+
+def test_docker_reason_is_clear():
+    """Without Docker the skip reason says so; with Docker there is no reason."""
+    reason = docker_unavailable()
+    assert reason is None or "Docker" in reason or "docker" in reason
+
+
+def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulator: str) -> None:
+    """Publish with the SDK → worker → event on the topic; poison is dead-lettered with its reason."""
+    from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
+
+    from adapters.memory import MemorySink
+    from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
+    from worker.handling import event_id_for
+    from worker.pump import Pump, PumpConfig
+    from worker.registry import ExperimentRegistry
+
+    registry = ExperimentRegistry.load(REPO / "deploy" / "experiments.yaml")
+    ids = [f"c-{i}" for i in range(20)]
+    with ServiceBusClient.from_connection_string(servicebus_emulator) as client:
+        bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": "exp_001"}).encode() for i in range(20)]
+        send_requests(client, "assignment-requests", bodies, message_ids=ids)
+        send_requests(client, "assignment-requests", [b"not json"])
+        sb = create_client(ServiceBusAuth(connection_string=servicebus_emulator))
+        pump = Pump(
+            ServiceBusSource(sb, "assignment-requests"),
+            ServiceBusPublisher(sb, "assignment-events"),
+            MemorySink(),
+            lambda: registry,
+            config=PumpConfig(max_wait=2),
+        )
+        stats = pump.run(idle_exit=5)
+        sb.close()
+        got: set[str] = set()
+        deadline = time.monotonic() + 30
+        with client.get_subscription_receiver("assignment-events", "all") as receiver:
+            while len(got) < 20 and time.monotonic() < deadline:
+                for message in receiver.receive_messages(max_message_count=50, max_wait_time=5):
+                    got.add(str(message.message_id))
+                    receiver.complete_message(message)
+        with client.get_queue_receiver("assignment-requests", sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
+            dead = receiver.receive_messages(max_message_count=5, max_wait_time=5)
+    assert stats.completed == 20
+    assert got == {event_id_for(i) for i in ids}
+    assert [m.dead_letter_reason for m in dead] == ["InvalidJson"]
+
+
+def test_azurite_image_starts(docker_reason: None) -> None:
+    """Azurite's official image serves blob and queue endpoints (queued Kusto ingestion uses both)."""
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    with DockerContainer(AZURITE_IMAGE).with_exposed_ports(10000, 10001) as azurite:
+        wait_for_logs(azurite, "Azurite Queue service is successfully listening", timeout=60)
+        assert azurite.get_exposed_port(10000)
