@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from pydantic import SecretStr, ValidationError
 
-from worker import cohort_cli, compose, ops_cli
+from worker import cohort_cli, compose, ops_cli, report_cli
 from worker.errors import ConfigurationError, PermanentError, SplitRatioError, UsageError
 from worker.registry import ExperimentRegistry, ReloadingRegistry
 
@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate_config)
     cohort_cli.add_commands(commands)
     ops_cli.add_commands(commands)
+    report_cli.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,514 @@
+"""Sample-ratio monitoring: are the recorded assignments split the way the experiments are configured?
+
+Pure: rows (dicts with the :class:`~schemas.models.AssignmentRecord` columns) or pre-aggregated
+cells (what the Kusto query returns) go in, a :class:`Report` comes out; reading files, querying
+Kusto, printing and HTML live elsewhere (``worker.report_cli``, ``adapters.kusto_query``,
+``worker.report_html``).
+
+Rows are deduplicated by ``EventId`` (a redelivered request records an identical row) and filtered
+by experiment and by ``AssignedAt`` (``since`` inclusive, ``until`` exclusive). Per experiment — or
+per experiment × segment — observed counts per variant are tested against the configured split with
+:func:`worker.stats.srm_test` (Pearson chi-square; flagged below p = 0.001).
+
+The expected count of a variant is the sum, over the rows, of the share that row's own
+``SplitRatio`` gives it. With one split this is ``total × share``, the textbook test. When rows carry
+different splits — segment overrides, or a configuration change mid-experiment — it is still the
+exact expectation under "the assignment rule worked", where testing every row against the most
+recent split would flag a healthy experiment whose split was merely changed. A note names the
+splits seen and the most recent one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from worker.errors import WorkerError
+from worker.stats import SRM_THRESHOLD, StatsInputError, srm_test
+
+#: A split as a hashable value: ``((variant, share), ...)`` sorted by variant.
+Split = tuple[tuple[str, float], ...]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class ReportInputError(WorkerError, ValueError):
+    """A row, a split or a time given to the report is malformed; the message names the column or value."""
+
+
+# --- time -----------------------------------------------------------------------------------------
+
+
+def parse_moment(text: str, now: datetime) -> datetime:
+    """``2h``, ``30m``, ``7d``, ``1w`` (that long before ``now``) or an ISO 8601 time (naive means UTC)."""
+    match = _DURATION.match(text)
+    if match:
+        return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ReportInputError(
+            f"{text!r} is neither an ISO 8601 time (2025-11-23T09:00:00Z) nor a duration (30m, 2h, 7d, 1w)"
+        ) from None
+    return as_utc(moment)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """The same instant in UTC; a naive time is taken to be UTC already (as Kusto stores it)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def hour_of(moment: datetime) -> datetime:
+    """The start of the UTC hour holding ``moment`` (the time-series bucket)."""
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def iso(moment: datetime) -> str:
+    """``2025-11-23T09:00:00Z``-style UTC text, microseconds kept only when present."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which rows the report counts: one experiment or all, and ``since <= AssignedAt < until``."""
+
+    experiment: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def admits(self, experiment: str, assigned_at: datetime) -> bool:
+        """Whether a row of ``experiment`` assigned at ``assigned_at`` is in the window."""
+        if self.experiment is not None and experiment != self.experiment:
+            return False
+        if self.since is not None and assigned_at < self.since:
+            return False
+        return self.until is None or assigned_at < self.until
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRow:
+    """The columns of an ``AssignmentEvents`` row that the report uses."""
+
+    event_id: str
+    assigned_at: datetime
+    experiment_id: str
+    variant_id: str
+    segment: str
+    split: Split
+
+
+def _text(row: Mapping[str, Any], column: str, *, required: bool = True) -> str:
+    value = row.get(column)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise ReportInputError(f"column {column} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _moment(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        return as_utc(value)
+    if isinstance(value, str):
+        try:
+            return as_utc(datetime.fromisoformat(value))
+        except ValueError:
+            pass
+    raise ReportInputError(f"column AssignedAt must be an ISO 8601 time, got {value!r}")
+
+
+def parse_split(value: Any) -> Split:
+    """A ``SplitRatio`` value — a JSON object, or its text as Kusto's ``tostring`` gives it — as a :data:`Split`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ReportInputError(f"column SplitRatio is not a JSON object: {value!r}") from None
+    if not isinstance(value, Mapping) or not value:
+        raise ReportInputError(f"column SplitRatio must be a non-empty object of variant -> share, got {value!r}")
+    shares: list[tuple[str, float]] = []
+    for variant, share in value.items():
+        number = isinstance(share, int | float) and not isinstance(share, bool)
+        if not isinstance(variant, str) or not number or not math.isfinite(share) or share < 0:
+            raise ReportInputError(
+                f"column SplitRatio: share of {variant!r} must be a finite number >= 0, got {share!r}"
+            )
+        shares.append((variant, float(share)))
+    return tuple(sorted(shares))
+
+
+def parse_row(row: Mapping[str, Any]) -> AssignmentRow:
+    """Check and pick the report's columns from one row; :class:`ReportInputError` names the bad column."""
+    if not isinstance(row, Mapping):
+        raise ReportInputError(f"a row must be a JSON object, got {type(row).__name__}")
+    return AssignmentRow(
+        event_id=_text(row, "EventId"),
+        assigned_at=_moment(row.get("AssignedAt")),
+        experiment_id=_text(row, "ExperimentId"),
+        variant_id=_text(row, "VariantId"),
+        segment=_text(row, "Segment", required=False),
+        split=parse_split(row.get("SplitRatio")),
+    )
+
+
+# --- counting -------------------------------------------------------------------------------------
+
+#: ``(experiment, segment, variant, split, hour)``: the grain everything is counted at.
+CellKey = tuple[str, str, str, Split, datetime]
+
+
+@dataclass(slots=True)
+class _Cell:
+    count: int = 0
+    last_seen: datetime | None = None
+
+
+class Tally:
+    """Counts rows into cells, dropping duplicate ``EventId``s and rows outside the window."""
+
+    def __init__(self, window: Window | None = None) -> None:
+        self.window = window or Window()
+        self.rows_read = 0
+        self.duplicates = 0
+        self.excluded = 0
+        self._seen: set[str] = set()
+        self._cells: dict[CellKey, _Cell] = defaultdict(_Cell)
+
+    def add_row(self, row: AssignmentRow) -> None:
+        """Count one row (unless its ``EventId`` was counted already or it is outside the window)."""
+        self.rows_read += 1
+        if row.event_id in self._seen:
+            self.duplicates += 1
+            return
+        self._seen.add(row.event_id)
+        if not self.window.admits(row.experiment_id, row.assigned_at):
+            self.excluded += 1
+            return
+        self.add_cell(row.experiment_id, row.segment, row.variant_id, row.split, row.assigned_at, count=1)
+
+    def add_cell(
+        self,
+        experiment: str,
+        segment: str,
+        variant: str,
+        split: Split,
+        assigned_at: datetime,
+        *,
+        count: int,
+        last_seen: datetime | None = None,
+    ) -> None:
+        """Count ``count`` already-deduplicated, already-filtered rows (a Kusto ``summarize`` row).
+
+        ``assigned_at`` picks the hour bucket; ``last_seen`` (default ``assigned_at``) dates the split.
+        """
+        cell = self._cells[(experiment, segment, variant, split, hour_of(as_utc(assigned_at)))]
+        cell.count += count
+        seen = as_utc(last_seen or assigned_at)
+        if cell.last_seen is None or seen > cell.last_seen:
+            cell.last_seen = seen
+
+    def cells(self) -> Iterable[tuple[CellKey, int, datetime | None]]:
+        """Every cell: its key, its count and the latest assignment time in it."""
+        return ((key, cell.count, cell.last_seen) for key, cell in self._cells.items())
+
+    @property
+    def counted(self) -> int:
+        """Rows counted into cells."""
+        return sum(cell.count for cell in self._cells.values())
+
+
+def tally_rows(rows: Iterable[Mapping[str, Any]], window: Window | None = None) -> Tally:
+    """Parse and count every row; the first malformed one raises :class:`ReportInputError`."""
+    tally = Tally(window)
+    for row in rows:
+        tally.add_row(parse_row(row))
+    return tally
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VariantCount:
+    """One variant of one group: its expected share and count, and what was observed."""
+
+    variant: str
+    expected_share: float
+    expected: float
+    observed: int
+    observed_share: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupResult:
+    """The SRM test of one experiment (or one experiment × segment with ``--by segment``)."""
+
+    experiment: str
+    #: ``None`` unless the report is by segment; ``""`` is the rows with no segment.
+    segment: str | None
+    total: int
+    variants: tuple[VariantCount, ...]
+    chi2: float | None
+    dof: int
+    p_value: float | None
+    flagged: bool
+    #: The most recent split seen in the group's rows.
+    latest_split: Split
+    notes: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``exp`` or ``exp / segment`` (``(no segment)`` for rows without one)."""
+        if self.segment is None:
+            return self.experiment
+        return f"{self.experiment} / {self.segment or '(no segment)'}"
+
+    @property
+    def verdict(self) -> str:
+        """``OK``, ``SRM! p=…`` when flagged, or ``n/a`` when there is nothing to test."""
+        if self.p_value is None:
+            return "n/a"
+        return f"SRM! {format_p(self.p_value)}" if self.flagged else "OK"
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """Assignments of one experiment per variant per UTC hour, every hour from first to last."""
+
+    experiment: str
+    hours: tuple[datetime, ...]
+    counts: dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything ``ab-worker report`` prints, emits as JSON or renders as HTML."""
+
+    generated_at: datetime
+    window: Window
+    by_segment: bool
+    rows_read: int
+    duplicates: int
+    excluded: int
+    groups: tuple[GroupResult, ...]
+    series: tuple[Series, ...]
+    #: Dead letters by reason, or ``None`` when the source has none to offer.
+    dead_letters: dict[str, int] | None = None
+    threshold: float = SRM_THRESHOLD
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def flagged(self) -> tuple[GroupResult, ...]:
+        """The groups with a sample-ratio mismatch."""
+        return tuple(group for group in self.groups if group.flagged)
+
+    @property
+    def counted(self) -> int:
+        """Assignments counted (after deduplication and filters)."""
+        return sum(group.total for group in self.groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601 UTC text, splits as objects."""
+        return {
+            "generated_at": iso(self.generated_at),
+            "filters": {
+                "experiment": self.window.experiment,
+                "since": None if self.window.since is None else iso(self.window.since),
+                "until": None if self.window.until is None else iso(self.window.until),
+                "by": "segment" if self.by_segment else "experiment",
+            },
+            "rows_read": self.rows_read,
+            "duplicates_dropped": self.duplicates,
+            "excluded_by_filters": self.excluded,
+            "assignments_counted": self.counted,
+            "srm_threshold": self.threshold,
+            "srm_flagged": [group.label for group in self.flagged],
+            "groups": [_group_dict(group) for group in self.groups],
+            "series": [
+                {
+                    "experiment": s.experiment,
+                    "hours": [iso(hour) for hour in s.hours],
+                    "counts": {variant: list(counts) for variant, counts in s.counts.items()},
+                }
+                for s in self.series
+            ],
+            "dead_letters": self.dead_letters,
+            "notes": list(self.notes),
+        }
+
+
+def _group_dict(group: GroupResult) -> dict[str, Any]:
+    return {
+        "experiment": group.experiment,
+        "segment": group.segment,
+        "total": group.total,
+        "verdict": group.verdict,
+        "flagged": group.flagged,
+        "chi2": group.chi2,
+        "dof": group.dof,
+        "p_value": group.p_value,
+        "latest_split": dict(group.latest_split),
+        "variants": [
+            {
+                "variant": v.variant,
+                "expected_share": v.expected_share,
+                "expected": v.expected,
+                "observed": v.observed,
+                "observed_share": v.observed_share,
+            }
+            for v in group.variants
+        ],
+        "notes": list(group.notes),
+    }
+
+
+def format_p(p_value: float) -> str:
+    """``p=0.42``, ``p=0.0071``, ``p=3.1e-09``; ``p<1e-300`` when the tail underflowed to zero."""
+    if p_value == 0.0:
+        return "p<1e-300"
+    return f"p={p_value:.2f}" if p_value >= 0.01 else f"p={p_value:.2g}"
+
+
+def format_split(split: Split) -> str:
+    """``A=0.5,B=0.5``."""
+    return ",".join(f"{variant}={share:g}" for variant, share in split)
+
+
+@dataclass(slots=True)
+class _Group:
+    observed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    weight: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    splits: dict[Split, tuple[int, datetime | None]] = field(default_factory=dict)
+
+    def add(self, variant: str, split: Split, count: int, last_seen: datetime | None) -> None:
+        self.observed[variant] += count
+        for arm, share in split:
+            self.weight[arm] += count * share / math.fsum(s for _, s in split)
+        rows, seen = self.splits.get(split, (0, None))
+        latest = last_seen if seen is None or (last_seen is not None and last_seen > seen) else seen
+        self.splits[split] = (rows + count, latest)
+
+
+def build_report(
+    tally: Tally,
+    *,
+    by_segment: bool = False,
+    generated_at: datetime,
+    dead_letters: Mapping[str, int] | None = None,
+    threshold: float = SRM_THRESHOLD,
+) -> Report:
+    """Test every group in ``tally`` for a sample-ratio mismatch and build the hourly series."""
+    groups: dict[tuple[str, str | None], _Group] = defaultdict(_Group)
+    hourly: dict[str, dict[str, dict[datetime, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    for (experiment, segment, variant, split, hour), count, last_seen in tally.cells():
+        groups[(experiment, segment if by_segment else None)].add(variant, split, count, last_seen)
+        hourly[experiment][variant][hour] += count
+    results = tuple(
+        _test_group(experiment, segment, group, threshold)
+        for (experiment, segment), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or ""))
+    )
+    series = tuple(_series(experiment, hourly[experiment]) for experiment in sorted(hourly))
+    notes = () if results else ("no assignments matched the filters",)
+    return Report(
+        generated_at=generated_at,
+        window=tally.window,
+        by_segment=by_segment,
+        rows_read=tally.rows_read,
+        duplicates=tally.duplicates,
+        excluded=tally.excluded,
+        groups=results,
+        series=series,
+        dead_letters=None if dead_letters is None else dict(sorted(dead_letters.items())),
+        threshold=threshold,
+        notes=notes,
+    )
+
+
+def report_from_rows(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    window: Window | None = None,
+    by_segment: bool = False,
+    generated_at: datetime,
+) -> Report:
+    """:func:`tally_rows` then :func:`build_report`: the whole pure pipeline in one call."""
+    return build_report(tally_rows(rows, window), by_segment=by_segment, generated_at=generated_at)
+
+
+def _latest_split(group: _Group) -> Split:
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return max(group.splits, key=lambda split: (group.splits[split][1] or epoch, group.splits[split][0]))
+
+
+def _split_notes(group: _Group, latest: Split) -> list[str]:
+    if len(group.splits) < 2:
+        return []
+    seen = "; ".join(f"{format_split(split)} ({rows} rows)" for split, (rows, _) in sorted(group.splits.items()))
+    return [
+        f"{len(group.splits)} different splits in these rows (segment overrides or a configuration change): {seen}."
+        f" Most recent: {format_split(latest)}. Expected counts weight each row by the split it was assigned"
+        " under, so a changed split alone does not flag."
+    ]
+
+
+def _test_group(experiment: str, segment: str | None, group: _Group, threshold: float) -> GroupResult:
+    latest = _latest_split(group)
+    notes = _split_notes(group, latest)
+    total = sum(group.observed.values())
+    arms = sorted(set(group.observed) | set(group.weight))
+    variants = tuple(
+        VariantCount(
+            variant=arm,
+            expected_share=group.weight.get(arm, 0.0) / total,
+            expected=group.weight.get(arm, 0.0),
+            observed=group.observed.get(arm, 0),
+            observed_share=group.observed.get(arm, 0) / total,
+        )
+        for arm in arms
+    )
+    stray = [v.variant for v in variants if v.observed and v.expected == 0.0]
+    if stray:
+        # A row assigned to a variant its own split gives no share: no chi-square needed to call that broken.
+        notes.append(f"variant(s) {', '.join(stray)} observed but given no share by the split")
+        return GroupResult(experiment, segment, total, variants, None, len(arms) - 1, 0.0, True, latest, tuple(notes))
+    testable = {v.variant: v for v in variants if v.expected > 0.0}
+    try:
+        result = srm_test(
+            {arm: v.observed for arm, v in testable.items()},
+            {arm: v.expected for arm, v in testable.items()},
+            threshold=threshold,
+        )
+    except StatsInputError as error:
+        notes.append(f"no SRM test: {error}")
+        return GroupResult(experiment, segment, total, variants, None, 0, None, False, latest, tuple(notes))
+    return GroupResult(
+        experiment,
+        segment,
+        total,
+        variants,
+        result.chi2,
+        result.dof,
+        result.p_value,
+        result.flagged,
+        latest,
+        tuple(notes),
+    )
+
+
+def _series(experiment: str, by_variant: Mapping[str, Mapping[datetime, int]]) -> Series:
+    first = min(min(hours) for hours in by_variant.values())
+    last = max(max(hours) for hours in by_variant.values())
+    steps = int((last - first) / timedelta(hours=1)) + 1
+    hours = tuple(first + timedelta(hours=step) for step in range(steps))
+    counts = {variant: tuple(by_variant[variant].get(hour, 0) for hour in hours) for variant in sorted(by_variant)}
+    return Series(experiment, hours, counts)

@@ -1,0 +1,309 @@
+"""``ab-worker report``: sample-ratio monitoring over recorded assignments, as a table, JSON or HTML.
+
+``worker.cli`` registers it with :func:`add_commands`; ``python -m worker.report_cli`` runs it on its
+own. Part of the composition root: the Kusto adapter is imported lazily, inside the handler, only
+when ``--kusto`` is given, so ``worker/`` keeps no import-time dependency on an Azure SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from worker.errors import UsageError
+from worker.report import (
+    GroupResult,
+    Report,
+    ReportInputError,
+    Tally,
+    Window,
+    build_report,
+    format_p,
+    format_split,
+    parse_moment,
+    parse_row,
+)
+
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_SRM = 0, 1, 2, 4
+QUERY_URI_VARIABLE = "AB_WORKER_KUSTO_QUERY_URI"
+DATABASE_VARIABLE = "AB_WORKER_KUSTO_DATABASE"
+DEFAULT_DATABASE = "experiments"
+
+REPORT_EPILOG = f"""\
+Counts assignments per experiment and variant, drops duplicate EventIds (redeliveries),
+and tests each experiment's counts against its configured split (the rows' SplitRatio)
+with Pearson's chi-square: p < 0.001 is a sample ratio mismatch (SRM), printed as
+"SRM! p=...". An SRM means assignment or logging is broken: do not read the results.
+Rows that carry different splits (segment overrides, a changed configuration) are each
+expected under their own split; a note lists the splits seen and the most recent.
+
+sources:
+  --rows FILE ...   JSON-lines files of AssignmentEvents rows, as `ab-worker run --rows`
+                    writes them ("-" reads standard input); bad lines are reported as
+                    FILE:LINE and skipped
+  --kusto           the deduplicated view AssignmentEventsDedup() in Azure Data Explorer;
+                    cluster from {QUERY_URI_VARIABLE} (https://<cluster>.<region>.kusto.windows.net),
+                    database from {DATABASE_VARIABLE} (default {DEFAULT_DATABASE}); signs in with
+                    DefaultAzureCredential (az login, workload or managed identity)
+
+examples:
+  ab-worker report --rows out/rows.jsonl
+  ab-worker report --rows out/rows.jsonl --by segment --experiment exp_personalization_001
+  ab-worker report --rows day1.jsonl day2.jsonl --since 2025-11-23T00:00:00Z --until 2025-11-24
+  ab-worker report --rows out/rows.jsonl --html report.html --dead-letters out/dead-letters.jsonl
+  {QUERY_URI_VARIABLE}=https://mycluster.westeurope.kusto.windows.net \\
+      ab-worker report --kusto --since 24h --json
+
+--since and --until take an ISO 8601 time (UTC unless it says otherwise) or a duration
+back from now: 30m, 2h, 7d, 1w. --since is inclusive, --until exclusive.
+
+exit status:
+  0  no sample ratio mismatch
+  1  no mismatch, but some input lines were malformed and skipped
+  2  bad usage or unreadable input (no file, no Kusto settings, query failed)
+  4  a sample ratio mismatch in at least one experiment (or segment, with --by segment)
+"""
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _open(path: str) -> Iterator[IO[bytes]]:
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = Path(path).open("rb")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with stream:
+        yield stream
+
+
+def _json_lines(path: str, problems: list[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded value)`` for each non-blank line; undecodable lines go to ``problems``."""
+    with _open(path) as stream:
+        for number, raw in enumerate(stream, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield number, json.loads(raw)
+            except (ValueError, RecursionError) as exc:
+                problems.append(f"{path}:{number}: not a JSON line: {exc}")
+
+
+def read_rows(paths: Sequence[str], tally: Tally, problems: list[str]) -> None:
+    """Count every good row of every file into ``tally``; each bad line is added to ``problems``."""
+    for path in paths:
+        for number, value in _json_lines(path, problems):
+            try:
+                row = parse_row(value)
+            except ReportInputError as exc:
+                problems.append(f"{path}:{number}: {exc}")
+                continue
+            tally.add_row(row)
+
+
+def read_dead_letters(path: str, problems: list[str]) -> dict[str, int]:
+    """Dead letters by ``dead_letter_reason`` from a file ``run --dead-letters`` or ``dlq export`` wrote."""
+    reasons: Counter[str] = Counter()
+    for number, value in _json_lines(path, problems):
+        reason = value.get("dead_letter_reason") if isinstance(value, dict) else None
+        if not isinstance(reason, str) or not reason:
+            problems.append(f"{path}:{number}: no dead_letter_reason")
+            continue
+        reasons[reason] += 1
+    return dict(reasons)
+
+
+def _query_kusto(tally: Tally) -> str:
+    query_uri = os.environ.get(QUERY_URI_VARIABLE, "").strip()
+    if not query_uri:
+        raise UsageError(
+            f"--kusto needs the cluster's query URI in {QUERY_URI_VARIABLE}"
+            " (e.g. https://mycluster.westeurope.kusto.windows.net)"
+        )
+    database = os.environ.get(DATABASE_VARIABLE, "").strip() or DEFAULT_DATABASE
+    from adapters.kusto_query import KustoQueryError, fill_tally
+
+    try:
+        fill_tally(query_uri, database, tally)
+    except KustoQueryError as exc:
+        raise UsageError(str(exc)) from None
+    return f"Kusto {query_uri} database {database}"
+
+
+# --- printing ---------------------------------------------------------------------------------------
+
+
+def render_group(group: GroupResult) -> list[str]:
+    """One experiment (or experiment × segment): a heading with the verdict and a row per variant."""
+    # A flagged verdict already carries p; an unflagged one gets it here.
+    details = [] if group.chi2 is None else [f"chi2 {group.chi2:.2f}", f"dof {group.dof}"]
+    if group.p_value is not None and not group.flagged:
+        details.append(format_p(group.p_value))
+    lines = [f"{group.label}  n={group.total:,}  {group.verdict}" + (f"  ({', '.join(details)})" if details else "")]
+    header = ("variant", "target", "expected", "observed", "share")
+    body = [
+        (v.variant, f"{v.expected_share:.1%}", f"{v.expected:,.1f}", f"{v.observed:,}", f"{v.observed_share:.1%}")
+        for v in group.variants
+    ]
+    widths = [max(len(row[i]) for row in (header, *body)) for i in range(len(header))]
+    for row in (header, *body):
+        cells = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
+        lines.append("  " + "  ".join(cells))
+    lines += [f"  note: {note}" for note in group.notes]
+    return lines
+
+
+def render_report(report: Report) -> list[str]:
+    """The whole report as terminal text, ending with the verdict line."""
+    lines = [
+        f"{report.counted:,} assignments counted from {report.rows_read:,} rows"
+        f" ({report.duplicates:,} duplicate EventIds dropped, {report.excluded:,} outside the filters)",
+        "",
+    ]
+    for group in report.groups:
+        lines += [*render_group(group), ""]
+    lines += list(report.notes)
+    flagged = report.flagged
+    if flagged:
+        names = "; ".join(
+            f"{g.label} ({format_p(g.p_value or 0.0)}, split {format_split(g.latest_split)})" for g in flagged
+        )
+        lines.append(f"SAMPLE RATIO MISMATCH in {len(flagged)} of {len(report.groups)}: {names}")
+    elif report.groups:
+        lines.append(f"No sample ratio mismatch (chi-square, every p >= {report.threshold:g}).")
+    return lines
+
+
+def _print_problems(problems: Sequence[str], limit: int) -> None:
+    for problem in problems[:limit]:
+        print(f"skipped {problem}", file=sys.stderr)
+    if len(problems) > limit:
+        print(f"… and {len(problems) - limit} more skipped lines (raise --max-errors)", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} malformed line(s) skipped", file=sys.stderr)
+
+
+def _write_html(path: Path, report: Report, source: str) -> None:
+    from worker.report_html import render_html
+
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(render_html(report, source=source), encoding="utf-8")
+        temporary.replace(path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def _window(args: argparse.Namespace, now: datetime) -> Window:
+    try:
+        since = parse_moment(args.since, now) if args.since else None
+        until = parse_moment(args.until, now) if args.until else None
+    except ReportInputError as exc:
+        raise UsageError(f"--since/--until: {exc}") from None
+    if since is not None and until is not None and since >= until:
+        raise UsageError(f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})")
+    return Window(args.experiment, since, until)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Handler of ``ab-worker report``: count, test, print (table or JSON), write HTML; the exit status."""
+    if bool(args.rows) == bool(args.kusto):
+        raise UsageError("give the rows: --rows FILE [FILE ...] or --kusto (one of them)")
+    now = datetime.now(UTC)
+    tally = Tally(_window(args, now))
+    problems: list[str] = []
+    if args.kusto:
+        source = _query_kusto(tally)
+    else:
+        read_rows(args.rows, tally, problems)
+        source = ", ".join(args.rows)
+    dead_letters = read_dead_letters(args.dead_letters, problems) if args.dead_letters else None
+    report = build_report(tally, by_segment=args.by == "segment", generated_at=now, dead_letters=dead_letters)
+    _print_problems(problems, args.max_errors)
+    if args.html is not None:
+        _write_html(args.html, report, source)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(render_report(report)))
+    if args.html is not None:
+        print(f"wrote {args.html}", file=sys.stderr)
+    if report.flagged:
+        return EXIT_SRM
+    return EXIT_SKIPPED if problems else EXIT_OK
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``report``; it sets ``func(args) -> exit status``."""
+    parser = subparsers.add_parser(
+        "report",
+        help="sample-ratio monitoring: assignments per variant against the split, SRM test, HTML",
+        description="Count recorded assignments per experiment and variant, test them against the\n"
+        "configured split for a sample ratio mismatch, and print a table (or JSON, or an HTML page).",
+        epilog=REPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--rows", nargs="+", action="extend", metavar="FILE", help="JSON-lines rows files ('-': standard input)"
+    )
+    parser.add_argument(
+        "--kusto", action="store_true", help=f"query AssignmentEventsDedup() (needs {QUERY_URI_VARIABLE})"
+    )
+    parser.add_argument("--experiment", metavar="E", help="only this experiment")
+    parser.add_argument(
+        "--by",
+        choices=("experiment", "segment"),
+        default="experiment",
+        help="test per experiment (default) or per segment",
+    )
+    parser.add_argument("--since", metavar="ISO|2h|7d", help="only assignments at or after this time")
+    parser.add_argument("--until", metavar="ISO|2h|7d", help="only assignments before this time")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML report")
+    parser.add_argument(
+        "--dead-letters", metavar="FILE", help="dead letters (run --dead-letters / dlq export) for the HTML panel"
+    )
+    parser.add_argument("--max-errors", type=_count, default=50, help="bad lines to print (default: %(default)s)")
+    parser.set_defaults(func=run_report)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``report`` on its own (``python -m worker.report_cli report ...``)."""
+    parser = argparse.ArgumentParser(prog="ab-worker", description="Sample-ratio monitoring.")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except UsageError as exc:
+        print(f"ab-worker {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
