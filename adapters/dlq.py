@@ -26,6 +26,7 @@ from azure.servicebus import (
     ServiceBusSubQueue,
 )
 
+from adapters.files import body_fields
 from adapters.servicebus import message_body
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,6 @@ class DeadLetter:
 
     def to_json(self) -> dict[str, Any]:
         """The export format (JSON lines): body as text when UTF-8, else base64."""
-        try:
-            body: dict[str, str] = {"body": self.body.decode("utf-8")}
-        except UnicodeDecodeError:
-            body = {"body_base64": base64.b64encode(self.body).decode("ascii")}
         return {
             "sequence_number": self.sequence_number,
             "enqueued_time": self.enqueued_time.isoformat() if self.enqueued_time else None,
@@ -148,7 +145,7 @@ class DeadLetter:
             "correlation_id": self.correlation_id,
             "content_type": self.content_type,
             "application_properties": self.application_properties,
-            **body,
+            **body_fields(self.body),
         }
 
     @classmethod

@@ -73,17 +73,21 @@ class JsonLinesSource:
         self._file.close()
 
 
-def dead_letter_record(delivery: Delivery, reason: str, description: str) -> dict[str, Any]:
-    """A dead-lettered message as JSON: body as text when it is UTF-8, else base64."""
+def body_fields(body: bytes) -> dict[str, str]:
+    """``{"body": text}`` when the bytes are UTF-8, else ``{"body_base64": ...}`` (the export format)."""
     try:
-        body: dict[str, str] = {"body": delivery.body.decode("utf-8")}
+        return {"body": body.decode("utf-8")}
     except UnicodeDecodeError:
-        body = {"body_base64": base64.b64encode(delivery.body).decode("ascii")}
+        return {"body_base64": base64.b64encode(body).decode("ascii")}
+
+
+def dead_letter_record(delivery: Delivery, reason: str, description: str) -> dict[str, Any]:
+    """A dead-lettered message as JSON, in the same shape ``dlq export`` writes."""
     return {
         "message_id": delivery.message_id,
         "dead_letter_reason": reason,
         "dead_letter_error_description": description,
-        **body,
+        **body_fields(delivery.body),
     }
 
 

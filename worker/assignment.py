@@ -48,8 +48,10 @@ def _md5_constructor() -> Callable[[bytes], Any]:
     return constructor
 
 
-_md5 = _md5_constructor()
-_digest: Callable[[Any], bytes] = type(_md5(b"")).digest
+#: The MD5 constructor and ``digest`` as plain callables, for ``map`` chains here and in stratify.
+md5 = _md5 = _md5_constructor()
+digest: Callable[[Any], bytes] = type(_md5(b"")).digest
+_digest = digest
 #: The first 4 digest bytes as a big-endian integer: int(hexdigest[:8], 16), without the hex.
 _first_word: Callable[[bytes], tuple[int]] = struct.Struct(">I").unpack_from
 

@@ -36,8 +36,6 @@ a 1,000,000-member cohort takes about 1.5 s, 4.5 s with CSV read and write (``be
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -50,6 +48,8 @@ from typing import Any, Protocol, overload
 
 import numpy as np
 
+from worker.assignment import digest as _digest
+from worker.assignment import md5 as _md5
 from worker.errors import WorkerError
 
 DEFAULT_SEED = 42
@@ -60,21 +60,6 @@ ASSIGNMENT_METHOD = "stratified_random"
 MAX_SHOWN_PROBLEMS = 50
 #: Cells named in a check's ``detail`` text; ``offending_cells`` keeps all of them.
 MAX_NAMED_CELLS = 20
-
-
-def _md5_constructor() -> Callable[[bytes], Any]:
-    # As in worker.assignment: CPython's built-in MD5 is about twice as fast as OpenSSL's on short
-    # keys and gives identical digests; OpenSSL's (usedforsecurity=False, for FIPS hosts) otherwise.
-    try:
-        import _md5  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # pragma: no cover - depends on how CPython was built
-        return functools.partial(hashlib.md5, usedforsecurity=False)
-    constructor: Callable[[bytes], Any] = _md5.md5
-    return constructor
-
-
-_md5 = _md5_constructor()
-_digest: Callable[[Any], bytes] = type(_md5(b"")).digest
 
 
 class CohortInputError(WorkerError, ValueError):
