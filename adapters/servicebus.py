@@ -234,7 +234,9 @@ class ServiceBusSource:
             getattr(receiver, action)(message, **kwargs)
         except (MessageLockLostError, SessionLockLostError, MessageAlreadySettled) as exc:
             raise SettlementLostError(f"{type(exc).__name__}: {redact(str(exc))}") from None
-        except ServiceBusError as exc:
+        except (ServiceBusError, ValueError) as exc:
+            # ValueError: the SDK shut the handler down after a connection error ("Failed to complete
+            # the message as the handler has already been shutdown").
             # The link broke under us: the lock dies with it and the broker will redeliver.
             self._drop_receiver()
             raise SettlementLostError(f"{action} failed, connection lost: {redact(str(exc))}") from None

@@ -417,7 +417,7 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The Azure SDKs narrate every link state change at INFO; keep them to warnings unless debugging.
     if level != "DEBUG":
-        for noisy in ("azure", "uamqp", "urllib3"):
+        for noisy in ("azure", "azure.core.pipeline.policies.http_logging_policy", "uamqp", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     install_log_redaction()
 

@@ -63,13 +63,16 @@ def servicebus_client(settings: WorkerSettings) -> Any:
 def record_sink(settings: WorkerSettings, rows_path: str | None) -> Any:
     """Kusto when configured, else a JSON-lines rows file (or nothing but a count)."""
     if settings.kusto_ingest_uri:
-        from adapters.kusto import kusto_sink
+        from adapters.kusto import RetryPolicy, kusto_sink
 
         return kusto_sink(
             settings.kusto_ingest_uri,
             settings.kusto_database,
             settings.kusto_table,
             mode=settings.kusto_mode,
+            max_rows=settings.kusto_max_rows,
+            max_age=settings.kusto_max_age,
+            retry=RetryPolicy(attempts=settings.kusto_flush_attempts, attempt_timeout=settings.kusto_attempt_timeout),
         )
     from adapters.files import JsonLinesSink
 
@@ -114,7 +117,11 @@ def telemetry(settings: WorkerSettings) -> Iterator[tuple[Any, Any]]:
         return
     from adapters.telemetry import configure_telemetry
 
-    handle = configure_telemetry(mode, connection.get_secret_value() if connection else None)
+    handle = configure_telemetry(
+        mode,
+        connection.get_secret_value() if connection else None,
+        sampling_ratio=settings.telemetry_sampling_ratio,
+    )
     try:
         yield handle.tracer_provider, handle.meter_provider
     finally:

@@ -336,6 +336,9 @@ class Pump:
             span.set_attribute("messaging.operation.type", "process")
             span.set_attribute("messaging.message.id", delivery.message_id)
             span.set_attribute("messaging.servicebus.message.delivery_count", delivery.delivery_count)
+            # The Azure Monitor exporter drops messaging.* attributes from custom dimensions, so the
+            # values operators query for are repeated under ab.* keys.
+            span.set_attribute("ab.delivery_count", delivery.delivery_count)
         return _InFlight(delivery, span, time.perf_counter())
 
     def _settle(self, flight: _InFlight, settlement: Settlement) -> None:
@@ -374,6 +377,7 @@ class Pump:
         self._count(flight, settlement)
         if span.is_recording():
             span.set_attribute("messaging.servicebus.disposition_status", settlement.disposition.value)
+            span.set_attribute("ab.disposition", settlement.disposition.value)
             if flight.handled is not None and len(flight.handled.events) == 1:
                 (event,) = flight.handled.events
                 span.set_attribute("feature_flag.key", event.experiment_id)
@@ -383,6 +387,7 @@ class Pump:
                 span.set_attribute("ab.cohort.member_count", len(flight.handled.events))
             if settlement.disposition is Disposition.DEAD_LETTER:
                 span.set_attribute("messaging.servicebus.dead_letter_reason", settlement.reason)
+                span.set_attribute("ab.dead_letter_reason", settlement.reason)
                 span.set_status(Status(StatusCode.ERROR, settlement.reason))
         span.end()
 

@@ -35,7 +35,7 @@ from worker.report import (
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_SRM = 0, 1, 2, 4
 QUERY_URI_VARIABLE = "AB_WORKER_KUSTO_QUERY_URI"
 DATABASE_VARIABLE = "AB_WORKER_KUSTO_DATABASE"
-DEFAULT_DATABASE = "experiments"
+DEFAULT_DATABASE = "assignments"
 
 REPORT_EPILOG = f"""\
 Counts assignments per experiment and variant, drops duplicate EventIds (redeliveries),

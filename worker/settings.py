@@ -48,9 +48,16 @@ class WorkerSettings(BaseSettings):
     kusto_ingest_uri: str | None = Field(
         default=None, description="Kusto ingestion endpoint (https://ingest-<cluster>...); rows go there when set."
     )
-    kusto_database: str = Field(default="experiments", description="Kusto database.")
+    kusto_database: str = Field(default="assignments", description="Kusto database.")
     kusto_table: str = Field(default="AssignmentEvents", description="Kusto table.")
     kusto_mode: Literal["queued", "streaming"] = Field(default="queued", description="Ingestion mode.")
+    kusto_max_rows: int = Field(default=500, ge=1, le=100_000, description="Flush when this many rows are buffered.")
+    kusto_max_age: float = Field(default=2.0, gt=0, le=300, description="Flush when the oldest row is this old (s).")
+    kusto_flush_attempts: int = Field(default=3, ge=1, le=20, description="Tries per flush before the pump holds.")
+    kusto_attempt_timeout: float = Field(default=5.0, gt=0, le=600, description="Deadline of each flush try (s).")
+    telemetry_sampling_ratio: float | None = Field(
+        default=None, ge=0, le=1, description="Fraction of traces kept (default: the distro's rate limit)."
+    )
     health_port: int = Field(default=8080, ge=0, le=65535, description="Port of /healthz and /readyz (0: off).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
 

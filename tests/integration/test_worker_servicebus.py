@@ -337,3 +337,31 @@ def test_uuid_message_ids_survive(broker):
         _pump(broker.connection_string).run(idle_exit=1.0)
         (event,) = _drain(client, TOPIC, "all", expected=1)
     assert str(event.message_id) == event_id_for(message_id)
+
+
+def test_cohort_message_end_to_end(broker):
+    """A cohort request published with the SDK yields one event per member plus a passing report on the topic."""
+    segments = {"High-Value Recent": 84, "Standard": 145, "New Customer": 21}
+    members = [
+        {"member_id": f"{name[:2]}{i:03d}", "segment": name} for name, count in segments.items() for i in range(count)
+    ]
+    arms = [{"id": arm} for arm in ("control", "treatment_1", "treatment_2", "treatment_3")]
+    body = json.dumps({"kind": "cohort", "experiment_id": "email-tone", "arms": arms, "members": members}).encode()
+    with ServiceBusClient.from_connection_string(broker.connection_string) as client:
+        send_requests(client, QUEUE, [body], message_ids=["cohort-250"])
+        stats = _pump(broker.connection_string, max_body_bytes=65536).run(idle_exit=1.0)
+        events = _drain(client, TOPIC, "all", expected=251)
+    assert stats.completed == 1
+    kinds = [m.application_properties[b"event_type"] for m in events]
+    assert kinds.count(b"assignment") == 250
+    (report,) = [
+        json.loads(b"".join(m.body)) for m in events if m.application_properties[b"event_type"] != b"assignment"
+    ]
+    assert report["passed"] is True
+    assert report["member_count"] == 250
+    per_arm: dict[str, int] = {}
+    for message in events:
+        event = json.loads(b"".join(message.body))
+        if event.get("experiment_arm"):
+            per_arm[event["experiment_arm"]] = per_arm.get(event["experiment_arm"], 0) + 1
+    assert per_arm == {"control": 64, "treatment_1": 62, "treatment_2": 62, "treatment_3": 62}

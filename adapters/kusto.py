@@ -1,0 +1,330 @@
+"""Kusto (Azure Data Explorer) record sink: buffered, batched ingestion through azure-kusto-ingest.
+
+:class:`KustoSink` implements :class:`worker.ports.RecordSink`. Rows are buffered and flushed by size
+(``max_rows``) and by age (``max_age`` seconds since the oldest buffered row). A flush ingests the
+buffer as JSON lines (``multijson``) of ``AssignmentRecord.model_dump(mode="json")`` with the
+pre-created JSON mapping ``AssignmentEvents_json_mapping`` (deploy/kusto/mapping.kql), so the row's
+shape is owned by one model and one mapping, never by column order.
+
+Two ingestion paths, same sink:
+
+* ``queued`` (production default): ``QueuedIngestClient`` asks the cluster's data-management
+  endpoint for its ingestion resources (``.get ingestion resources``, ``.get kusto identity token``),
+  uploads the gzipped batch to one of its blob containers and posts a message to its ingestion queue.
+  "Durable" means *accepted by the queue*: Kusto then loads it within its batching policy (minutes by
+  default; rows are not queryable at once).
+* ``streaming``: ``KustoStreamingIngestClient`` posts the gzipped batch to
+  ``/v1/rest/ingest/{db}/{table}``; rows are queryable within seconds. Needs streaming ingestion
+  enabled on the cluster or table; batches are split to stay under the 4 MB request limit.
+
+Failures: each attempt runs with a deadline (``attempt_timeout``) in a helper thread, because the SDK
+request timeouts are minutes long (10 min for streaming plus 30 s slack; storage retries on top) and
+cannot all be set per call; a timed-out attempt is abandoned (if it later succeeds, its rows arrive
+twice, which the EventId dedup view absorbs). Attempts are retried with exponential backoff and full
+jitter up to ``attempts`` times; then :meth:`KustoSink.flush` raises
+:class:`~worker.errors.TransientError` and drops the buffer, as the ``RecordSink`` contract says, so
+the pump abandons (or keeps holding) those messages and they come back: rows are never silently lost.
+SDK exceptions are translated here and their text goes through :func:`worker.redaction.redact`
+(storage errors carry SAS URLs).
+
+Authentication: ``https://`` endpoints use AAD through an azure-identity credential
+(``DefaultAzureCredential`` — workload or managed identity in production — unless one is given).
+``http://`` endpoints use no authentication: the SDK allows that only over plain http, which only
+the local stand-in and the Kusto emulator speak.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from schemas.models import AssignmentRecord
+from worker.errors import ConfigurationError, TransientError
+from worker.redaction import redact
+
+log = logging.getLogger(__name__)
+
+#: The table's JSON ingestion mapping, created by deploy/kusto/mapping.kql.
+MAPPING_NAME = "AssignmentEvents_json_mapping"
+DEFAULT_TABLE = "AssignmentEvents"
+#: Streaming ingestion refuses requests over 4 MB (uncompressed); stay clear of it.
+STREAMING_MAX_BYTES = 3_500_000
+#: Queued batches are uploaded as one blob each; Kusto recommends 100 MB–1 GB uncompressed at most.
+QUEUED_MAX_BYTES = 64_000_000
+_MAX_ERROR_CHARS = 500
+
+IngestMode = Literal["queued", "streaming"]
+
+
+class IngestClient(Protocol):
+    """The slice of azure-kusto-ingest's clients the sink uses (both queued and streaming have it)."""
+
+    def ingest_from_stream(self, stream_descriptor: Any, ingestion_properties: Any) -> Any:
+        """Ingest one stream of rows."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard one :meth:`KustoSink.flush` tries before it gives up with ``TransientError``.
+
+    The defaults give up after 3 quick failures in about a second, or 3 hung attempts in ~16 s; the
+    pump then holds the messages and retries the flush with its own, longer backoff.
+    """
+
+    attempts: int = 3
+    base_delay: float = 0.25
+    max_delay: float = 2.0
+    attempt_timeout: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before retry number ``attempt`` (1-based)."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+class _AttemptTimeoutError(Exception):
+    pass
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    text = redact(" ".join(text.split()))
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
+
+
+def encode_rows(records: Sequence[AssignmentRecord]) -> bytes:
+    """JSON lines, one ``AssignmentRecord.model_dump(mode="json")`` per line (Kusto ``multijson``)."""
+    return b"".join(
+        json.dumps(r.model_dump(mode="json"), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        for r in records
+    )
+
+
+def _chunks(records: Sequence[AssignmentRecord], max_bytes: int) -> Iterator[bytes]:
+    chunk = bytearray()
+    for record in records:
+        line = encode_rows([record])
+        if chunk and len(chunk) + len(line) > max_bytes:
+            yield bytes(chunk)
+            chunk = bytearray()
+        chunk += line
+    if chunk:
+        yield bytes(chunk)
+
+
+class KustoSink:
+    """A :class:`~worker.ports.RecordSink` that ingests rows into a Kusto table in batches."""
+
+    def __init__(
+        self,
+        client: IngestClient,
+        database: str,
+        table: str = DEFAULT_TABLE,
+        *,
+        mapping_name: str = MAPPING_NAME,
+        max_rows: int = 500,
+        max_age: float = 2.0,
+        max_request_bytes: int = QUEUED_MAX_BYTES,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if max_rows < 1 or max_age <= 0:
+            raise ConfigurationError(f"Kusto sink needs max_rows >= 1 and max_age > 0 (got {max_rows}, {max_age})")
+        from azure.kusto.data.data_format import DataFormat
+        from azure.kusto.ingest import IngestionProperties
+
+        self._client = client
+        self.database = database
+        self.table = table
+        self.max_rows = max_rows
+        self.max_age = max_age
+        self.max_request_bytes = max_request_bytes
+        self.retry = retry or RetryPolicy()
+        self._clock = clock
+        self._sleep = sleep
+        self._properties = IngestionProperties(
+            database=database,
+            table=table,
+            data_format=DataFormat.MULTIJSON,
+            ingestion_mapping_reference=mapping_name,
+        )
+        self._buffer: list[AssignmentRecord] = []
+        self._oldest: float | None = None
+        self._closed = False
+        #: Counters for tests and the health endpoint.
+        self.rows_ingested = 0
+        self.failed_attempts = 0
+
+    # -- RecordSink ----------------------------------------------------------------------
+
+    def add(self, records: Sequence[AssignmentRecord]) -> None:
+        """Buffer rows for the next flush."""
+        if not records:
+            return
+        if not self._buffer:
+            self._oldest = self._clock()
+        self._buffer.extend(records)
+
+    def due(self) -> bool:
+        """True when ``max_rows`` rows are buffered or the oldest is ``max_age`` seconds old."""
+        if not self._buffer:
+            return False
+        if len(self._buffer) >= self.max_rows:
+            return True
+        return self._oldest is not None and self._clock() - self._oldest >= self.max_age
+
+    @property
+    def buffered(self) -> int:
+        """Rows waiting for the next flush."""
+        return len(self._buffer)
+
+    def flush(self) -> None:
+        """Ingest every buffered row, or raise :class:`TransientError` having dropped the buffer."""
+        if not self._buffer:
+            return
+        rows, self._buffer, self._oldest = self._buffer, [], None
+        for payload in _chunks(rows, self.max_request_bytes):
+            self._ingest_with_retries(payload, len(rows))
+        self.rows_ingested += len(rows)
+
+    def close(self) -> None:
+        """Flush what is left (raising as :meth:`flush` does), then close the SDK client."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            try:
+                self._client.close()
+            except Exception:  # closing must not hide the flush outcome
+                log.debug("Error closing the Kusto client", exc_info=True)
+
+    # -- attempts ------------------------------------------------------------------------
+
+    def _ingest_with_retries(self, payload: bytes, row_count: int) -> None:
+        last: BaseException | None = None
+        for attempt in range(1, self.retry.attempts + 1):
+            if attempt > 1:
+                self._sleep(self.retry.delay(attempt - 1))
+            try:
+                self._bounded(lambda: self._ingest_once(payload), self.retry.attempt_timeout)
+                return
+            except Exception as exc:
+                last = exc
+                self.failed_attempts += 1
+                log.info(
+                    "Kusto ingestion attempt %d/%d into %s.%s failed: %s",
+                    attempt,
+                    self.retry.attempts,
+                    self.database,
+                    self.table,
+                    _describe(exc),
+                )
+        assert last is not None
+        raise TransientError(
+            f"Kusto ingestion of {row_count} rows into {self.database}.{self.table} failed after "
+            f"{self.retry.attempts} attempts: {_describe(last)}"
+        ) from None
+
+    def _ingest_once(self, payload: bytes) -> None:
+        from azure.kusto.ingest import StreamDescriptor
+
+        # A fresh stream (and source id) per attempt: the SDK consumes and compresses the stream.
+        descriptor = StreamDescriptor(io.BytesIO(payload), source_id=uuid.uuid4(), size=len(payload))
+        self._client.ingest_from_stream(descriptor, self._properties)
+
+    @staticmethod
+    def _bounded(action: Callable[[], None], timeout: float) -> None:
+        """Run ``action`` in a daemon thread; raise its exception, or a timeout after ``timeout`` s."""
+        outcome: list[BaseException] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                action()
+            except BaseException as exc:  # handed to the caller's thread
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="kusto-ingest", daemon=True).start()
+        if not done.wait(timeout):
+            raise _AttemptTimeoutError(f"no answer within {timeout:g} s")
+        if outcome:
+            raise outcome[0]
+
+
+def connection_builder(uri: str, credential: Any = None) -> Any:
+    """A ``KustoConnectionStringBuilder``: AAD for https (``credential`` or DefaultAzureCredential), none for http."""
+    from azure.kusto.data import KustoConnectionStringBuilder
+
+    if uri.startswith("http://"):
+        if credential is not None:
+            raise ConfigurationError("a Kusto credential needs an https:// endpoint; http:// is only for emulators")
+        return KustoConnectionStringBuilder.with_no_authentication(uri)
+    if not uri.startswith("https://"):
+        raise ConfigurationError(f"Kusto endpoint must start with https:// (or http:// for an emulator): {uri!r}")
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    return KustoConnectionStringBuilder.with_azure_token_credential(uri, credential=credential)
+
+
+def kusto_sink(
+    ingest_uri: str,
+    database: str,
+    table: str = DEFAULT_TABLE,
+    *,
+    mode: IngestMode = "queued",
+    credential: Any = None,
+    mapping_name: str = MAPPING_NAME,
+    max_rows: int = 500,
+    max_age: float = 2.0,
+    retry: RetryPolicy | None = None,
+) -> KustoSink:
+    """Build a :class:`KustoSink` for the composition root.
+
+    ``ingest_uri`` may be the cluster's query URI or its ``ingest-`` (data management) URI: the SDK
+    adds or removes the ``ingest-`` prefix for the mode (not for IP addresses or localhost).
+    ``credential`` is an azure-identity ``TokenCredential`` (default ``DefaultAzureCredential``).
+    """
+    from azure.kusto.ingest import KustoStreamingIngestClient, QueuedIngestClient
+
+    builder = connection_builder(ingest_uri, credential)
+    client: IngestClient
+    if mode == "queued":
+        client = QueuedIngestClient(builder)
+        max_bytes = QUEUED_MAX_BYTES
+    elif mode == "streaming":
+        client = KustoStreamingIngestClient(builder)
+        max_bytes = STREAMING_MAX_BYTES
+    else:
+        raise ConfigurationError(f"unknown Kusto ingestion mode {mode!r}; expected queued or streaming")
+    return KustoSink(
+        client,
+        database,
+        table,
+        mapping_name=mapping_name,
+        max_rows=max_rows,
+        max_age=max_age,
+        max_request_bytes=max_bytes,
+        retry=retry,
+    )
