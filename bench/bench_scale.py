@@ -32,7 +32,7 @@ EXPERIMENTS = {"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}
 
 def run_workers(
     connection: str, count: int, workdir: Path, batch: int, messages: int
-) -> tuple[float, list[Path], list[str]]:
+) -> tuple[float, list[Path], list[str], float]:
     """Start ``count`` worker processes, wait until each is receiving, then fill the queue.
 
     Returns the seconds from the first request sent until the last worker went idle (process start
@@ -77,8 +77,12 @@ def run_workers(
         elapsed = time.perf_counter() - start
         for process in processes:
             process.send_signal(signal.SIGTERM)
+        cpu = 0.0
         for process, log in zip(processes, logs, strict=True):
-            process.wait(timeout=60)
+            # wait4 gives the child's own CPU time: how much work one message costs a worker.
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            cpu += usage.ru_utime + usage.ru_stime
             if process.returncode != 0:
                 raise RuntimeError(f"worker exited {process.returncode}: {log.read_text()[-2000:]}")
     finally:
@@ -86,7 +90,7 @@ def run_workers(
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return elapsed, rows, ids
+    return elapsed, rows, ids, cpu
 
 
 def _lines(path: Path) -> int:
@@ -134,26 +138,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=250, help="AB_WORKER_MAX_BATCH for the workers (default 250)")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.workers.split(",")]
-    results: list[tuple[int, float, int, int]] = []
+    results: list[tuple[int, float, int, int, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         broker, connection = start_broker(workdir)
         try:
             for count in counts:
-                seconds, rows, message_ids = run_workers(connection, count, workdir, args.batch, args.messages)
+                seconds, rows, message_ids, cpu = run_workers(connection, count, workdir, args.batch, args.messages)
                 distinct, duplicates = check(rows, message_ids)
                 active, dead = leftovers(connection)
                 if active or dead:
                     raise AssertionError(f"{active} requests left on the queue, {dead} dead-lettered")
-                results.append((count, seconds, distinct, duplicates))
+                results.append((count, seconds, distinct, duplicates, cpu))
                 print(f"{count} worker(s): {args.messages / seconds:,.0f} msg/s, lost 0, duplicates {duplicates}")
         finally:
             stop_broker(broker)
     base = args.messages / results[0][1]
-    print(f"\n{'workers':>7}  {'seconds':>8}  {'msg/s':>8}  {'speed-up':>8}  {'events':>7}  {'dups':>5}  lost")
-    for count, seconds, distinct, duplicates in results:
+    header = f"{'workers':>7}  {'seconds':>8}  {'msg/s':>8}  {'speed-up':>8}  {'events':>7}  {'dups':>5}  lost"
+    print(f"\n{header}  worker CPU µs/msg")
+    for count, seconds, distinct, duplicates, cpu in results:
         rate = args.messages / seconds
-        print(f"{count:>7}  {seconds:>8.2f}  {rate:>8,.0f}  {rate / base:>7.2f}x  {distinct:>7}  {duplicates:>5}  0")
+        per_message = cpu / args.messages * 1e6
+        print(
+            f"{count:>7}  {seconds:>8.2f}  {rate:>8,.0f}  {rate / base:>7.2f}x  {distinct:>7}  {duplicates:>5}     0"
+            f"  {per_message:>8,.0f}"
+        )
+    cpu_per_message = results[0][4] / args.messages
+    print(
+        f"\nOne worker process costs {cpu_per_message * 1e6:,.0f} µs of CPU per request (start-up included), "
+        f"so a replica with one core to itself and a remote broker handles about {1 / cpu_per_message:,.0f} msg/s."
+    )
     return 0
 
 
