@@ -183,7 +183,7 @@ class ServiceBusSource:
         client: ServiceBusClient,
         queue_name: str,
         *,
-        prefetch: int = 300,
+        prefetch: int = 0,
         lock_keeper: LockKeeper | None = None,
     ) -> None:
         self._client = client
@@ -192,6 +192,8 @@ class ServiceBusSource:
         self.locks = lock_keeper or LockKeeper()
         self._receiver: ServiceBusReceiver | None = None
         self.reconnects = 0
+        #: Seconds the first receive on a new link may take (it includes opening the link).
+        self.link_open_wait = 10.0
         #: Settle consecutive completions with one AMQP disposition (see :meth:`complete_batch`).
         self.range_settlement = True
         self.range_settlements = 0
@@ -215,8 +217,12 @@ class ServiceBusSource:
     def receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
         """Up to ``max_messages`` deliveries; raises ``TransientError`` when the broker is unreachable."""
         try:
+            fresh = self._receiver is None
             receiver = self._get_receiver()
-            messages = receiver.receive_messages(max_message_count=max_messages, max_wait_time=max_wait)
+            # The SDK opens the link inside the first receive and counts that against max_wait_time; a
+            # short wait would time the open out and rebuild the receiver forever.
+            wait = max(max_wait, self.link_open_wait) if fresh else max_wait
+            messages = receiver.receive_messages(max_message_count=max_messages, max_wait_time=wait)
         except ServiceBusError as exc:
             self._drop_receiver()
             raise TransientError(f"receive from {self.queue_name!r} failed: {redact(str(exc))}") from None

@@ -313,4 +313,6 @@ class ExperimentFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    experiments: list[ExperimentConfig] = Field(description="Configured experiments; ids must be unique.")
+    experiments: list[ExperimentConfig] = Field(
+        min_length=1, description="Configured experiments (at least one); ids must be unique."
+    )

@@ -434,4 +434,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         return EXIT_OK
+    except Exception as exc:
+        if not _is_azure_error(exc):
+            raise
+        from worker.redaction import redact
+
+        print(f"ab-worker {args.command}: error: Azure call failed: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_PARTIAL
     return result
+
+
+def _is_azure_error(exc: BaseException) -> bool:
+    """True for an Azure SDK error (unreachable broker, denied access): reported in one line, no traceback."""
+    return any(cls.__module__.startswith("azure.") for cls in type(exc).__mro__)

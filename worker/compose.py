@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worker.errors import ConfigurationError
 from worker.pump import PumpConfig
+from worker.redaction import redact
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -57,7 +59,12 @@ def servicebus_client(settings: WorkerSettings) -> Any:
     from adapters.servicebus import ServiceBusAuth, create_client
 
     auth = ServiceBusAuth(servicebus_connection_string(settings), settings.servicebus_namespace)
-    return create_client(auth)
+    try:
+        return create_client(auth)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"AB_WORKER_SERVICEBUS_CONNECTION_STRING / AB_WORKER_SERVICEBUS_NAMESPACE is not usable: {redact(str(exc))}"
+        ) from None
 
 
 def record_sink(settings: WorkerSettings, rows_path: str | None) -> Any:

@@ -168,6 +168,9 @@ def read_document(path: Path) -> Any:
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigurationError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # PyYAML raises plain ValueErrors for scalars it cannot build, such as 2001-13-45 or !!int x.
+        raise ConfigurationError(f"{path}: invalid YAML value: {exc}") from None
 
 
 def _describe_validation(exc: ValidationError, data: Any, source: str) -> str:
@@ -244,7 +247,7 @@ class ReloadingRegistry:
         self._seen = seen
         try:
             registry = ExperimentRegistry.load(self.path)
-        except ConfigurationError as exc:
+        except Exception as exc:  # a bad edit must never stop a running worker, whatever it raises
             self.failed_reloads += 1
             log.error("Experiment configuration NOT reloaded; still running the last good one:\n%s", exc)
             if self._on_error is not None:

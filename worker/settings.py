@@ -32,7 +32,14 @@ class WorkerSettings(BaseSettings):
     )
     max_batch: int = Field(default=100, ge=1, le=5000, description="Messages per receive.")
     max_wait: float = Field(default=1.0, gt=0, le=60, description="Seconds to wait for a batch to fill.")
-    prefetch: int = Field(default=300, ge=0, description="Messages the receiver prefetches.")
+    prefetch: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Messages the receiver prefetches. 0 (default) locks only what each receive asks for; more is ~7% "
+            "faster, but prefetched messages are not lock-renewed while a downstream outage pauses the worker."
+        ),
+    )
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=256, le=1024 * 1024)
     context_allow_list: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
