@@ -1,8 +1,9 @@
 """Scale-out as competing consumers: ``python -m bench.bench_scale [--messages N] [--workers 1,2,4]``.
 
-For each worker count, starts that many ``ab-worker run`` processes against the embedded broker (run in
-its own process), waits until every one is receiving, fills the queue with N requests, and times until
-every row was written; then stops the workers with SIGTERM (they drain and exit 0). Checks that
+For each worker count, fills the embedded broker's queue (the broker runs in its own process) with N
+requests, starts that many ``ab-worker run`` processes, and times from the moment every one is up
+until every row was written (requests taken before that are left out of the rate); then stops the
+workers with SIGTERM (they drain and exit 0). Checks that
 every request produced exactly one distinct event id (redelivery duplicates must be byte-identical
 rows), that nothing is left on the queue or in the dead-letter queue, and prints a table of
 throughput and speed-up against one process.
@@ -33,10 +34,10 @@ EXPERIMENTS = {"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}
 def run_workers(
     connection: str, count: int, workdir: Path, batch: int, messages: int
 ) -> tuple[float, list[Path], list[str], float]:
-    """Start ``count`` worker processes, wait until each is receiving, then fill the queue.
+    """Fill the queue, start ``count`` worker processes, and time them in steady state.
 
-    Returns the seconds from the first request sent until the last worker went idle (process start
-    and link setup are excluded: they are not throughput), the rows files, and the message ids.
+    Returns the seconds the whole run would take at the steady-state rate (process start is excluded:
+    it is not throughput), the rows files, the message ids and the workers' CPU seconds.
     """
     config = workdir / "experiments.json"
     config.write_text(json.dumps(EXPERIMENTS), encoding="utf-8")
@@ -45,11 +46,13 @@ def run_workers(
         "AB_WORKER_SERVICEBUS_CONNECTION_STRING": connection,
         "AB_WORKER_HEALTH_PORT": "0",
         "AB_WORKER_MAX_BATCH": str(batch),
-        "AB_WORKER_PREFETCH": str(batch * 2),
     }
     rows = [workdir / f"rows-{count}-{i}.jsonl" for i in range(count)]
     logs = [workdir / f"worker-{count}-{i}.log" for i in range(count)]
+    # The queue is filled first, so publishing does not compete with the workers for the two cores.
+    ids = fill(connection, messages, tag=f"scale{count}")
     processes = []
+    counter = _RowCounter(rows)
     try:
         for path, log in zip(rows, logs, strict=True):
             with log.open("w") as err:
@@ -65,12 +68,13 @@ def run_workers(
         while not all("worker running" in log.read_text() for log in logs):
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not start within 60 s")
-            time.sleep(0.1)
-        start = time.perf_counter()
-        ids = fill(connection, messages, tag=f"scale{count}")
+            time.sleep(0.02)
+        # Steady state: the clock starts once every worker is up (the first ones may already have
+        # taken some requests: those are not counted).
+        start, done_at_start = time.perf_counter(), counter.count()
         deadline = time.monotonic() + 900
         # Rows are flushed just before completion, so their count tracks finished work closely.
-        while sum(_lines(path) for path in rows) < messages:
+        while counter.count() < messages:
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not finish within 900 s")
             time.sleep(0.05)
@@ -90,15 +94,36 @@ def run_workers(
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    return elapsed, rows, ids, cpu
+    return elapsed * messages / max(1, messages - done_at_start), rows, ids, cpu
 
 
-def _lines(path: Path) -> int:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far, from /proc (Linux)."""
     try:
-        with path.open("rb") as handle:
-            return sum(1 for _ in handle)
-    except FileNotFoundError:
-        return 0
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _RowCounter:
+    """Counts rows written so far, reading only what was appended since the last look (cheap to poll)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._offsets = dict.fromkeys(paths, 0)
+        self._total = 0
+
+    def count(self) -> int:
+        for path, offset in self._offsets.items():
+            try:
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read()
+            except FileNotFoundError:
+                continue
+            self._total += chunk.count(b"\n")
+            self._offsets[path] = offset + len(chunk)
+        return self._total
 
 
 def check(rows: Sequence[Path], message_ids: Sequence[str]) -> tuple[int, int]:
@@ -138,30 +163,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=250, help="AB_WORKER_MAX_BATCH for the workers (default 250)")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.workers.split(",")]
-    results: list[tuple[int, float, int, int, float]] = []
+    results: list[tuple[int, float, int, int, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         broker, connection = start_broker(workdir)
         try:
             for count in counts:
+                broker_before = process_cpu(broker.pid)
                 seconds, rows, message_ids, cpu = run_workers(connection, count, workdir, args.batch, args.messages)
+                broker_cpu = process_cpu(broker.pid) - broker_before
                 distinct, duplicates = check(rows, message_ids)
                 active, dead = leftovers(connection)
                 if active or dead:
                     raise AssertionError(f"{active} requests left on the queue, {dead} dead-lettered")
-                results.append((count, seconds, distinct, duplicates, cpu))
+                results.append((count, seconds, distinct, duplicates, cpu, broker_cpu))
                 print(f"{count} worker(s): {args.messages / seconds:,.0f} msg/s, lost 0, duplicates {duplicates}")
         finally:
             stop_broker(broker)
     base = args.messages / results[0][1]
     header = f"{'workers':>7}  {'seconds':>8}  {'msg/s':>8}  {'speed-up':>8}  {'events':>7}  {'dups':>5}  lost"
-    print(f"\n{header}  worker CPU µs/msg")
-    for count, seconds, distinct, duplicates, cpu in results:
+    print(f"\n{header}  worker CPU µs/msg  broker CPU µs/msg")
+    for count, seconds, distinct, duplicates, cpu, broker_cpu in results:
         rate = args.messages / seconds
         per_message = cpu / args.messages * 1e6
         print(
             f"{count:>7}  {seconds:>8.2f}  {rate:>8,.0f}  {rate / base:>7.2f}x  {distinct:>7}  {duplicates:>5}     0"
-            f"  {per_message:>8,.0f}"
+            f"  {per_message:>17,.0f}  {broker_cpu / args.messages * 1e6:>17,.0f}"
         )
     cpu_per_message = results[0][4] / args.messages
     print(
