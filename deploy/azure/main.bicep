@@ -107,7 +107,7 @@ param maxReplicas int = 20
 
 @description('Queue messages per replica for the KEDA azure-servicebus rule; derive from measured per-replica throughput (see deploy/k8s/scaledobject.yaml).')
 @minValue(1)
-param scaleMessageCount int = 200
+param scaleMessageCount int = 2000
 
 // ---------------------------------------------------------------------------------------------
 // Built-in role definition ids (stable across tenants)

@@ -475,7 +475,7 @@ def test_scaledobject_scales_the_deployment_on_the_requests_queue() -> None:
     assert trigger["type"] == "azure-servicebus"
     metadata = trigger["metadata"]
     assert metadata["queueName"] == SETTINGS_FIELDS["queue_name"].default
-    assert metadata["messageCount"] == "200"
+    assert metadata["messageCount"] == "2000"
     assert metadata["activationMessageCount"] == "1"
     assert "." not in metadata["namespace"], "KEDA wants the namespace name, not its host name"
     auth = _one("TriggerAuthentication")
