@@ -178,8 +178,12 @@ class AssignmentRecord(BaseModel):
 
     @classmethod
     def from_event(cls, event: AssignmentEvent) -> AssignmentRecord:
-        """Flatten an event into its row (empty strings for absent optional values)."""
-        return cls(
+        """Flatten an event into its row (empty strings for absent optional values).
+
+        Built without validation: every value comes from an already validated event, and this runs
+        once per request on the worker's hot path.
+        """
+        return cls.model_construct(
             EventId=event.event_id,
             AssignedAt=event.assigned_at,
             ExperimentId=event.experiment_id,

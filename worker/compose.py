@@ -150,18 +150,6 @@ def start_health_server(port: int, check: Any, stack: ExitStack) -> int | None:
     return server.port
 
 
-def close_quietly(stack: ExitStack, thing: Any) -> None:
-    """Register ``thing.close()`` on the stack, logging instead of raising on failure."""
-
-    def close() -> None:
-        try:
-            thing.close()
-        except Exception:
-            log.exception("Error while closing %s", type(thing).__name__)
-
-    stack.callback(close)
-
-
 def print_err(message: str) -> None:
     """A line for the operator on stderr."""
     print(message, file=sys.stderr, flush=True)

@@ -130,7 +130,6 @@ def assign(
     index = table.index_for(value)
     variant_id = table.variant_ids[index]
     lower, upper = table.thresholds[variant_id]
-    ratios = config.segments.get(segment, config.split) if segment is not None else config.split
     return AssignmentEvent(
         schema_version=SCHEMA_VERSION,
         event_id=event_id_for(delivery.message_id),
@@ -146,7 +145,7 @@ def assign(
         strategy="md5_hash",
         deterministic=True,
         seed=config.seed,
-        split_ratio=dict(ratios),
+        split_ratio=dict(experiment.split_for(segment)),
         variant_metadata=experiment.metadata_for(variant_id),
         context=allowed_context(request.context, context_allow_list),
         assigned_at=delivery.enqueued_time or datetime.now(UTC),

@@ -25,7 +25,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from schemas.models import MAX_COHORT_MEMBERS, AssignmentEvent, AssignmentRecord
 from worker.errors import PermanentError, TransientError
 from worker.handling import DEFAULT_MAX_BODY_BYTES, Handled, handle
-from worker.ports import Delivery, EventPublisher, MessageSource, RecordSink, SettlementLostError
+from worker.ports import Delivery, EventPublisher, MessageSource, OutboundEvent, RecordSink, SettlementLostError
 from worker.registry import ExperimentRegistry
 from worker.tracing import extract_context
 
@@ -126,7 +126,6 @@ class Pump:
         config: PumpConfig | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
-        on_batch: Callable[[Sequence[AssignmentEvent]], None] | None = None,
     ) -> None:
         self.source = source
         self.publisher = publisher
@@ -136,8 +135,9 @@ class Pump:
         self.stats = PumpStats()
         self._tracer = trace.get_tracer("ab_assignment_worker", tracer_provider=tracer_provider)
         self._instruments = _Instruments(metrics.get_meter("ab_assignment_worker", meter_provider=meter_provider))
-        self._on_batch = on_batch
         self._pending: list[_InFlight] = []
+        #: The rows of ``_pending``, kept to buffer again if a flush fails.
+        self._pending_records: list[AssignmentRecord] = []
         self._stop = threading.Event()
         self._receive_failures = 0
         self._down: dict[str, str] = {}
@@ -148,11 +148,6 @@ class Pump:
     def stop(self) -> None:
         """Ask the pump to stop after the in-flight batch; safe from a signal handler."""
         self._stop.set()
-
-    @property
-    def stopping(self) -> bool:
-        """True once :meth:`stop` was called."""
-        return self._stop.is_set()
 
     def run(self, idle_exit: float | None = None) -> PumpStats:
         """Process batches until stopped (or, with ``idle_exit``, until the source stays empty that long)."""
@@ -282,40 +277,39 @@ class Pump:
         if not assigned:
             return
         events = [e for f in assigned if f.handled is not None for e in f.handled.events]
-        if not self._retry_until_stopped("event topic", lambda: self._publish(assigned)):
+        # Serialised once: an outage retries the same messages instead of rebuilding them.
+        messages = [m for f in assigned if f.handled is not None for m in f.handled.outbound(f.delivery)]
+        if not self._retry_until_stopped("event topic", lambda: self._publish(messages)):
             # Shutting down mid-outage: release them for another replica rather than wait.
             for flight in assigned:
                 self._settle(flight, Settlement(Disposition.ABANDON))
             return
-        self.sink.add([AssignmentRecord.from_event(e) for e in events])
+        records = [AssignmentRecord.from_event(e) for e in events]
+        self.sink.add(records)
         self._pending.extend(assigned)
-        if self._on_batch is not None:
-            self._on_batch(events)
+        self._pending_records.extend(records)
 
-    def _publish(self, flights: Sequence[_InFlight]) -> None:
+    def _publish(self, messages: Sequence[OutboundEvent]) -> None:
         with self._tracer.start_as_current_span(f"{self.config.topic_name} publish", kind=SpanKind.PRODUCER) as span:
             if span.is_recording():
                 span.set_attribute("messaging.system", "servicebus")
                 span.set_attribute("messaging.destination.name", self.config.topic_name)
                 span.set_attribute("messaging.operation.type", "publish")
-                span.set_attribute("messaging.batch.message_count", len(flights))
-            self.publisher.publish(
-                [m for f in flights if f.handled is not None for m in f.handled.outbound(f.delivery)]
-            )
+                span.set_attribute("messaging.batch.message_count", len(messages))
+            self.publisher.publish(messages)
 
     def _flush_and_settle(self) -> None:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        records, self._pending_records = self._pending_records, []
         first = True
 
         def flush() -> None:
             nonlocal first
             if not first:
                 # A failed flush dropped its buffer (the RecordSink contract): buffer the rows again.
-                self.sink.add(
-                    [AssignmentRecord.from_event(e) for f in pending if f.handled is not None for e in f.handled.events]
-                )
+                self.sink.add(records)
             first = False
             self.sink.flush()
 

@@ -50,6 +50,12 @@ class Experiment:
                 return override
         return self.table
 
+    def split_for(self, segment: str | None) -> Mapping[str, float]:
+        """The ratios behind :meth:`table_for` (the segment's override, else the experiment's split)."""
+        if segment is not None and segment in self.config.segments:
+            return self.config.segments[segment]
+        return self.config.split
+
     def metadata_for(self, variant_id: str) -> dict[str, JsonValue]:
         """The variant's metadata from the configuration (empty when none)."""
         return dict(self.config.variants.get(variant_id, {}))
