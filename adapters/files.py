@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from schemas.models import AssignmentRecord
-from worker.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
+from worker.service.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
 
 
 class JsonLinesSource:

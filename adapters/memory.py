@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.models import AssignmentRecord
-from worker.errors import TransientError
-from worker.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
+from worker.domain.errors import TransientError
+from worker.service.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
 
 
 @dataclass(slots=True)

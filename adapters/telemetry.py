@@ -2,7 +2,7 @@
 
 The core only uses the OpenTelemetry API with injected providers; this module builds them.
 :func:`configure_telemetry` returns a :class:`Telemetry` holding a tracer provider and a meter
-provider for :class:`worker.pump.Pump`, and a bounded :meth:`Telemetry.shutdown`.
+provider for :class:`worker.service.pump.Pump`, and a bounded :meth:`Telemetry.shutdown`.
 
 Modes
 -----
@@ -12,7 +12,7 @@ Modes
     providers**: it builds its own tracer, meter and logger providers and installs them as the
     OpenTelemetry *globals* (``set_tracer_provider`` …, which the API allows once per process). So
     this mode is once per process; :class:`Telemetry` returns those global providers, and a second
-    call raises :class:`~worker.errors.ConfigurationError`. Spans become App Insights *requests*
+    call raises :class:`~worker.domain.errors.ConfigurationError`. Spans become App Insights *requests*
     (CONSUMER spans such as ``assignment-requests process``) and *dependencies* (PRODUCER spans such
     as ``assignment-events publish``); attributes land in the envelope's ``properties``; metrics
     become ``customMetrics``; records of the ``worker`` logger tree become ``traces``.
@@ -76,8 +76,8 @@ from typing import Any, Literal
 
 from opentelemetry import metrics, trace
 
-from worker.errors import ConfigurationError
-from worker.redaction import redact
+from worker.domain.errors import ConfigurationError
+from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def configure_telemetry(
     """Build the providers for ``mode`` (see the module docs for what each mode does and turns off).
 
     ``appinsights`` needs a connection string (argument or ``APPLICATIONINSIGHTS_CONNECTION_STRING``)
-    and may be called once per process. Raises :class:`~worker.errors.ConfigurationError` for an
+    and may be called once per process. Raises :class:`~worker.domain.errors.ConfigurationError` for an
     unknown mode, a missing connection string or a second ``appinsights`` call.
     """
     if mode == "none":

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from tests.reference import ReferenceAgent
 from worker import ABAssignmentAgent
-from worker.assignment import assign_variants
+from worker.domain.assignment import assign_variants
 
 EXPERIMENT = "exp_bench"
 SPLIT = {"control": 0.5, "test_1": 0.3, "test_2": 0.2}

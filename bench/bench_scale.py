@@ -25,7 +25,7 @@ from pathlib import Path
 from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
 
 from bench.bench_throughput import QUEUE, fill, start_broker, stop_broker
-from worker.handling import event_id_for
+from worker.service.handling import event_id_for
 
 WORKER = [sys.executable, "-m", "worker", "--log-level", "WARNING"]
 EXPERIMENTS = {"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}}]}

@@ -19,8 +19,8 @@ import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
-from worker.cohort_cli import read_cohort_csv, write_assignments, write_report
-from worker.stratify import stratify_columns
+from worker.cli.cohort import read_cohort_csv, write_assignments, write_report
+from worker.domain.cohort.stratify import stratify_columns
 
 ARMS = ["control", "treatment_1", "treatment_2", "treatment_3"]
 #: The seed document's segment mix: 33.6% / 58.0% / 8.4%.

@@ -30,8 +30,8 @@ from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
 
 from adapters.files import JsonLinesSink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
-from worker.pump import Pump, PumpConfig
-from worker.registry import ExperimentRegistry
+from worker.domain.registry import ExperimentRegistry
+from worker.service.pump import Pump, PumpConfig
 
 QUEUE, TOPIC = "assignment-requests", "assignment-events"
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}}]})

@@ -53,7 +53,7 @@ def _case(name: str, seed: str, experiment_id: str, user_id: str, split: dict[st
 
 def find_boundary_users(limit: int = 40_000_000) -> dict[int, str]:
     """Scan ``b0, b1, …`` for users whose bucket lands exactly on each target."""
-    from worker.assignment import bucket_ints
+    from worker.domain.assignment import bucket_ints
 
     found: dict[int, str] = {}
     chunk = 200_000

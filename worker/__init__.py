@@ -7,6 +7,6 @@ The documented Python API (``seeds/ab_assignment_agent.md``)::
     agent.assign_user("U123", "exp_001")["variant_id"]
 """
 
-from worker.assignment import ABAssignmentAgent, AssignmentStrategy
+from worker.domain.assignment import ABAssignmentAgent, AssignmentStrategy
 
 __all__ = ["ABAssignmentAgent", "AssignmentStrategy"]

@@ -110,9 +110,9 @@ def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulato
 
     from adapters.memory import MemorySink
     from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
-    from worker.handling import event_id_for
-    from worker.pump import Pump, PumpConfig
-    from worker.registry import ExperimentRegistry
+    from worker.domain.registry import ExperimentRegistry
+    from worker.service.handling import event_id_for
+    from worker.service.pump import Pump, PumpConfig
 
     registry = ExperimentRegistry.load(REPO / "deploy" / "experiments.yaml")
     ids = [f"c-{i}" for i in range(20)]

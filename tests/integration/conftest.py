@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from azure.servicebus import ServiceBusClient
 
-from adapters.localbroker import BrokerConfig, LocalBroker
+from adapters.local.broker import BrokerConfig, LocalBroker
 from tests.integration.conftest_azure import *  # noqa: F403
 
 # Entities for broker tests, in the official emulator's Config.json shape, on top of the defaults.

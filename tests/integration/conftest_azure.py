@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.standins.appinsights import AppInsightsStandIn
-from adapters.standins.azurite import Azurite, AzuriteUnavailableError, node_available
-from adapters.standins.kusto import KustoStandIn
+from adapters.local.standins.appinsights import AppInsightsStandIn
+from adapters.local.standins.azurite import Azurite, AzuriteUnavailableError, node_available
+from adapters.local.standins.kusto import KustoStandIn
 
 __all__ = [
     "appinsights",

@@ -17,9 +17,9 @@ import time
 
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.telemetry import configure_telemetry
-from worker.pump import Pump, PumpConfig
-from worker.redaction import install_log_redaction
-from worker.registry import ExperimentRegistry
+from worker.domain.registry import ExperimentRegistry
+from worker.service.pump import Pump, PumpConfig
+from worker.service.redaction import install_log_redaction
 
 EXPERIMENT = "exp_tone"
 REGISTRY = {"experiments": [{"id": EXPERIMENT, "split": {"A": 0.5, "B": 0.5}}]}

@@ -28,15 +28,15 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusRece
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters.localbroker import BrokerConfig, LocalBroker
+from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
 from worker import ABAssignmentAgent
 from worker.cli import main
-from worker.errors import MAX_DESCRIPTION_CHARS, ConfigurationError
-from worker.handling import event_id_for
-from worker.pump import Pump, PumpConfig
-from worker.registry import MAX_CONFIG_BYTES, ExperimentRegistry
+from worker.domain.errors import MAX_DESCRIPTION_CHARS, ConfigurationError
+from worker.domain.registry import MAX_CONFIG_BYTES, ExperimentRegistry
+from worker.service.handling import event_id_for
+from worker.service.pump import Pump, PumpConfig
 
 pytestmark = pytest.mark.integration
 

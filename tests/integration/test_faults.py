@@ -27,15 +27,15 @@ from typing import Any
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
 
-from adapters.localbroker import BrokerConfig, LocalBroker
+from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
 from worker import ABAssignmentAgent
-from worker.errors import TransientError
-from worker.handling import event_id_for
-from worker.ports import Delivery, OutboundEvent, SettlementLostError
-from worker.pump import Pump, PumpConfig
-from worker.registry import ExperimentRegistry
+from worker.domain.errors import TransientError
+from worker.domain.registry import ExperimentRegistry
+from worker.service.handling import event_id_for
+from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
+from worker.service.pump import Pump, PumpConfig
 
 pytestmark = pytest.mark.integration
 

@@ -11,15 +11,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from adapters.kusto import MAPPING_NAME, KustoSink, RetryPolicy, kusto_sink
+from adapters.kusto.sink import MAPPING_NAME, KustoSink, RetryPolicy, kusto_sink
+from adapters.local.standins.kusto import KustoStandIn
 from adapters.memory import MemoryPublisher, MemorySource
-from adapters.standins.kusto import KustoStandIn
 from schemas.models import AssignmentRecord
-from worker.errors import TransientError
-from worker.handling import event_id_for
-from worker.ports import Delivery
-from worker.pump import Pump, PumpConfig
-from worker.registry import ExperimentRegistry
+from worker.domain.errors import TransientError
+from worker.domain.registry import ExperimentRegistry
+from worker.service.handling import event_id_for
+from worker.service.ports import Delivery
+from worker.service.pump import Pump, PumpConfig
 
 pytestmark = pytest.mark.integration
 
@@ -172,7 +172,7 @@ def test_unknown_mapping_is_refused_with_the_services_message(kusto: KustoStandI
 
 def test_errors_never_carry_secrets(kusto: KustoStandIn) -> None:
     """A SAS signature in an SDK error is redacted before it reaches our exception."""
-    from adapters.kusto import _describe
+    from adapters.kusto.sink import _describe
 
     text = _describe(RuntimeError("upload to http://x/c/b?sv=2024&sig=SECRETSIG&se=2026 failed"))
     assert "SECRETSIG" not in text

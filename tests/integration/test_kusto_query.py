@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.synthetic_rows import monitoring_rows
-from worker.report_cli import EXIT_OK, EXIT_SRM, EXIT_USAGE, main
+from worker.cli.report import EXIT_OK, EXIT_SRM, EXIT_USAGE, main
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from azure.servicebus.exceptions import (
     MessagingEntityNotFoundError,
 )
 
-from adapters.localbroker import BrokerConfig, BrokerConfigError, LocalBroker
+from adapters.local.broker import BrokerConfig, BrokerConfigError, LocalBroker
 
 from .conftest import TEST_BROKER_CONFIG
 
@@ -495,8 +495,8 @@ def test_large_message_round_trip(sb_client: ServiceBusClient) -> None:
 def test_unsupported_sql_filter_warns_and_matches_everything(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from adapters.localbroker.config import RuleConfig
-    from adapters.localbroker.filters import compile_rules, parse_sql
+    from adapters.local.broker.config import RuleConfig
+    from adapters.local.broker.filters import compile_rules, parse_sql
 
     assert parse_sql("a = 'x' AND b = 2") is not None
     assert parse_sql("sys.Label = 'special'") is not None
@@ -513,7 +513,7 @@ def test_unsupported_sql_filter_warns_and_matches_everything(
 def test_serve_prints_connection_string_and_stops_on_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "Config.json"
     config.write_text(json.dumps(TEST_BROKER_CONFIG))
-    code = f"import sys; from adapters.localbroker import serve; sys.exit(serve('127.0.0.1', 0, {str(config)!r}))"
+    code = f"import sys; from adapters.local.broker import serve; sys.exit(serve('127.0.0.1', 0, {str(config)!r}))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
@@ -546,7 +546,7 @@ def test_serve_reports_bad_config(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            f"import sys; from adapters.localbroker import serve; sys.exit(serve('127.0.0.1', 0, {str(bad)!r}))",
+            f"import sys; from adapters.local.broker import serve; sys.exit(serve('127.0.0.1', 0, {str(bad)!r}))",
         ],
         capture_output=True,
         text=True,

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from tests.synthetic_rows import monitoring_rows, write_jsonl
-from worker.report_cli import EXIT_SRM, main
+from worker.cli.report import EXIT_SRM, main
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH, HEIGHT = 1280, 2000
-#: The fill of a flagged experiment's share bars (worker.report_html), drawn as solid rectangles.
+#: The fill of a flagged experiment's share bars (worker.cli.render.html), drawn as solid rectangles.
 FLAG_RED = (0xCF, 0x22, 0x2E)
 
 pytestmark = [

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from azure.servicebus import ServiceBusClient
 
-from adapters.localbroker import LocalBroker
+from adapters.local.broker import LocalBroker
+from adapters.local.standins.appinsights import AppInsightsStandIn
 from adapters.servicebus import ServiceBusAuth, send_requests
-from adapters.standins.appinsights import AppInsightsStandIn
-from worker.redaction import REDACTED, RedactingFilter, redact
+from worker.service.redaction import REDACTED, RedactingFilter, redact
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from adapters.standins.appinsights import AppInsightsStandIn
+from adapters.local.standins.appinsights import AppInsightsStandIn
 from adapters.telemetry import DISABLED_INSTRUMENTATIONS, configure_telemetry
-from worker.errors import ConfigurationError
+from worker.domain.errors import ConfigurationError
 
 pytestmark = pytest.mark.integration
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQueue
 
-from adapters.localbroker import BrokerConfig, LocalBroker
+from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
 from worker.cli import main
-from worker.handling import event_id_for
-from worker.pump import Pump, PumpConfig
-from worker.registry import ExperimentRegistry, ReloadingRegistry
+from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
+from worker.service.handling import event_id_for
+from worker.service.pump import Pump, PumpConfig
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.localbroker import LocalBroker
+from adapters.local.broker import LocalBroker
 from tests.integration.test_faults import (
     ALL,
     QUEUE,

@@ -10,7 +10,7 @@ import pytest
 
 from tests.reference import ReferenceAgent
 from worker import ABAssignmentAgent, AssignmentStrategy
-from worker.assignment import VariantTable, assign_variants, bucket, compute_thresholds
+from worker.domain.assignment import VariantTable, assign_variants, bucket, compute_thresholds
 
 CASES = json.loads((Path(__file__).parents[2] / "schemas" / "assignment-cases.json").read_text(encoding="utf-8"))[
     "cases"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.cohort_cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNBALANCED, add_commands, main
+from worker.cli.cohort import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNBALANCED, add_commands, main
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cohort_250.csv"
 ARMS = "control,treatment_1,treatment_2,treatment_3"

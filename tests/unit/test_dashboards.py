@@ -25,7 +25,7 @@ DASHBOARDS = ROOT / "deploy" / "dashboards"
 WORKBOOK = DASHBOARDS / "assignment-workbook.json"
 ALERTS = DASHBOARDS / "alerts.json"
 FUNCTIONS = ROOT / "deploy" / "kusto" / "functions.kql"
-PUMP = ROOT / "worker" / "pump.py"
+PUMP = ROOT / "worker" / "service" / "pump.py"
 
 RECORD_COLUMNS = {name for name, _ in AssignmentRecord.kusto_columns()}
 KUSTO_FUNCTIONS = {"AssignmentEvents", "AssignmentEventsDedup", "AssignmentSrm"}
@@ -34,7 +34,7 @@ PIPE_OPERATORS = {
     "where", "summarize", "extend", "project", "project-away", "order", "sort", "join", "mv-expand",
     "union", "distinct", "render", "top", "take", "count", "lookup",
 }  # fmt: skip
-#: How the worker's spans are named: f"{queue} process" (worker/pump.py).
+#: How the worker's spans are named: f"{queue} process" (worker/service/pump.py).
 SPAN_NAME_SUFFIX = " process"
 
 
@@ -153,7 +153,7 @@ def srm_function_columns() -> set[str]:
 
 
 def worker_telemetry() -> tuple[set[str], set[str]]:
-    """The metric names and the attribute keys (metric attributes and span attributes) worker/pump.py emits."""
+    """The metric names and the attribute keys (metric attributes and span attributes) worker/service/pump.py emits."""
     source = PUMP.read_text(encoding="utf-8")
     metrics = set(re.findall(r"create_(?:counter|histogram)\(\s*\"([^\"]+)\"", source))
     metric_attributes = {

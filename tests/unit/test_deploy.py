@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.registry import ExperimentRegistry
-from worker.settings import WorkerSettings
+from worker.domain.registry import ExperimentRegistry
+from worker.service.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -50,7 +50,7 @@ SETTINGS_FIELDS = WorkerSettings.model_fields
 DRAIN_DEADLINE = float(SETTINGS_FIELDS["drain_deadline"].default)
 HEALTH_PORT = 8080
 EXPERIMENTS_FILE = "/etc/ab-worker/experiments.yaml"
-#: Settings the deployment already passes but worker/settings.py does not declare yet (health
+#: Settings the deployment already passes but worker/service/settings.py does not declare yet (health
 #: server and Kusto sink). Remove a name here once WorkerSettings has the field.
 PENDING_SETTINGS = {"HEALTH_PORT", "KUSTO_INGEST_URI", "KUSTO_DATABASE", "KUSTO_TABLE"}
 #: Environment variables outside the AB_WORKER_ prefix that the worker or its SDKs read.

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from adapters.kusto_query import KustoQueryError, add_rows, assignment_query
-from worker.report import Tally, Window, build_report
+from adapters.kusto.query import KustoQueryError, add_rows, assignment_query
+from worker.domain.srm.report import Tally, Window, build_report
 
 SINCE = datetime(2025, 11, 23, 9, 0, tzinfo=UTC)
 UNTIL = datetime(2025, 11, 24, 9, 0, tzinfo=UTC)

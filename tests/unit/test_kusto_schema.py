@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.kusto import DEFAULT_TABLE, MAPPING_NAME, encode_rows
-from adapters.standins.kusto import json_mappings_from_kql, table_columns_from_kql
+from adapters.kusto.sink import DEFAULT_TABLE, MAPPING_NAME, encode_rows
+from adapters.local.standins.kusto import json_mappings_from_kql, table_columns_from_kql
 from schemas.models import AssignmentRecord
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kusto"

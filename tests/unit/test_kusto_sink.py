@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from adapters.kusto import KustoSink, RetryPolicy
+from adapters.kusto.sink import KustoSink, RetryPolicy
 from schemas.models import AssignmentRecord
-from worker.errors import TransientError
+from worker.domain.errors import TransientError
 
 
 class RecordingClient:

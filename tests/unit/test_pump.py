@@ -15,10 +15,10 @@ from opentelemetry.trace import SpanKind
 
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from schemas import AssignmentEvent
-from worker.errors import PermanentError, TransientError
-from worker.handling import event_id_for
-from worker.pump import Disposition, Pump, PumpConfig, settlement_for
-from worker.registry import ExperimentRegistry
+from worker.domain.errors import PermanentError, TransientError
+from worker.domain.registry import ExperimentRegistry
+from worker.service.handling import event_id_for
+from worker.service.pump import Disposition, Pump, PumpConfig, settlement_for
 
 REGISTRY = ExperimentRegistry.from_dict(
     {
@@ -314,7 +314,7 @@ def test_diagnostic_id_is_accepted_as_parent(spans):
 
 def test_settlement_policy_is_one_pure_function():
     """Outcome → settlement: event → complete; permanent → dead-letter with reason; other → abandon."""
-    from worker.errors import DeadLetterReason
+    from worker.domain.errors import DeadLetterReason
 
     dead = settlement_for(PermanentError(DeadLetterReason.UNKNOWN_EXPERIMENT, "x"))
     assert (dead.disposition, dead.reason, dead.description) == (Disposition.DEAD_LETTER, "UnknownExperiment", "x")

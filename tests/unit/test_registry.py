@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigurationError
-from worker.registry import ExperimentRegistry, ReloadingRegistry
+from worker.domain.errors import ConfigurationError
+from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 
 REPO = Path(__file__).parents[2]
 GOOD = """

@@ -1,4 +1,4 @@
-"""Sample-ratio monitoring (worker.report): deduplication, filters, segments, the SRM test, hourly buckets."""
+"""Sample-ratio monitoring (srm.report): deduplication, filters, segments, the SRM test, hourly buckets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 from schemas.models import AssignmentRecord
 from tests.synthetic_rows import START, make_rows, monitoring_rows, record
-from worker.report import (
+from worker.cli.render.html import render_html
+from worker.domain.srm.report import (
     GroupResult,
     Report,
     ReportInputError,
@@ -24,7 +25,6 @@ from worker.report import (
     parse_split,
     report_from_rows,
 )
-from worker.report_html import render_html
 
 NOW = datetime(2025, 11, 23, 18, 0, tzinfo=UTC)
 HALF = {"A": 0.5, "B": 0.5}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.synthetic_rows import make_rows, monitoring_rows, write_jsonl
-from worker.report_cli import EXIT_OK, EXIT_SKIPPED, EXIT_SRM, EXIT_USAGE, main
+from worker.cli.report import EXIT_OK, EXIT_SKIPPED, EXIT_SRM, EXIT_USAGE, main
 
 HALF = {"A": 0.5, "B": 0.5}
 

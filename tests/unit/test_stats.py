@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from worker.stats import (
+from worker.domain.srm.stats import (
     SRM_THRESHOLD,
     StatsInputError,
     critical_z,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.stratify import (
+from worker.domain.cohort.stratify import (
     ASSIGNMENT_METHOD,
     Arm,
     BalanceTable,

@@ -23,11 +23,11 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from schemas.models import MAX_COHORT_MEMBERS, AssignmentEvent, AssignmentRecord
-from worker.errors import PermanentError, TransientError
-from worker.handling import DEFAULT_MAX_BODY_BYTES, Handled, handle
-from worker.ports import Delivery, EventPublisher, MessageSource, OutboundEvent, RecordSink, SettlementLostError
-from worker.registry import ExperimentRegistry
-from worker.tracing import extract_context
+from worker.domain.errors import PermanentError, TransientError
+from worker.domain.registry import ExperimentRegistry
+from worker.service.handling import DEFAULT_MAX_BODY_BYTES, Handled, handle
+from worker.service.ports import Delivery, EventPublisher, MessageSource, OutboundEvent, RecordSink, SettlementLostError
+from worker.service.tracing import extract_context
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,13 @@
 
 Pure: rows (dicts with the :class:`~schemas.models.AssignmentRecord` columns) or pre-aggregated
 cells (what the Kusto query returns) go in, a :class:`Report` comes out; reading files, querying
-Kusto, printing and HTML live elsewhere (``worker.report_cli``, ``adapters.kusto_query``,
-``worker.report_html``).
+Kusto, printing and HTML live elsewhere (``worker.cli.report``, ``adapters.kusto.query``,
+``worker.cli.render.html``).
 
 Rows are deduplicated by ``EventId`` (a redelivered request records an identical row) and filtered
 by experiment and by ``AssignedAt`` (``since`` inclusive, ``until`` exclusive). Per experiment — or
 per experiment × segment — observed counts per variant are tested against the configured split with
-:func:`worker.stats.srm_test` (Pearson chi-square; flagged below p = 0.001).
+:func:`worker.domain.srm.stats.srm_test` (Pearson chi-square; flagged below p = 0.001).
 
 The expected count of a variant is the sum, over the rows, of the share that row's own
 ``SplitRatio`` gives it. With one split this is ``total × share``, the textbook test. When rows carry
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from worker.errors import WorkerError
-from worker.stats import SRM_THRESHOLD, StatsInputError, srm_test
+from worker.domain.errors import WorkerError
+from worker.domain.srm.stats import SRM_THRESHOLD, StatsInputError, srm_test
 
 #: A split as a hashable value: ``((variant, share), ...)`` sorted by variant.
 Split = tuple[tuple[str, float], ...]

@@ -1,10 +1,10 @@
 """Azure Service Bus adapters: the request source (PEEK_LOCK receiver) and the event publisher.
 
 SDK exceptions are translated into ours here, at the boundary: a failed receive or publish is a
-:class:`~worker.errors.TransientError` (the pump backs off and retries; the receiver is rebuilt so a
+:class:`~worker.domain.errors.TransientError` (the pump backs off and retries; the receiver is rebuilt so a
 broker that went away is reconnected), and a settlement refused because the lock was lost or the
-message was already settled is a :class:`~worker.ports.SettlementLostError` (logged and counted, never
-fatal — the broker redelivers). Exception text is passed through :func:`worker.redaction.redact`.
+message was already settled is a :class:`~worker.service.ports.SettlementLostError` (logged and counted, never
+fatal — the broker redelivers). Exception text is passed through :func:`worker.service.redaction.redact`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from azure.servicebus.exceptions import (
     SessionLockLostError,
 )
 
-from worker.errors import TransientError
-from worker.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
-from worker.redaction import redact
+from worker.domain.errors import TransientError
+from worker.service.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
+from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A :class:`~worker.report.Report` as one self-contained HTML page: inline CSS, inline SVG, no script.
+"""A :class:`~worker.domain.srm.report.Report` as one self-contained HTML page: inline CSS, inline SVG, no script.
 
 Nothing is fetched when the page opens (no fonts, scripts or images from elsewhere), so it can be
 mailed, attached to an incident or opened on an air-gapped machine. Charts are drawn here as SVG:
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from html import escape
 
-from worker.report import GroupResult, Report, Series, format_p, format_split, iso
+from worker.domain.srm.report import GroupResult, Report, Series, format_p, format_split, iso
 
 #: Distinguishable on white and for the common colour-vision deficiencies (Okabe–Ito, then greys).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#999999")

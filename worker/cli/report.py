@@ -1,6 +1,6 @@
 """``ab-worker report``: sample-ratio monitoring over recorded assignments, as a table, JSON or HTML.
 
-``worker.cli`` registers it with :func:`add_commands`; ``python -m worker.report_cli`` runs it on its
+``worker.cli`` registers it with :func:`add_commands`; ``python -m worker.cli.report`` runs it on its
 own. Part of the composition root: the Kusto adapter is imported lazily, inside the handler, only
 when ``--kusto`` is given, so ``worker/`` keeps no import-time dependency on an Azure SDK.
 """
@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from worker.errors import UsageError
-from worker.report import (
+from worker.domain.errors import UsageError
+from worker.domain.srm.report import (
     GroupResult,
     Report,
     ReportInputError,
@@ -133,7 +133,7 @@ def _query_kusto(tally: Tally) -> str:
             " (e.g. https://mycluster.westeurope.kusto.windows.net)"
         )
     database = os.environ.get(DATABASE_VARIABLE, "").strip() or DEFAULT_DATABASE
-    from adapters.kusto_query import KustoQueryError, fill_tally
+    from adapters.kusto.query import KustoQueryError, fill_tally
 
     try:
         fill_tally(query_uri, database, tally)
@@ -196,7 +196,7 @@ def _print_problems(problems: Sequence[str], limit: int) -> None:
 
 
 def _write_html(path: Path, report: Report, source: str) -> None:
-    from worker.report_html import render_html
+    from worker.cli.render.html import render_html
 
     temporary = path.with_name(f".{path.name}.tmp")
     try:
@@ -293,7 +293,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``report`` on its own (``python -m worker.report_cli report ...``)."""
+    """Run ``report`` on its own (``python -m worker.cli.report report ...``)."""
     parser = argparse.ArgumentParser(prog="ab-worker", description="Sample-ratio monitoring.")
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.handling import DEFAULT_MAX_BODY_BYTES
+from worker.service.handling import DEFAULT_MAX_BODY_BYTES
 
 
 class WorkerSettings(BaseSettings):

@@ -20,8 +20,8 @@ import yaml
 from pydantic import JsonValue, ValidationError
 
 from schemas.models import ExperimentConfig, ExperimentFile
-from worker.assignment import VariantTable, validate_split
-from worker.errors import ConfigurationError, SplitRatioError
+from worker.domain.assignment import VariantTable, validate_split
+from worker.domain.errors import ConfigurationError, SplitRatioError
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.errors import ConfigurationError
-from worker.pump import PumpConfig
-from worker.redaction import redact
-from worker.settings import WorkerSettings
+from worker.domain.errors import ConfigurationError
+from worker.service.pump import PumpConfig
+from worker.service.redaction import redact
+from worker.service.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from adapters.localbroker import LocalBroker
+    from adapters.local.broker import LocalBroker
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def servicebus_client(settings: WorkerSettings) -> Any:
 def record_sink(settings: WorkerSettings, rows_path: str | None) -> Any:
     """Kusto when configured, else a JSON-lines rows file (or nothing but a count)."""
     if settings.kusto_ingest_uri:
-        from adapters.kusto import RetryPolicy, kusto_sink
+        from adapters.kusto.sink import RetryPolicy, kusto_sink
 
         return kusto_sink(
             settings.kusto_ingest_uri,
@@ -101,7 +101,7 @@ def servicebus_ports(settings: WorkerSettings, rows_path: str | None) -> Ports:
 @contextmanager
 def local_broker(port: int = 0, config_path: str | None = None) -> Iterator[LocalBroker]:
     """The embedded broker on 127.0.0.1, stopped on exit."""
-    from adapters.localbroker import BrokerConfig, LocalBroker
+    from adapters.local.broker import BrokerConfig, LocalBroker
 
     config = BrokerConfig.load(config_path) if config_path else None
     broker = LocalBroker(config, port=port)

@@ -1,6 +1,6 @@
 """``ab-worker stratify`` and ``ab-worker plan``: cohort assignment from a file, and test planning.
 
-``worker.cli`` registers these with :func:`add_commands`; ``python -m worker.cohort_cli`` runs them
+``worker.cli`` registers these with :func:`add_commands`; ``python -m worker.cli.cohort`` runs them
 on their own. Exit statuses of ``stratify``: 0 written and balanced, 3 written but a balance check
 failed, 2 bad input or arguments (nothing written). ``plan`` exits 0, or 2 on bad arguments.
 """
@@ -22,8 +22,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker.stats import ExperimentPlan, StatsInputError, plan_experiment
-from worker.stratify import (
+from worker.domain.cohort.stratify import (
     DEFAULT_MIN_PER_CELL,
     DEFAULT_SEED,
     DEFAULT_TOLERANCE,
@@ -36,6 +35,7 @@ from worker.stratify import (
     stratify_columns,
     value_problem,
 )
+from worker.domain.srm.stats import ExperimentPlan, StatsInputError, plan_experiment
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -710,7 +710,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``stratify`` or ``plan`` on their own (``python -m worker.cohort_cli``)."""
+    """Run ``stratify`` or ``plan`` on their own (``python -m worker.cli.cohort``)."""
     parser = argparse.ArgumentParser(prog="ab-worker", description="Cohort assignment and planning.")
     add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

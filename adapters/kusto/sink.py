@@ -1,6 +1,6 @@
 """Kusto (Azure Data Explorer) record sink: buffered, batched ingestion through azure-kusto-ingest.
 
-:class:`KustoSink` implements :class:`worker.ports.RecordSink`. Rows are buffered and flushed by size
+:class:`KustoSink` implements :class:`worker.service.ports.RecordSink`. Rows are buffered and flushed by size
 (``max_rows``) and by age (``max_age`` seconds since the oldest buffered row). A flush ingests the
 buffer as JSON lines (``multijson``) of ``AssignmentRecord.model_dump(mode="json")`` with the
 pre-created JSON mapping ``AssignmentEvents_json_mapping`` (deploy/kusto/mapping.kql), so the row's
@@ -22,9 +22,9 @@ request timeouts are minutes long (10 min for streaming plus 30 s slack; storage
 cannot all be set per call; a timed-out attempt is abandoned (if it later succeeds, its rows arrive
 twice, which the EventId dedup view absorbs). Attempts are retried with exponential backoff and full
 jitter up to ``attempts`` times; then :meth:`KustoSink.flush` raises
-:class:`~worker.errors.TransientError` and drops the buffer, as the ``RecordSink`` contract says, so
+:class:`~worker.domain.errors.TransientError` and drops the buffer, as the ``RecordSink`` contract says, so
 the pump abandons (or keeps holding) those messages and they come back: rows are never silently lost.
-SDK exceptions are translated here and their text goes through :func:`worker.redaction.redact`
+SDK exceptions are translated here and their text goes through :func:`worker.service.redaction.redact`
 (storage errors carry SAS URLs).
 
 Authentication: ``https://`` endpoints use AAD through an azure-identity credential
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from schemas.models import AssignmentRecord
-from worker.errors import ConfigurationError, TransientError
-from worker.redaction import redact
+from worker.domain.errors import ConfigurationError, TransientError
+from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _chunks(records: Sequence[AssignmentRecord], max_bytes: int) -> Iterator[byt
 
 
 class KustoSink:
-    """A :class:`~worker.ports.RecordSink` that ingests rows into a Kusto table in batches."""
+    """A :class:`~worker.service.ports.RecordSink` that ingests rows into a Kusto table in batches."""
 
     def __init__(
         self,

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from worker.errors import WorkerError
-from worker.report import ReportInputError, Tally, Window, as_utc, iso, parse_split
+from worker.domain.errors import WorkerError
+from worker.domain.srm.report import ReportInputError, Tally, Window, as_utc, iso, parse_split
 
 #: The view that drops redelivered rows (same EventId); owned by deploy/kusto/functions.kql.
 DEDUP_VIEW = "AssignmentEventsDedup()"

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from numbers import Real
 from statistics import NormalDist
 
-from worker.errors import WorkerError
+from worker.domain.errors import WorkerError
 
 SRM_THRESHOLD = 0.001
 _NORMAL = NormalDist()

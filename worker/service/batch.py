@@ -1,7 +1,7 @@
 """Assigning a whole file of users: the same batch path the benchmark measures.
 
 Reads JSON lines or CSV (a ``user_id`` column, optionally ``segment``), assigns in chunks with
-:func:`worker.assignment.bucket_ints`, and streams JSON lines or CSV out. Bad rows are reported with
+:func:`worker.domain.assignment.bucket_ints`, and streams JSON lines or CSV out. Bad rows are reported with
 their line number and skipped; they never stop the run.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from schemas.models import MAX_ID_CHARS
-from worker.assignment import BUCKETS, bucket_ints
-from worker.registry import Experiment
+from worker.domain.assignment import BUCKETS, bucket_ints
+from worker.domain.registry import Experiment
 
 CHUNK_ROWS = 65_536
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

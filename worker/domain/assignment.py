@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.errors import SplitRatioError, UnsupportedStrategyError
+from worker.domain.errors import SplitRatioError, UnsupportedStrategyError
 
 DEFAULT_SEED = "echovoice"
 DEFAULT_SPLIT: dict[str, float] = {"A": 0.5, "B": 0.5}

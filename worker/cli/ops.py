@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from worker.errors import UsageError
+from worker.domain.errors import UsageError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -24,8 +24,8 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _client() -> Any:
-    from worker import compose
     from worker.cli import _settings
+    from worker.service import bootstrap as compose
 
     settings = _settings()
     if settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
@@ -41,7 +41,7 @@ def _client() -> Any:
 
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run the embedded broker in the foreground."""
-    from adapters.localbroker import BrokerConfigError, serve
+    from adapters.local.broker import BrokerConfigError, serve
 
     try:
         code: int = serve(args.host, args.port, args.config)
@@ -90,7 +90,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _entity(args: argparse.Namespace, settings: Any) -> Any:
-    from adapters.dlq import Entity
+    from adapters.servicebus.dlq import Entity
 
     try:
         return Entity.parse(args.entity or settings.queue_name)
@@ -114,7 +114,7 @@ def parse_time(text: str | None, flag: str) -> datetime | None:
 
 def cmd_dlq_peek(args: argparse.Namespace) -> int:
     """List dead letters without changing them."""
-    from adapters.dlq import ReplayFilter, peek
+    from adapters.servicebus.dlq import ReplayFilter, peek
 
     client, settings = _client()
     selection = ReplayFilter(args.reason, args.experiment, parse_time(args.since, "--since"), None)
@@ -149,7 +149,7 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
 
 def cmd_dlq_export(args: argparse.Namespace) -> int:
     """Write dead letters (body + properties) to JSON lines, leaving them in place."""
-    from adapters.dlq import peek
+    from adapters.servicebus.dlq import peek
 
     client, settings = _client()
     with client:
@@ -163,7 +163,7 @@ def cmd_dlq_export(args: argparse.Namespace) -> int:
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     """Resubmit dead letters to their entity; complete the DLQ copy only after the broker accepted it."""
-    from adapters.dlq import ReplayFilter, replay
+    from adapters.servicebus.dlq import ReplayFilter, replay
 
     if args.from_file:
         return _replay_file(args)
@@ -203,7 +203,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _replay_file(args: argparse.Namespace) -> int:
-    from adapters.dlq import DeadLetter, replay_from_file
+    from adapters.servicebus.dlq import DeadLetter, replay_from_file
 
     path = Path(args.from_file)
     if not path.is_file():

@@ -20,9 +20,12 @@ from typing import IO, Any
 
 from pydantic import SecretStr, ValidationError
 
-from worker import cohort_cli, compose, ops_cli, report_cli
-from worker.errors import ConfigurationError, PermanentError, SplitRatioError, UsageError
-from worker.registry import ExperimentRegistry, ReloadingRegistry
+from worker.cli import cohort as cohort_cli
+from worker.cli import ops as ops_cli
+from worker.cli import report as report_cli
+from worker.domain.errors import ConfigurationError, PermanentError, SplitRatioError, UsageError
+from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
+from worker.service import bootstrap as compose
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("ab_worker")
@@ -68,8 +71,8 @@ def cmd_assign(args: argparse.Namespace) -> int:
         return _assign_file(args, experiment)
     if not args.user:
         raise UsageError("give --user USER_ID, or --input FILE to assign every row of a file")
-    from worker.handling import handle
-    from worker.ports import Delivery
+    from worker.service.handling import handle
+    from worker.service.ports import Delivery
 
     body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
     if args.segment:
@@ -88,7 +91,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def _assign_file(args: argparse.Namespace, experiment: Any) -> int:
-    from worker.batch import assign_file, decoded_lines, detect_format
+    from worker.service.batch import assign_file, decoded_lines, detect_format
 
     source = Path(args.input)
     if not source.is_file():
@@ -153,7 +156,7 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 
 
 def _settings() -> Any:
-    from worker.settings import WorkerSettings
+    from worker.service.settings import WorkerSettings
 
     try:
         return WorkerSettings()
@@ -163,7 +166,7 @@ def _settings() -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pump: over a file (``--input``), the embedded broker (``--local``) or Service Bus."""
-    from worker.pump import Pump
+    from worker.service.pump import Pump
 
     settings = _settings()
     experiments_file = args.config or settings.experiments_file
@@ -216,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack: ExitStack) -> Any:
     from adapters.servicebus import send_requests
-    from worker.demo import demo_requests
+    from worker.cli.demo import demo_requests
 
     bodies = demo_requests(registry)
     sent = send_requests(client, settings.queue_name, bodies)
@@ -259,7 +262,7 @@ class _EventViewer:
             print("…", flush=True)
 
     def finish(self, stats: Any) -> None:
-        from worker.demo import summary_table
+        from worker.cli.demo import summary_table
 
         self._tail.stop(drain_seconds=1.0)
         print(f"\n{self._tail.received} events read back from subscription 'all'\n", flush=True)
@@ -412,7 +415,7 @@ def _add_run(commands: Any) -> None:
 
 
 def _configure_logging(level: str) -> None:
-    from worker.redaction import install_log_redaction
+    from worker.service.redaction import install_log_redaction
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The Azure SDKs narrate every link state change at INFO; keep them to warnings unless debugging.
@@ -437,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if not _is_azure_error(exc):
             raise
-        from worker.redaction import redact
+        from worker.service.redaction import redact
 
         print(f"ab-worker {args.command}: error: Azure call failed: {redact(str(exc))}", file=sys.stderr)
         return EXIT_PARTIAL

@@ -48,9 +48,9 @@ from typing import Any, Protocol, overload
 
 import numpy as np
 
-from worker.assignment import digest as _digest
-from worker.assignment import md5 as _md5
-from worker.errors import WorkerError
+from worker.domain.assignment import digest as _digest
+from worker.domain.assignment import md5 as _md5
+from worker.domain.errors import WorkerError
 
 DEFAULT_SEED = 42
 DEFAULT_TOLERANCE = 0.05

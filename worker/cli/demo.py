@@ -6,7 +6,7 @@ import json
 import random
 from collections import Counter
 
-from worker.registry import ExperimentRegistry
+from worker.domain.registry import ExperimentRegistry
 
 CAMPAIGNS = ("winter_2026", "spring_launch", "retention_q1")
 

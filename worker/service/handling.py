@@ -23,10 +23,10 @@ from schemas.models import (
     CohortAssignmentRequest,
     CohortReportEvent,
 )
-from worker.assignment import BUCKETS, bucket_int
-from worker.errors import DeadLetterReason, DecodeError, PermanentError
-from worker.ports import Delivery, OutboundEvent
-from worker.registry import ExperimentRegistry
+from worker.domain.assignment import BUCKETS, bucket_int
+from worker.domain.errors import DeadLetterReason, DecodeError, PermanentError
+from worker.domain.registry import ExperimentRegistry
+from worker.service.ports import Delivery, OutboundEvent
 
 #: Namespace for event ids: uuid5(EVENT_NAMESPACE, message_id). Fixed forever: changing it would
 #: give redelivered requests new ids and defeat duplicate detection downstream.
@@ -198,7 +198,7 @@ def handle(
 
 def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_members: int) -> Handled:
     """One event per member plus a cohort report; identical for a replayed message."""
-    from worker.stratify import Arm, CohortInputError, stratify_columns
+    from worker.domain.cohort.stratify import Arm, CohortInputError, stratify_columns
 
     if len(request.members) > max_members:
         raise PermanentError(
