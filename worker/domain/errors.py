@@ -11,6 +11,7 @@ Errors split two ways, and the pump settles a message by which side its error is
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 #: Descriptions go into broker properties, logs and telemetry: bound them so one huge bad value
@@ -27,6 +28,8 @@ class DeadLetterReason(StrEnum):
     MESSAGE_TOO_LARGE = "MessageTooLarge"
     COHORT_TOO_LARGE = "CohortTooLarge"
     INVALID_COHORT = "InvalidCohort"
+    REPLY_UNDELIVERABLE = "ReplyUndeliverable"
+    EVENT_TOO_LARGE = "EventTooLarge"
 
 
 def truncate(text: str, limit: int = MAX_DESCRIPTION_CHARS) -> str:
@@ -76,3 +79,17 @@ class DecodeError(PermanentError):
 
 class TransientError(WorkerError):
     """A dependency failed in a way that may pass; the message must be redelivered, not dropped."""
+
+
+class PublishRejected(WorkerError):
+    """Some events were refused for good; every event not named in :attr:`rejected` was accepted.
+
+    Raised by ``EventPublisher.publish`` when an event can never be delivered (its reply entity does
+    not exist or may not be sent to, or it is larger than the entity accepts). ``rejected`` maps the
+    refused events' ``message_id`` to the :class:`PermanentError` that dead-letters their request.
+    The pump dead-letters those requests alone and never publishes the accepted events again.
+    """
+
+    def __init__(self, rejected: Mapping[str, PermanentError]) -> None:
+        self.rejected = dict(rejected)
+        super().__init__(f"{len(self.rejected)} event(s) refused: " + "; ".join(str(e) for e in self.rejected.values()))
