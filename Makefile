@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -m "not integration"
@@ -41,14 +42,22 @@ schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
 	$(BIN)/python -m tests.conformance_cases
 
-## Re-pin every dependency after changing pyproject.toml.
+## Re-pin every dependency after changing pyproject.toml: requirements.lock (development: the
+## runtime, the local broker and the test tools) and requirements-runtime.lock (the image: runtime only,
+## at the same versions).
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
-	.lock-venv/bin/python -m pip install --quiet -e ".[test]"
+	.lock-venv/bin/python -m pip install --quiet -e ".[local,test]"
 	{ echo "# Exact versions for a reproducible install: regenerate with \`make lock\` after changing pyproject.toml."; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable; } > requirements.lock
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet --constraint requirements.lock .
+	{ echo "# The image's runtime-only pins (same versions as requirements.lock): regenerate with \`make lock\`."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^ab-assignment-worker'; } > requirements-runtime.lock
 	rm -rf .lock-venv
 
 clean:

