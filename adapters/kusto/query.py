@@ -13,7 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from worker.domain.errors import WorkerError
-from worker.domain.srm.report import ReportInputError, Tally, Window, as_utc, iso, parse_split
+from worker.domain.moments import utc_iso
+from worker.domain.srm.report import ReportInputError, Tally, Window, as_utc, parse_split
 
 #: The view that drops redelivered rows (same EventId); owned by deploy/kusto/functions.kql.
 DEDUP_VIEW = "AssignmentEventsDedup()"
@@ -35,11 +36,11 @@ def assignment_query(window: Window) -> tuple[str, dict[str, str]]:
     if window.since is not None:
         declared.append("since:datetime")
         filters.append("| where AssignedAt >= since")
-        parameters["since"] = f"datetime({iso(window.since)})"
+        parameters["since"] = f"datetime({utc_iso(window.since)})"
     if window.until is not None:
         declared.append("until:datetime")
         filters.append("| where AssignedAt < until")
-        parameters["until"] = f"datetime({iso(window.until)})"
+        parameters["until"] = f"datetime({utc_iso(window.until)})"
     lines = [f"declare query_parameters({', '.join(declared)});"] if declared else []
     lines += [
         DEDUP_VIEW,

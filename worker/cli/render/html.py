@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from html import escape
 
-from worker.domain.srm.report import GroupResult, Report, Series, format_p, format_split, iso
+from worker.domain.moments import utc_iso
+from worker.domain.srm.report import GroupResult, Report, Series, format_p, format_split
 
 #: Distinguishable on white and for the common colour-vision deficiencies (Okabe–Ito, then greys).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#999999")
@@ -72,8 +73,8 @@ def _header(report: Report, source: str) -> str:
     window = report.window
     filters = [
         f"experiment {escape(window.experiment)}" if window.experiment else "all experiments",
-        f"since {iso(window.since)}" if window.since else "",
-        f"until {iso(window.until)}" if window.until else "",
+        f"since {utc_iso(window.since)}" if window.since else "",
+        f"until {utc_iso(window.until)}" if window.until else "",
         "by segment" if report.by_segment else "",
     ]
     counts = (
@@ -82,7 +83,7 @@ def _header(report: Report, source: str) -> str:
     )
     return (
         "<header><h1>Assignment report</h1>"
-        f'<div class="meta">Generated {iso(report.generated_at)}'
+        f'<div class="meta">Generated {utc_iso(report.generated_at)}'
         f"{' from ' + escape(source) if source else ''} · {', '.join(f for f in filters if f)}</div>"
         f'<div class="meta">{counts}</div>{_banner(report)}</header>'
     )

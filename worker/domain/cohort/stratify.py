@@ -51,6 +51,7 @@ import numpy as np
 from worker.domain.assignment import digest as _digest
 from worker.domain.assignment import md5 as _md5
 from worker.domain.errors import WorkerError
+from worker.domain.moments import utc_iso
 
 DEFAULT_SEED = 42
 DEFAULT_TOLERANCE = 0.05
@@ -133,7 +134,7 @@ class CohortRecord:
             "segment": self.segment,
             "experiment_arm": self.experiment_arm,
             "variant_id": self.variant_id,
-            "assigned_at": format_timestamp(self.assigned_at),
+            "assigned_at": utc_iso(self.assigned_at),
             "assignment_method": self.assignment_method,
             "seed": self.seed,
             "experiment_id": self.experiment_id,
@@ -243,16 +244,11 @@ class CohortRecords(Sequence[CohortRecord]):
             self.segments,
             self.arms,
             self.variants,
-            repeat(format_timestamp(self.assigned_at)),
+            repeat(utc_iso(self.assigned_at)),
             repeat(ASSIGNMENT_METHOD),
             repeat(self.seed),
             repeat(self.experiment_id),
         )
-
-
-def format_timestamp(moment: datetime) -> str:
-    """ISO 8601 in UTC with a ``Z`` suffix, e.g. ``2025-11-23T09:00:00Z``."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +378,7 @@ class CohortAssignment:
         summary: dict[str, Any] = {
             "experiment_id": self.experiment_id,
             "seed": self.seed,
-            "assigned_at": format_timestamp(self.assigned_at),
+            "assigned_at": utc_iso(self.assigned_at),
             "assignment_method": ASSIGNMENT_METHOD,
             "members": len(self.records),
             "arms": [

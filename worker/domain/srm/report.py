@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.domain.errors import WorkerError
+from worker.domain.moments import utc_iso
 from worker.domain.srm.stats import SRM_THRESHOLD, StatsInputError, srm_test
 
 #: A split as a hashable value: ``((variant, share), ...)`` sorted by variant.
@@ -68,11 +69,6 @@ def as_utc(moment: datetime) -> datetime:
 def hour_of(moment: datetime) -> datetime:
     """The start of the UTC hour holding ``moment`` (the time-series bucket)."""
     return moment.replace(minute=0, second=0, microsecond=0)
-
-
-def iso(moment: datetime) -> str:
-    """``2025-11-23T09:00:00Z``-style UTC text, microseconds kept only when present."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,11 +316,11 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: times as ISO 8601 UTC text, splits as objects."""
         return {
-            "generated_at": iso(self.generated_at),
+            "generated_at": utc_iso(self.generated_at),
             "filters": {
                 "experiment": self.window.experiment,
-                "since": None if self.window.since is None else iso(self.window.since),
-                "until": None if self.window.until is None else iso(self.window.until),
+                "since": None if self.window.since is None else utc_iso(self.window.since),
+                "until": None if self.window.until is None else utc_iso(self.window.until),
                 "by": "segment" if self.by_segment else "experiment",
             },
             "rows_read": self.rows_read,
@@ -337,7 +333,7 @@ class Report:
             "series": [
                 {
                     "experiment": s.experiment,
-                    "hours": [iso(hour) for hour in s.hours],
+                    "hours": [utc_iso(hour) for hour in s.hours],
                     "counts": {variant: list(counts) for variant, counts in s.counts.items()},
                 }
                 for s in self.series
