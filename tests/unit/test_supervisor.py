@@ -1,0 +1,187 @@
+"""The process supervisor behind ``run --processes N``, driven with small stand-in child processes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.service.supervisor import Supervisor, SupervisorConfig, process_count
+
+# A child that serves the worker's probes on AB_WORKER_HEALTH_PORT and behaves as CHILD_MODE says.
+CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys, threading, time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    mode = os.environ.get("CHILD_MODE", "serve")
+    index = os.environ["CHILD_INDEX"]
+    marks = os.environ["CHILD_MARKS"]
+    with open(os.path.join(marks, f"start-{index}-{time.monotonic_ns()}"), "w"):
+        pass
+    if mode == "crash" and index == "1":
+        sys.exit(3)
+    if mode == "finish":
+        sys.exit(0)
+    stop = threading.Event()
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, lambda *_: None)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    class Probe(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ready = mode != "unready"
+            ok = self.path == "/healthz" or ready
+            body = json.dumps({"detail": "ok" if ready else "event topic down: test"}).encode()
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", int(os.environ["AB_WORKER_HEALTH_PORT"])), Probe)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    while not stop.is_set():
+        time.sleep(0.05)
+    sys.exit(0)
+    """
+)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def supervise(tmp_path: Path) -> Iterator[Callable[..., tuple[Supervisor, threading.Thread, list[int]]]]:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD, encoding="utf-8")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    started: list[tuple[Supervisor, threading.Thread]] = []
+
+    def start(
+        mode: str, processes: int = 2, drain_deadline: float = 10.0
+    ) -> tuple[Supervisor, threading.Thread, list[int]]:
+        config = SupervisorConfig(
+            processes=processes,
+            command=[sys.executable, str(script)],
+            env={"CHILD_MODE": mode, "CHILD_MARKS": str(marks), "PATH": "/usr/bin:/bin"},
+            drain_deadline=drain_deadline,
+            min_backoff=0.2,
+            max_backoff=0.4,
+            child_env=lambda index: {"CHILD_INDEX": str(index)},
+        )
+        supervisor = Supervisor(config)
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
+        thread.start()
+        started.append((supervisor, thread))
+        return supervisor, thread, result
+
+    yield start
+    for supervisor, thread in started:
+        supervisor.stop()
+        thread.join(30)
+
+
+def starts(tmp_path: Path, index: int) -> int:
+    return len(list((tmp_path / "marks").glob(f"start-{index}-*")))
+
+
+def test_children_get_their_own_probe_ports_and_readiness_is_the_conjunction(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]],
+) -> None:
+    """Every child serves its probes on its own port; the supervisor is ready once all of them are."""
+    supervisor, thread, result = supervise("serve", processes=3)
+    assert len({child.health_port for child in supervisor.children}) == 3
+    wait_for(lambda: supervisor.health()[1])
+    live, ready, detail = supervisor.health()
+    assert (live, ready) == (True, True)
+    assert detail == "ok (3 processes)"
+    supervisor.stop()
+    thread.join(15)
+    assert result == [0]
+    assert all(child.exit_codes == [0] for child in supervisor.children)
+
+
+def test_an_unready_child_makes_the_pod_unready_but_stays_live(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]],
+) -> None:
+    """A child whose dependency is down turns /readyz red with its reason; /healthz stays green."""
+    supervisor, _, _ = supervise("unready")
+    wait_for(lambda: supervisor.health()[2].count("event topic down") == 2)
+    live, ready, detail = supervisor.health()
+    assert live
+    assert not ready
+    assert detail == "process 1: event topic down: test; process 2: event topic down: test"
+
+
+def test_a_crashed_child_is_restarted_with_backoff_while_the_pod_stays_live(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]], tmp_path: Path
+) -> None:
+    """A child that exits non-zero is started again after a growing delay; its sibling is untouched."""
+    supervisor, _, _ = supervise("crash")
+    wait_for(lambda: starts(tmp_path, 1) >= 3)
+    first, second = supervisor.children
+    assert 3 in first.exit_codes
+    assert first.restarts >= 2
+    assert second.exit_codes == []
+    assert second.running
+    live, ready, _ = supervisor.health()
+    assert live
+    assert not ready
+
+
+def test_sigterm_drains_every_child_and_kills_what_outlives_the_deadline(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]],
+) -> None:
+    """Children that ignore SIGTERM are killed once the drain deadline has passed, never later."""
+    supervisor, thread, result = supervise("stubborn", drain_deadline=1.0)
+    wait_for(lambda: supervisor.health()[1])
+    began = time.monotonic()
+    supervisor.stop()
+    thread.join(15)
+    elapsed = time.monotonic() - began
+    assert 1.0 <= elapsed < 6.0, elapsed
+    assert all(child.exit_codes == [-signal.SIGKILL] for child in supervisor.children)
+    assert result == [1]
+
+
+def test_children_that_finish_by_themselves_end_the_run(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]], tmp_path: Path
+) -> None:
+    """With --drain every child exits 0 once the queue is empty: nothing is restarted and the run ends 0."""
+    _supervisor, thread, result = supervise("finish")
+    thread.join(15)
+    assert result == [0]
+    assert starts(tmp_path, 1) == 1
+    assert starts(tmp_path, 2) == 1
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1", 1), ("4", 4), (" auto ", None)])
+def test_process_count(text: str, expected: int | None) -> None:
+    """``--processes`` takes 1–64 or ``auto`` (the cores this process may use)."""
+    count = process_count(text)
+    assert count >= 1
+    if expected is not None:
+        assert count == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "65", "two"])
+def test_process_count_refuses_nonsense(text: str) -> None:
+    """Zero, negative, huge and non-numeric counts are errors, not silently clamped."""
+    with pytest.raises(ValueError, match=text):
+        process_count(text)

@@ -1,0 +1,217 @@
+"""``ab-worker run --processes N``: one supervisor, N pump processes, so a pod uses its cores.
+
+One Python process is bound to one core by the GIL. The supervisor starts N ordinary ``ab-worker
+run`` processes (each with its own Service Bus connection: competing consumers on one queue, as
+separate replicas would be), restarts a crashed one with exponential backoff, answers the probes for
+all of them, and drains all of them on SIGTERM within the drain deadline.
+
+Each child serves its own probes on a private 127.0.0.1 port; the supervisor polls them and
+aggregates: live while every child is live or waiting to be restarted (a crash is the supervisor's
+business, not the kubelet's), ready only while every child is ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+#: How often the children's probes are polled.
+POLL_SECONDS = 1.0
+#: A child that has run this long without crashing starts its next backoff from the beginning.
+STABLE_SECONDS = 60.0
+
+
+def process_count(text: str) -> int:
+    """``auto`` (the cores this process may run on) or a whole number from 1 to 64."""
+    if text.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    count = int(text)
+    if not 1 <= count <= 64:
+        raise ValueError(f"{text}: use a whole number from 1 to 64, or auto")
+    return count
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(slots=True)
+class Child:
+    """One pump process and what the supervisor knows of it."""
+
+    index: int
+    health_port: int
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    next_start: float = 0.0
+    exit_codes: list[int] = field(default_factory=list)
+    #: (live, ready, detail) from the child's last probe.
+    probe: tuple[bool, bool, str] = (True, False, "starting")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorConfig:
+    """How to start the children and how patient to be with them."""
+
+    processes: int
+    command: Sequence[str]
+    env: Mapping[str, str]
+    drain_deadline: float = 25.0
+    min_backoff: float = 1.0
+    max_backoff: float = 30.0
+    #: Child ``i`` (1-based) gets these extra environment variables, e.g. its own rows file.
+    child_env: Callable[[int], Mapping[str, str]] = lambda index: {}
+
+
+class Supervisor:
+    """Starts, watches, restarts and drains the pump processes."""
+
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+        self.children = [Child(i, free_port()) for i in range(1, config.processes + 1)]
+        self._stop = threading.Event()
+        self._heartbeat = time.monotonic()
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask every child to drain; safe from a signal handler."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Supervise until stopped or until every child has exited 0 by itself; the exit status."""
+        try:
+            while not self._stop.is_set():
+                self._heartbeat = time.monotonic()
+                self._start_due()
+                self._reap()
+                if all(self._finished(child) for child in self.children):
+                    break
+                self._poll_probes()
+                self._stop.wait(POLL_SECONDS / 4)
+        finally:
+            self._drain()
+        failed = [c.index for c in self.children if c.exit_codes and c.exit_codes[-1] not in (0, -signal.SIGTERM)]
+        return 1 if failed else 0
+
+    def health(self) -> tuple[bool, bool, str]:
+        """(live, ready, detail) over every child, for /healthz and /readyz."""
+        live = time.monotonic() - self._heartbeat < max(30.0, 10 * POLL_SECONDS)
+        if self._stop.is_set():
+            return live, False, "draining"
+        details, ready = [], True
+        with self._lock:
+            for child in self.children:
+                child_live, child_ready, detail = child.probe
+                if child.running and not child_live:
+                    live = False
+                if not (child.running and child_ready):
+                    ready = False
+                    details.append(f"process {child.index}: {detail}")
+        return live, ready, "; ".join(details) or f"ok ({len(self.children)} processes)"
+
+    # -- children ----------------------------------------------------------------------------
+
+    def _finished(self, child: Child) -> bool:
+        return not child.running and bool(child.exit_codes) and child.exit_codes[-1] == 0
+
+    def _start_due(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.process is None and now >= child.next_start and not self._finished(child):
+                self._start(child)
+
+    def _start(self, child: Child) -> None:
+        env = {
+            **self.config.env,
+            **self.config.child_env(child.index),
+            "AB_WORKER_HEALTH_PORT": str(child.health_port),
+            "AB_WORKER_HEALTH_HOST": "127.0.0.1",
+        }
+        child.process = subprocess.Popen(self.config.command, env=env)  # noqa: S603 - our own entry point
+        child.started = time.monotonic()
+        with self._lock:
+            child.probe = (True, False, "starting")
+        log.info("process %d started (pid %d)", child.index, child.process.pid)
+
+    def _reap(self) -> None:
+        for child in self.children:
+            if child.process is None or child.process.poll() is None:
+                continue
+            code = child.process.returncode
+            child.exit_codes.append(code)
+            child.process = None
+            if code == 0:
+                log.info("process %d finished", child.index)
+                continue
+            if time.monotonic() - child.started >= STABLE_SECONDS:
+                child.restarts = 0
+            delay = min(self.config.max_backoff, self.config.min_backoff * 2**child.restarts)
+            child.restarts += 1
+            child.next_start = time.monotonic() + delay
+            with self._lock:
+                child.probe = (True, False, f"exited with {code}; restarting in {delay:.0f} s")
+            log.warning("process %d exited with %d; restarting in %.1f s", child.index, code, delay)
+
+    def _poll_probes(self) -> None:
+        for child in self.children:
+            if child.running:
+                probe = _probe(child.health_port, child.probe)
+                with self._lock:
+                    child.probe = probe
+
+    def _drain(self) -> None:
+        running = [c for c in self.children if c.running]
+        for child in running:
+            assert child.process is not None
+            child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.drain_deadline
+        for child in running:
+            assert child.process is not None
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("process %d did not stop within the drain deadline; killing it", child.index)
+                child.process.kill()
+                child.process.wait()
+            child.exit_codes.append(child.process.returncode)
+            child.process = None
+
+
+def _probe(port: int, last: tuple[bool, bool, str]) -> tuple[bool, bool, str]:
+    """The child's (live, ready, detail); a child that does not answer yet keeps its last state."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=POLL_SECONDS) as answer:
+            return True, True, str(json.load(answer).get("detail", "ok"))
+    except urllib.error.HTTPError as refused:
+        detail = str(json.load(refused).get("detail", "unavailable"))
+    except (OSError, ValueError):
+        return last
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=POLL_SECONDS):
+            return True, False, detail
+    except urllib.error.HTTPError:
+        return False, False, detail
+    except (OSError, ValueError):
+        return last
