@@ -340,7 +340,7 @@ class _EndlessSource(MemorySource):
 
 def test_sigterm_finishes_in_flight_batch_and_exits_cleanly():
     """SIGTERM: stop receiving, settle the in-flight batch, flush rows, close every port."""
-    from worker.cli import _stop_on_signals
+    from worker.cli.run import _stop_on_signals
 
     source, publisher, sink = _EndlessSource(), MemoryPublisher(), MemorySink()
     pump = _pump(source, publisher, sink, max_batch=20)

@@ -1,7 +1,7 @@
-"""Operator commands: ``broker``, ``publish`` and ``dlq peek|export|replay``.
+"""``ab-worker dlq peek|export|replay``: inspect, export and replay dead-lettered requests.
 
-Part of the composition root: handlers import adapters lazily, so ``ab-worker --help`` stays fast and
-``worker/`` keeps no import-time dependency on Azure SDKs.
+Handlers import adapters lazily, so ``ab-worker --help`` stays fast and ``worker/`` keeps no
+import-time dependency on Azure SDKs.
 """
 
 from __future__ import annotations
@@ -14,79 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, servicebus_client
 from worker.domain.errors import UsageError
-
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
-def _client() -> Any:
-    from worker.cli import _settings
-    from worker.service import bootstrap as compose
-
-    settings = _settings()
-    if settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
-        raise UsageError(
-            "no Service Bus: set AB_WORKER_SERVICEBUS_CONNECTION_STRING (e.g. the one `ab-worker broker` prints) "
-            "or AB_WORKER_SERVICEBUS_NAMESPACE"
-        )
-    return compose.servicebus_client(settings), settings
-
-
-# -- broker ---------------------------------------------------------------------------------------
-
-
-def cmd_broker(args: argparse.Namespace) -> int:
-    """Run the embedded broker in the foreground."""
-    from adapters.local.broker import BrokerConfigError, serve
-
-    try:
-        code: int = serve(args.host, args.port, args.config)
-    except BrokerConfigError as exc:
-        raise UsageError(str(exc)) from None
-    return code
-
-
-# -- publish --------------------------------------------------------------------------------------
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    """Publish one request from flags, or every line of a JSON-lines file, through the real SDK."""
-    from adapters.servicebus import send_requests
-
-    if bool(args.file) == bool(args.user):
-        raise UsageError("give either --user (with --experiment) or --file FILE")
-    if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise UsageError(f"{path}: file not found")
-        bodies = [line.rstrip(b"\r\n") for line in path.open("rb") if line.strip()]
-    else:
-        if not args.experiment:
-            raise UsageError("--user needs --experiment")
-        body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
-        if args.segment:
-            body["segment"] = args.segment
-        if args.context:
-            try:
-                context = json.loads(args.context)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"--context is not JSON: {exc.msg}") from None
-            if not isinstance(context, dict):
-                raise UsageError("--context must be a JSON object")
-            body["context"] = context
-        bodies = [json.dumps(body).encode()] * args.count
-    client, settings = _client()
-    with client:
-        sent = send_requests(client, args.queue or settings.queue_name, bodies)
-    print(f"published {sent} requests to {args.queue or settings.queue_name!r}", file=sys.stderr)
-    return EXIT_OK
-
-
-# -- dlq ------------------------------------------------------------------------------------------
 
 
 def _entity(args: argparse.Namespace, settings: Any) -> Any:
@@ -116,7 +45,7 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
     """List dead letters without changing them."""
     from adapters.servicebus.dlq import ReplayFilter, peek
 
-    client, settings = _client()
+    client, settings = servicebus_client()
     selection = ReplayFilter(args.reason, args.experiment, parse_time(args.since, "--since"), None)
     with client:
         letters = [x for x in peek(client, _entity(args, settings), limit=args.limit) if selection.matches(x)]
@@ -151,7 +80,7 @@ def cmd_dlq_export(args: argparse.Namespace) -> int:
     """Write dead letters (body + properties) to JSON lines, leaving them in place."""
     from adapters.servicebus.dlq import peek
 
-    client, settings = _client()
+    client, settings = servicebus_client()
     with client:
         letters = peek(client, _entity(args, settings), limit=args.limit)
     with Path(args.file).open("w", encoding="utf-8") as out:
@@ -167,7 +96,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
     if args.from_file:
         return _replay_file(args)
-    client, settings = _client()
+    client, settings = servicebus_client()
     entity = _entity(args, settings)
     selection = ReplayFilter(
         args.reason, args.experiment, parse_time(args.since, "--since"), parse_time(args.until, "--until")
@@ -221,7 +150,7 @@ def _replay_file(args: argparse.Namespace) -> int:
             problems.append(f"{path}: line {number}: {exc}")
     if problems:
         raise UsageError("nothing was sent; fix these lines first:\n" + "\n".join(problems))
-    client, settings = _client()
+    client, settings = servicebus_client()
     with client:
         if args.dry_run:
             sent = len(letters)
@@ -231,55 +160,12 @@ def _replay_file(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- parser ---------------------------------------------------------------------------------------
-
-
 def add_commands(commands: Any) -> None:
-    """Register ``broker``, ``publish`` and ``dlq``."""
-    broker = commands.add_parser(
-        "broker",
-        help="run the embedded Service Bus broker (AMQP on 127.0.0.1)",
-        formatter_class=_formatter,
-        description="Run the embedded Service Bus stand-in in the foreground and print its connection string.",
-        epilog=(
-            "examples:\n"
-            "  ab-worker broker --port 5672\n"
-            "  export AB_WORKER_SERVICEBUS_CONNECTION_STRING='<the printed string>'\n"
-            "  ab-worker run --config deploy/experiments.yaml\n\n"
-            "--config takes the official emulator's Config.json shape (deploy/servicebus-emulator/Config.json)."
-        ),
-    )
-    broker.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    broker.add_argument("--port", type=int, default=5672, help="port (default 5672; 0 picks a free one)")
-    broker.add_argument("--config", help="entities file in the official emulator's Config.json shape")
-    broker.set_defaults(func=cmd_broker)
-
-    publish = commands.add_parser(
-        "publish",
-        help="publish assignment requests to the queue",
-        formatter_class=_formatter,
-        description="Publish requests through the real azure-servicebus SDK, as another service would.",
-        epilog=(
-            "examples:\n"
-            "  ab-worker publish --experiment exp_001 --user U123\n"
-            '  ab-worker publish --experiment exp_001 --user U123 --context \'{"campaign": "c1"}\' --count 10\n'
-            "  ab-worker publish --file deploy/sample-requests.jsonl\n\n"
-            "Lines of --file are sent as they are (malformed ones included, to exercise dead-lettering)."
-        ),
-    )
-    publish.add_argument("--experiment", help="experiment id")
-    publish.add_argument("--user", help="user id")
-    publish.add_argument("--segment", help="segment")
-    publish.add_argument("--context", help="context as a JSON object")
-    publish.add_argument("--count", type=int, default=1, help="send the request this many times (default 1)")
-    publish.add_argument("--file", help="JSON-lines file: one request body per line")
-    publish.add_argument("--queue", help="queue (default AB_WORKER_QUEUE_NAME)")
-    publish.set_defaults(func=cmd_publish)
-
+    """Register ``dlq``."""
     dlq = commands.add_parser(
         "dlq",
         help="inspect, export and replay dead-lettered requests",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description=(
             "Dead-letter queue operations. --entity is a queue (default: the requests queue)\n"
             "or TOPIC/Subscriptions/SUB."
@@ -289,7 +175,7 @@ def add_commands(commands: Any) -> None:
     peek = actions.add_parser(
         "peek",
         help="list dead letters without changing them",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         epilog=(
             "examples:\n  ab-worker dlq peek\n  ab-worker dlq peek --summary\n"
             "  ab-worker dlq peek --reason UnknownExperiment --json"
@@ -303,7 +189,7 @@ def add_commands(commands: Any) -> None:
     peek.add_argument("--since", help="only dead letters enqueued since (ISO time or age like 2h)")
     peek.set_defaults(func=cmd_dlq_peek)
 
-    export = actions.add_parser("export", help="write dead letters to a JSON-lines file", formatter_class=_formatter)
+    export = actions.add_parser("export", help="write dead letters to a JSON-lines file", formatter_class=formatter)
     export.add_argument("file", help="output file (JSON lines: body + properties)")
     _entity_flags(export)
     export.set_defaults(func=cmd_dlq_export)
@@ -311,7 +197,7 @@ def add_commands(commands: Any) -> None:
     replay = actions.add_parser(
         "replay",
         help="resubmit dead letters to their entity",
-        formatter_class=_formatter,
+        formatter_class=formatter,
         description=(
             "Resubmit dead-lettered requests. Each copy is sent first and the dead letter completed only\n"
             "after the broker accepted it, so an interruption never loses a message (it may duplicate one,\n"

@@ -1,0 +1,201 @@
+"""``ab-worker run``: the message pump over a file, the embedded broker or Service Bus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from pydantic import SecretStr
+
+from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, load_settings
+from worker.domain.errors import UsageError
+from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
+from worker.service import bootstrap as compose
+
+log = logging.getLogger("ab_worker")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the pump: over a file (``--input``), the embedded broker (``--local``) or Service Bus."""
+    from worker.service.pump import Pump
+
+    settings = load_settings()
+    experiments_file = args.config or settings.experiments_file
+    if not experiments_file:
+        raise UsageError("no experiments: pass --config FILE or set AB_WORKER_EXPERIMENTS_FILE")
+    registry = ReloadingRegistry(experiments_file, interval=settings.reload_interval)
+    config = compose.pump_config(settings, args.max_batch)
+    if args.input:
+        if args.local or args.demo:
+            raise UsageError("--input reads requests from a file; it cannot be combined with --local or --demo")
+        with ExitStack() as stack:
+            source, publisher, sink = _file_ports(args, stack)
+            pump = Pump(source, publisher, sink, registry.current, config=config)
+            _stop_on_signals(pump)
+            stats = pump.run(idle_exit=0.0)
+        return _report_run(stats)
+    with ExitStack() as stack:
+        if args.local:
+            broker = stack.enter_context(compose.local_broker(args.broker_port))
+            settings.servicebus_connection_string = SecretStr(broker.connection_string)
+            compose.print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
+        elif settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
+            raise UsageError(
+                "no Service Bus: set AB_WORKER_SERVICEBUS_CONNECTION_STRING or AB_WORKER_SERVICEBUS_NAMESPACE, "
+                "or use --local for the embedded broker, or --input FILE"
+            )
+        tracer_provider, meter_provider = stack.enter_context(compose.telemetry(settings))
+        ports = compose.servicebus_ports(settings, args.rows)
+        viewer = None
+        if args.demo:
+            viewer = _start_demo(settings, registry.current(), ports.client, stack)
+        pump = Pump(
+            ports.source,
+            ports.publisher,
+            ports.sink,
+            registry.current,
+            config=config,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
+        _stop_on_signals(pump)
+        compose.start_health_server(settings.health_port, pump.health, stack)
+        compose.print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
+        stats = pump.run(idle_exit=max(3.0, 2 * settings.max_wait) if args.drain else None)
+        if viewer is not None:
+            viewer.finish(stats)
+        ports.client.close()
+    return _report_run(stats, dead_letters_are_failures=False)
+
+
+def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack: ExitStack) -> Any:
+    from adapters.servicebus import send_requests
+    from worker.cli.demo import demo_requests
+
+    bodies = demo_requests(registry)
+    sent = send_requests(client, settings.queue_name, bodies)
+    compose.print_err(f"demo: published {sent} requests ({sent - 500} of them deliberately malformed or unknown)")
+    viewer = _EventViewer(client, settings.topic_name)
+    viewer.start()
+    stack.callback(viewer.stop)
+    return viewer
+
+
+class _EventViewer:
+    """Prints the first events as they arrive on the topic's ``all`` subscription, then a summary."""
+
+    SHOW = 12
+
+    def __init__(self, client: Any, topic: str) -> None:
+        from adapters.servicebus import SubscriptionTail
+
+        self.shown = 0
+        self._tail = SubscriptionTail(client, topic, "all", self._on_event)
+
+    def start(self) -> None:
+        self._tail.start()
+
+    def stop(self) -> None:
+        self._tail.stop()
+
+    def _on_event(self, body: bytes) -> None:
+        if self.shown >= self.SHOW:
+            return
+        self.shown += 1
+        event = json.loads(body)
+        segment = f" [{event['segment']}]" if event.get("segment") else ""
+        print(
+            f"event  {event['user_id']:<8} {event['experiment_id']}{segment} → {event['variant_id']}"
+            f"  (bucket {event['hash_value']:.6f}, event_id {event['event_id'][:8]}…, context {event['context']})",
+            flush=True,
+        )
+        if self.shown == self.SHOW:
+            print("…", flush=True)
+
+    def finish(self, stats: Any) -> None:
+        from worker.cli.demo import summary_table
+
+        self._tail.stop(drain_seconds=1.0)
+        print(f"\n{self._tail.received} events read back from subscription 'all'\n", flush=True)
+        print(summary_table(stats.assignments, stats.dead_letters), flush=True)
+
+
+def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:
+    dead = sum(stats.dead_letters.values())
+    print(
+        f"processed {stats.received} requests: {stats.completed} assigned, {dead} dead-lettered"
+        + (f" ({dict(stats.dead_letters)})" if dead else "")
+        + (f", {stats.abandoned} not settled" if stats.abandoned else ""),
+        file=sys.stderr,
+    )
+    if stats.abandoned or (dead and dead_letters_are_failures):
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _file_ports(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Any, Any]:
+    from adapters.files import JsonLinesPublisher, JsonLinesSink, JsonLinesSource
+
+    source_path = Path(args.input)
+    if not source_path.is_file():
+        raise UsageError(f"{source_path}: file not found")
+    events_out: IO[str] = (
+        stack.enter_context(Path(args.output).open("w", encoding="utf-8"))
+        if args.output and args.output != "-"
+        else sys.stdout
+    )
+    dead_out: IO[str] = (
+        stack.enter_context(Path(args.dead_letters).open("w", encoding="utf-8")) if args.dead_letters else sys.stderr
+    )
+    source = JsonLinesSource(source_path, dead_letter_stream=dead_out)
+    sink = JsonLinesSink(Path(args.rows) if args.rows else None)
+    return source, JsonLinesPublisher(events_out), sink
+
+
+def _stop_on_signals(pump: Any) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.warning("Received %s: finishing the in-flight batch, then exiting", signal.Signals(signum).name)
+        pump.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``run``."""
+    run = commands.add_parser(
+        "run",
+        help="run the worker (the message pump)",
+        formatter_class=formatter,
+        description=(
+            "Run the worker: receive assignment requests, publish events, record rows, settle.\n"
+            "Against Service Bus (AB_WORKER_SERVICEBUS_*), the embedded local broker (--local),\n"
+            "or a JSON-lines file of requests (--input)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  ab-worker run --config deploy/experiments.yaml --local --demo --drain\n"
+            "  AB_WORKER_SERVICEBUS_NAMESPACE=myns ab-worker run --config experiments.yaml\n"
+            "  ab-worker run --config deploy/experiments.yaml --input requests.jsonl --output events.jsonl\n\n"
+            "Settings come from AB_WORKER_* environment variables (see the README); flags override them.\n"
+            "SIGTERM or Ctrl-C: stop receiving, finish and settle the in-flight batch, flush, exit 0."
+        ),
+    )
+    run.add_argument("--config", help="experiments file (or AB_WORKER_EXPERIMENTS_FILE)")
+    run.add_argument("--local", action="store_true", help="start the embedded Service Bus broker and use it")
+    run.add_argument("--broker-port", type=int, default=0, help="port of the embedded broker (default: any free)")
+    run.add_argument("--demo", action="store_true", help="publish realistic requests first and show the events")
+    run.add_argument("--drain", action="store_true", help="exit once the queue has stayed empty for a few seconds")
+    run.add_argument("--input", help="JSON-lines file of requests (instead of a broker)")
+    run.add_argument("--output", help="where events go with --input (default stdout)")
+    run.add_argument("--rows", help="append Kusto-shaped rows to this JSON-lines file (when Kusto is not configured)")
+    run.add_argument("--dead-letters", help="with --input: write dead-lettered requests here (default stderr)")
+    run.add_argument("--max-batch", type=int, help="messages per batch (AB_WORKER_MAX_BATCH, default 100)")
+    run.set_defaults(func=cmd_run)
