@@ -112,7 +112,8 @@ def test_children_get_their_own_probe_ports_and_readiness_is_the_conjunction(
     assert (live, ready) == (True, True)
     assert detail == "ok (3 processes)"
     supervisor.stop()
-    thread.join(15)
+    thread.join(60)
+    assert not thread.is_alive()
     assert result == [0]
     assert all(child.exit_codes == [0] for child in supervisor.children)
 
@@ -153,7 +154,8 @@ def test_sigterm_drains_every_child_and_kills_what_outlives_the_deadline(
     wait_for(lambda: supervisor.health()[1])
     began = time.monotonic()
     supervisor.stop()
-    thread.join(15)
+    thread.join(60)
+    assert not thread.is_alive()
     elapsed = time.monotonic() - began
     assert 1.0 <= elapsed < 6.0, elapsed
     assert all(child.exit_codes == [-signal.SIGKILL] for child in supervisor.children)
@@ -165,7 +167,8 @@ def test_children_that_finish_by_themselves_end_the_run(
 ) -> None:
     """With --drain every child exits 0 once the queue is empty: nothing is restarted and the run ends 0."""
     _supervisor, thread, result = supervise("finish")
-    thread.join(15)
+    thread.join(60)
+    assert not thread.is_alive()
     assert result == [0]
     assert starts(tmp_path, 1) == 1
     assert starts(tmp_path, 2) == 1
