@@ -133,10 +133,10 @@ def test_replayed_subscription_dead_letters_survive_the_topics_duplicate_detecti
 
     assert main(["dlq", "replay", "--entity", entity, "--reason", "Bad"]) == 0
 
-    assert "replayed 3 of 3" in capsys.readouterr().err
     counts = broker.message_counts(entity)
     assert counts["dead_letter"] == 0
     assert counts["active"] == 3, "the topic dropped the replayed copies as duplicates"
+    assert "replayed 3 of 3" in capsys.readouterr().err
     with client.get_subscription_receiver(TOPIC, "all") as receiver:
         copies = receiver.receive_messages(max_message_count=3, max_wait_time=5)
     originals = sorted(str((m.application_properties or {})[b"ab_replay_original_message_id"].decode()) for m in copies)
