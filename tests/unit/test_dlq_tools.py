@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adapters.servicebus.dlq import DeadLetter, Entity, replay_message, replay_message_id
-from worker.cli.ops import json_line, printable
+from worker.cli.dlq import json_line, printable
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID, event_id_for, handle
 from worker.service.ports import Delivery
