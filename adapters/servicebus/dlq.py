@@ -69,6 +69,7 @@ KNOWN_REASONS: tuple[str, ...] = (*(r.value for r in DeadLetterReason), *BROKER_
 _MAX_MESSAGE_ID = 128
 _REPLAY_ID_NAMESPACE = uuid.UUID("0b6f6d8e-2c55-5f5e-9a51-3a0d1c7e4b21")
 _PAGE = 250
+_EMPTY_ROUNDS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,8 +492,10 @@ def _act_on_targets(
 ) -> None:
     pending = {letter.sequence_number: letter for letter in found.targets}
     interval = 1.0 / rate if rate else 0.0
+    own_keeper = keeper is None
     keeper = keeper or LockKeeper()
     held: dict[int, ServiceBusReceivedMessage] = {}
+    misses = 0
     try:
         with entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter) as receiver:
             try:
@@ -501,7 +504,13 @@ def _act_on_targets(
                         max_message_count=min(100, max(len(pending), 10)), max_wait_time=max_wait
                     )
                     if not batch:
-                        break
+                        # Everything receivable is held: what is still pending was settled or is
+                        # locked elsewhere. A second empty round guards against a spurious one.
+                        misses += 1
+                        if misses >= _EMPTY_ROUNDS:
+                            break
+                        continue
+                    misses = 0
                     keeper.hold(receiver, batch)
                     for message in batch:
                         seq = message.sequence_number or 0
@@ -526,7 +535,8 @@ def _act_on_targets(
             finally:
                 outcome.released = _release(receiver, keeper, held)
     finally:
-        keeper.close()
+        if own_keeper:
+            keeper.close()
     outcome.skipped.extend((letter, SKIP_NOT_RECEIVED) for letter in pending.values())
 
 

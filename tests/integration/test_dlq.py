@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.servicebus import ServiceBusClient, ServiceBusMessage
+from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQueue
 
 from adapters.local.broker import BrokerConfig, LocalBroker
-from adapters.servicebus.dlq import DeadLetter, Entity, ReplayFilter, browse, replay
+from adapters.servicebus.dlq import SKIP_NOT_RECEIVED, DeadLetter, Entity, ReplayFilter, browse, replay
 from worker.cli import main
 
 pytestmark = pytest.mark.integration
@@ -374,3 +374,18 @@ def test_dlq_cli_bad_paths_and_numbers_are_one_line_errors(
             main(argv)
         assert exit_info.value.code == 2
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_dead_letter_locked_elsewhere_is_reported_skipped_not_silently_left(
+    broker: LocalBroker, client: ServiceBusClient
+) -> None:
+    """A match another receiver holds is skipped with its reason; the rest are replayed."""
+    _dead_letter(client, QUEUE, [ServiceBusMessage(_body(f"U{i}", "exp")) for i in range(3)], "UnknownExperiment")
+    with client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as other:
+        (taken,) = other.receive_messages(max_message_count=1, max_wait_time=5)
+        outcome = replay(client, Entity.parse(QUEUE), ReplayFilter(reason="UnknownExperiment"), max_wait=0.5)
+        other.abandon_message(taken)
+
+    assert len(outcome.replayed) == 2
+    assert [(x.sequence_number, why) for x, why in outcome.skipped] == [(taken.sequence_number, SKIP_NOT_RECEIVED)]
+    assert broker.message_counts(QUEUE)["dead_letter"] == 1
