@@ -127,6 +127,15 @@ def _properties(message: ServiceBusReceivedMessage) -> dict[str, Any]:
     }
 
 
+def _body(message: ServiceBusReceivedMessage) -> bytes:
+    # A dead letter is often there because its body is odd (an AMQP map with non-text keys, say):
+    # the tools must still list, export and replay it rather than crash on it.
+    try:
+        return message_body(message)
+    except (TypeError, ValueError, RecursionError):
+        return repr(message.body).encode("utf-8", "replace")
+
+
 def _seconds(value: Any) -> float | None:
     if isinstance(value, timedelta):
         return value.total_seconds()
@@ -167,7 +176,7 @@ class DeadLetter:
             message_id=_optional_text(message.message_id),
             correlation_id=_optional_text(message.correlation_id),
             content_type=_optional_text(message.content_type),
-            body=message_body(message),
+            body=_body(message),
             application_properties=_properties(message),
             subject=_optional_text(message.subject),
             reply_to=_optional_text(message.reply_to),

@@ -389,3 +389,21 @@ def test_a_dead_letter_locked_elsewhere_is_reported_skipped_not_silently_left(
     assert len(outcome.replayed) == 2
     assert [(x.sequence_number, why) for x, why in outcome.skipped] == [(taken.sequence_number, SKIP_NOT_RECEIVED)]
     assert broker.message_counts(QUEUE)["dead_letter"] == 1
+
+
+def test_dead_letters_with_an_odd_amqp_body_are_listed_and_replayed(
+    broker: LocalBroker, client: ServiceBusClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An AMQP map body with a binary key (not JSON-able) does not crash peek, export or replay."""
+    from azure.servicebus.amqp import AmqpAnnotatedMessage
+
+    with client.get_queue_sender(QUEUE) as sender:
+        sender.send_messages(AmqpAnnotatedMessage(value_body={b"k": 1}))
+    with client.get_queue_receiver(QUEUE) as receiver:
+        (message,) = receiver.receive_messages(max_message_count=1, max_wait_time=5)
+        receiver.dead_letter_message(message, reason="InvalidJson", error_description="map body")
+
+    assert main(["dlq", "peek", "--json"]) == 0
+    assert "InvalidJson" in capsys.readouterr().out
+    assert main(["dlq", "replay", "--reason", "InvalidJson"]) == 0
+    assert broker.message_counts(QUEUE)["active"] == 1
