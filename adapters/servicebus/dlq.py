@@ -106,10 +106,6 @@ class Entity:
             raise ValueError(f"entity {self}: neither a queue nor a topic subscription")
         return client.get_subscription_receiver(self.topic, self.subscription, sub_queue=sub_queue, receive_mode=mode)
 
-    def dlq_receiver(self, client: ServiceBusClient, mode: ServiceBusReceiveMode) -> ServiceBusReceiver:
-        """A receiver on this entity's dead-letter sub-queue."""
-        return self.receiver(client, mode)
-
 
 def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
@@ -473,17 +469,60 @@ class Outcome:
         return self.done
 
     @property
-    def skipped_too_many(self) -> list[DeadLetter]:
-        """Letters left alone because they were replayed too often."""
-        return [letter for letter, why in self.skipped if why == SKIP_TOO_MANY]
-
-    @property
     def not_matching(self) -> int:
         """Browsed but outside the filter."""
         return self.selection.not_matching
 
 
-ReplayOutcome = Outcome
+@dataclass
+class _HoldingScan:
+    """Receives until every target was reached, holding (under renewed locks) whatever it passes."""
+
+    act: Action
+    outcome: Outcome
+    keeper: LockKeeper
+    pending: dict[int, DeadLetter]
+    interval: float = 0.0
+    on_progress: Callable[[DeadLetter, str], None] | None = None
+    held: dict[int, ServiceBusReceivedMessage] = field(default_factory=dict)
+
+    def run(self, receiver: ServiceBusReceiver, max_wait: float) -> None:
+        """Receive batches until no target is pending, or twice nothing more can be received."""
+        misses = 0
+        try:
+            while self.pending and misses < _EMPTY_ROUNDS:
+                batch = receiver.receive_messages(
+                    max_message_count=min(100, max(len(self.pending), 10)), max_wait_time=max_wait
+                )
+                # An empty batch means everything receivable is held: a pending target was settled
+                # or is locked elsewhere. A second empty round guards against a spurious one.
+                misses = 0 if batch else misses + 1
+                self.keeper.hold(receiver, batch)
+                for message in batch:
+                    self._take(receiver, message)
+        finally:
+            self.outcome.released = _release(receiver, self.keeper, self.held)
+        self.outcome.skipped.extend((letter, SKIP_NOT_RECEIVED) for letter in self.pending.values())
+
+    def _take(self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> None:
+        seq = message.sequence_number or 0
+        if self.pending.pop(seq, None) is None:
+            # Not ours (or a copy that came back meanwhile): keep it locked so it cannot come
+            # round again, and release it at the end.
+            self.held[seq] = message
+            return
+        letter = DeadLetter.from_message(message)
+        why = _settle_target(self.act, receiver, message)
+        self.keeper.release(message)
+        if why is None:
+            self.outcome.done.append(letter)
+        else:
+            self.outcome.skipped.append((letter, why))
+            self.held[seq] = message
+        if self.on_progress is not None:
+            self.on_progress(letter, why or "done")
+        if self.interval:
+            time.sleep(self.interval)
 
 
 def _act_on_targets(
@@ -500,53 +539,13 @@ def _act_on_targets(
     keeper: LockKeeper | None = None,
 ) -> None:
     pending = {letter.sequence_number: letter for letter in found.targets}
-    interval = 1.0 / rate if rate else 0.0
-    own_keeper = keeper is None
-    keeper = keeper or LockKeeper()
-    held: dict[int, ServiceBusReceivedMessage] = {}
-    misses = 0
+    scan = _HoldingScan(act, outcome, keeper or LockKeeper(), pending, 1.0 / rate if rate else 0.0, on_progress)
     try:
         with entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter) as receiver:
-            try:
-                while pending:
-                    batch = receiver.receive_messages(
-                        max_message_count=min(100, max(len(pending), 10)), max_wait_time=max_wait
-                    )
-                    if not batch:
-                        # Everything receivable is held: what is still pending was settled or is
-                        # locked elsewhere. A second empty round guards against a spurious one.
-                        misses += 1
-                        if misses >= _EMPTY_ROUNDS:
-                            break
-                        continue
-                    misses = 0
-                    keeper.hold(receiver, batch)
-                    for message in batch:
-                        seq = message.sequence_number or 0
-                        if seq not in pending:
-                            # Not ours (or a copy that came back meanwhile): keep it locked so it
-                            # cannot come round again, and release it at the end.
-                            held[seq] = message
-                            continue
-                        letter = DeadLetter.from_message(message)
-                        del pending[seq]
-                        why = _settle_target(act, receiver, message)
-                        keeper.release(message)
-                        if why is None:
-                            outcome.done.append(letter)
-                        else:
-                            outcome.skipped.append((letter, why))
-                            held[seq] = message
-                        if on_progress is not None:
-                            on_progress(letter, why or "done")
-                        if interval:
-                            time.sleep(interval)
-            finally:
-                outcome.released = _release(receiver, keeper, held)
+            scan.run(receiver, max_wait)
     finally:
-        if own_keeper:
-            keeper.close()
-    outcome.skipped.extend((letter, SKIP_NOT_RECEIVED) for letter in pending.values())
+        if keeper is None:
+            scan.keeper.close()
 
 
 def _settle_target(act: Action, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
