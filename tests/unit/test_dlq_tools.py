@@ -112,3 +112,14 @@ def test_json_line_is_one_safe_line_that_round_trips() -> None:
     assert all(ch.isprintable() for ch in line)
     assert "José" in line
     assert json.loads(line) == value
+
+
+def test_dlq_times_take_the_same_ages_as_report() -> None:
+    """``--since 1w`` works for the dlq commands as it does for report."""
+    from datetime import UTC, datetime, timedelta
+
+    from worker.cli.dlq import parse_time
+
+    since = parse_time("1w", "--since")
+    assert since is not None
+    assert abs((datetime.now(UTC) - since) - timedelta(weeks=1)) < timedelta(minutes=1)

@@ -111,7 +111,7 @@ def _filter(args: argparse.Namespace) -> Any:
         args.reason,
         args.experiment,
         parse_time(args.since, "--since"),
-        parse_time(getattr(args, "until", None), "--until"),
+        parse_time(args.until, "--until"),
     )
 
 
@@ -446,12 +446,11 @@ def add_commands(commands: Any) -> None:
 _FILTER_HELP = "filters: --reason, --experiment, --since, --until (ages like 30m, 2h, 7d, 1w, or ISO 8601 times)"
 
 
-def _filter_flags(parser: argparse.ArgumentParser, *, until: bool = True) -> None:
+def _filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reason", help="only this DeadLetterReason (an unknown one is an error listing the known)")
     parser.add_argument("--experiment", help="only requests for this experiment")
     parser.add_argument("--since", help="only dead letters enqueued since (ISO time or age like 2h)")
-    if until:
-        parser.add_argument("--until", help="only dead letters enqueued until (ISO time or age)")
+    parser.add_argument("--until", help="only dead letters enqueued until (ISO time or age)")
 
 
 def _add_dlq(commands: Any) -> None:
@@ -478,7 +477,7 @@ def _add_dlq(commands: Any) -> None:
     _entity_flags(peek)
     peek.add_argument("--summary", action="store_true", help="counts by reason only")
     peek.add_argument("--json", action="store_true", help="JSON lines (the default when stdout is not a terminal)")
-    _filter_flags(peek, until=False)
+    _filter_flags(peek)
     peek.set_defaults(func=cmd_dlq_peek)
 
     export = actions.add_parser("export", help="write dead letters to a JSON-lines file", formatter_class=formatter)
