@@ -3,6 +3,7 @@ every match, loses nothing under duplicate detection, keeps locks, never caps si
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -407,3 +408,26 @@ def test_dead_letters_with_an_odd_amqp_body_are_listed_and_replayed(
     assert "InvalidJson" in capsys.readouterr().out
     assert main(["dlq", "replay", "--reason", "InvalidJson"]) == 0
     assert broker.message_counts(QUEUE)["active"] == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_replay_all_and_purge_ask_first(
+    broker: LocalBroker, client: ServiceBusClient, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No filter on a terminal: replay asks; 'n' (or end of input) changes nothing, 'y' replays; purge asks too."""
+    _dead_letter(client, QUEUE, [ServiceBusMessage(_body(f"U{i}", "exp")) for i in range(2)], "UnknownExperiment")
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
+    assert main(["dlq", "purge", "--all"]) == 0
+    assert main(["dlq", "replay"]) == 0
+    assert "cancelled: nothing was changed" in capsys.readouterr().err
+    assert broker.message_counts(QUEUE)["dead_letter"] == 2
+
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    assert main(["dlq", "replay"]) == 0
+
+    assert broker.message_counts(QUEUE)["dead_letter"] == 0
+    assert broker.message_counts(QUEUE)["active"] == 2

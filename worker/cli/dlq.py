@@ -234,7 +234,10 @@ def _confirm(verb: str, entity: Any, assume_yes: bool) -> Any:
             return True
         if not sys.stdin.isatty():
             return False
-        answer = input(f"{verb} {_n(len(found.targets))} dead letters in {entity}? [y/N] ")
+        try:
+            answer = input(f"{verb} {_n(len(found.targets))} dead letters in {entity}? [y/N] ")
+        except EOFError:  # the terminal closed its input: that is not a yes
+            return False
         return answer.strip().lower() in {"y", "yes"}
 
     return ask
