@@ -1,4 +1,4 @@
-"""``ab-worker dlq peek|export|replay``: inspect, export and replay dead-lettered requests.
+"""``ab-worker dlq peek|export|replay|purge`` and ``ab-worker queue peek|dead-letter``.
 
 Handlers import adapters lazily, so ``ab-worker --help`` stays fast and ``worker/`` keeps no
 import-time dependency on Azure SDKs.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import unicodedata
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +18,45 @@ from typing import Any
 
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, servicebus_client
 from worker.domain.errors import UsageError
+
+# -- dlq and queue ---------------------------------------------------------------------------------
+
+#: Characters a terminal or a viewer could act on: C0/C1 controls (ESC sequences), format characters
+#: (bidi overrides, zero-width), line and paragraph separators.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+
+
+def printable(value: object) -> str:
+    """``value`` as text safe for a terminal cell: every control or format character escaped."""
+    text = "-" if value is None else str(value)
+    if all(ch.isprintable() and ch != "\\" for ch in text):
+        return text
+    return "".join(_escape_char(ch) for ch in text)
+
+
+def _escape_char(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if unicodedata.category(ch) not in _UNSAFE_CATEGORIES:
+        return ch
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def json_line(value: Any) -> str:
+    """One JSON line that is safe on a terminal and survives line splitting: unsafe characters escaped."""
+    text = json.dumps(value, ensure_ascii=False)
+    return "".join(_json_escape(ch) for ch in text) if not text.isprintable() else text
+
+
+def _json_escape(ch: str) -> str:
+    if unicodedata.category(ch) not in _UNSAFE_CATEGORIES:
+        return ch
+    code = ord(ch)
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def _entity(args: argparse.Namespace, settings: Any) -> Any:
@@ -28,83 +69,226 @@ def _entity(args: argparse.Namespace, settings: Any) -> Any:
 
 
 def parse_time(text: str | None, flag: str) -> datetime | None:
-    """ISO 8601 (UTC if no zone) or a relative age such as ``30m``, ``2h``, ``7d``."""
+    """ISO 8601 (UTC if no zone) or a relative age such as ``30m``, ``2h``, ``7d``, ``1w``."""
     if text is None:
         return None
-    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
     if text[-1:] in units and text[:-1].isdigit():
         return datetime.now(UTC) - timedelta(**{units[text[-1]]: int(text[:-1])})
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"{flag}: expected an ISO 8601 time or an age like 2h or 7d, got {text!r}") from None
+        raise UsageError(f"{flag}: expected an ISO 8601 time or an age like 2h, 7d or 1w, got {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def cmd_dlq_peek(args: argparse.Namespace) -> int:
-    """List dead letters without changing them."""
-    from adapters.servicebus.dlq import ReplayFilter, peek
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
-    client, settings = servicebus_client()
-    selection = ReplayFilter(args.reason, args.experiment, parse_time(args.since, "--since"), None)
-    with client:
-        letters = [x for x in peek(client, _entity(args, settings), limit=args.limit) if selection.matches(x)]
-    if args.summary:
-        for reason, n in Counter(x.reason for x in letters).most_common():
-            print(f"{n:>7}  {reason}")
-        print(f"{len(letters):>7}  total")
-        return EXIT_OK
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def _filter(args: argparse.Namespace) -> Any:
+    from adapters.servicebus.dlq import ReplayFilter
+
+    return ReplayFilter(
+        args.reason,
+        args.experiment,
+        parse_time(args.since, "--since"),
+        parse_time(args.until, "--until"),
+    )
+
+
+def _check_reason(reason: str | None, present: Counter[str]) -> None:
+    """A ``--reason`` that is neither one we know nor one in this DLQ is a typo: say which exist."""
+    from adapters.servicebus.dlq import KNOWN_REASONS
+
+    if reason is None or reason in KNOWN_REASONS or reason in present:
+        return
+    here = sorted(r for r in present if r and r not in KNOWN_REASONS)
+    extra = f"; also in this dead-letter queue: {', '.join(here)}" if here else ""
+    raise UsageError(f"unknown --reason {reason!r}; known reasons: {', '.join(KNOWN_REASONS)}{extra}")
+
+
+def _n(count: int) -> str:
+    return f"{count:,}"
+
+
+def _row(letter: Any, dead_letter: bool) -> str:
+    when = letter.enqueued_time.strftime("%Y-%m-%d %H:%M:%S") if letter.enqueued_time else "-"
+    experiment = printable(letter.request.get("experiment_id", "-"))[:20]
+    user = printable(letter.request.get("user_id", "-"))[:16]
+    head = f"{letter.sequence_number:>6}  {when:<19}  {letter.delivery_count:>3}  "
+    if dead_letter:
+        reason, description = printable(letter.reason)[:24], printable(letter.description)[:80]
+        return f"{head}{reason:<24}  {experiment:<20}  {user:<16}  {description}"
+    body = printable(letter.body.decode("utf-8", "replace"))[:60]
+    return f"{head}{printable(letter.message_id)[:36]:<36}  {experiment:<20}  {user:<16}  {body}"
+
+
+def _header(dead_letter: bool) -> str:
+    middle = f"{'reason':<24}" if dead_letter else f"{'message id':<36}"
+    last = "description" if dead_letter else "body"
+    return f"{'seq':>6}  {'enqueued (UTC)':<19}  {'dlv':>3}  {middle}  {'experiment':<20}  {'user':<16}  {last}"
+
+
+def _show(letters: list[Any], args: argparse.Namespace, dead_letter: bool) -> None:
     if args.json or not sys.stdout.isatty():
         for letter in letters:
             row = letter.to_json()
             row["experiment_id"] = letter.request.get("experiment_id")
             row["user_id"] = letter.request.get("user_id")
-            print(json.dumps(row, ensure_ascii=False))
-        return EXIT_OK
-    print(
-        f"{'seq':>6}  {'enqueued (UTC)':<19}  {'dlv':>3}  {'reason':<24}  {'experiment':<20}  {'user':<12}  description"
-    )
+            print(json_line(row))
+        return
+    print(_header(dead_letter))
     for letter in letters:
-        when = letter.enqueued_time.strftime("%Y-%m-%d %H:%M:%S") if letter.enqueued_time else "-"
-        experiment = str(letter.request.get("experiment_id", "-"))[:20]
-        user = str(letter.request.get("user_id", "-"))[:12]
-        print(
-            f"{letter.sequence_number:>6}  {when:<19}  {letter.delivery_count:>3}  {letter.reason:<24}  "
-            f"{experiment:<20}  {user:<12}  {letter.description[:80]}"
-        )
-    print(f"{len(letters)} dead letters in {_entity(args, settings)}", file=sys.stderr)
+        print(_row(letter, dead_letter))
+
+
+def cmd_dlq_peek(args: argparse.Namespace) -> int:
+    """List dead letters without changing them: every one, unless --limit says otherwise (and then says so)."""
+    from adapters.servicebus.dlq import browse
+
+    selection = _filter(args)
+    client, settings = servicebus_client()
+    entity = _entity(args, settings)
+    shown: list[Any] = []
+    scanned, matching, reasons, present = 0, 0, Counter[str](), Counter[str]()
+    with client:
+        for letter in browse(client, entity):
+            scanned += 1
+            present[letter.reason] += 1
+            if not selection.matches(letter):
+                continue
+            matching += 1
+            reasons[letter.reason] += 1
+            if not args.summary and (args.limit is None or len(shown) < args.limit):
+                shown.append(letter)
+    _check_reason(args.reason, present)
+    of_all = "" if selection.is_empty else f" (of {_n(scanned)} dead letters)"
+    if args.summary:
+        for reason, n in reasons.most_common():
+            print(f"{n:>7}  {printable(reason)}")
+        print(f"{matching:>7}  total in {entity}{of_all}")
+        return EXIT_OK
+    _show(shown, args, dead_letter=True)
+    what = "dead letters" if selection.is_empty else "matching dead letters"
+    if len(shown) < matching:
+        print(f"showed {_n(len(shown))} of {_n(matching)} {what} in {entity} (--limit {args.limit})", file=sys.stderr)
+    else:
+        print(f"{_n(matching)} {what} in {entity}{of_all}", file=sys.stderr)
     return EXIT_OK
+
+
+def _open_for_writing(path: Path) -> Any:
+    try:
+        return path.open("w", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def cmd_dlq_export(args: argparse.Namespace) -> int:
     """Write dead letters (body + properties) to JSON lines, leaving them in place."""
-    from adapters.servicebus.dlq import peek
+    from adapters.servicebus.dlq import browse
 
-    client, settings = servicebus_client()
-    with client:
-        letters = peek(client, _entity(args, settings), limit=args.limit)
-    with Path(args.file).open("w", encoding="utf-8") as out:
-        for letter in letters:
-            out.write(json.dumps(letter.to_json(), ensure_ascii=False) + "\n")
-    print(f"exported {len(letters)} dead letters to {args.file}", file=sys.stderr)
+    path = Path(args.file)
+    out = _open_for_writing(path)  # before connecting: a bad path fails fast and changes nothing
+    written, scanned = 0, 0
+    with out:
+        client, settings = servicebus_client()
+        entity = _entity(args, settings)
+        with client:
+            for letter in browse(client, entity):
+                scanned += 1
+                if args.limit is None or written < args.limit:
+                    out.write(json_line(letter.to_json()) + "\n")
+                    written += 1
+    if written < scanned:
+        print(
+            f"exported {_n(written)} of {_n(scanned)} dead letters from {entity} to {path} (--limit)", file=sys.stderr
+        )
+    else:
+        print(f"exported all {_n(written)} dead letters from {entity} to {path}", file=sys.stderr)
     return EXIT_OK
+
+
+def _confirm(verb: str, entity: Any, assume_yes: bool) -> Any:
+    def ask(found: Any) -> bool:
+        if assume_yes:
+            return True
+        if not sys.stdin.isatty():
+            return False
+        try:
+            answer = input(f"{verb} {_n(len(found.targets))} dead letters in {entity}? [y/N] ")
+        except EOFError:  # the terminal closed its input: that is not a yes
+            return False
+        return answer.strip().lower() in {"y", "yes"}
+
+    return ask
+
+
+def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> int:
+    from adapters.servicebus.dlq import SKIP_LIMIT
+
+    found = outcome.selection
+    reasons = ", ".join(f"{printable(r)}: {n}" for r, n in Counter(x.reason for x in outcome.done).most_common())
+    print(
+        f"{'would ' + verb if dry_run else past} {_n(len(outcome.done))} of {_n(len(found.matched))} matching "
+        f"dead letters in {entity}{f' ({reasons})' if reasons else ''}; scanned {_n(found.scanned)}, "
+        f"{_n(found.not_matching)} did not match; {_n(len(outcome.skipped))} skipped",
+        file=sys.stderr,
+    )
+    for why, n in Counter(why for _, why in outcome.skipped).most_common():
+        print(f"  {n:>6} skipped: {why}", file=sys.stderr)
+    if outcome.cancelled:
+        print("cancelled: nothing was changed", file=sys.stderr)
+    if outcome.released:
+        print(
+            f"  {_n(outcome.released)} other dead letters were held during the scan and released (delivery count +1)",
+            file=sys.stderr,
+        )
+    failed = [x for x in outcome.skipped if x[1] != SKIP_LIMIT]
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _needs_filter_or_all(args: argparse.Namespace, verb: str) -> None:
+    if _filter(args).is_empty and not args.all and not args.dry_run and not sys.stdin.isatty():
+        raise UsageError(
+            f"{verb} without a filter acts on every dead letter: pass --all, or --reason/--experiment/--since/--until"
+        )
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     """Resubmit dead letters to their entity; complete the DLQ copy only after the broker accepted it."""
-    from adapters.servicebus.dlq import ReplayFilter, replay
+    from adapters.servicebus.dlq import replay
 
     if args.from_file:
         return _replay_file(args)
+    _needs_filter_or_all(args, "replay")
+    selection = _filter(args)
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    selection = ReplayFilter(
-        args.reason, args.experiment, parse_time(args.since, "--since"), parse_time(args.until, "--until")
-    )
+    ask_first = selection.is_empty and not args.all
 
     def progress(letter: Any, what: str) -> None:
         if args.verbose:
-            print(f"{what} seq {letter.sequence_number} ({letter.reason})", file=sys.stderr)
+            print(f"{what}: seq {letter.sequence_number} ({printable(letter.reason)})", file=sys.stderr)
 
     with client:
         outcome = replay(
@@ -116,19 +300,50 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             max_replays=args.max_replays,
             rate=args.rate,
             on_progress=progress,
+            confirm=_confirm("replay all", entity, assume_yes=False) if ask_first else None,
         )
-    verb = "would replay" if args.dry_run else "replayed"
-    reasons = Counter(x.reason for x in outcome.replayed)
-    print(
-        f"{verb} {len(outcome.replayed)} dead letters from {entity} ({dict(reasons)}); "
-        f"{outcome.not_matching} did not match; {len(outcome.skipped_too_many)} skipped after "
-        f"{args.max_replays} replays",
-        file=sys.stderr,
-    )
+    _check_reason(args.reason, outcome.selection.reasons)
     if args.dry_run:
-        for letter in outcome.replayed:
-            print(json.dumps({"sequence_number": letter.sequence_number, "reason": letter.reason, **letter.request}))
-    return EXIT_PARTIAL if outcome.skipped_too_many else EXIT_OK
+        for letter in outcome.done:
+            print(json_line({"sequence_number": letter.sequence_number, "reason": letter.reason, **letter.request}))
+    return _report("replay", "replayed", entity, outcome, args.dry_run)
+
+
+def cmd_dlq_purge(args: argparse.Namespace) -> int:
+    """Delete matching dead letters for good, after a confirmation (--yes in scripts)."""
+    from adapters.servicebus.dlq import purge
+
+    if _filter(args).is_empty and not args.all:
+        raise UsageError("purge needs a filter (--reason, --experiment, --since, --until) or --all")
+    if not (args.yes or args.dry_run or sys.stdin.isatty()):
+        raise UsageError("purge deletes dead letters for good: pass --yes to confirm (no terminal to ask on)")
+    client, settings = servicebus_client()
+    entity = _entity(args, settings)
+    with client:
+        outcome = purge(
+            client,
+            entity,
+            _filter(args),
+            limit=args.limit,
+            dry_run=args.dry_run,
+            confirm=_confirm("delete", entity, assume_yes=args.yes),
+        )
+    _check_reason(args.reason, outcome.selection.reasons)
+    return _report("purge", "purged", entity, outcome, args.dry_run)
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}: line {line}: not UTF-8 (byte {exc.start}); nothing was sent") from None
+    # Only "\n" ends a line: JSON strings may hold U+2028, U+2029 or U+0085, which splitlines() breaks on.
+    return [(number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), start=1)]
 
 
 def _replay_file(args: argparse.Namespace) -> int:
@@ -138,7 +353,7 @@ def _replay_file(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"{path}: file not found")
     letters, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in _read_lines(path):
         if not line.strip():
             continue
         try:
@@ -147,9 +362,10 @@ def _replay_file(args: argparse.Namespace) -> int:
                 raise ValueError("expected a JSON object")
             letters.append(DeadLetter.from_json(data))
         except (json.JSONDecodeError, ValueError) as exc:
-            problems.append(f"{path}: line {number}: {exc}")
+            problems.append(f"line {number}: {exc}")
     if problems:
-        raise UsageError("nothing was sent; fix these lines first:\n" + "\n".join(problems))
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"{path}: nothing was sent; fix {'; '.join(problems[:3])}{more}")
     client, settings = servicebus_client()
     with client:
         if args.dry_run:
@@ -160,15 +376,95 @@ def _replay_file(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_queue_peek(args: argparse.Namespace) -> int:
+    """List active messages without changing them (to find a poison message)."""
+    from adapters.servicebus.dlq import ReplayFilter, browse
+
+    selection = ReplayFilter(experiment=args.experiment)
+    client, settings = servicebus_client()
+    entity = _entity(args, settings)
+    shown: list[Any] = []
+    more = False
+    with client:
+        for letter in browse(client, entity, dead_letter=False):
+            if not selection.matches(letter):
+                continue
+            if len(shown) >= args.limit:
+                more = True
+                break
+            shown.append(letter)
+    _show(shown, args, dead_letter=False)
+    if more:
+        print(
+            f"showed the first {_n(len(shown))} messages in {entity}; more are waiting (raise --limit)", file=sys.stderr
+        )
+    else:
+        print(f"{_n(len(shown))} messages in {entity}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_queue_dead_letter(args: argparse.Namespace) -> int:
+    """Move one chosen active message to the dead-letter queue."""
+    from adapters.servicebus.dlq import dead_letter_active
+
+    if (args.message_id is None) == (args.sequence_number is None):
+        raise UsageError("give exactly one of --message-id ID or --sequence-number N")
+    client, settings = servicebus_client()
+    entity = _entity(args, settings)
+    with client:
+        outcome = dead_letter_active(
+            client,
+            entity,
+            message_id=args.message_id,
+            sequence_number=args.sequence_number,
+            reason=args.reason,
+            description=args.description or "",
+        )
+    which = (
+        f"message id {args.message_id!r}" if args.message_id is not None else f"sequence number {args.sequence_number}"
+    )
+    if not outcome.selection.matched:
+        raise UsageError(f"no active message with {which} in {entity} ({_n(outcome.selection.scanned)} looked at)")
+    for letter in outcome.done:
+        print(
+            f"dead-lettered seq {letter.sequence_number} ({which}) in {entity} as {printable(args.reason)}",
+            file=sys.stderr,
+        )
+    for letter, why in outcome.skipped:
+        print(f"not moved: seq {letter.sequence_number}: {why}", file=sys.stderr)
+    if outcome.released:
+        print(
+            f"{_n(outcome.released)} other messages were held while looking for it and released (delivery count +1)",
+            file=sys.stderr,
+        )
+    return EXIT_PARTIAL if outcome.skipped else EXIT_OK
+
+
 def add_commands(commands: Any) -> None:
-    """Register ``dlq``."""
+    """Register ``dlq`` and ``queue``."""
+    _add_dlq(commands)
+    _add_queue(commands)
+
+
+_FILTER_HELP = "filters: --reason, --experiment, --since, --until (ages like 30m, 2h, 7d, 1w, or ISO 8601 times)"
+
+
+def _filter_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", help="only this DeadLetterReason (an unknown one is an error listing the known)")
+    parser.add_argument("--experiment", help="only requests for this experiment")
+    parser.add_argument("--since", help="only dead letters enqueued since (ISO time or age like 2h)")
+    parser.add_argument("--until", help="only dead letters enqueued until (ISO time or age)")
+
+
+def _add_dlq(commands: Any) -> None:
     dlq = commands.add_parser(
         "dlq",
-        help="inspect, export and replay dead-lettered requests",
+        help="inspect, export, replay and purge dead-lettered requests",
         formatter_class=formatter,
         description=(
             "Dead-letter queue operations. --entity is a queue (default: the requests queue)\n"
-            "or TOPIC/Subscriptions/SUB."
+            "or TOPIC/Subscriptions/SUB. Every command looks at every dead letter; --limit caps\n"
+            "what is shown or acted on, and the command then says how many it left out."
         ),
     )
     actions = dlq.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
@@ -184,9 +480,7 @@ def add_commands(commands: Any) -> None:
     _entity_flags(peek)
     peek.add_argument("--summary", action="store_true", help="counts by reason only")
     peek.add_argument("--json", action="store_true", help="JSON lines (the default when stdout is not a terminal)")
-    peek.add_argument("--reason", help="only this DeadLetterReason")
-    peek.add_argument("--experiment", help="only requests for this experiment")
-    peek.add_argument("--since", help="only dead letters enqueued since (ISO time or age like 2h)")
+    _filter_flags(peek)
     peek.set_defaults(func=cmd_dlq_peek)
 
     export = actions.add_parser("export", help="write dead letters to a JSON-lines file", formatter_class=formatter)
@@ -201,29 +495,100 @@ def add_commands(commands: Any) -> None:
         description=(
             "Resubmit dead-lettered requests. Each copy is sent first and the dead letter completed only\n"
             "after the broker accepted it, so an interruption never loses a message (it may duplicate one,\n"
-            "which is harmless: assignment is deterministic and event ids are too)."
+            "which is harmless: assignment is deterministic and event ids are too). The copy has a new,\n"
+            "deterministic message id (so duplicate detection keeps it) and records the original in\n"
+            "ab_replay_original_message_id. Without a filter, pass --all (a terminal asks instead)."
         ),
         epilog=(
             "examples:\n"
             "  ab-worker dlq replay --reason UnknownExperiment --dry-run\n"
             "  ab-worker dlq replay --reason UnknownExperiment --experiment exp_new --rate 50\n"
+            "  ab-worker dlq replay --all\n"
             "  ab-worker dlq replay --from repaired.jsonl\n\n"
-            "Exit status 1 when some messages were skipped for having been replayed --max-replays times."
+            f"{_FILTER_HELP}.\n"
+            "Exit status 1 when some matching dead letters were skipped (each reason is printed)."
         ),
     )
     _entity_flags(replay)
-    replay.add_argument("--reason", help="only this DeadLetterReason")
-    replay.add_argument("--experiment", help="only requests for this experiment")
-    replay.add_argument("--since", help="only dead letters enqueued since (ISO time or age like 2h)")
-    replay.add_argument("--until", help="only dead letters enqueued until")
+    _filter_flags(replay)
+    replay.add_argument("--all", action="store_true", help="replay every dead letter (needed when no filter is given)")
     replay.add_argument("--dry-run", action="store_true", help="show what would move; change nothing")
-    replay.add_argument("--rate", type=float, help="at most this many messages per second")
-    replay.add_argument("--max-replays", type=int, default=5, help="skip messages replayed this often (default 5)")
+    replay.add_argument("--rate", type=positive_float, help="at most this many messages per second")
+    replay.add_argument(
+        "--max-replays", type=positive_int, default=5, help="skip messages replayed this often (default 5)"
+    )
     replay.add_argument("--from", dest="from_file", help="resubmit an exported (possibly repaired) JSON-lines file")
     replay.add_argument("--verbose", action="store_true", help="print each message as it moves")
     replay.set_defaults(func=cmd_dlq_replay)
 
+    purge = actions.add_parser(
+        "purge",
+        help="delete dead letters for good (asks first; --yes in scripts)",
+        formatter_class=formatter,
+        description=(
+            "Delete matching dead letters. Needs a filter or --all, and a confirmation: a terminal asks;\n"
+            "without one, --yes is required and the command refuses otherwise. Export first if in doubt."
+        ),
+        epilog=(
+            "examples:\n"
+            "  ab-worker dlq purge --reason InvalidJson --until 7d --dry-run\n"
+            "  ab-worker dlq purge --reason InvalidJson --until 7d --yes\n\n"
+            f"{_FILTER_HELP}."
+        ),
+    )
+    _entity_flags(purge)
+    _filter_flags(purge)
+    purge.add_argument("--all", action="store_true", help="delete every dead letter (needed when no filter is given)")
+    purge.add_argument("--dry-run", action="store_true", help="count what would be deleted; change nothing")
+    purge.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
+    purge.set_defaults(func=cmd_dlq_purge)
+
+
+def _add_queue(commands: Any) -> None:
+    queue = commands.add_parser(
+        "queue",
+        help="inspect active requests; move a poison message to the dead-letter queue",
+        formatter_class=formatter,
+        description=(
+            "Active-queue operations. --entity is a queue (default: the requests queue) or TOPIC/Subscriptions/SUB."
+        ),
+    )
+    actions = queue.add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    peek = actions.add_parser(
+        "peek",
+        help="list active messages without changing them",
+        formatter_class=formatter,
+        epilog="examples:\n  ab-worker queue peek\n  ab-worker queue peek --experiment exp_001 --limit 500 --json",
+    )
+    peek.add_argument("--entity", help="queue, or TOPIC/Subscriptions/SUB (default: the requests queue)")
+    peek.add_argument("--limit", type=positive_int, default=100, help="show at most this many (default 100)")
+    peek.add_argument("--experiment", help="only requests for this experiment")
+    peek.add_argument("--json", action="store_true", help="JSON lines (the default when stdout is not a terminal)")
+    peek.set_defaults(func=cmd_queue_peek)
+
+    dead_letter = actions.add_parser(
+        "dead-letter",
+        help="move a chosen active message to the dead-letter queue",
+        formatter_class=formatter,
+        description=(
+            "Move one active message (found by message id or sequence number, e.g. from `queue peek`)\n"
+            "to the dead-letter queue. Messages ahead of it are held while it is found and then released,\n"
+            "which raises their delivery count by one; a message a running worker holds cannot be moved."
+        ),
+        epilog="example:\n  ab-worker queue dead-letter --message-id 3f2a... --description 'crashes the worker'",
+    )
+    dead_letter.add_argument("--entity", help="queue, or TOPIC/Subscriptions/SUB (default: the requests queue)")
+    dead_letter.add_argument("--message-id", help="the message's id")
+    dead_letter.add_argument("--sequence-number", type=positive_int, help="the message's sequence number")
+    dead_letter.add_argument(
+        "--reason", default="DeadLetteredByOperator", help="DeadLetterReason to set (default DeadLetteredByOperator)"
+    )
+    dead_letter.add_argument("--description", help="DeadLetterErrorDescription to set")
+    dead_letter.set_defaults(func=cmd_queue_dead_letter)
+
 
 def _entity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entity", help="queue, or TOPIC/Subscriptions/SUB (default: the requests queue)")
-    parser.add_argument("--limit", type=int, default=1000, help="at most this many messages (default 1000)")
+    parser.add_argument(
+        "--limit", type=positive_int, help="show or act on at most this many (default: all; a cap is always reported)"
+    )

@@ -36,6 +36,19 @@ EVENT_NAMESPACE = uuid.UUID("6f1c9a52-3a8e-5d7b-9f3e-0c4b2a1d8e77")
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
 
+#: Application property ``dlq replay`` sets on a resubmitted copy: the message id of the request
+#: as first published. The copy needs a new message id (the queue's duplicate detection would drop
+#: it otherwise), but its events keep the original's ids, so a replay never duplicates an event
+#: that was already accepted.
+REPLAY_ORIGINAL_MESSAGE_ID = "ab_replay_original_message_id"
+
+
+def request_identity(delivery: Delivery) -> str:
+    """The id events and correlation derive from: the original message id of a replayed copy."""
+    original = delivery.application_properties.get(REPLAY_ORIGINAL_MESSAGE_ID)
+    return original if isinstance(original, str) and original else delivery.message_id
+
+
 def event_id_for(message_id: str, member: str | None = None) -> str:
     """Deterministic event id from the request's message id (and the member, for cohorts)."""
     name = message_id if member is None else f"{message_id}\x1f{member}"
@@ -132,9 +145,9 @@ def assign(
     lower, upper = table.thresholds[variant_id]
     return AssignmentEvent(
         schema_version=SCHEMA_VERSION,
-        event_id=event_id_for(delivery.message_id),
+        event_id=event_id_for(request_identity(delivery)),
         request_id=request.request_id,
-        correlation_id=delivery.correlation_id or delivery.message_id,
+        correlation_id=delivery.correlation_id or request_identity(delivery),
         variant_id=variant_id,
         hash_value=round(value / BUCKETS, 6),
         threshold=(lower, upper),
@@ -221,13 +234,14 @@ def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_memb
         )
     except CohortInputError as exc:
         raise PermanentError(DeadLetterReason.INVALID_COHORT, "; ".join(exc.problems)) from None
-    cohort_id = request.request_id or delivery.message_id
-    correlation_id = delivery.correlation_id or delivery.message_id
+    identity = request_identity(delivery)
+    cohort_id = request.request_id or identity
+    correlation_id = delivery.correlation_id or identity
     shares = {arm: float(share) for arm, share in result.report.target_shares.items()}
     events = [
         AssignmentEvent(
             schema_version=SCHEMA_VERSION,
-            event_id=event_id_for(delivery.message_id, record.customer_id),
+            event_id=event_id_for(identity, record.customer_id),
             request_id=request.request_id,
             correlation_id=correlation_id,
             variant_id=record.variant_id,
@@ -248,7 +262,7 @@ def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_memb
         for record in result.records
     ]
     report = CohortReportEvent(
-        event_id=event_id_for(delivery.message_id, "\x1ecohort-report"),
+        event_id=event_id_for(identity, "\x1ecohort-report"),
         cohort_id=cohort_id,
         correlation_id=correlation_id,
         experiment_id=request.experiment_id,
