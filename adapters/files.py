@@ -1,20 +1,29 @@
 """File-backed ports, so the pump runs for real from the command line without a broker.
 
 ``JsonLinesSource`` reads requests (one JSON object per line); ``JsonLinesPublisher`` writes events;
-``JsonLinesSink`` writes Kusto-shaped rows (what ``ab-worker report`` reads); dead letters go to a
-JSON-lines file with their reason and description, in the same shape ``dlq export`` writes.
+``JsonLinesSink`` writes Kusto-shaped rows (what ``ab-worker report`` reads) in whole, fsynced lines;
+dead letters go to a JSON-lines file with their reason and description, in the same shape
+``dlq export`` writes.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
-from collections.abc import Sequence
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from schemas.models import AssignmentRecord
+from worker.domain.errors import ConfigurationError, TransientError
 from worker.service.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
+
+log = logging.getLogger(__name__)
 
 
 class JsonLinesSource:
@@ -109,32 +118,167 @@ class JsonLinesPublisher:
 
 
 class JsonLinesSink:
-    """Kusto-shaped rows appended to a JSON-lines file; durable once :meth:`flush` returns."""
+    """Kusto-shaped rows appended to a JSON-lines file (or only counted, with no path).
 
-    def __init__(self, path: Path | None, max_rows: int = 1000) -> None:
-        self._file = path.open("a", encoding="utf-8") if path is not None else None
-        self._buffer: list[AssignmentRecord] = []
+    Durable once :meth:`flush` returns: every flush writes whole lines and fsyncs. A full,
+    read-only or otherwise failing disk is a downstream outage like any other: :meth:`flush` undoes
+    its partial write (truncating back to the last whole line) and raises
+    :class:`~worker.domain.errors.TransientError`, so the pump holds the messages and retries until
+    the disk recovers. A torn last line left by a crash or a failed truncate is cut off (with a
+    WARNING) before anything new is written, so a row is never glued onto half of another.
+
+    Due by size (``max_rows``) or by age (``max_age`` seconds since the oldest buffered row), as the
+    Kusto sink is, so a trickle of requests is written and settled within ``max_age``.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        max_rows: int = 1000,
+        max_age: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_rows < 1 or max_age <= 0:
+            raise ConfigurationError(f"rows sink needs max_rows >= 1 and max_age > 0 (got {max_rows}, {max_age})")
+        self.path = path
         self.max_rows = max_rows
+        self.max_age = max_age
+        self._clock = clock
+        self._buffer: list[AssignmentRecord] = []
+        self._oldest: float | None = None
+        self._fd: int | None = None
+        self._regular = False
+        #: False while the file may end in a partial line (a failed write we could not undo).
+        self._whole = True
         self.rows_written = 0
+        self.failed_flushes = 0
+        if path is not None:
+            self._open_at_start(path)
+
+    def _open_at_start(self, path: Path) -> None:
+        try:
+            self._open()
+        except OSError as exc:
+            if exc.errno not in _OUTAGE_ERRNOS:
+                raise ConfigurationError(f"{path}: cannot open the rows file ({exc.strerror})") from None
+            # A full or read-only disk at start-up is an outage, not a configuration error: flush
+            # keeps retrying (and readiness says so) until the file can be written.
+            log.warning("Rows file %s is not writable yet (%s); rows are held until it is", path, exc.strerror)
+
+    # -- RecordSink ----------------------------------------------------------------------
 
     def add(self, records: Sequence[AssignmentRecord]) -> None:
         """Buffer rows."""
+        if not records:
+            return
+        if not self._buffer:
+            self._oldest = self._clock()
         self._buffer.extend(records)
 
     def due(self) -> bool:
-        """Due by size."""
-        return len(self._buffer) >= self.max_rows
+        """True when ``max_rows`` rows are buffered or the oldest is ``max_age`` seconds old."""
+        if not self._buffer:
+            return False
+        if len(self._buffer) >= self.max_rows:
+            return True
+        return self._oldest is not None and self._clock() - self._oldest >= self.max_age
+
+    @property
+    def buffered(self) -> int:
+        """Rows waiting for the next flush."""
+        return len(self._buffer)
 
     def flush(self) -> None:
-        """Append the buffer and fsync-free flush (a local file is as durable as it gets here)."""
-        buffered, self._buffer = self._buffer, []
-        if self._file is not None and buffered:
-            self._file.write("".join(r.model_dump_json() + "\n" for r in buffered))
-            self._file.flush()
+        """Append the buffer as whole lines and fsync, or raise ``TransientError`` having dropped it."""
+        buffered, self._buffer, self._oldest = self._buffer, [], None
+        if not buffered:
+            return
+        if self.path is not None:
+            payload = "".join(r.model_dump_json() + "\n" for r in buffered).encode("utf-8")
+            try:
+                self._append(payload)
+            except OSError as exc:
+                self.failed_flushes += 1
+                raise TransientError(
+                    f"rows file {self.path}: cannot write {len(buffered)} rows ({exc.strerror or exc})"
+                ) from None
         self.rows_written += len(buffered)
 
     def close(self) -> None:
-        """Flush and close the file."""
-        self.flush()
-        if self._file is not None:
-            self._file.close()
+        """Flush and close the file (raising as :meth:`flush` does)."""
+        try:
+            self.flush()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    # -- the file ------------------------------------------------------------------------
+
+    def _open(self) -> int:
+        if self._fd is None:
+            assert self.path is not None
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                if self._regular:
+                    _cut_torn_tail(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd, self._whole = fd, True
+        return self._fd
+
+    def _append(self, payload: bytes) -> None:
+        fd = self._open()
+        if not self._whole:
+            _cut_torn_tail(fd, self.path)
+            self._whole = True
+        start = os.fstat(fd).st_size if self._regular else 0
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self._regular:
+                os.fsync(fd)
+        except OSError:
+            self._undo(fd, start)
+            raise
+
+    def _undo(self, fd: int, size: int) -> None:
+        """Truncate a failed append back to ``size``; if even that fails, cut the tail next time."""
+        if not self._regular:
+            return
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            self._whole = False
+            log.warning("Rows file %s: could not undo a partial write (%s); it is cut before the next", self.path, exc)
+
+
+#: errno values that mean "the disk is unavailable for now" rather than "wrong path".
+_OUTAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG})
+_TAIL_CHUNK = 64 * 1024
+
+
+def _cut_torn_tail(fd: int, path: Path | None) -> None:
+    """If the file does not end in a newline, truncate it back to its last one (WARNING)."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    keep = 0
+    while end > 0:
+        start = max(0, end - _TAIL_CHUNK)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            keep = start + newline + 1
+            break
+        end = start
+    os.ftruncate(fd, keep)
+    log.warning(
+        "Rows file %s ended in a torn line (an interrupted write); cut its last %d bytes. That row's "
+        "message was never settled, so it is written again when the message is redelivered",
+        path,
+        size - keep,
+    )

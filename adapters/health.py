@@ -17,9 +17,13 @@ HealthCheck = Callable[[], tuple[bool, bool, str]]
 
 
 class HealthServer:
-    """A tiny HTTP server on its own thread; ``port=0`` picks a free port."""
+    """A tiny HTTP server on its own thread; ``port=0`` picks a free port.
 
-    def __init__(self, check: HealthCheck, host: str = "0.0.0.0", port: int = 8080) -> None:  # noqa: S104 - probes come from the kubelet
+    Loopback by default, so a worker on a laptop or a shared host does not publish its state to the
+    network; a pod sets ``AB_WORKER_HEALTH_HOST=0.0.0.0`` because the kubelet probes the pod's IP.
+    """
+
+    def __init__(self, check: HealthCheck, host: str = "127.0.0.1", port: int = 8080) -> None:
         self._check = check
         handler = _handler_for(check)
         self._server = ThreadingHTTPServer((host, port), handler)

@@ -45,7 +45,8 @@ def settings_problem(exc: ValidationError) -> str:
     """One line per bad ``AB_WORKER_*`` variable."""
     lines = []
     for error in exc.errors(include_url=False, include_input=False):
-        name = "AB_WORKER_" + "_".join(str(p) for p in error["loc"]).upper()
+        name = "_".join(str(p) for p in error["loc"]).upper()
+        name = name if name.startswith("AB_WORKER_") else "AB_WORKER_" + name  # aliases carry the prefix
         lines.append(f"environment variable {name}: {error['msg']}")
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.local or args.demo:
             raise UsageError("--input reads requests from a file; it cannot be combined with --local or --demo")
         with ExitStack() as stack:
-            source, publisher, sink = _file_ports(args, stack)
+            source, publisher, sink = _file_ports(args, stack, settings.flush_max_age)
             pump = Pump(source, publisher, sink, registry.current, config=config)
             _stop_on_signals(pump)
             stats = pump.run(idle_exit=0.0)
@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             meter_provider=meter_provider,
         )
         _stop_on_signals(pump)
-        compose.start_health_server(settings.health_port, pump.health, stack)
+        compose.start_health_server(settings.health_port, pump.health, stack, host=settings.health_host)
         compose.print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
         stats = pump.run(idle_exit=max(3.0, 2 * settings.max_wait) if args.drain else None)
         if viewer is not None:
@@ -140,7 +140,7 @@ def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:
     return EXIT_OK
 
 
-def _file_ports(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Any, Any]:
+def _file_ports(args: argparse.Namespace, stack: ExitStack, max_age: float) -> tuple[Any, Any, Any]:
     from adapters.files import JsonLinesPublisher, JsonLinesSink, JsonLinesSource
 
     source_path = Path(args.input)
@@ -155,7 +155,7 @@ def _file_ports(args: argparse.Namespace, stack: ExitStack) -> tuple[Any, Any, A
         stack.enter_context(Path(args.dead_letters).open("w", encoding="utf-8")) if args.dead_letters else sys.stderr
     )
     source = JsonLinesSource(source_path, dead_letter_stream=dead_out)
-    sink = JsonLinesSink(Path(args.rows) if args.rows else None)
+    sink = JsonLinesSink(Path(args.rows) if args.rows else None, max_age=max_age)
     return source, JsonLinesPublisher(events_out), sink
 
 

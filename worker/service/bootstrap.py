@@ -78,14 +78,14 @@ def record_sink(settings: WorkerSettings, rows_path: str | None) -> Any:
             settings.kusto_table,
             mode=settings.kusto_mode,
             max_rows=settings.kusto_max_rows,
-            max_age=settings.kusto_max_age,
+            max_age=settings.flush_max_age,
             retry=RetryPolicy(attempts=settings.kusto_flush_attempts, attempt_timeout=settings.kusto_attempt_timeout),
         )
     from adapters.files import JsonLinesSink
 
     if rows_path is None:
         log.warning("No Kusto configured (AB_WORKER_KUSTO_INGEST_URI) and no --rows file: rows are not recorded")
-    return JsonLinesSink(Path(rows_path) if rows_path else None)
+    return JsonLinesSink(Path(rows_path) if rows_path else None, max_age=settings.flush_max_age)
 
 
 def servicebus_ports(settings: WorkerSettings, rows_path: str | None) -> Ports:
@@ -141,16 +141,21 @@ def telemetry(settings: WorkerSettings) -> Iterator[tuple[Any, Any]]:
         handle.shutdown()
 
 
-def start_health_server(port: int, check: Any, stack: ExitStack) -> int | None:
-    """Serve /healthz and /readyz on ``port`` (0: off); a busy port is logged, not fatal."""
+def start_health_server(port: int, check: Any, stack: ExitStack, host: str = "127.0.0.1") -> int | None:
+    """Serve /healthz and /readyz on ``host:port`` (port 0: off); a busy port is logged, not fatal."""
     if not port:
         return None
     from adapters.health import HealthServer
 
     try:
-        server = HealthServer(check, port=port).start()
+        server = HealthServer(check, host=host, port=port).start()
     except OSError as exc:
-        log.warning("Health endpoints not served: port %d unavailable (%s); set AB_WORKER_HEALTH_PORT", port, exc)
+        log.warning(
+            "Health endpoints not served: %s:%d unavailable (%s); set AB_WORKER_HEALTH_HOST / AB_WORKER_HEALTH_PORT",
+            host,
+            port,
+            exc,
+        )
         return None
     stack.callback(server.stop)
     return server.port

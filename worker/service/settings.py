@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.service.handling import DEFAULT_MAX_BODY_BYTES
@@ -59,13 +59,24 @@ class WorkerSettings(BaseSettings):
     kusto_table: str = Field(default="AssignmentEvents", description="Kusto table.")
     kusto_mode: Literal["queued", "streaming"] = Field(default="queued", description="Ingestion mode.")
     kusto_max_rows: int = Field(default=500, ge=1, le=100_000, description="Flush when this many rows are buffered.")
-    kusto_max_age: float = Field(default=2.0, gt=0, le=300, description="Flush when the oldest row is this old (s).")
+    flush_max_age: float = Field(
+        default=2.0,
+        gt=0,
+        le=300,
+        validation_alias=AliasChoices("AB_WORKER_FLUSH_MAX_AGE", "AB_WORKER_KUSTO_MAX_AGE"),
+        description="Every record sink (Kusto, --rows, count only) flushes when its oldest row is this old (s).",
+    )
     kusto_flush_attempts: int = Field(default=3, ge=1, le=20, description="Tries per flush before the pump holds.")
     kusto_attempt_timeout: float = Field(default=5.0, gt=0, le=600, description="Deadline of each flush try (s).")
     telemetry_sampling_ratio: float | None = Field(
         default=None, ge=0, le=1, description="Fraction of traces kept (default: the distro's rate limit)."
     )
     health_port: int = Field(default=8080, ge=0, le=65535, description="Port of /healthz and /readyz (0: off).")
+    health_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address /healthz and /readyz listen on; 0.0.0.0 in a pod, where the kubelet probes from outside.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
 
     @field_validator("context_allow_list", mode="before")
