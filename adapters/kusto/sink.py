@@ -17,11 +17,18 @@ Two ingestion paths, same sink:
   ``/v1/rest/ingest/{db}/{table}``; rows are queryable within seconds. Needs streaming ingestion
   enabled on the cluster or table; batches are split to stay under the 4 MB request limit.
 
-Failures: each attempt runs with a deadline (``attempt_timeout``) in a helper thread, because the SDK
-request timeouts are minutes long (10 min for streaming plus 30 s slack; storage retries on top) and
-cannot all be set per call; a timed-out attempt is abandoned (if it later succeeds, its rows arrive
-twice, which the EventId dedup view absorbs). Attempts are retried with exponential backoff and full
-jitter up to ``attempts`` times; then :meth:`KustoSink.flush` raises
+Failures: each attempt has a deadline (``attempt_timeout``), kept two ways. The SDK's HTTP requests
+(streaming ingestion, and the management commands queued ingestion starts with) get it as their real
+connect and read timeouts: the SDK's own are minutes long (10 min for streaming plus 30 s slack, 1 h
+for management) and cannot be set per call, so :func:`cap_transport_timeouts` wraps the transport of
+the SDK's HTTP session (the one place this module reaches into SDK internals; if the SDK changes
+shape it logs a WARNING and the sink carries on with the second way alone). And each attempt runs in
+a helper thread the caller waits on for the deadline: that also bounds what the transport cannot,
+such as the storage upload of queued ingestion. At most one attempt thread exists per sink: while an
+abandoned attempt is still waiting for an answer, no new one starts (the flush fails fast as
+transient instead), so a hung endpoint cannot pile up threads. An abandoned attempt that later
+succeeds makes its rows arrive twice, which the EventId dedup view absorbs. Attempts are retried with
+exponential backoff and full jitter up to ``attempts`` times; then :meth:`KustoSink.flush` raises
 :class:`~worker.domain.errors.TransientError` and drops the buffer, as the ``RecordSink`` contract says, so
 the pump abandons (or keeps holding) those messages and they come back: rows are never silently lost.
 SDK exceptions are translated here and their text goes through :func:`worker.service.redaction.redact`
@@ -60,6 +67,8 @@ STREAMING_MAX_BYTES = 3_500_000
 #: Queued batches are uploaded as one blob each; Kusto recommends 100 MB–1 GB uncompressed at most.
 QUEUED_MAX_BYTES = 64_000_000
 _MAX_ERROR_CHARS = 500
+#: How much longer than ``attempt_timeout`` the caller waits, so the transport's timeout fires first.
+_TIMEOUT_GRACE = 0.25
 
 IngestMode = Literal["queued", "streaming"]
 
@@ -167,6 +176,7 @@ class KustoSink:
         self._buffer: list[AssignmentRecord] = []
         self._oldest: float | None = None
         self._closed = False
+        self._attempt: threading.Thread | None = None
         #: Counters for tests and the health endpoint.
         self.rows_ingested = 0
         self.failed_attempts = 0
@@ -250,9 +260,19 @@ class KustoSink:
         descriptor = StreamDescriptor(io.BytesIO(payload), source_id=uuid.uuid4(), size=len(payload))
         self._client.ingest_from_stream(descriptor, self._properties)
 
-    @staticmethod
-    def _bounded(action: Callable[[], None], timeout: float) -> None:
-        """Run ``action`` in a daemon thread; raise its exception, or a timeout after ``timeout`` s."""
+    def _bounded(self, action: Callable[[], None], timeout: float) -> None:
+        """Run ``action`` in the sink's one attempt thread; raise its exception, or a timeout.
+
+        A previous attempt still hung after its own deadline blocks new ones: the flush fails as
+        transient at once rather than start a second thread behind the same dead endpoint.
+        """
+        previous = self._attempt
+        if previous is not None and previous.is_alive():
+            previous.join(timeout)
+            if previous.is_alive():
+                raise _AttemptTimeoutError(
+                    f"the previous attempt has had no answer for over {2 * timeout:g} s; not starting another"
+                )
         outcome: list[BaseException] = []
         done = threading.Event()
 
@@ -264,8 +284,10 @@ class KustoSink:
             finally:
                 done.set()
 
-        threading.Thread(target=run, name="kusto-ingest", daemon=True).start()
-        if not done.wait(timeout):
+        self._attempt = threading.Thread(target=run, name="kusto-ingest", daemon=True)
+        self._attempt.start()
+        # A little past the transport's own timeout, so its precise error wins when it has one.
+        if not done.wait(timeout + _TIMEOUT_GRACE):
             raise _AttemptTimeoutError(f"no answer within {timeout:g} s")
         if outcome:
             raise outcome[0]
@@ -318,6 +340,7 @@ def kusto_sink(
         max_bytes = STREAMING_MAX_BYTES
     else:
         raise ConfigurationError(f"unknown Kusto ingestion mode {mode!r}; expected queued or streaming")
+    cap_transport_timeouts(client, (retry or RetryPolicy()).attempt_timeout)
     return KustoSink(
         client,
         database,
@@ -328,3 +351,63 @@ def kusto_sink(
         max_request_bytes=max_bytes,
         retry=retry,
     )
+
+
+class _DeadlineAdapter:
+    """A requests transport adapter that caps every call's connect and read timeouts."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        self.inner = inner
+        self.seconds = seconds
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        """Send through the SDK's own adapter with the timeout capped at ``seconds``."""
+        timeout = kwargs.get("timeout")
+        if isinstance(timeout, tuple):
+            connect, read = timeout
+        else:
+            connect = read = timeout
+        kwargs["timeout"] = (_cap(connect, self.seconds), _cap(read, self.seconds))
+        return self.inner.send(request, **kwargs)
+
+    def close(self) -> None:
+        """Close the SDK's adapter."""
+        self.inner.close()
+
+
+def _cap(value: Any, seconds: float) -> float:
+    return seconds if value is None else min(float(value), seconds)
+
+
+def _http_sessions(client: Any) -> list[Any]:
+    """The ``requests`` sessions behind an azure-kusto-ingest client (SDK internals, 6.x layout)."""
+    owners = [getattr(client, "_kusto_client", None)]
+    manager = getattr(client, "_resource_manager", None)
+    owners.append(getattr(manager, "_kusto_client", None))
+    return [owner._session for owner in owners if owner is not None and hasattr(owner, "_session")]
+
+
+def cap_transport_timeouts(client: Any, seconds: float) -> int:
+    """Give the SDK's HTTP calls real connect/read timeouts of ``seconds``; returns the sessions capped.
+
+    Every access to SDK internals is here, guarded: on any surprise it logs a WARNING and returns 0,
+    and attempts stay bounded by the sink's helper thread alone.
+    """
+    try:
+        import requests
+
+        capped = 0
+        for session in _http_sessions(client):
+            if not isinstance(session, requests.Session):
+                continue
+            for prefix in ("http://", "https://"):
+                adapter = session.get_adapter(prefix)
+                if not isinstance(adapter, _DeadlineAdapter):
+                    session.mount(prefix, _DeadlineAdapter(adapter, seconds))  # type: ignore[arg-type]
+            capped += 1
+    except Exception as exc:
+        log.warning("Kusto SDK transport timeouts not set (%s); attempts are bounded by the sink's deadline", exc)
+        return 0
+    if capped == 0:
+        log.warning("Kusto SDK layout not recognised: transport timeouts not set; attempts are bounded by the deadline")
+    return capped

@@ -150,7 +150,8 @@ def test_unreachable_and_hung_endpoints_are_transient(kusto: KustoStandIn) -> No
         kusto.slow(1.5)
         sink.add([record(2)])
         started = time.monotonic()
-        with pytest.raises(TransientError, match=r"no answer within 0\.5 s"):
+        # The transport's own read timeout (capped at attempt_timeout) fires; the thread deadline backs it up.
+        with pytest.raises(TransientError, match=r"read timeout=0\.5|no answer within 0\.5 s"):
             sink.flush()
         assert time.monotonic() - started < 1.5
     finally:
