@@ -15,7 +15,10 @@ Modes
     call raises :class:`~worker.domain.errors.ConfigurationError`. Spans become App Insights *requests*
     (CONSUMER spans such as ``assignment-requests process``) and *dependencies* (PRODUCER spans such
     as ``assignment-events publish``); attributes land in the envelope's ``properties``; metrics
-    become ``customMetrics``; records of the ``worker`` logger tree become ``traces``.
+    become ``customMetrics``; log records of every project logger tree (``worker`` — the CLI's
+    ``worker.cli`` included — ``adapters`` and ``schemas``, see :data:`PROJECT_LOGGERS`) at the
+    configured level become ``traces``, each through :func:`redacted_copy` first, so lock-renewal
+    failures, settlement fallbacks and Kusto failures reach Application Insights and secrets do not.
 ``console``
     The SDK's console exporters (spans in batches, metrics every ``export_interval_s``). No globals.
 ``none``
@@ -69,7 +72,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -104,6 +108,9 @@ NETWORK_OFF_ENVIRONMENT = {
     "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
     "OTEL_EXPERIMENTAL_RESOURCE_DETECTORS": "otel",
 }
+
+#: The logger trees whose records go to Application Insights (everything the project logs).
+PROJECT_LOGGERS = ("worker", "adapters", "schemas")
 
 _CONNECTION_STRING_ENV = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 _configured_lock = threading.Lock()
@@ -156,7 +163,7 @@ def configure_telemetry(
     export_timeout_s: float = 5.0,
     sampling_ratio: float | None = None,
     offline_storage_dir: str | None = None,
-    logger_name: str = "worker",
+    logger_names: Sequence[str] = PROJECT_LOGGERS,
 ) -> Telemetry:
     """Build the providers for ``mode`` (see the module docs for what each mode does and turns off).
 
@@ -176,7 +183,7 @@ def configure_telemetry(
             export_timeout_s=export_timeout_s,
             sampling_ratio=sampling_ratio,
             offline_storage_dir=offline_storage_dir,
-            logger_name=logger_name,
+            logger_names=logger_names,
         )
     raise ConfigurationError(f"unknown telemetry mode {mode!r}; expected appinsights, console or none")
 
@@ -246,7 +253,7 @@ def _appinsights(
     export_timeout_s: float,
     sampling_ratio: float | None,
     offline_storage_dir: str | None,
-    logger_name: str,
+    logger_names: Sequence[str],
 ) -> Telemetry:
     global _appinsights_configured  # noqa: PLW0603 — the distro's providers are process globals
     connection_string = connection_string or os.environ.get(_CONNECTION_STRING_ENV)
@@ -272,7 +279,7 @@ def _appinsights(
     options: dict[str, Any] = {
         "connection_string": connection_string,
         "resource": _resource(service_name),
-        "logger_name": logger_name,
+        "logger_name": logger_names[0],
         "enable_live_metrics": False,
         "enable_performance_counters": False,
         "browser_sdk_loader_config": {"enabled": False},
@@ -289,6 +296,8 @@ def _appinsights(
     if sampling_ratio is not None:
         options["sampling_ratio"] = sampling_ratio
 
+    first_logger = logging.getLogger(logger_names[0])
+    handlers_before = list(first_logger.handlers)
     # The distro's PeriodicExportingMetricReader takes its interval from the environment only.
     with _scoped_environment({"OTEL_METRIC_EXPORT_INTERVAL": str(max(1, int(export_interval_s * 1000)))}):
         try:
@@ -302,9 +311,81 @@ def _appinsights(
     tracer_provider = trace.get_tracer_provider()
     meter_provider = metrics.get_meter_provider()
     logger_provider = _logs.get_logger_provider()
+    exporters = [h for h in first_logger.handlers if h not in handlers_before]
+    detach = _export_project_logs(exporters, logger_names)
     closer = _sdk_closer(
         tracer_provider,
         meter_provider,
         logger_provider if hasattr(logger_provider, "shutdown") else None,
     )
-    return Telemetry("appinsights", tracer_provider, meter_provider, [closer])
+    return Telemetry("appinsights", tracer_provider, meter_provider, [lambda _timeout: detach(), closer])
+
+
+def _export_project_logs(exporters: list[logging.Handler], logger_names: Sequence[str]) -> Callable[[], None]:
+    """Move the distro's log handler(s) behind redaction onto every project logger; returns the undo."""
+    if not exporters:
+        log.warning("The Azure Monitor distro attached no log handler: project logs are not exported")
+        return lambda: None
+    wrapped = [_RedactedExport(handler) for handler in exporters]
+    loggers = [logging.getLogger(name) for name in logger_names]
+    for handler in exporters:
+        loggers[0].removeHandler(handler)
+    for logger in loggers:
+        for handler in wrapped:
+            logger.addHandler(handler)
+
+    def detach() -> None:
+        for logger in loggers:
+            for handler in wrapped:
+                logger.removeHandler(handler)
+
+    return detach
+
+
+#: Attributes every LogRecord has; anything else came in through ``extra=`` and may carry text.
+_STANDARD_RECORD_KEYS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+def redacted_copy(record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of ``record`` safe to export: message, extras and exception text through ``redact``.
+
+    The exception is handed on as the OpenTelemetry ``exception.*`` attributes (redacted) instead of
+    ``exc_info``, because the exporter would otherwise format the live exception itself.
+    """
+    copy = logging.makeLogRecord(dict(vars(record)))
+    copy.msg, copy.args = redact(record.getMessage()), None
+    for key, value in vars(record).items():
+        if key not in _STANDARD_RECORD_KEYS and isinstance(value, str):
+            setattr(copy, key, redact(value))
+    if record.exc_info and record.exc_info[0] is not None:
+        kind, value, trace_back = record.exc_info
+        vars(copy).update(
+            {
+                "exception.type": kind.__name__,
+                "exception.message": redact(str(value)),
+                "exception.stacktrace": redact("".join(traceback.format_exception(kind, value, trace_back))),
+            }
+        )
+    copy.exc_info, copy.exc_text = None, None
+    return copy
+
+
+class _RedactedExport(logging.Handler):
+    """Hands the exporter's handler a :func:`redacted_copy` of each record, never the record itself."""
+
+    def __init__(self, inner: logging.Handler) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Export a redacted copy (the console handlers still get the original, redacted by their filter)."""
+        self.inner.handle(redacted_copy(record))
+
+    def flush(self) -> None:
+        """Flush the exporter's handler."""
+        self.inner.flush()
+
+    def close(self) -> None:
+        """Close the exporter's handler."""
+        self.inner.close()
+        super().close()

@@ -19,7 +19,7 @@ from worker.domain.errors import UsageError
 from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 from worker.service import bootstrap as compose
 
-log = logging.getLogger("ab_worker")
+log = logging.getLogger(__name__)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
