@@ -31,6 +31,11 @@ class HealthServer:
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     @property
+    def address(self) -> str:
+        """The bound address."""
+        return str(self._server.server_address[0])
+
+    @property
     def port(self) -> int:
         """The bound port."""
         return int(self._server.server_address[1])
