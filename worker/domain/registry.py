@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: A registry file larger than this is refused: it is configuration, not data.
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+#: YAML aliases may add at most this many nodes to a document once expanded (see _check_alias_expansion).
+MAX_ALIAS_EXPANSION = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,23 +153,57 @@ def _compile(config: ExperimentConfig, source: str, problems: list[str]) -> Expe
     return Experiment(config, table, segment_tables)
 
 
-def read_document(path: Path) -> Any:
-    """Parse a YAML (``.yaml``/``.yml``) or JSON file; errors name the file and position."""
+def read_config_bytes(path: Path) -> bytes:
+    """The file's bytes: a regular file (symlinks followed) of at most ``MAX_CONFIG_BYTES``.
+
+    Anything else — ``/dev/zero``, a FIFO, a directory, a socket — is refused by its kind before a
+    byte is read (a FIFO is opened non-blocking, so a missing writer cannot hang the worker).
+    """
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigurationError(f"{path}: file is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ConfigurationError(f"{path}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigurationError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read file ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigurationError(
+                f"{path}: not a regular file ({_file_kind(mode)}); the experiments file must be a regular file"
+            )
+        try:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigurationError(f"{path}: cannot read file ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigurationError(f"{path}: file is over {MAX_CONFIG_BYTES} bytes, the limit")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def read_document(path: Path) -> Any:
+    """Parse a YAML (``.yaml``/``.yml``) or JSON file; errors name the file and position."""
+    data = read_config_bytes(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)
-        return yaml.safe_load(text)
+        return _load_yaml(text, path)
+    except RecursionError:
+        raise ConfigurationError(f"{path}: nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except yaml.YAMLError as exc:
@@ -177,6 +214,60 @@ def read_document(path: Path) -> Any:
     except (ValueError, TypeError, OverflowError) as exc:
         # PyYAML raises plain ValueErrors for scalars it cannot build, such as 2001-13-45 or !!int x.
         raise ConfigurationError(f"{path}: invalid YAML value: {exc}") from None
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` that refuses documents whose aliases would blow up once expanded."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_alias_expansion(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_alias_expansion(root: yaml.Node, path: Path) -> None:
+    """Refuse recursive aliases, and aliases adding over ``MAX_ALIAS_EXPANSION`` nodes once expanded.
+
+    An alias (``*name``) is cheap in the file but every consumer — validation, events, rows — walks
+    it as a full copy: 500 bytes of nested aliases expand to billions of nodes (an "alias bomb").
+    Sizes are counted on the node graph with memoisation, so the check itself stays linear.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = _child_nodes(node)
+        if finished:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ConfigurationError(f"{path}: a YAML alias refers to itself (recursive anchors are not allowed)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    expanded = sizes[id(root)]
+    if expanded - len(sizes) > MAX_ALIAS_EXPANSION:
+        raise ConfigurationError(
+            f"{path}: YAML aliases expand this document to {expanded:,} nodes from {len(sizes):,}; aliases may add "
+            f"at most {MAX_ALIAS_EXPANSION:,} (an alias bomb?)"
+        )
+
+
+def _child_nodes(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _describe_validation(exc: ValidationError, data: Any, source: str) -> str:
@@ -206,11 +297,15 @@ def _experiment_label(data: Any, index: int) -> str:
 
 def _fingerprint(path: Path) -> tuple[int, int, str] | None:
     try:
-        stat = path.stat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        info = path.stat()
     except OSError:
         return None
-    return (stat.st_mtime_ns, stat.st_size, digest)
+    try:
+        digest = hashlib.sha256(read_config_bytes(path)).hexdigest()
+    except ConfigurationError as exc:
+        # Unusable (too large, not a regular file): still a change, so the reload reports why.
+        digest = f"unusable: {exc}"
+    return (info.st_mtime_ns, info.st_size, digest)
 
 
 class ReloadingRegistry:
