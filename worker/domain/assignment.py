@@ -140,6 +140,21 @@ class VariantTable:
         self.cutoffs: list[int] = [_integer_cutoff(upper) for _, upper in self.thresholds.values()]
         self._lookup: np.ndarray[Any, np.dtype[np.uint8]] | None = None
 
+    def shares(self) -> dict[str, float]:
+        """The fraction of the 1,000,000 buckets each variant really gets under the rule.
+
+        Equal to the ratios when they sum to 1; otherwise the last variant (in id order) takes the
+        leftover — ``{"A": 0.5, "B": 0.49}`` gives B half the buckets — and ratios past 1 are cut.
+        """
+        counts: dict[str, float] = {}
+        start = 0
+        for index, variant_id in enumerate(self.variant_ids):
+            last = index == len(self.variant_ids) - 1
+            end = BUCKETS if last else min(max(self.cutoffs[index], start), BUCKETS)
+            counts[variant_id] = (end - start) / BUCKETS
+            start = end
+        return counts
+
     def index_for(self, bucket_value: int) -> int:
         """Index into :attr:`variant_ids` for an integer bucket; the last variant when none matches."""
         return min(bisect_right(self.cutoffs, bucket_value), len(self.variant_ids) - 1)

@@ -11,15 +11,18 @@ per experiment × segment — observed counts per variant are tested against the
 :func:`worker.domain.srm.stats.srm_test` (Pearson chi-square; flagged below p = 0.001).
 
 The expected count of a variant is the sum, over the rows, of the share that row's own
-``SplitRatio`` gives it. With one split this is ``total × share``, the textbook test. When rows carry
-different splits — segment overrides, or a configuration change mid-experiment — it is still the
-exact expectation under "the assignment rule worked", where testing every row against the most
-recent split would flag a healthy experiment whose split was merely changed. A note names the
-splits seen and the most recent one.
+``SplitRatio`` gives it under the assignment rule (:func:`assigned_shares`: the last variant takes
+any leftover of a split summing to slightly under 1, exactly as assignment does). With one split
+this is ``total × share``, the textbook test. When rows carry different splits — segment
+overrides, or a configuration change mid-experiment — it is still the exact expectation under "the
+assignment rule worked", where testing every row against the most recent split would flag a
+healthy experiment whose split was merely changed. A note names the splits seen and the most recent
+one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from worker.domain.assignment import VariantTable
 from worker.domain.errors import WorkerError
 from worker.domain.moments import utc_iso
 from worker.domain.srm.stats import SRM_THRESHOLD, StatsInputError, srm_test
@@ -375,6 +379,17 @@ def format_p(p_value: float) -> str:
     return f"p={p_value:.2f}" if p_value >= 0.01 else f"p={p_value:.2g}"
 
 
+@functools.lru_cache(maxsize=1024)
+def assigned_shares(split: Split) -> Split:
+    """The shares the assignment rule really gives each variant of ``split``.
+
+    Not the ratios normalised: a split summing to 0.99 (accepted) leaves its last variant the
+    leftover bucket range, so ``A=0.5,B=0.49`` assigns half the users to each arm. Expecting
+    0.505/0.495 instead raised a false SRM alarm (p = 1e-5 on 200,000 assignments).
+    """
+    return tuple(sorted(VariantTable(dict(split)).shares().items()))
+
+
 def format_split(split: Split) -> str:
     """``A=0.5,B=0.5``."""
     return ",".join(f"{variant}={share:g}" for variant, share in split)
@@ -388,8 +403,8 @@ class _Group:
 
     def add(self, variant: str, split: Split, count: int, last_seen: datetime | None) -> None:
         self.observed[variant] += count
-        for arm, share in split:
-            self.weight[arm] += count * share / math.fsum(s for _, s in split)
+        for arm, share in assigned_shares(split):
+            self.weight[arm] += count * share
         rows, seen = self.splits.get(split, (0, None))
         latest = last_seen if seen is None or (last_seen is not None and last_seen > seen) else seen
         self.splits[split] = (rows + count, latest)
