@@ -79,8 +79,9 @@ class SupervisorConfig:
     drain_deadline: float = 25.0
     min_backoff: float = 1.0
     max_backoff: float = 30.0
-    #: Child ``i`` (1-based) gets these extra environment variables, e.g. its own rows file.
+    #: Child ``i`` (1-based) gets these extra environment variables and arguments, e.g. its own rows file.
     child_env: Callable[[int], Mapping[str, str]] = lambda index: {}
+    child_args: Callable[[int], Sequence[str]] = lambda index: ()
 
 
 class Supervisor:
@@ -149,7 +150,8 @@ class Supervisor:
             "AB_WORKER_HEALTH_PORT": str(child.health_port),
             "AB_WORKER_HEALTH_HOST": "127.0.0.1",
         }
-        child.process = subprocess.Popen(self.config.command, env=env)  # noqa: S603 - our own entry point
+        command = [*self.config.command, *self.config.child_args(child.index)]
+        child.process = subprocess.Popen(command, env=env)  # noqa: S603 - our own entry point
         child.started = time.monotonic()
         with self._lock:
             child.probe = (True, False, "starting")

@@ -1,0 +1,87 @@
+"""``ab-worker run --processes N``: the supervisor's command-line side.
+
+The children are ordinary ``ab-worker run`` processes against the same Service Bus (with ``--local``,
+the embedded broker this process starts), each with its own connection. With ``--rows FILE`` child
+``i`` writes ``FILE`` with ``-i`` before the suffix (``rows-1.jsonl``, ``rows-2.jsonl``): one writer
+per file, and ``ab-worker report --rows`` takes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+
+from worker.cli.common import EXIT_OK, EXIT_PARTIAL
+from worker.domain.errors import UsageError
+from worker.service import bootstrap
+from worker.service.settings import WorkerSettings
+from worker.service.supervisor import Supervisor, SupervisorConfig
+
+
+def child_rows(path: str, index: int) -> str:
+    """``out/rows.jsonl`` → ``out/rows-2.jsonl`` for child 2."""
+    rows = Path(path)
+    return str(rows.with_name(f"{rows.stem}-{index}{rows.suffix}"))
+
+
+def child_command(args: argparse.Namespace, experiments_file: str) -> list[str]:
+    """The ``ab-worker run`` each child runs: the parent's options, minus the ones the parent keeps."""
+    command = [sys.executable, "-m", "worker", "--log-level", args.log_level, "run", "--config", experiments_file]
+    if args.max_batch:
+        command += ["--max-batch", str(args.max_batch)]
+    if args.drain:
+        command.append("--drain")
+    return command
+
+
+def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experiments_file: str, processes: int) -> int:
+    """Start the broker if asked, then supervise ``processes`` pump processes until SIGTERM (or drained)."""
+    if args.input or args.demo:
+        raise UsageError(
+            "--processes runs pump processes against Service Bus; it cannot be combined with --input or --demo"
+        )
+    with ExitStack() as stack:
+        env = dict(os.environ)
+        if args.local:
+            broker = stack.enter_context(bootstrap.local_broker(args.broker_port))
+            env["AB_WORKER_SERVICEBUS_CONNECTION_STRING"] = broker.connection_string
+            bootstrap.print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
+        elif settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
+            raise UsageError(
+                "no Service Bus: set AB_WORKER_SERVICEBUS_CONNECTION_STRING or AB_WORKER_SERVICEBUS_NAMESPACE, "
+                "or use --local for the embedded broker"
+            )
+        rows = args.rows
+
+        def child_args(index: int) -> list[str]:
+            return ["--rows", child_rows(rows, index)] if rows else []
+
+        supervisor = Supervisor(
+            SupervisorConfig(
+                processes=processes,
+                command=child_command(args, experiments_file),
+                env=env,
+                drain_deadline=settings.drain_deadline,
+                child_args=child_args,
+            )
+        )
+        _stop_on_signals(supervisor)
+        bootstrap.start_health_server(settings.health_port, supervisor.health, stack, host=settings.health_host)
+        bootstrap.print_err(
+            f"supervising {processes} worker processes on queue {settings.queue_name!r} → topic {settings.topic_name!r}"
+        )
+        code = supervisor.run()
+    return EXIT_OK if code == 0 else EXIT_PARTIAL
+
+
+def _stop_on_signals(supervisor: Supervisor) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        supervisor.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
