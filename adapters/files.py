@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from adapters.settlement import complete_each
 from schemas.models import AssignmentRecord
 from worker.domain.errors import ConfigurationError, TransientError
-from worker.service.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
+from worker.service.ports import Delivery, OutboundEvent
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ class JsonLinesSource:
         """Count it."""
         self.completed += 1
 
-    def complete_batch(self, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Complete each in turn."""
-        return complete_each(self, deliveries)
+        return complete_each(self.complete, deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
         """Write it to the dead-letter file with its line number, reason and description."""

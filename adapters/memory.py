@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from adapters.settlement import complete_each
 from schemas.models import AssignmentRecord
-from worker.domain.errors import TransientError
-from worker.service.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
+from worker.domain.errors import PermanentError, PublishRejected, TransientError
+from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
 
 
 @dataclass(slots=True)
@@ -82,9 +83,9 @@ class MemorySource:
         self._check_lock(delivery)
         self.completed.append(delivery)
 
-    def complete_batch(self, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Complete each in turn."""
-        return complete_each(self, deliveries)
+        return complete_each(self.complete, deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
         """Record the dead-letter with its reason."""
@@ -107,19 +108,32 @@ class MemorySource:
 
 @dataclass
 class MemoryPublisher:
-    """Records published events; ``fail`` makes the next publishes raise a transient error."""
+    """Records published events.
+
+    ``failures_left`` / ``fail`` make publishes raise a transient error (nothing accepted);
+    ``reject`` names events to refuse for good: ``{message_id: PermanentError}``. A publish holding
+    any of them accepts the others and raises ``PublishRejected``, as a real publisher must.
+    """
 
     published: list[OutboundEvent] = field(default_factory=list)
     failures_left: int = 0
     fail: Callable[[Sequence[OutboundEvent]], bool] | None = None
+    reject: dict[str, PermanentError] = field(default_factory=dict)
+    rejected: list[OutboundEvent] = field(default_factory=list)
+    calls: int = 0
     closed: bool = False
 
     def publish(self, events: Sequence[OutboundEvent]) -> None:
         """Record the events, or fail as configured."""
+        self.calls += 1
         if self.failures_left > 0 or (self.fail is not None and self.fail(events)):
             self.failures_left = max(0, self.failures_left - 1)
             raise TransientError("event topic unavailable (fake)")
-        self.published.extend(events)
+        refused = {e.message_id: self.reject[e.message_id] for e in events if e.message_id in self.reject}
+        self.published.extend(e for e in events if e.message_id not in refused)
+        if refused:
+            self.rejected.extend(e for e in events if e.message_id in refused)
+            raise PublishRejected(refused)
 
     def close(self) -> None:
         """Mark closed."""

@@ -35,8 +35,9 @@ from azure.servicebus.exceptions import (
     SessionLockLostError,
 )
 
+from adapters.settlement import complete_each
 from worker.domain.errors import TransientError
-from worker.service.ports import Delivery, OutboundEvent, SettlementLostError, complete_each
+from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
 from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ class ServiceBusSource:
         """Complete (remove) the message."""
         self._settle(delivery, "complete_message")
 
-    def complete_batch(self, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Complete many messages, settling each run of consecutive deliveries with one disposition.
 
         The SDK completes one message per round trip and waits for the broker's answer each time;
@@ -262,12 +263,12 @@ class ServiceBusSource:
         receiver = self._receiver
         messages: list[ServiceBusReceivedMessage] = [d.handle for d in deliveries]
         if receiver is None or not self.range_settlement or len(messages) < 2:
-            return complete_each(self, deliveries)
+            return complete_each(self.complete, deliveries)
         remaining: list[Delivery] = []
         for run in _consecutive_runs(deliveries):
             if len(run) < 2 or not self._settle_range(receiver, [d.handle for d in run]):
                 remaining.extend(run)
-        return complete_each(self, remaining) if remaining else {}
+        return complete_each(self.complete, remaining)
 
     def _settle_range(self, receiver: ServiceBusReceiver, run: list[ServiceBusReceivedMessage]) -> bool:
         now = datetime.now(UTC)

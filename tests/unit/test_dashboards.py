@@ -25,7 +25,7 @@ DASHBOARDS = ROOT / "deploy" / "dashboards"
 WORKBOOK = DASHBOARDS / "assignment-workbook.json"
 ALERTS = DASHBOARDS / "alerts.json"
 FUNCTIONS = ROOT / "deploy" / "kusto" / "functions.kql"
-PUMP = ROOT / "worker" / "service" / "pump.py"
+OBSERVE = ROOT / "worker" / "service" / "observe.py"
 
 RECORD_COLUMNS = {name for name, _ in AssignmentRecord.kusto_columns()}
 KUSTO_FUNCTIONS = {"AssignmentEvents", "AssignmentEventsDedup", "AssignmentSrm"}
@@ -34,7 +34,7 @@ PIPE_OPERATORS = {
     "where", "summarize", "extend", "project", "project-away", "order", "sort", "join", "mv-expand",
     "union", "distinct", "render", "top", "take", "count", "lookup",
 }  # fmt: skip
-#: How the worker's spans are named: f"{queue} process" (worker/service/pump.py).
+#: How the worker's spans are named: f"{queue} process" (worker/service/observe.py).
 SPAN_NAME_SUFFIX = " process"
 
 
@@ -153,8 +153,8 @@ def srm_function_columns() -> set[str]:
 
 
 def worker_telemetry() -> tuple[set[str], set[str]]:
-    """The metric names and the attribute keys (metric attributes and span attributes) worker/service/pump.py emits."""
-    source = PUMP.read_text(encoding="utf-8")
+    """The metric names and attribute keys (metric and span attributes) worker/service/observe.py emits."""
+    source = OBSERVE.read_text(encoding="utf-8")
     metrics = set(re.findall(r"create_(?:counter|histogram)\(\s*\"([^\"]+)\"", source))
     metric_attributes = {
         key
@@ -239,7 +239,7 @@ def test_app_insights_queries_read_what_the_worker_emits(where: str, source: str
         assert key in attributes, f"{where}: the worker sets no attribute {key!r}"
     for suffix in re.findall(r"name endswith '([^']+)'", code):
         assert suffix == SPAN_NAME_SUFFIX, where
-    assert 'f"{self.config.queue_name} process"' in PUMP.read_text(encoding="utf-8")
+    assert 'f"{self.queue_name} process"' in OBSERVE.read_text(encoding="utf-8")
 
 
 def test_workbook_covers_every_panel_the_operators_need() -> None:

@@ -17,8 +17,9 @@ from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from schemas import AssignmentEvent
 from worker.domain.errors import PermanentError, TransientError
 from worker.domain.registry import ExperimentRegistry
+from worker.service.bootstrap import bootstrap, stop_on_signals
 from worker.service.handling import event_id_for
-from worker.service.pump import Disposition, Pump, PumpConfig, settlement_for
+from worker.service.pump import Disposition, PumpConfig, settled, settlement_for
 
 REGISTRY = ExperimentRegistry.from_dict(
     {
@@ -43,11 +44,11 @@ def spans():
 
 
 def _pump(source, publisher=None, sink=None, provider=None, **config):
-    return Pump(
-        source,
-        publisher or MemoryPublisher(),
-        sink or MemorySink(),
-        lambda: REGISTRY,
+    return bootstrap(
+        source=source,
+        publisher=publisher or MemoryPublisher(),
+        sink=sink or MemorySink(),
+        registry=lambda: REGISTRY,
         config=PumpConfig(**config),
         tracer_provider=provider,
     )
@@ -82,7 +83,7 @@ def test_completion_waits_for_the_row_flush():
     for i in range(3):
         source.send(_request(f"U{i}"))
     pump = _pump(source, sink=sink)
-    pump._handle_batch(source.receive(10, 0))
+    assert pump.run_once() == 3
     assert source.completed == []
     assert len(sink.buffer) == 3
     pump.drain()
@@ -245,7 +246,9 @@ def test_unexpected_handler_error_abandons_until_max_delivery_count():
     source = MemorySource(max_delivery_count=3)
     source.send(_request(), message_id="m1")
     source.send(_request("U2"), message_id="m2")
-    stats = Pump(source, MemoryPublisher(), MemorySink(), BrokenRegistry, config=PumpConfig()).run(idle_exit=0)
+    stats = bootstrap(
+        source=source, publisher=MemoryPublisher(), sink=MemorySink(), registry=BrokenRegistry, config=PumpConfig()
+    ).run(idle_exit=0)
     assert stats.abandoned == 6
     assert source.completed == []
     assert [d.reason for d in source.dead_letters] == ["MaxDeliveryCountExceeded"] * 2
@@ -340,13 +343,11 @@ class _EndlessSource(MemorySource):
 
 def test_sigterm_finishes_in_flight_batch_and_exits_cleanly():
     """SIGTERM: stop receiving, settle the in-flight batch, flush rows, close every port."""
-    from worker.cli.run import _stop_on_signals
-
     source, publisher, sink = _EndlessSource(), MemoryPublisher(), MemorySink()
     pump = _pump(source, publisher, sink, max_batch=20)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _stop_on_signals(pump)
+        stop_on_signals(pump, deadline=30)
         thread = threading.Thread(target=pump.run)
         thread.start()
         time.sleep(0.1)
@@ -434,3 +435,172 @@ def test_bad_cohorts_are_dead_lettered(body, reason, fragment):
     (dead,) = source.dead_letters
     assert dead.reason == reason
     assert fragment in dead.description
+
+
+def _rejection(message_id: str) -> dict[str, PermanentError]:
+    from worker.domain.errors import DeadLetterReason
+
+    return {
+        event_id_for(message_id): PermanentError(
+            DeadLetterReason.REPLY_UNDELIVERABLE, "reply entity 'gone' does not exist"
+        )
+    }
+
+
+def test_rejected_event_dead_letters_its_request_alone_and_nothing_is_republished():
+    """PublishRejected: the refused request is dead-lettered with the reason; the rest is recorded and completed."""
+    source, sink = MemorySource(), MemorySink()
+    publisher = MemoryPublisher(reject=_rejection("m2"))
+    for i in range(4):
+        source.send(_request(f"U{i}"), message_id=f"m{i}")
+    stats = _pump(source, publisher, sink, max_batch=10).run(idle_exit=0)
+    (dead,) = source.dead_letters
+    assert (dead.delivery.message_id, dead.reason) == ("m2", "ReplyUndeliverable")
+    assert "'gone' does not exist" in dead.description
+    assert sorted(d.message_id for d in source.completed) == ["m0", "m1", "m3"]
+    assert publisher.calls == 1, "accepted events must not be published again"
+    assert sorted(e.message_id for e in publisher.published) == sorted(event_id_for(f"m{i}") for i in (0, 1, 3))
+    assert sorted(r.UserId for r in sink.rows) == ["U0", "U1", "U3"]
+    assert stats.dead_letters == {"ReplyUndeliverable": 1}
+    assert stats.abandoned == 0
+
+
+def test_rejection_after_a_transient_failure_still_publishes_each_event_once():
+    """A transient failure retries the whole batch; the rejecting attempt then ends it: no event twice."""
+    source = MemorySource()
+    publisher = MemoryPublisher(failures_left=2, reject=_rejection("m0"))
+    for i in range(3):
+        source.send(_request(f"U{i}"), message_id=f"m{i}")
+    stats = _pump(source, publisher, min_backoff=0.001, max_batch=10).run(idle_exit=0)
+    assert publisher.calls == 3
+    assert len(publisher.published) == len({e.message_id for e in publisher.published}) == 2
+    assert [d.delivery.message_id for d in source.dead_letters] == ["m0"]
+    assert stats.completed == 2
+    assert stats.downstream_retries == 2
+
+
+def test_every_outcome_goes_through_settlement_for():
+    """Lock lost → nothing to do; stopping → abandon (released for another replica)."""
+    from worker.service.ports import SettlementLostError
+    from worker.service.pump import Stopping
+
+    assert settlement_for(SettlementLostError("gone")).disposition is Disposition.LOCK_LOST
+    stopping = settlement_for(Stopping())
+    assert stopping.disposition is Disposition.ABANDON
+    assert "another replica" in stopping.description
+
+
+def test_liveness_stays_fresh_while_backing_off_on_purpose():
+    """An outage far longer than liveness_timeout: /healthz stays live, /readyz is not ready, nothing burned."""
+    source, publisher = MemorySource(), MemoryPublisher()
+    pump = _pump(source, publisher, min_backoff=0.05, max_backoff=0.1, liveness_timeout=0.2)
+    outage_ends = time.monotonic() + 1.2
+    publisher.fail = lambda events: time.monotonic() < outage_ends
+    source.send(_request(), message_id="m1")
+    probes: list[tuple[bool, bool, str]] = []
+    done = threading.Event()
+
+    def probe():
+        while not done.is_set():
+            if time.monotonic() < outage_ends - 0.1:
+                probes.append(pump.health())
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        stats = pump.run(until=settled(1))
+    finally:
+        done.set()
+        prober.join()
+    during = [p for p in probes if "event topic down" in p[2]]
+    assert len(during) > 20
+    assert all(live and not ready for live, ready, _ in during), [p for p in during if not p[0]][:3]
+    assert [(d.message_id, d.delivery_count) for d in source.completed] == [("m1", 1)]
+    assert stats.downstream_retries > 5
+
+
+def test_run_until_settled_returns_without_waiting_for_idle():
+    """run(until=settled(n)) stops as soon as n messages are settled, even on a source that never empties."""
+    source = _EndlessSource()
+    started = time.monotonic()
+    stats = _pump(source, max_batch=10).run(until=settled(25))
+    assert stats.settled >= 25
+    assert time.monotonic() - started < 5
+    assert len(source.completed) == stats.completed
+
+
+def test_sigterm_exits_by_the_drain_deadline_when_a_call_never_returns():
+    """stop_on_signals: a publish that hangs cannot keep the process past the drain deadline."""
+    hung, released, exited = threading.Event(), threading.Event(), []
+
+    class HangingPublisher(MemoryPublisher):
+        def publish(self, events):
+            hung.set()
+            released.wait(30)
+
+    source = MemorySource()
+    source.send(_request(), message_id="m1")
+    pump = _pump(source, HangingPublisher())
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=pump.run, daemon=True)
+    try:
+        stop_on_signals(pump, deadline=0.3, exit_now=exited.append)
+        thread.start()
+        assert hung.wait(10)
+        sent = time.monotonic()
+        signal.raise_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not exited and time.monotonic() < deadline:
+            time.sleep(0.01)
+        took = time.monotonic() - sent
+    finally:
+        released.set()
+        thread.join(10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert exited == [1]
+    assert 0.25 <= took < 3
+
+
+def test_observers_see_each_step():
+    """The observer seam: received → handled → settled, backoff and recovery, in order."""
+    from worker.service.observe import PumpObserver
+
+    class Recorder(PumpObserver):
+        def __init__(self):
+            self.calls = []
+
+        def on_received(self, deliveries):
+            self.calls.append(("received", len(deliveries)))
+
+        def on_handled(self, delivery, outcome):
+            self.calls.append(("handled", delivery.message_id))
+
+        def on_settled(self, delivery, settlement, handled):
+            self.calls.append(("settled", delivery.message_id, settlement.disposition.value))
+
+        def on_backoff(self, dependency, error, attempt):
+            self.calls.append(("backoff", dependency, attempt))
+
+        def on_recovered(self, dependency):
+            self.calls.append(("recovered", dependency))
+
+    recorder = Recorder()
+    source = MemorySource()
+    source.send(_request(), message_id="m1")
+    bootstrap(
+        source=source,
+        publisher=MemoryPublisher(failures_left=1),
+        sink=MemorySink(),
+        registry=lambda: REGISTRY,
+        config=PumpConfig(min_backoff=0.001),
+        observers=[recorder],
+    ).run(until=settled(1))
+    assert recorder.calls == [
+        ("received", 1),
+        ("handled", "m1"),
+        ("backoff", "event topic", 0),
+        ("recovered", "event topic"),
+        ("settled", "m1", "complete"),
+    ]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from worker.cli import assign as assign_cli
 from worker.cli import broker as broker_cli
@@ -19,6 +21,8 @@ from worker.cli import report as report_cli
 from worker.cli import run as run_cli
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, formatter
 from worker.domain.errors import ConfigurationError, SplitRatioError, UsageError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Run 'ab-worker COMMAND --help' for each command's options and examples.",
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="DEBUG, INFO (default), ... (or AB_WORKER_LOG_LEVEL)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     assign_cli.add_commands(commands)
     run_cli.add_commands(commands)
@@ -40,13 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
     broker_cli.add_commands(commands)
     dlq_cli.add_commands(commands)
     report_cli.add_commands(commands)
+    _accept_log_level_anywhere(commands)
     return parser
+
+
+def _accept_log_level_anywhere(commands: Any) -> None:
+    """``--log-level`` also after the command (``ab-worker run --log-level DEBUG``)."""
+    for sub in commands.choices.values():
+        # SUPPRESS: a subcommand that was not given the flag must not reset the one given before it.
+        sub.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        for action in sub._subparsers._group_actions if sub._subparsers else ():
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_log_level_anywhere(action)
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    """The flag (before or after the command), else AB_WORKER_LOG_LEVEL, else INFO."""
+    if args.log_level:
+        return str(args.log_level)
+    value = os.environ.get("AB_WORKER_LOG_LEVEL", "INFO").strip().upper()
+    if value not in LOG_LEVELS:
+        raise ConfigurationError(f"environment variable AB_WORKER_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}")
+    return value
 
 
 def _configure_logging(level: str) -> None:
     from worker.service.redaction import install_log_redaction
 
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # basicConfig does nothing when a host (or a test runner) already configured handlers: the level still applies.
+    logging.getLogger().setLevel(level)
     # The Azure SDKs narrate every link state change at INFO; keep them to warnings unless debugging.
     if level != "DEBUG":
         for noisy in ("azure", "azure.core.pipeline.policies.http_logging_policy", "uamqp", "urllib3"):
@@ -58,7 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ab-worker`` and ``python -m worker``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    try:
+        _configure_logging(_log_level(args))
+    except ConfigurationError as exc:
+        print(f"ab-worker {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         result: int = args.func(args)
     except (UsageError, ConfigurationError, SplitRatioError) as exc:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 from pydantic import SecretStr
 
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, load_settings
 from worker.domain.errors import UsageError
-from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
+from worker.domain.registry import ExperimentRegistry
 from worker.service import bootstrap as compose
 
 log = logging.getLogger(__name__)
@@ -24,21 +22,20 @@ log = logging.getLogger(__name__)
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pump: over a file (``--input``), the embedded broker (``--local``) or Service Bus."""
-    from worker.service.pump import Pump
-
     settings = load_settings()
-    experiments_file = args.config or settings.experiments_file
-    if not experiments_file:
-        raise UsageError("no experiments: pass --config FILE or set AB_WORKER_EXPERIMENTS_FILE")
-    registry = ReloadingRegistry(experiments_file, interval=settings.reload_interval)
+    if args.config:
+        settings.experiments_file = args.config
+    registry = compose.experiments(settings)
     config = compose.pump_config(settings, args.max_batch)
     if args.input:
         if args.local or args.demo:
             raise UsageError("--input reads requests from a file; it cannot be combined with --local or --demo")
         with ExitStack() as stack:
             source, publisher, sink = _file_ports(args, stack, settings.flush_max_age)
-            pump = Pump(source, publisher, sink, registry.current, config=config)
-            _stop_on_signals(pump)
+            pump = compose.bootstrap(
+                settings, registry=registry, source=source, publisher=publisher, sink=sink, config=config
+            )
+            compose.stop_on_signals(pump, settings.drain_deadline)
             stats = pump.run(idle_exit=0.0)
         return _report_run(stats)
     with ExitStack() as stack:
@@ -52,26 +49,26 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "or use --local for the embedded broker, or --input FILE"
             )
         tracer_provider, meter_provider = stack.enter_context(compose.telemetry(settings))
-        ports = compose.servicebus_ports(settings, args.rows)
+        client = compose.servicebus_client(settings)
+        stack.callback(client.close)
         viewer = None
         if args.demo:
-            viewer = _start_demo(settings, registry.current(), ports.client, stack)
-        pump = Pump(
-            ports.source,
-            ports.publisher,
-            ports.sink,
-            registry.current,
+            viewer = _start_demo(settings, registry(), client, stack)
+        pump = compose.bootstrap(
+            settings,
+            registry=registry,
+            client=client,
+            rows_path=args.rows,
             config=config,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
-        _stop_on_signals(pump)
+        compose.stop_on_signals(pump, settings.drain_deadline)
         compose.start_health_server(settings.health_port, pump.health, stack, host=settings.health_host)
         compose.print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
         stats = pump.run(idle_exit=max(3.0, 2 * settings.max_wait) if args.drain else None)
         if viewer is not None:
             viewer.finish(stats)
-        ports.client.close()
     return _report_run(stats, dead_letters_are_failures=False)
 
 
@@ -159,15 +156,6 @@ def _file_ports(args: argparse.Namespace, stack: ExitStack, max_age: float) -> t
     return source, JsonLinesPublisher(events_out), sink
 
 
-def _stop_on_signals(pump: Any) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        log.warning("Received %s: finishing the in-flight batch, then exiting", signal.Signals(signum).name)
-        pump.stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 def add_commands(commands: Any) -> None:
     """Register ``run``."""
     run = commands.add_parser(
@@ -185,7 +173,8 @@ def add_commands(commands: Any) -> None:
             "  AB_WORKER_SERVICEBUS_NAMESPACE=myns ab-worker run --config experiments.yaml\n"
             "  ab-worker run --config deploy/experiments.yaml --input requests.jsonl --output events.jsonl\n\n"
             "Settings come from AB_WORKER_* environment variables (see the README); flags override them.\n"
-            "SIGTERM or Ctrl-C: stop receiving, finish and settle the in-flight batch, flush, exit 0."
+            "SIGTERM or Ctrl-C: stop receiving, finish and settle the in-flight batch, flush, exit 0; what an\n"
+            "outage holds is abandoned for another replica; past AB_WORKER_DRAIN_DEADLINE the process exits (1)."
         ),
     )
     run.add_argument("--config", help="experiments file (or AB_WORKER_EXPERIMENTS_FILE)")

@@ -1,28 +1,101 @@
 """The composition root: the one place that picks adapters and wires them to the pump.
 
-Nothing else in ``worker/`` imports ``adapters/``. Everything here is called from the command line
-(:mod:`worker.cli`); nothing connects, reads the environment or starts a thread at import time.
+:func:`bootstrap` builds a ready :class:`~worker.service.pump.Pump` from the settings; every port can
+be overridden (cosmicpython's ``bootstrap(start_orm=..., uow=...)`` shape), which is how the command
+line, the integration tests and the benchmarks all build their pumps. Nothing else in ``worker/``
+imports ``adapters/``. Nothing connects, reads the environment or starts a thread at import time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from worker.domain.errors import ConfigurationError
-from worker.service.pump import PumpConfig
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
+from worker.domain.errors import ConfigurationError, UsageError
+from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
+from worker.service.observe import Logging, PumpObserver, Telemetry
+from worker.service.ports import EventPublisher, MessageSource, RecordSink
+from worker.service.pump import Pump, PumpConfig
 from worker.service.redaction import redact
 from worker.service.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from azure.servicebus import ServiceBusClient
+
+    from adapters.health import HealthCheck
     from adapters.local.broker import LocalBroker
 
 log = logging.getLogger(__name__)
+
+
+def bootstrap(
+    settings: WorkerSettings | None = None,
+    *,
+    registry: Callable[[], ExperimentRegistry] | None = None,
+    source: MessageSource | None = None,
+    publisher: EventPublisher | None = None,
+    sink: RecordSink | None = None,
+    client: ServiceBusClient | None = None,
+    rows_path: str | None = None,
+    config: PumpConfig | None = None,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+    observers: Sequence[PumpObserver] = (),
+    clock: Callable[[], float] = time.monotonic,
+) -> Pump:
+    """A ready pump: each port given is used as is, each one missing is built from ``settings``.
+
+    ``settings`` defaults to the defaults (the environment is read only by the caller, with
+    ``WorkerSettings()``). The registry reloads ``settings.experiments_file``; source and publisher
+    are Service Bus on ``client`` (built from the settings when not given, and then closed with the
+    pump); the sink is Kusto when configured, else the ``rows_path`` JSON-lines file. ``config``
+    replaces the tuning the settings give (:func:`pump_config`).
+    """
+    settings = settings or WorkerSettings.model_construct()
+    resources: list[Callable[[], object]] = []
+    if (source is None or publisher is None) and client is None:
+        client = servicebus_client(settings)
+        resources.append(client.close)
+    if source is None or publisher is None:
+        from adapters.servicebus import ServiceBusPublisher, ServiceBusSource
+
+        assert client is not None  # built above when not given
+        source = source or ServiceBusSource(client, settings.queue_name, prefetch=settings.prefetch)
+        publisher = publisher or ServiceBusPublisher(client, settings.topic_name)
+    config = config or pump_config(settings)
+    return Pump(
+        source,
+        publisher,
+        sink if sink is not None else record_sink(settings, rows_path),
+        registry or experiments(settings),
+        config=config,
+        observers=[
+            Logging(),
+            Telemetry(config.queue_name, config.topic_name, tracer_provider, meter_provider),
+            *observers,
+        ],
+        resources=resources,
+        clock=clock,
+    )
+
+
+def experiments(settings: WorkerSettings) -> Callable[[], ExperimentRegistry]:
+    """The registry of ``settings.experiments_file``, reloaded when the file changes."""
+    if not settings.experiments_file:
+        raise UsageError("no experiments: pass --config FILE or set AB_WORKER_EXPERIMENTS_FILE")
+    return ReloadingRegistry(settings.experiments_file, interval=settings.reload_interval).current
 
 
 def pump_config(settings: WorkerSettings, max_batch: int | None = None) -> PumpConfig:
@@ -35,17 +108,37 @@ def pump_config(settings: WorkerSettings, max_batch: int | None = None) -> PumpC
         max_body_bytes=settings.max_body_bytes,
         context_allow_list=frozenset(settings.context_allow_list),
         drain_deadline=settings.drain_deadline,
+        liveness_timeout=settings.liveness_timeout,
     )
 
 
-@dataclass
-class Ports:
-    """The three ports the pump drives, plus what must be closed with them."""
+def stop_on_signals(pump: Pump, deadline: float, exit_now: Callable[[int], object] = os._exit) -> None:
+    """SIGTERM / SIGINT: stop the pump, and exit anyway once ``deadline`` seconds have passed.
 
-    source: Any
-    publisher: Any
-    sink: Any
-    client: Any = None
+    A graceful stop finishes the in-flight batch, abandons what an outage holds (released for another
+    replica) and flushes. A dependency call that does not return (a hung endpoint) must not keep the
+    process past the deadline the platform grants: the timer then ends it with status 1, and the
+    held messages come back to the queue when the connection closes or their locks lapse.
+    """
+
+    def overrun() -> None:
+        log.error(
+            "Drain deadline of %.1fs passed with the pump still busy; exiting now (held messages are redelivered)",
+            deadline,
+        )
+        logging.shutdown()
+        exit_now(1)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        log.warning("Received %s: finishing the in-flight batch, then exiting", signal.Signals(signum).name)
+        if not pump.stopping:
+            timer = threading.Timer(deadline, overrun)
+            timer.daemon = True
+            timer.start()
+        pump.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def servicebus_connection_string(settings: WorkerSettings) -> str | None:
@@ -54,7 +147,7 @@ def servicebus_connection_string(settings: WorkerSettings) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
-def servicebus_client(settings: WorkerSettings) -> Any:
+def servicebus_client(settings: WorkerSettings) -> ServiceBusClient:
     """A ``ServiceBusClient`` from the settings."""
     from adapters.servicebus import ServiceBusAuth, create_client
 
@@ -67,7 +160,7 @@ def servicebus_client(settings: WorkerSettings) -> Any:
         ) from None
 
 
-def record_sink(settings: WorkerSettings, rows_path: str | None) -> Any:
+def record_sink(settings: WorkerSettings, rows_path: str | None) -> RecordSink:
     """Kusto when configured, else a JSON-lines rows file (or nothing but a count)."""
     if settings.kusto_ingest_uri:
         from adapters.kusto.sink import RetryPolicy, kusto_sink
@@ -86,16 +179,6 @@ def record_sink(settings: WorkerSettings, rows_path: str | None) -> Any:
     if rows_path is None:
         log.warning("No Kusto configured (AB_WORKER_KUSTO_INGEST_URI) and no --rows file: rows are not recorded")
     return JsonLinesSink(Path(rows_path) if rows_path else None, max_age=settings.flush_max_age)
-
-
-def servicebus_ports(settings: WorkerSettings, rows_path: str | None) -> Ports:
-    """Source and publisher on Service Bus; the sink from :func:`record_sink`."""
-    from adapters.servicebus import ServiceBusPublisher, ServiceBusSource
-
-    client = servicebus_client(settings)
-    source = ServiceBusSource(client, settings.queue_name, prefetch=settings.prefetch)
-    publisher = ServiceBusPublisher(client, settings.topic_name)
-    return Ports(source, publisher, record_sink(settings, rows_path), client)
 
 
 @contextmanager
@@ -119,7 +202,7 @@ def local_broker(port: int = 0, config_path: str | None = None) -> Iterator[Loca
 
 
 @contextmanager
-def telemetry(settings: WorkerSettings) -> Iterator[tuple[Any, Any]]:
+def telemetry(settings: WorkerSettings) -> Iterator[tuple[TracerProvider | None, MeterProvider | None]]:
     """(tracer provider, meter provider) for the chosen telemetry mode; flushed and shut down on exit."""
     mode = settings.telemetry
     connection = settings.applicationinsights_connection_string
@@ -141,7 +224,7 @@ def telemetry(settings: WorkerSettings) -> Iterator[tuple[Any, Any]]:
         handle.shutdown()
 
 
-def start_health_server(port: int, check: Any, stack: ExitStack, host: str = "127.0.0.1") -> int | None:
+def start_health_server(port: int, check: HealthCheck, stack: ExitStack, host: str = "127.0.0.1") -> int | None:
     """Serve /healthz and /readyz on ``host:port`` (port 0: off); a busy port is logged, not fatal."""
     if not port:
         return None

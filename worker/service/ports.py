@@ -46,17 +46,6 @@ class SettlementLostError(Exception):
     """
 
 
-def complete_each(source: MessageSource, deliveries: Sequence[Delivery]) -> dict[int, SettlementLostError]:
-    """``complete_batch`` for sources that can only settle one message at a time."""
-    lost: dict[int, SettlementLostError] = {}
-    for delivery in deliveries:
-        try:
-            source.complete(delivery)
-        except SettlementLostError as exc:
-            lost[id(delivery)] = exc
-    return lost
-
-
 class MessageSource(Protocol):
     """Where requests come from, and how they are settled."""
 
@@ -68,8 +57,8 @@ class MessageSource(Protocol):
         """Remove the message: it was processed and its outputs were accepted."""
         ...
 
-    def complete_batch(self, deliveries: Sequence[Delivery]) -> Mapping[int, SettlementLostError]:
-        """Complete many; returns ``{id(delivery): error}`` for those whose lock was lost."""
+    def complete_batch(self, deliveries: Sequence[Delivery]) -> Sequence[Delivery]:
+        """Complete many; returns the deliveries whose settlement was lost (lock lost, already settled)."""
         ...
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
@@ -86,10 +75,14 @@ class MessageSource(Protocol):
 
 
 class EventPublisher(Protocol):
-    """Where assignment events go. Raises ``TransientError`` when they were not accepted."""
+    """Where assignment events go."""
 
     def publish(self, events: Sequence[OutboundEvent]) -> None:
-        """Publish every event, or raise: a partial success is reported as failure."""
+        """Publish every event, or raise.
+
+        ``TransientError``: not accepted, or not known to be (the whole call is retried later).
+        ``PublishRejected``: the events it names were refused for good; every other one was accepted.
+        """
         ...
 
     def close(self) -> None:
@@ -98,18 +91,22 @@ class EventPublisher(Protocol):
 
 
 class RecordSink(Protocol):
-    """Where Kusto rows go: buffered, and durable only once :meth:`flush` returns."""
+    """Where Kusto rows go: durable only once :meth:`flush` returns.
+
+    The pump keeps the rows of every unsettled message itself and adds them again after a failed
+    flush, so a sink never has to hold rows across a failure.
+    """
 
     def add(self, records: Sequence[AssignmentRecord]) -> None:
-        """Buffer rows for the next flush."""
+        """Take rows for the next flush."""
         ...
 
     def due(self) -> bool:
-        """True when the buffer should be flushed (by size or age)."""
+        """True when the sink wants a flush now (by size or age)."""
         ...
 
     def flush(self) -> None:
-        """Make every buffered row durable, or raise ``TransientError`` and drop the buffer."""
+        """Make the rows added since the last flush durable, or raise ``TransientError`` (they are then dropped)."""
         ...
 
     def close(self) -> None:

@@ -45,7 +45,22 @@ class WorkerSettings(BaseSettings):
         default_factory=list,
         description="Context keys that may leave the worker (events, spans, Kusto). Empty by default.",
     )
-    drain_deadline: float = Field(default=25.0, gt=0, description="Seconds to finish in-flight work on SIGTERM.")
+    drain_deadline: float = Field(
+        default=25.0,
+        gt=0,
+        description=(
+            "Seconds from SIGTERM to exit. Enforced: what an outage holds is abandoned (released for another "
+            "replica); a dependency call that has not returned by then is cut short by exiting."
+        ),
+    )
+    liveness_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description=(
+            "/healthz fails when the pump loop has not turned for this long (wedged). Backing off during an "
+            "outage counts as turning; keep it above max_wait and a link open (~10 s)."
+        ),
+    )
     telemetry: Literal["appinsights", "console", "none"] = Field(default="none")
     applicationinsights_connection_string: SecretStr | None = Field(
         default=None,
