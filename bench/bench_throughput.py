@@ -29,9 +29,11 @@ from pathlib import Path
 from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
 
 from adapters.files import JsonLinesSink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
+from adapters.servicebus import ServiceBusAuth, create_client, send_requests
 from worker.domain.registry import ExperimentRegistry
-from worker.service.pump import Pump, PumpConfig
+from worker.service.bootstrap import bootstrap
+from worker.service.pump import PumpConfig
+from worker.service.settings import WorkerSettings
 
 QUEUE, TOPIC = "assignment-requests", "assignment-events"
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}}]})
@@ -107,11 +109,11 @@ def bare_loop(connection: str, count: int, batch: int, prefetch: int) -> float:
 def worker_run(connection: str, count: int, batch: int, prefetch: int, rows: Path) -> float:
     """Seconds for the pump to process ``count`` requests end to end."""
     client = create_client(ServiceBusAuth(connection_string=connection))
-    pump = Pump(
-        ServiceBusSource(client, QUEUE, prefetch=prefetch),
-        ServiceBusPublisher(client, TOPIC),
-        JsonLinesSink(rows, max_rows=batch),
-        lambda: REGISTRY,
+    pump = bootstrap(
+        WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC, prefetch=prefetch),
+        client=client,
+        sink=JsonLinesSink(rows, max_rows=batch),
+        registry=lambda: REGISTRY,
         config=PumpConfig(max_batch=batch, max_wait=5),
     )
     start, first = 0.0, 0

@@ -109,10 +109,12 @@ def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulato
     from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
 
     from adapters.memory import MemorySink
-    from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
+    from adapters.servicebus import ServiceBusAuth, create_client, send_requests
     from worker.domain.registry import ExperimentRegistry
+    from worker.service.bootstrap import bootstrap
     from worker.service.handling import event_id_for
-    from worker.service.pump import Pump, PumpConfig
+    from worker.service.pump import PumpConfig
+    from worker.service.settings import WorkerSettings
 
     registry = ExperimentRegistry.load(REPO / "deploy" / "experiments.yaml")
     ids = [f"c-{i}" for i in range(20)]
@@ -121,11 +123,11 @@ def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulato
         send_requests(client, "assignment-requests", bodies, message_ids=ids)
         send_requests(client, "assignment-requests", [b"not json"])
         sb = create_client(ServiceBusAuth(connection_string=servicebus_emulator))
-        pump = Pump(
-            ServiceBusSource(sb, "assignment-requests"),
-            ServiceBusPublisher(sb, "assignment-events"),
-            MemorySink(),
-            lambda: registry,
+        pump = bootstrap(
+            WorkerSettings.model_construct(),
+            client=sb,
+            sink=MemorySink(),
+            registry=lambda: registry,
             config=PumpConfig(max_wait=2),
         )
         stats = pump.run(idle_exit=5)

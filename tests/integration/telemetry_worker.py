@@ -18,7 +18,8 @@ import time
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.telemetry import configure_telemetry
 from worker.domain.registry import ExperimentRegistry
-from worker.service.pump import Pump, PumpConfig
+from worker.service.bootstrap import bootstrap
+from worker.service.pump import PumpConfig
 from worker.service.redaction import install_log_redaction
 
 EXPERIMENT = "exp_tone"
@@ -59,11 +60,11 @@ def main(argv: list[str]) -> int:
     for i in range(count):
         source.send(request_body(i))
     registry = ExperimentRegistry.from_dict(REGISTRY)
-    pump = Pump(
-        source,
-        MemoryPublisher(),
-        MemorySink(max_rows=50),
-        lambda: registry,
+    pump = bootstrap(
+        source=source,
+        publisher=MemoryPublisher(),
+        sink=MemorySink(max_rows=50),
+        registry=lambda: registry,
         config=PumpConfig(max_batch=50, context_allow_list=("country",)),
         tracer_provider=telemetry.tracer_provider,
         meter_provider=telemetry.meter_provider,

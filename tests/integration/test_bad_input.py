@@ -30,13 +30,15 @@ from hypothesis import strategies as st
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from adapters.servicebus import ServiceBusAuth, create_client
 from worker import ABAssignmentAgent
 from worker.cli import main
 from worker.domain.errors import MAX_DESCRIPTION_CHARS, ConfigurationError
 from worker.domain.registry import MAX_CONFIG_BYTES, ExperimentRegistry
+from worker.service.bootstrap import bootstrap
 from worker.service.handling import event_id_for
-from worker.service.pump import Pump, PumpConfig
+from worker.service.pump import PumpConfig, settled
+from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -362,7 +364,13 @@ def test_malformed_messages_are_dead_lettered_once_with_the_right_reason(batch: 
         message_id = f"m-{i}-ü"
         cases[message_id] = case
         source.send(case.body, message_id=message_id, content_type=case.content_type)
-    pump = Pump(source, publisher, sink, lambda: REGISTRY, config=PumpConfig(max_batch=7, max_wait=0))
+    pump = bootstrap(
+        source=source,
+        publisher=publisher,
+        sink=sink,
+        registry=lambda: REGISTRY,
+        config=PumpConfig(max_batch=7, max_wait=0),
+    )
     started = time.monotonic()
     stats = pump.run(idle_exit=0.0)
     assert time.monotonic() - started < 30, "the pump stalled"
@@ -450,14 +458,14 @@ def test_malformed_messages_through_the_real_sdk_reach_the_dlq_with_their_reason
                 )
         worker_client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
         try:
-            pump = Pump(
-                ServiceBusSource(worker_client, QUEUE, prefetch=50),
-                ServiceBusPublisher(worker_client, TOPIC),
-                sink := MemorySink(max_rows=50),
-                lambda: REGISTRY,
+            pump = bootstrap(
+                WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC, prefetch=50),
+                client=worker_client,
+                sink=(sink := MemorySink(max_rows=50)),
+                registry=lambda: REGISTRY,
                 config=PumpConfig(max_batch=50, max_wait=1.0),
             )
-            stats = pump.run(idle_exit=2.0)
+            stats = pump.run(until=settled(len(cases)))
         finally:
             worker_client.close()
         dead: dict[str, list[tuple[str, str]]] = defaultdict(list)

@@ -29,13 +29,15 @@ from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
+from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from worker import ABAssignmentAgent
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
+from worker.service.bootstrap import bootstrap, servicebus_publisher
 from worker.service.handling import event_id_for
 from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
 from worker.service.pump import Pump, PumpConfig
+from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -287,13 +289,15 @@ def in_process_pump(
     """The real pump on the real SDK adapters (short SDK retries; the pump's own backoff is short too)."""
     client = create_client(ServiceBusAuth(connection_string=connection_string), retry_total=1, retry_backoff_max=1)
     clients.append(client)
-    topic = ServiceBusPublisher(client, TOPIC)
+    settings = WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC, prefetch=prefetch)
+    topic = servicebus_publisher(settings, client)
     registry = ExperimentRegistry.from_dict(EXPERIMENTS)
-    return Pump(
-        ServiceBusSource(client, QUEUE, prefetch=prefetch),
-        publisher(topic) if publisher else topic,
-        sink if sink is not None else MemorySink(max_rows=50),
-        lambda: registry,
+    return bootstrap(
+        settings,
+        client=client,
+        publisher=publisher(topic) if publisher else topic,
+        sink=sink if sink is not None else MemorySink(max_rows=50),
+        registry=lambda: registry,
         config=PumpConfig(max_wait=1.0, min_backoff=0.05, max_backoff=0.5, **config),
     )
 

@@ -17,6 +17,7 @@ from adapters.memory import MemoryPublisher, MemorySource
 from schemas.models import AssignmentRecord
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
+from worker.service.bootstrap import bootstrap
 from worker.service.handling import event_id_for
 from worker.service.ports import Delivery
 from worker.service.pump import Pump, PumpConfig
@@ -72,7 +73,9 @@ def send_requests(source: MemorySource, count: int) -> list[Delivery]:
 def pump_for(source: MemorySource, sink: KustoSink, **config: float) -> Pump:
     """The real pump over in-memory source and publisher, recording into ``sink``."""
     settings = {"max_batch": 50, "min_backoff": 0.05, "max_backoff": 0.2, **config}
-    return Pump(source, MemoryPublisher(), sink, lambda: REGISTRY, config=PumpConfig(**settings))  # type: ignore[arg-type]
+    return bootstrap(
+        source=source, publisher=MemoryPublisher(), sink=sink, registry=lambda: REGISTRY, config=PumpConfig(**settings)
+    )
 
 
 # -- the sink on its own -------------------------------------------------------------------

@@ -14,11 +14,13 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQ
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
+from adapters.servicebus import ServiceBusAuth, create_client, send_requests
 from worker.cli import main
 from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
+from worker.service.bootstrap import bootstrap
 from worker.service.handling import event_id_for
 from worker.service.pump import Pump, PumpConfig
+from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -88,11 +90,11 @@ def _close_clients():
 def _pump(connection_string: str, registry=None, sink=None, **config) -> Pump:
     client = create_client(ServiceBusAuth(connection_string=connection_string), retry_total=1, retry_backoff_max=1)
     _CLIENTS.append(client)
-    return Pump(
-        ServiceBusSource(client, QUEUE, prefetch=50),
-        ServiceBusPublisher(client, TOPIC),
-        sink or MemorySink(max_rows=50),
-        registry or (lambda: ExperimentRegistry.from_dict(EXPERIMENTS)),
+    return bootstrap(
+        WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC, prefetch=50),
+        client=client,
+        sink=sink or MemorySink(max_rows=50),
+        registry=registry or (lambda: ExperimentRegistry.from_dict(EXPERIMENTS)),
         config=PumpConfig(max_wait=0.5, min_backoff=0.05, max_backoff=0.5, **config),
     )
 

@@ -69,11 +69,9 @@ def bootstrap(
         client = servicebus_client(settings)
         resources.append(client.close)
     if source is None or publisher is None:
-        from adapters.servicebus import ServiceBusPublisher, ServiceBusSource
-
         assert client is not None  # built above when not given
-        source = source or ServiceBusSource(client, settings.queue_name, prefetch=settings.prefetch)
-        publisher = publisher or ServiceBusPublisher(client, settings.topic_name)
+        source = source or servicebus_source(settings, client)
+        publisher = publisher or servicebus_publisher(settings, client)
     config = config or pump_config(settings)
     return Pump(
         source,
@@ -89,6 +87,20 @@ def bootstrap(
         resources=resources,
         clock=clock,
     )
+
+
+def servicebus_source(settings: WorkerSettings, client: ServiceBusClient) -> MessageSource:
+    """The requests queue on Service Bus (PEEK_LOCK, ``settings.prefetch``, locks renewed while held)."""
+    from adapters.servicebus import ServiceBusSource
+
+    return ServiceBusSource(client, settings.queue_name, prefetch=settings.prefetch)
+
+
+def servicebus_publisher(settings: WorkerSettings, client: ServiceBusClient) -> EventPublisher:
+    """The events topic on Service Bus (and reply entities named by ``reply_to``)."""
+    from adapters.servicebus import ServiceBusPublisher
+
+    return ServiceBusPublisher(client, settings.topic_name)
 
 
 def experiments(settings: WorkerSettings) -> Callable[[], ExperimentRegistry]:
