@@ -94,6 +94,11 @@ class WorkerSettings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @field_validator("context_allow_list", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
