@@ -19,7 +19,7 @@ from worker.cli import main
 from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 from worker.service.bootstrap import bootstrap
 from worker.service.handling import event_id_for
-from worker.service.pump import Pump, PumpConfig
+from worker.service.pump import Pump, PumpConfig, settled
 from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
@@ -134,7 +134,7 @@ def test_happy_path_and_every_dead_letter_reason(broker):
         ids = [f"req-{i}" for i in range(len(good))]
         send_requests(client, QUEUE, good, message_ids=ids)
         send_requests(client, QUEUE, list(bad.values()))
-        stats = _pump(broker.connection_string).run(idle_exit=1.5)
+        stats = _pump(broker.connection_string).run(until=settled(len(good) + len(bad)))
         events = _drain(client, TOPIC, "all", expected=40)
         tone_only = _drain(client, TOPIC, "tone-only", expected=20)
         dead = _dead_letters(client, expected=len(bad))
@@ -164,7 +164,7 @@ def test_reply_to_receives_the_event(broker):
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         with client.get_queue_sender(QUEUE) as sender:
             sender.send_messages(ServiceBusMessage(_request("U123"), message_id="ask-1", reply_to=REPLIES))
-        _pump(broker.connection_string).run(idle_exit=1.0)
+        _pump(broker.connection_string).run(until=settled(1))
         with client.get_queue_receiver(REPLIES) as receiver:
             (reply,) = receiver.receive_messages(max_message_count=5, max_wait_time=5)
             receiver.complete_message(reply)
@@ -178,7 +178,7 @@ def test_traceparent_and_correlation_id_flow_through(broker):
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         with client.get_queue_sender(QUEUE) as sender:
             sender.send_messages(ServiceBusMessage(_request("U1"), message_id="m-1", correlation_id="order-77"))
-        _pump(broker.connection_string).run(idle_exit=1.0)
+        _pump(broker.connection_string).run(until=settled(1))
         (event,) = _drain(client, TOPIC, "all", expected=1)
     assert event.correlation_id == "order-77"
 
@@ -187,7 +187,7 @@ def test_redelivered_request_is_dropped_by_duplicate_detection(broker):
     """The same request twice yields one event on the topic: same deterministic id, duplicate detection drops it."""
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         send_requests(client, QUEUE, [_request("U1"), _request("U1")], message_ids=["same", "same"])
-        stats = _pump(broker.connection_string).run(idle_exit=1.0)
+        stats = _pump(broker.connection_string).run(until=settled(2))
         events = _drain(client, TOPIC, "all", expected=2, timeout=3)
     assert stats.completed == 2
     assert [str(m.message_id) for m in events] == [event_id_for("same")]
@@ -241,7 +241,7 @@ def test_unknown_experiment_hot_reload_then_replay(broker, tmp_path, monkeypatch
     monkeypatch.setenv("AB_WORKER_SERVICEBUS_CONNECTION_STRING", broker.connection_string)
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         send_requests(client, QUEUE, [_request(f"N{i}", "exp_new") for i in range(5)] + [_request("U1")])
-        first = _pump(broker.connection_string, registry=registry.current).run(idle_exit=1.0)
+        first = _pump(broker.connection_string, registry=registry.current).run(until=settled(6))
         assert first.dead_letters == {"UnknownExperiment": 5}
 
         assert main(["dlq", "peek", "--summary"]) == 0
@@ -254,7 +254,7 @@ def test_unknown_experiment_hot_reload_then_replay(broker, tmp_path, monkeypatch
         time.sleep(0.1)
         assert main(["dlq", "replay", "--reason", "UnknownExperiment"]) == 0
         assert broker.message_counts(QUEUE)["dead_letter"] == 0
-        second = _pump(broker.connection_string, registry=registry.current).run(idle_exit=1.0)
+        second = _pump(broker.connection_string, registry=registry.current).run(until=settled(5))
         events = _drain(client, TOPIC, "all", expected=6)
     assert second.completed == 5
     assert second.dead_letters == {}
@@ -268,7 +268,7 @@ def test_dlq_export_and_replay_from_file(broker, tmp_path, monkeypatch):
     monkeypatch.setenv("AB_WORKER_SERVICEBUS_CONNECTION_STRING", broker.connection_string)
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         send_requests(client, QUEUE, [json.dumps({"user": "typo", "experiment_id": "exp_001"}).encode()])
-        _pump(broker.connection_string).run(idle_exit=1.0)
+        _pump(broker.connection_string).run(until=settled(1))
         exported = tmp_path / "dlq.jsonl"
         assert main(["dlq", "export", str(exported)]) == 0
         (line,) = [json.loads(x) for x in exported.read_text().splitlines()]
@@ -278,7 +278,7 @@ def test_dlq_export_and_replay_from_file(broker, tmp_path, monkeypatch):
         repaired = tmp_path / "repaired.jsonl"
         repaired.write_text(json.dumps(line) + "\n", encoding="utf-8")
         assert main(["dlq", "replay", "--from", str(repaired)]) == 0
-        stats = _pump(broker.connection_string).run(idle_exit=1.0)
+        stats = _pump(broker.connection_string).run(until=settled(1))
         events = _drain(client, TOPIC, "all", expected=1)
     assert stats.completed == 1
     assert json.loads(b"".join(events[0].body))["user_id"] == "fixed"
@@ -292,7 +292,7 @@ def test_replay_skips_messages_replayed_too_often(broker, monkeypatch):
             sender.send_messages(
                 ServiceBusMessage(_request("U", "exp_missing"), application_properties={"ab_replay_count": 5})
             )
-        _pump(broker.connection_string).run(idle_exit=1.0)
+        _pump(broker.connection_string).run(until=settled(1))
     assert main(["dlq", "replay", "--reason", "UnknownExperiment"]) == 1
     assert broker.message_counts(QUEUE)["dead_letter"] == 1
 
@@ -311,7 +311,7 @@ def test_lock_keeper_renews_locks_while_rows_wait(broker):
         pump = _pump(short.connection_string, sink=SlowSink())
         pump.source.locks.margin = 1.5
         pump.source.locks.interval = 0.2
-        stats = pump.run(idle_exit=1.0)
+        stats = pump.run(until=settled(5))
         assert stats.completed == 5
         assert stats.settlement_lost == 0
         assert pump.source.locks.renewals >= 5
@@ -336,7 +336,7 @@ def test_uuid_message_ids_survive(broker):
     message_id = str(uuid.uuid4())
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         send_requests(client, QUEUE, [_request("U9")], message_ids=[message_id])
-        _pump(broker.connection_string).run(idle_exit=1.0)
+        _pump(broker.connection_string).run(until=settled(1))
         (event,) = _drain(client, TOPIC, "all", expected=1)
     assert str(event.message_id) == event_id_for(message_id)
 
@@ -351,7 +351,7 @@ def test_cohort_message_end_to_end(broker):
     body = json.dumps({"kind": "cohort", "experiment_id": "email-tone", "arms": arms, "members": members}).encode()
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         send_requests(client, QUEUE, [body], message_ids=["cohort-250"])
-        stats = _pump(broker.connection_string, max_body_bytes=65536).run(idle_exit=1.0)
+        stats = _pump(broker.connection_string, max_body_bytes=65536).run(until=settled(1))
         events = _drain(client, TOPIC, "all", expected=251)
     assert stats.completed == 1
     kinds = [m.application_properties[b"event_type"] for m in events]
