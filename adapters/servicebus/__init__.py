@@ -56,6 +56,10 @@ class ServiceBusAuth:
         return f"ServiceBusAuth(namespace={self.namespace!r}, connection_string={secret})"
 
 
+#: The SDK client the source and publisher share, named here so the composition root need not import the SDK.
+Client = ServiceBusClient
+
+
 def create_client(auth: ServiceBusAuth, *, retry_total: int = 3, retry_backoff_max: float = 10.0) -> ServiceBusClient:
     """A ``ServiceBusClient`` from a connection string, or ``DefaultAzureCredential`` on a namespace."""
     options: dict[str, Any] = {

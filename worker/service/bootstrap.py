@@ -32,10 +32,9 @@ from worker.service.redaction import redact
 from worker.service.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from azure.servicebus import ServiceBusClient
-
     from adapters.health import HealthCheck
     from adapters.local.broker import LocalBroker
+    from adapters.servicebus import Client as ServiceBusClient
 
 log = logging.getLogger(__name__)
 
