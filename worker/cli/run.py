@@ -16,6 +16,7 @@ from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, load_settings
 from worker.domain.errors import UsageError
 from worker.domain.registry import ExperimentRegistry
 from worker.service import bootstrap as compose
+from worker.service.ports import EventPublisher, MessageSource, RecordSink
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,9 @@ def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:
     return EXIT_OK
 
 
-def _file_ports(args: argparse.Namespace, stack: ExitStack, max_age: float) -> tuple[Any, Any, Any]:
+def _file_ports(
+    args: argparse.Namespace, stack: ExitStack, max_age: float
+) -> tuple[MessageSource, EventPublisher, RecordSink]:
     from adapters.files import JsonLinesPublisher, JsonLinesSink, JsonLinesSource
 
     source_path = Path(args.input)

@@ -58,7 +58,8 @@ class WorkerSettings(BaseSettings):
         gt=0,
         description=(
             "/healthz fails when the pump loop has not turned for this long (wedged). Backing off during an "
-            "outage counts as turning; keep it above max_wait and a link open (~10 s)."
+            "outage counts as turning; keep it above max_wait, a link open (~10 s) and one dependency call "
+            "(kusto_flush_attempts x kusto_attempt_timeout)."
         ),
     )
     telemetry: Literal["appinsights", "console", "none"] = Field(default="none")
