@@ -345,17 +345,14 @@ def test_sigterm_finishes_in_flight_batch_and_exits_cleanly():
     """SIGTERM: stop receiving, settle the in-flight batch, flush rows, close every port."""
     source, publisher, sink = _EndlessSource(), MemoryPublisher(), MemorySink()
     pump = _pump(source, publisher, sink, max_batch=20)
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        stop_on_signals(pump, deadline=30)
+    exited: list[int] = []
+    with stop_on_signals(pump, deadline=30, exit_now=exited.append):
         thread = threading.Thread(target=pump.run)
         thread.start()
         time.sleep(0.1)
         signal.raise_signal(signal.SIGTERM)
         thread.join(timeout=5)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    assert exited == []
     assert not thread.is_alive()
     received = pump.stats.received
     assert received > 0
@@ -542,25 +539,24 @@ def test_sigterm_exits_by_the_drain_deadline_when_a_call_never_returns():
     source = MemorySource()
     source.send(_request(), message_id="m1")
     pump = _pump(source, HangingPublisher())
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = signal.getsignal(signal.SIGTERM)
     thread = threading.Thread(target=pump.run, daemon=True)
     try:
-        stop_on_signals(pump, deadline=0.3, exit_now=exited.append)
-        thread.start()
-        assert hung.wait(10)
-        sent = time.monotonic()
-        signal.raise_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while not exited and time.monotonic() < deadline:
-            time.sleep(0.01)
-        took = time.monotonic() - sent
+        with stop_on_signals(pump, deadline=0.3, exit_now=exited.append):
+            thread.start()
+            assert hung.wait(10)
+            sent = time.monotonic()
+            signal.raise_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while not exited and time.monotonic() < deadline:
+                time.sleep(0.01)
+            took = time.monotonic() - sent
     finally:
         released.set()
         thread.join(10)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     assert exited == [1]
     assert 0.25 <= took < 3
+    assert signal.getsignal(signal.SIGTERM) is previous, "the previous handler is restored"
 
 
 def test_observers_see_each_step():

@@ -36,10 +36,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             pump = compose.bootstrap(
                 settings, registry=registry, source=source, publisher=publisher, sink=sink, config=config
             )
-            compose.stop_on_signals(pump, settings.drain_deadline)
-            stats = pump.run(idle_exit=0.0)
+            with compose.stop_on_signals(pump, settings.drain_deadline):
+                stats = pump.run(idle_exit=0.0)
         return _report_run(stats)
-    with ExitStack() as stack:
+    # The drain deadline also covers closing the clients and flushing telemetry: its guard is left last.
+    with ExitStack() as guard, ExitStack() as stack:
         if args.local:
             broker = stack.enter_context(compose.local_broker(args.broker_port))
             settings.servicebus_connection_string = SecretStr(broker.connection_string)
@@ -64,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
-        compose.stop_on_signals(pump, settings.drain_deadline)
+        guard.enter_context(compose.stop_on_signals(pump, settings.drain_deadline))
         compose.start_health_server(settings.health_port, pump.health, stack, host=settings.health_host)
         compose.print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
         stats = pump.run(idle_exit=max(3.0, 2 * settings.max_wait) if args.drain else None)

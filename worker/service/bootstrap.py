@@ -123,33 +123,44 @@ def pump_config(settings: WorkerSettings, max_batch: int | None = None) -> PumpC
     )
 
 
-def stop_on_signals(pump: Pump, deadline: float, exit_now: Callable[[int], object] = os._exit) -> None:
-    """SIGTERM / SIGINT: stop the pump, and exit anyway once ``deadline`` seconds have passed.
+@contextmanager
+def stop_on_signals(pump: Pump, deadline: float, exit_now: Callable[[int], object] = os._exit) -> Iterator[None]:
+    """While in the block, SIGTERM / SIGINT stop the pump, and end the process once ``deadline`` seconds have passed.
 
     A graceful stop finishes the in-flight batch, abandons what an outage holds (released for another
     replica) and flushes. A dependency call that does not return (a hung endpoint) must not keep the
     process past the deadline the platform grants: the timer then ends it with status 1, and the
-    held messages come back to the queue when the connection closes or their locks lapse.
+    held messages come back to the queue when the connection closes or their locks lapse. Leaving the
+    block cancels the timer and restores the previous handlers.
     """
+    timers: list[threading.Timer] = []
 
     def overrun() -> None:
         log.error(
             "Drain deadline of %.1fs passed with the pump still busy; exiting now (held messages are redelivered)",
             deadline,
         )
-        logging.shutdown()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         exit_now(1)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         log.warning("Received %s: finishing the in-flight batch, then exiting", signal.Signals(signum).name)
-        if not pump.stopping:
+        if not timers:
             timer = threading.Timer(deadline, overrun)
             timer.daemon = True
+            timers.append(timer)
             timer.start()
         pump.stop()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for timer in timers:
+            timer.cancel()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def servicebus_connection_string(settings: WorkerSettings) -> str | None:
