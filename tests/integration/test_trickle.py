@@ -13,9 +13,11 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage
 
 from adapters.files import JsonLinesSink
 from adapters.local.broker import BrokerConfig, LocalBroker
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from adapters.servicebus import ServiceBusAuth, create_client
 from worker.domain.registry import ExperimentRegistry
-from worker.service.pump import Pump, PumpConfig
+from worker.service.bootstrap import bootstrap
+from worker.service.pump import PumpConfig
+from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -50,11 +52,11 @@ def test_a_trickle_is_written_and_settled_within_the_flush_age(tmp_path: Path) -
     with LocalBroker(BrokerConfig.from_dict(CONFIG)) as broker:
         client = create_client(ServiceBusAuth(connection_string=broker.connection_string))
         sink = JsonLinesSink(rows, max_age=FLUSH_AGE)
-        pump = Pump(
-            ServiceBusSource(client, QUEUE),
-            ServiceBusPublisher(client, TOPIC),
-            sink,
-            lambda: REGISTRY,
+        pump = bootstrap(
+            WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC),
+            client=client,
+            sink=sink,
+            registry=lambda: REGISTRY,
             config=PumpConfig(queue_name=QUEUE, topic_name=TOPIC, max_wait=MAX_WAIT),
         )
         runner = threading.Thread(target=pump.run, name="pump")

@@ -20,7 +20,8 @@ from pathlib import Path
 from adapters.files import JsonLinesSink
 from adapters.memory import MemoryPublisher, MemorySource
 from worker.domain.registry import ExperimentRegistry
-from worker.service.pump import Pump, PumpConfig
+from worker.service.bootstrap import bootstrap
+from worker.service.pump import PumpConfig
 
 REQUESTS = 40
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_disk", "split": {"A": 0.5, "B": 0.5}}]})
@@ -58,11 +59,11 @@ def main(argv: list[str]) -> int:
     for i in range(REQUESTS):
         source.send(json.dumps({"user_id": f"U{i}", "experiment_id": "exp_disk"}), message_id=f"m{i}")
     sink = JsonLinesSink(path, max_rows=10, max_age=0.05)
-    pump = Pump(
-        source,
-        MemoryPublisher(),
-        sink,
-        lambda: REGISTRY,
+    pump = bootstrap(
+        source=source,
+        publisher=MemoryPublisher(),
+        sink=sink,
+        registry=lambda: REGISTRY,
         config=PumpConfig(max_batch=10, min_backoff=0.02, max_backoff=0.1),
     )
     runner = threading.Thread(target=pump.run, kwargs={"idle_exit": 0.5})
