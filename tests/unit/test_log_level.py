@@ -51,3 +51,14 @@ def test_bad_log_level_in_environment_is_a_usage_error(files, monkeypatch, capsy
     monkeypatch.setenv("AB_WORKER_LOG_LEVEL", "LOUD")
     assert main(["run", *files]) == 2
     assert "AB_WORKER_LOG_LEVEL" in capsys.readouterr().err
+
+
+def test_supervised_children_inherit_the_level():
+    """run --processes: a flag is passed on to each child; without one, the children read the environment."""
+    from argparse import Namespace
+
+    from worker.cli.supervise import child_command
+
+    flagged = child_command(Namespace(log_level="DEBUG", max_batch=None, drain=False), "x.yaml")
+    assert flagged[flagged.index("--log-level") + 1] == "DEBUG"
+    assert "--log-level" not in child_command(Namespace(log_level=None, max_batch=None, drain=False), "x.yaml")

@@ -31,7 +31,9 @@ def child_rows(path: str, index: int) -> str:
 
 def child_command(args: argparse.Namespace, experiments_file: str) -> list[str]:
     """The ``ab-worker run`` each child runs: the parent's options, minus the ones the parent keeps."""
-    command = [sys.executable, "-m", "worker", "--log-level", args.log_level, "run", "--config", experiments_file]
+    # No --log-level given: the children read AB_WORKER_LOG_LEVEL from the environment they inherit.
+    level = ["--log-level", args.log_level] if args.log_level else []
+    command = [sys.executable, "-m", "worker", *level, "run", "--config", experiments_file]
     if args.max_batch:
         command += ["--max-batch", str(args.max_batch)]
     if args.drain:
