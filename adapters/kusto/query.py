@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Any
 
 from worker.domain.errors import WorkerError
-from worker.domain.moments import utc_iso
-from worker.domain.srm.report import ReportInputError, Tally, Window, as_utc, parse_split
+from worker.domain.moments import as_utc, utc_iso
+from worker.domain.srm.report import ReportInputError, Tally, Window, parse_split
 
 #: The view that drops redelivered rows (same EventId); owned by deploy/kusto/functions.kql.
 DEDUP_VIEW = "AssignmentEventsDedup()"

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import pytest
 
 from tests.synthetic_rows import monitoring_rows
-from worker.cli.report import EXIT_OK, EXIT_SRM, EXIT_USAGE, main
+from worker.cli import main
+from worker.cli.common import ExitStatus
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ def test_kusto_report_flags_the_skewed_experiment(
     kusto: type[_KustoQueryStandIn], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The summarised Kusto result gives the same verdicts as the rows: exp_skewed flagged, exit 4."""
-    assert main(["report", "--kusto"]) == EXIT_SRM
+    assert main(["report", "--kusto"]) == ExitStatus.SRM
     out = capsys.readouterr().out
     assert "exp_skewed  n=600  SRM! p=9.6e-07  (chi2 24.00, dof 1)" in out
     assert "exp_tone  n=800  OK" in out
@@ -134,7 +135,7 @@ def test_filters_travel_as_query_parameters(
     """--experiment and --since are declared query parameters; the experiment id never enters the query text."""
     experiment = "exp_tone' | take 1 //"
     code = main(["report", "--kusto", "--experiment", experiment, "--since", "2025-11-23T10:00:00Z", "--json"])
-    assert code == EXIT_OK
+    assert code == ExitStatus.OK
     (request,) = kusto.requests
     assert experiment not in request["csl"]
     assert request["csl"].startswith("declare query_parameters(experiment:string, since:datetime);")
@@ -143,9 +144,9 @@ def test_filters_travel_as_query_parameters(
     assert json.loads(capsys.readouterr().out)["groups"] == []
 
 
-def test_query_failure_is_a_usage_error(kusto: type[_KustoQueryStandIn], capsys: pytest.CaptureFixture[str]) -> None:
-    """A failing query exits 2 with the service's message, not a traceback."""
+def test_query_failure_is_a_refused_call(kusto: type[_KustoQueryStandIn], capsys: pytest.CaptureFixture[str]) -> None:
+    """A query the cluster refuses exits 5 (Azure refused the call) with the service's message, no traceback."""
     kusto.fail_with = 400
-    assert main(["report", "--kusto"]) == EXIT_USAGE
+    assert main(["report", "--kusto"]) == ExitStatus.UNREACHABLE
     err = capsys.readouterr().err
     assert "ab-worker report: error: Kusto query on database 'experiments_test' failed" in err

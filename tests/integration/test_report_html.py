@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tests.synthetic_rows import monitoring_rows, write_jsonl
-from worker.cli.report import EXIT_SRM, main
+from worker.cli import main
+from worker.cli.common import ExitStatus
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTH, HEIGHT = 1280, 2000
@@ -122,7 +123,7 @@ def report_html(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("report")
     rows = write_jsonl(folder / "rows.jsonl", monitoring_rows())
     page = folder / "report.html"
-    assert main(["report", "--rows", str(rows), "--html", str(page)]) == EXIT_SRM
+    assert main(["report", "--rows", str(rows), "--html", str(page)]) == ExitStatus.SRM
     return page
 
 

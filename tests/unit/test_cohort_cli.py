@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli.cohort import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNBALANCED, add_commands, main
+from worker.cli import main
+from worker.cli.cohort import add_commands
+from worker.cli.common import ExitStatus
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cohort_250.csv"
 ARMS = "control,treatment_1,treatment_2,treatment_3"
@@ -51,7 +53,7 @@ def errors(capsys: pytest.CaptureFixture[str]) -> str:
 
 def test_document_scenario_exits_zero_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The 250-customer file is assigned, the table and three PASS lines are printed, and status is 0."""
-    assert stratify(tmp_path, DATA) == EXIT_OK
+    assert stratify(tmp_path, DATA) == ExitStatus.OK
     out = capsys.readouterr().out
     assert "| High-Value Recent |      21 |          21 |          21 |          21 |     84 |" in out
     assert "| Standard          |      37 |          36 |          36 |          36 |    145 |" in out
@@ -104,7 +106,7 @@ def test_jsonl_in_and_out_with_other_columns(tmp_path: Path) -> None:
     lines = [json.dumps({"user_id": i, "tier": rng.choice(["gold", "silver"])}) for i in range(200)]
     write(source, "\n".join(lines) + "\n\n")
     status = stratify(tmp_path, source, "--id-column", "user_id", "--segment-column", "tier", out="out.jsonl")
-    assert status == EXIT_OK
+    assert status == ExitStatus.OK
     records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(records) == 200
     assert records[0]["customer_id"].isdigit()
@@ -123,7 +125,7 @@ def test_jsonl_in_and_out_with_other_columns(tmp_path: Path) -> None:
 def test_format_option_overrides_the_extension(tmp_path: Path) -> None:
     """--format jsonl reads a .txt file as JSON lines."""
     source = write(tmp_path / "members.txt", "".join(f'{{"customer_id": "c{i}", "segment": "s"}}\n' for i in range(40)))
-    assert stratify(tmp_path, source, "--format", "jsonl") == EXIT_OK
+    assert stratify(tmp_path, source, "--format", "jsonl") == ExitStatus.OK
 
 
 def test_weights_and_arm_variants(tmp_path: Path) -> None:
@@ -132,7 +134,7 @@ def test_weights_and_arm_variants(tmp_path: Path) -> None:
     status = stratify(
         tmp_path, DATA, "--weights", "0.4,0.2,0.2,0.2", "--arm-variants", str(variants), "--min-per-cell", "4"
     )
-    assert status == EXIT_OK
+    assert status == ExitStatus.OK
     with (tmp_path / "out.csv").open(encoding="utf-8", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert sum(r["experiment_arm"] == "control" for r in rows) == 100  # 33.6 + 58 + 8.4, rounded per segment
@@ -143,7 +145,7 @@ def test_weights_and_arm_variants(tmp_path: Path) -> None:
 def test_variants_for_an_absent_segment_warn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A segment in --arm-variants that no member has is a warning, not an error."""
     variants = write(tmp_path / "tones.json", json.dumps({"control": {"Standrad": "generic"}}))
-    assert stratify(tmp_path, DATA, "--arm-variants", str(variants)) == EXIT_OK
+    assert stratify(tmp_path, DATA, "--arm-variants", str(variants)) == ExitStatus.OK
     assert "warning: --arm-variants names segment 'Standrad' for arm 'control'" in errors(capsys)
 
 
@@ -152,7 +154,7 @@ def test_variants_for_an_absent_segment_warn(tmp_path: Path, capsys: pytest.Capt
 
 def test_failed_check_exits_three_after_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A minimum of 6 per cell fails for New Customer: FAIL names the cells, files are written, status 3."""
-    assert stratify(tmp_path, DATA, "--min-per-cell", "6") == EXIT_UNBALANCED
+    assert stratify(tmp_path, DATA, "--min-per-cell", "6") == ExitStatus.UNBALANCED
     out = capsys.readouterr().out
     assert "FAIL  min_members_per_cell" in out
     assert "New Customer × treatment_1 = 5" in out
@@ -168,7 +170,7 @@ def test_failed_check_exits_three_after_writing(tmp_path: Path, capsys: pytest.C
 def test_missing_column_names_file_and_header(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A header without the segment column is reported against line 1 of the file."""
     source = write(tmp_path / "c.csv", "customer_id,tier\na,x\n")
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     assert f"{source}:1: missing column(s) 'segment'" in errors(capsys)
     assert not (tmp_path / "out.csv").exists()
     assert not (tmp_path / "report.json").exists()
@@ -178,7 +180,7 @@ def test_every_row_problem_is_listed_with_its_line(tmp_path: Path, capsys: pytes
     """Duplicate ids, empty ids, empty segments and short rows are all listed, in line order."""
     text = "customer_id,segment\na,s\nb,s\n,s\nc,\na,t\n\nd\nb,s\n"
     source = write(tmp_path / "c.csv", text)
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     err = errors(capsys)
     assert "5 problem(s)" in err
     expected = [
@@ -196,7 +198,7 @@ def test_every_row_problem_is_listed_with_its_line(tmp_path: Path, capsys: pytes
 def test_unparseable_csv_row_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A row the CSV parser rejects (a field over its size limit) is reported; later rows are still checked."""
     source = write(tmp_path / "c.csv", 'customer_id,segment\na,s\n"' + "x" * 200_000 + '",s\n,s\n')
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     err = errors(capsys)
     assert f"{source}:3: unparseable CSV row: field larger than field limit" in err
     assert f"{source}:4: empty 'customer_id'" in err
@@ -205,7 +207,7 @@ def test_unparseable_csv_row_is_reported(tmp_path: Path, capsys: pytest.CaptureF
 def test_control_characters_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Ids and segments with control characters (NUL, tab) are rejected with their line."""
     source = write(tmp_path / "c.csv", "customer_id,segment\na,s\nb\x00,s\nc,s\tx\n")
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     err = errors(capsys)
     assert f"{source}:3: 'customer_id': control character '\\x00' in 'b\\x00'" in err
     assert f"{source}:4: 'segment': control character '\\t' in 's\\tx'" in err
@@ -215,7 +217,7 @@ def test_invalid_utf8_lines_are_reported(tmp_path: Path, capsys: pytest.CaptureF
     """Every line that is not UTF-8 is named."""
     source = tmp_path / "c.csv"
     source.write_bytes(b"customer_id,segment\na,s\nb,\xff\nc,s\nd,\xfe\xfe\n")
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     err = errors(capsys)
     assert f"{source}:3: not valid UTF-8" in err
     assert f"{source}:5: not valid UTF-8" in err
@@ -232,7 +234,7 @@ def test_jsonl_problems_are_reported_with_lines(tmp_path: Path, capsys: pytest.C
         '{"customer_id": "\\ud800", "segment": "s"}',
     ]
     source = write(tmp_path / "c.jsonl", "\n".join(lines) + "\n")
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     err = errors(capsys)
     assert f"{source}:2: invalid JSON" in err
     assert f"{source}:3: expected a JSON object, got list" in err
@@ -244,14 +246,14 @@ def test_jsonl_problems_are_reported_with_lines(tmp_path: Path, capsys: pytest.C
 def test_unknown_arm_in_arm_variants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An arm in --arm-variants that --arms does not list is an error naming the file."""
     variants = write(tmp_path / "tones.json", json.dumps({"treatment_9": {"Standard": "x"}}))
-    assert stratify(tmp_path, DATA, "--arm-variants", str(variants)) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, DATA, "--arm-variants", str(variants)) == ExitStatus.USAGE
     assert f"{variants}: unknown arm 'treatment_9'" in errors(capsys)
 
 
 def test_invalid_arm_variants_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A malformed variants file is reported with its line."""
     variants = write(tmp_path / "tones.json", '{\n  "control": {"Standard": }\n}')
-    assert stratify(tmp_path, DATA, "--arm-variants", str(variants)) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, DATA, "--arm-variants", str(variants)) == ExitStatus.USAGE
     assert f"{variants}:2: invalid JSON" in errors(capsys)
 
 
@@ -269,14 +271,14 @@ def test_invalid_arm_variants_json(tmp_path: Path, capsys: pytest.CaptureFixture
 )
 def test_bad_arm_options(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], fragment: str) -> None:
     """Weight count mismatches, unparseable or zero weights, empty or duplicate arms and bad timestamps exit 2."""
-    assert stratify(tmp_path, DATA, *extra) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, DATA, *extra) == ExitStatus.USAGE
     assert fragment in errors(capsys)
 
 
 def test_missing_input_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A missing input file is reported by name, without a traceback."""
     missing = tmp_path / "nope.csv"
-    assert stratify(tmp_path, missing) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, missing) == ExitStatus.USAGE
     err = errors(capsys)
     assert f"{missing}: cannot read" in err
     assert "Traceback" not in err
@@ -286,29 +288,29 @@ def test_missing_input_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_empty_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, content: str) -> None:
     """An empty file and a header-only file are bad input."""
     source = write(tmp_path / name, content)
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     assert str(source) in errors(capsys)
 
 
 def test_unknown_extensions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Input and output formats must be known from the extension (or --format for input)."""
     source = write(tmp_path / "c.txt", "customer_id,segment\na,s\n")
-    assert stratify(tmp_path, source) == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source) == ExitStatus.USAGE
     assert "cannot tell the input format" in errors(capsys)
-    assert stratify(tmp_path, DATA, out="out.parquet") == EXIT_BAD_INPUT
+    assert stratify(tmp_path, DATA, out="out.parquet") == ExitStatus.USAGE
     assert "cannot tell the output format" in errors(capsys)
 
 
 def test_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An output folder that does not exist is reported, not raised."""
-    assert stratify(tmp_path, DATA, out="missing/out.csv") == EXIT_BAD_INPUT
+    assert stratify(tmp_path, DATA, out="missing/out.csv") == ExitStatus.USAGE
     assert "cannot write" in errors(capsys)
 
 
 def test_long_problem_lists_are_cut(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--max-errors bounds the printed problems and says how many more there are."""
     source = write(tmp_path / "c.csv", "customer_id,segment\n" + ",s\n" * 30)
-    assert stratify(tmp_path, source, "--max-errors", "5") == EXIT_BAD_INPUT
+    assert stratify(tmp_path, source, "--max-errors", "5") == ExitStatus.USAGE
     err = errors(capsys)
     assert "30 problem(s)" in err
     assert "… and 25 more" in err
@@ -316,9 +318,7 @@ def test_long_problem_lists_are_cut(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_argparse_errors_exit_two(capsys: pytest.CaptureFixture[str]) -> None:
     """A missing required option is a usage error with status 2."""
-    with pytest.raises(SystemExit) as caught:
-        main(["stratify", str(DATA), "--arms", ARMS, "--out", "x.csv"])
-    assert caught.value.code == 2
+    assert main(["stratify", str(DATA), "--arms", ARMS, "--out", "x.csv"]) == ExitStatus.USAGE
     assert "--experiment" in errors(capsys)
 
 
@@ -327,7 +327,7 @@ def test_argparse_errors_exit_two(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plan_for_the_documents_62_per_arm(capsys: pytest.CaptureFixture[str]) -> None:
     """62 per arm on a 25% baseline: MDE +24.07 pp (+96.3%), 7.6% power for +15%, 2,193 per arm needed."""
-    assert main(["plan", "--arms", "4", "--per-arm", "62", "--baseline", "0.25"]) == EXIT_OK
+    assert main(["plan", "--arms", "4", "--per-arm", "62", "--baseline", "0.25"]) == ExitStatus.OK
     out = capsys.readouterr().out
     assert "minimum detectable effect: +24.07% absolute (25.00% -> 49.07%), +96.3% relative" in out
     assert "power to detect a 15.0% relative lift (25.00% -> 28.75%): 7.6%" in out
@@ -337,7 +337,7 @@ def test_plan_for_the_documents_62_per_arm(capsys: pytest.CaptureFixture[str]) -
 
 def test_plan_with_bonferroni(capsys: pytest.CaptureFixture[str]) -> None:
     """--bonferroni tests each of 3 comparisons at 0.05/3 and needs 2,925 per arm for +15%."""
-    assert main(["plan", "--arms", "4", "--per-arm", "62", "--baseline", "0.25", "--bonferroni"]) == EXIT_OK
+    assert main(["plan", "--arms", "4", "--per-arm", "62", "--baseline", "0.25", "--bonferroni"]) == ExitStatus.OK
     out = capsys.readouterr().out
     assert "Bonferroni: alpha 0.05 / 3 = 0.01667 per comparison" in out
     assert "+112.1% relative" in out
@@ -346,7 +346,7 @@ def test_plan_with_bonferroni(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
     """--json prints the numbers for machines; without --per-arm only the sample size is given."""
-    assert main(["plan", "--baseline", "0.10", "--lift", "0.2", "--json"]) == EXIT_OK
+    assert main(["plan", "--baseline", "0.10", "--lift", "0.2", "--json"]) == ExitStatus.OK
     document = json.loads(capsys.readouterr().out)
     assert document["sample_size_per_arm_for_lift"] == 3841
     assert document["mde_absolute"] is None
@@ -355,16 +355,14 @@ def test_plan_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_plan_rejects_impossible_lift(capsys: pytest.CaptureFixture[str]) -> None:
     """A lift that takes the rate past 100% exits 2 with a message."""
-    assert main(["plan", "--baseline", "0.9", "--lift", "0.2"]) == EXIT_BAD_INPUT
+    assert main(["plan", "--baseline", "0.9", "--lift", "0.2"]) == ExitStatus.USAGE
     assert "lift must be" in errors(capsys)
 
 
 @pytest.mark.parametrize("extra", [["--baseline", "1.5"], ["--baseline", "0.2", "--arms", "1"], ["--baseline", "x"]])
 def test_plan_usage_errors(capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
     """Rates outside (0, 1), one arm and non-numbers are usage errors (status 2)."""
-    with pytest.raises(SystemExit) as caught:
-        main(["plan", *extra])
-    assert caught.value.code == 2
+    assert main(["plan", *extra]) == ExitStatus.USAGE
     capsys.readouterr()
 
 
@@ -376,7 +374,7 @@ def test_add_commands_registers_on_a_host_parser(capsys: pytest.CaptureFixture[s
     parser = argparse.ArgumentParser(prog="ab-worker")
     add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["plan", "--baseline", "0.25"])
-    assert args.func(args) == EXIT_OK
+    assert args.func(args) == ExitStatus.OK
     capsys.readouterr()
     with pytest.raises(SystemExit):
         parser.parse_args(["stratify", "--help"])

@@ -12,6 +12,7 @@ import pytest
 from schemas.models import AssignmentRecord
 from tests.synthetic_rows import START, make_rows, monitoring_rows, record
 from worker.cli.render.html import render_html
+from worker.domain.moments import MomentError, parse_moment
 from worker.domain.srm.report import (
     GroupResult,
     Report,
@@ -20,7 +21,6 @@ from worker.domain.srm.report import (
     Window,
     build_report,
     format_p,
-    parse_moment,
     parse_row,
     parse_split,
     report_from_rows,
@@ -91,7 +91,7 @@ def test_parse_moment_accepts_durations_and_iso_times() -> None:
 @pytest.mark.parametrize("text", ["yesterday", "2x", "-2h", "2025-13-01"])
 def test_parse_moment_rejects_other_text(text: str) -> None:
     """Anything but a duration or an ISO time is an error that shows the accepted forms."""
-    with pytest.raises(ReportInputError, match="30m, 2h, 7d"):
+    with pytest.raises(MomentError, match="30m, 2h, 7d"):
         parse_moment(text, NOW)
 
 

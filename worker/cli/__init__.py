@@ -1,15 +1,10 @@
-"""``ab-worker``: the command line, and the composition root (the one place that picks adapters).
-
-Exit statuses: 0 success; 1 finished but some input was skipped or failed; 2 bad usage, bad
-configuration or unreadable input (the message names the file, row or field).
-"""
+"""``ab-worker``: the command line. One parser, one error path (:func:`worker.cli.common.invoke`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,23 +14,33 @@ from worker.cli import cohort as cohort_cli
 from worker.cli import dlq as dlq_cli
 from worker.cli import report as report_cli
 from worker.cli import run as run_cli
-from worker.cli.common import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, formatter
-from worker.domain.errors import ConfigurationError, SplitRatioError, UsageError
+from worker.cli.common import ExitStatus, Parser, exit_status_table, formatter, invoke
+from worker.domain.errors import ConfigurationError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ab-assignment-worker")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ab-worker",
         formatter_class=formatter,
         description=(
             "Experiment-assignment worker: deterministic MD5 bucketing of users into variants,\n"
             "served from an Azure Service Bus queue, with events, spans and Kusto rows."
         ),
-        epilog="Run 'ab-worker COMMAND --help' for each command's options and examples.",
+        epilog="Run 'ab-worker COMMAND --help' for each command's options and examples.\n\n" + exit_status_table(),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="DEBUG, INFO (default), ... (or AB_WORKER_LOG_LEVEL)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     assign_cli.add_commands(commands)
@@ -82,31 +87,19 @@ def _configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``ab-worker`` and ``python -m worker``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Entry point of ``ab-worker`` and ``python -m worker``: the exit status of the command."""
     try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
+        return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
+    action = getattr(args, "dlq_command", None) or getattr(args, "queue_command", None)
+    command = " ".join(part for part in (args.command, action) if part)
+
+    def run() -> int:
         _configure_logging(_log_level(args))
-    except ConfigurationError as exc:
-        print(f"ab-worker {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        result: int = args.func(args)
-    except (UsageError, ConfigurationError, SplitRatioError) as exc:
-        print(f"ab-worker {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:
-        return EXIT_OK
-    except Exception as exc:
-        if not _is_azure_error(exc):
-            raise
-        from worker.service.redaction import redact
+        status: int = args.func(args)
+        return status
 
-        print(f"ab-worker {args.command}: error: Azure call failed: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_PARTIAL
-    return result
-
-
-def _is_azure_error(exc: BaseException) -> bool:
-    """True for an Azure SDK error (unreachable broker, denied access): reported in one line, no traceback."""
-    return any(cls.__module__.startswith("azure.") for cls in type(exc).__mro__)
+    return invoke(command, run)

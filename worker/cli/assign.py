@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, parse_split
+from worker.cli.common import EXIT_OK, EXIT_PARTIAL, check_input, check_output, formatter, open_output, parse_split
 from worker.domain.errors import PermanentError, UsageError
 from worker.domain.registry import ExperimentRegistry
 
@@ -57,16 +57,15 @@ def _assign_file(args: argparse.Namespace, experiment: Any) -> int:
     from worker.service.batch import assign_file, decoded_lines, detect_format
 
     source = Path(args.input)
-    if not source.is_file():
-        raise UsageError(f"{source}: file not found")
+    check_input(source)
     in_format = detect_format(source, args.format)
-    out_path = Path(args.output) if args.output and args.output != "-" else None
+    out_path = check_output(Path(args.output)) if args.output and args.output != "-" else None
     out_format = args.output_format or (detect_format(out_path, None) if out_path else "jsonl")
     bad: list[Any] = []
     with ExitStack() as stack:
         binary = stack.enter_context(source.open("rb"))
-        out: IO[str] = stack.enter_context(out_path.open("w", encoding="utf-8", newline="")) if out_path else sys.stdout
-        progress = _progress_bar(stack, source)
+        out: IO[str] = stack.enter_context(open_output(out_path)) if out_path else sys.stdout
+        progress = _progress_bar(stack, binary, source)
         try:
             result = assign_file(
                 decoded_lines(binary, bad),
@@ -90,14 +89,14 @@ def _assign_file(args: argparse.Namespace, experiment: Any) -> int:
     return EXIT_PARTIAL if result.bad_rows else EXIT_OK
 
 
-def _progress_bar(stack: ExitStack, source: Path) -> Any:
-    """A tqdm bar on a terminal for inputs over ~1 MB; None otherwise (no noise in pipes and CI)."""
-    if not sys.stderr.isatty() or source.stat().st_size < 1_000_000:
+def _progress_bar(stack: ExitStack, binary: IO[bytes], source: Path) -> Any:
+    """A bar on a terminal for inputs over ~1 MB; None otherwise (no noise in pipes and CI)."""
+    size = source.stat().st_size
+    if not sys.stderr.isatty() or size < 1_000_000:
         return None
-    from tqdm import tqdm
+    from worker.cli.render.progress import file_progress
 
-    bar = stack.enter_context(tqdm(unit=" rows", unit_scale=True, desc="assigning", file=sys.stderr))
-    return bar.update
+    return file_progress(stack, binary, size, sys.stderr, "assigning")
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:

@@ -8,23 +8,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from worker.cli.common import EXIT_OK, formatter, servicebus_client
+from worker.cli.common import EXIT_OK, check_input, formatter, integer, listen_error, port, servicebus_client
 from worker.domain.errors import UsageError
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    """Run the embedded broker in the foreground."""
-    from adapters.local.broker import BrokerConfigError, serve
+    """Run the embedded broker in the foreground until SIGTERM (exit 0) or Ctrl-C (exit 130)."""
+    from adapters.local.broker import BrokerConfig, BrokerConfigError, LocalBroker
 
     try:
-        code: int = serve(args.host, args.port, args.config)
+        config = BrokerConfig.load(Path(args.config)) if args.config else BrokerConfig.default()
     except BrokerConfigError as exc:
         raise UsageError(str(exc)) from None
-    return code
+    try:
+        broker = LocalBroker(config, host=args.host, port=args.port).start()
+    except OSError as exc:
+        raise listen_error(exc, f"{args.host}:{args.port}", "--port") from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        print(broker.connection_string, flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        broker.stop()
+    return EXIT_OK
 
 
 # -- publish --------------------------------------------------------------------------------------
@@ -37,9 +51,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if bool(args.file) == bool(args.user):
         raise UsageError("give either --user (with --experiment) or --file FILE")
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise UsageError(f"{path}: file not found")
+        path = check_input(Path(args.file))
         bodies = [line.rstrip(b"\r\n") for line in path.open("rb") if line.strip()]
     else:
         if not args.experiment:
@@ -79,7 +91,7 @@ def add_commands(commands: Any) -> None:
         ),
     )
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    broker.add_argument("--port", type=int, default=5672, help="port (default 5672; 0 picks a free one)")
+    broker.add_argument("--port", type=port, default=5672, help="port (default 5672; 0 picks a free one)")
     broker.add_argument("--config", help="entities file in the official emulator's Config.json shape")
     broker.set_defaults(func=cmd_broker)
 
@@ -100,7 +112,7 @@ def add_commands(commands: Any) -> None:
     publish.add_argument("--user", help="user id")
     publish.add_argument("--segment", help="segment")
     publish.add_argument("--context", help="context as a JSON object")
-    publish.add_argument("--count", type=int, default=1, help="send the request this many times (default 1)")
+    publish.add_argument("--count", type=integer(1), default=1, help="send the request this many times (default 1)")
     publish.add_argument("--file", help="JSON-lines file: one request body per line")
     publish.add_argument("--queue", help="queue (default AB_WORKER_QUEUE_NAME)")
     publish.set_defaults(func=cmd_publish)

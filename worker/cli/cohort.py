@@ -1,8 +1,8 @@
 """``ab-worker stratify`` and ``ab-worker plan``: cohort assignment from a file, and test planning.
 
-``worker.cli`` registers these with :func:`add_commands`; ``python -m worker.cli.cohort`` runs them
-on their own. Exit statuses of ``stratify``: 0 written and balanced, 3 written but a balance check
-failed, 2 bad input or arguments (nothing written). ``plan`` exits 0, or 2 on bad arguments.
+``worker.cli`` registers these with :func:`add_commands`. Exit statuses of ``stratify``: 0 written and
+balanced, 3 written but a balance check failed, 2 bad input or arguments (nothing written). ``plan``
+exits 0, or 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, TextIO
 
+from worker.cli.common import ExitStatus, check_output, formatter, integer, report_error
 from worker.domain.cohort.stratify import (
     DEFAULT_MIN_PER_CELL,
     DEFAULT_SEED,
@@ -35,11 +36,10 @@ from worker.domain.cohort.stratify import (
     stratify_columns,
     value_problem,
 )
+from worker.domain.errors import UsageError
 from worker.domain.srm.stats import ExperimentPlan, StatsInputError, plan_experiment
+from worker.service.batch import spreadsheet_safe
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-EXIT_UNBALANCED = 3
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 STRATIFY_EPILOG = """\
@@ -373,24 +373,55 @@ def _parse_moment(text: str | None) -> datetime | None:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, write: Callable[[TextIO], object]) -> None:
-    """Write through a temporary file in the same folder, so a failure leaves no partial file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _write_all(outputs: Sequence[tuple[Path, Callable[[TextIO], object]]]) -> None:
+    """Write every output to a temporary file beside it, then move them all into place.
+
+    Every path is checked before anything is written, and a failure while writing leaves no output
+    at all (not the first file without the second); errors name the user's path, never the
+    temporary one.
+    """
+    for path, _ in outputs:
+        check_output(path)
+    staged: list[tuple[Path, Path]] = []
     try:
-        with temporary.open("w", encoding="utf-8", newline="") as stream:
-            write(stream)
-        os.replace(temporary, path)
+        for path, write in outputs:
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            staged.append((temporary, path))
+            try:
+                with temporary.open("w", encoding="utf-8", newline="") as stream:
+                    write(stream)
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        for temporary, path in staged:
+            try:
+                os.replace(temporary, path)
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
 
 
-def write_assignments(path: Path, fmt: str, assignment: CohortAssignment) -> None:
-    """Write one row (CSV) or one object (JSON lines) per member, fields in RECORD_FIELDS order."""
+def assignments_writer(fmt: str, assignment: CohortAssignment) -> Callable[[TextIO], None]:
+    """What writes one row (CSV) or one object (JSON lines) per member, fields in RECORD_FIELDS order.
+
+    CSV cells that a spreadsheet would run as a formula (leading ``=``, ``+``, ``-``, ``@``) get a
+    leading ``'``, as spreadsheet-safe CSV writers do; JSON lines are written as they are.
+    """
 
     def write_csv(stream: TextIO) -> None:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(RECORD_FIELDS)
-        writer.writerows(assignment.records.rows())
+        # Only the member id varies much; the other cells are made safe once per distinct tuple.
+        tails: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+        def safe_tail(cells: tuple[str, ...]) -> tuple[str, ...]:
+            tail = tails.get(cells)
+            if tail is None:
+                tail = tails[cells] = tuple(spreadsheet_safe(cell) for cell in cells)
+            return tail
+
+        writer.writerows((spreadsheet_safe(row[0]), *safe_tail(row[1:])) for row in assignment.records.rows())
 
     def write_jsonl(stream: TextIO) -> None:
         # Everything but the member id repeats, so each line is assembled from pre-encoded parts.
@@ -410,13 +441,23 @@ def write_assignments(path: Path, fmt: str, assignment: CohortAssignment) -> Non
                 )
             stream.write(f'{{"customer_id":{encode_basestring(member_id)}{middle}{tail}}}\n')
 
-    _write_atomically(path, write_csv if fmt == "csv" else write_jsonl)
+    return write_csv if fmt == "csv" else write_jsonl
+
+
+def report_writer(assignment: CohortAssignment, source: Path) -> Callable[[TextIO], object]:
+    """What writes the run and its balance report as JSON."""
+    document = {"input": str(source), **assignment.to_dict()}
+    return lambda stream: stream.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_assignments(path: Path, fmt: str, assignment: CohortAssignment) -> None:
+    """Write the assignments file (see :func:`assignments_writer`), atomically."""
+    _write_all([(path, assignments_writer(fmt, assignment))])
 
 
 def write_report(path: Path, assignment: CohortAssignment, source: Path) -> None:
-    """The run and its balance report as JSON."""
-    document = {"input": str(source), **assignment.to_dict()}
-    _write_atomically(path, lambda stream: stream.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n"))
+    """Write the balance report file, atomically."""
+    _write_all([(path, report_writer(assignment, source))])
 
 
 # --- printing ----------------------------------------------------------------------------------
@@ -450,11 +491,14 @@ def render_checks(report: BalanceReport) -> list[str]:
 
 
 def _print_problems(error: CohortInputError, limit: int) -> None:
-    print(f"error: {len(error.problems)} problem(s) with the input; nothing was written", file=sys.stderr)
-    for problem in error.problems[:limit]:
-        print(f"  {problem}", file=sys.stderr)
+    if len(error.problems) == 1:
+        report_error("stratify", f"{error.problems[0]} (nothing was written)")
+        return
+    lines = [f"{len(error.problems)} problem(s) with the input; nothing was written"]
+    lines += [f"  {problem}" for problem in error.problems[:limit]]
     if len(error.problems) > limit:
-        print(f"  … and {len(error.problems) - limit} more (raise --max-errors)", file=sys.stderr)
+        lines.append(f"  … and {len(error.problems) - limit} more (raise --max-errors)")
+    print("ab-worker stratify: error: " + "\n".join(lines), file=sys.stderr)
 
 
 def _warn_unknown_segments(arms: Sequence[Arm], segments: set[str]) -> None:
@@ -470,11 +514,24 @@ def _warn_unknown_segments(arms: Sequence[Arm], segments: set[str]) -> None:
 # --- the commands ------------------------------------------------------------------------------
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path can be written, and they differ: checked before the input is read."""
+    try:
+        check_output(args.out)
+        if args.report is not None:
+            check_output(args.report)
+    except UsageError as exc:
+        raise CohortInputError([str(exc)]) from None
+    if args.report is not None and args.report.resolve() == args.out.resolve():
+        raise CohortInputError([f"--report {args.report} is the same file as --out"])
+
+
 def run_stratify(args: argparse.Namespace) -> int:
     """Handler of ``ab-worker stratify``: read, assign, check, write, print; the exit status."""
     try:
         arms = build_arms(args)
         moment = _parse_moment(args.assigned_at)
+        _check_outputs(args)
         source_format = _format_for(args.input, args.format, "input")
         out_format = _format_for(args.out, None, "output")
         cohort = read_cohort(args.input, source_format, args.id_column, args.segment_column)
@@ -490,15 +547,12 @@ def run_stratify(args: argparse.Namespace) -> int:
         )
     except CohortInputError as error:
         _print_problems(error, args.max_errors)
-        return EXIT_BAD_INPUT
+        return ExitStatus.USAGE
     _warn_unknown_segments(arms, set(assignment.report.table.segments))
-    try:
-        write_assignments(args.out, out_format, assignment)
-        if args.report is not None:
-            write_report(args.report, assignment, args.input)
-    except OSError as exc:
-        print(f"error: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    outputs: list[tuple[Path, Callable[[TextIO], object]]] = [(args.out, assignments_writer(out_format, assignment))]
+    if args.report is not None:
+        outputs.append((args.report, report_writer(assignment, args.input)))
+    _write_all(outputs)
     report = assignment.report
     print(
         f"Experiment {assignment.experiment_id!r}, seed {assignment.seed!r}:"
@@ -510,7 +564,7 @@ def run_stratify(args: argparse.Namespace) -> int:
     print("\n".join(render_checks(report)))
     written = f"Wrote {args.out}" + (f" and {args.report}" if args.report is not None else "")
     print(written + ("." if report.passed else "; a balance check FAILED (exit status 3)."))
-    return EXIT_OK if report.passed else EXIT_UNBALANCED
+    return ExitStatus.OK if report.passed else ExitStatus.UNBALANCED
 
 
 def render_plan(plan: ExperimentPlan) -> list[str]:
@@ -567,13 +621,12 @@ def run_plan(args: argparse.Namespace) -> int:
             bonferroni=args.bonferroni,
         )
     except StatsInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise UsageError(str(error)) from None
     if args.json:
         print(json.dumps(_plan_dict(plan), indent=2))
     else:
         print("\n".join(render_plan(plan)))
-    return EXIT_OK
+    return ExitStatus.OK
 
 
 def _plan_dict(plan: ExperimentPlan) -> dict[str, Any]:
@@ -610,19 +663,6 @@ def _rate(text: str) -> float:
     return value
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
-        return value
-
-    return parse
-
-
 def _tolerance(text: str) -> float:
     try:
         value = float(Decimal(text))
@@ -633,14 +673,14 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _add_stratify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_stratify(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "stratify",
         help="assign a cohort file to arms by stratified randomisation, with balance checks",
         description="Assign every member of a cohort file to an arm, stratified by segment, check the\n"
         "balance, write the assignments and print the segment × arm table with PASS/FAIL checks.",
         epilog=STRATIFY_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter,
     )
     parser.add_argument("input", type=Path, metavar="INPUT", help="cohort file: CSV with a header, or JSON lines")
     parser.add_argument("--experiment", required=True, help="experiment id (part of the hash key)")
@@ -661,7 +701,7 @@ def _add_stratify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     )
     parser.add_argument(
         "--min-per-cell",
-        type=_count(0),
+        type=integer(0),
         default=DEFAULT_MIN_PER_CELL,
         help="minimum members per segment per arm (default: %(default)s)",
     )
@@ -674,22 +714,22 @@ def _add_stratify(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
         "--assigned-at", metavar="ISO8601", help="timestamp for every record, e.g. 2025-11-23T09:00:00Z (default: now)"
     )
     parser.add_argument(
-        "--max-errors", type=_count(1), default=50, help="input problems to print (default: %(default)s)"
+        "--max-errors", type=integer(1), default=50, help="input problems to print (default: %(default)s)"
     )
     parser.set_defaults(func=run_stratify)
 
 
-def _add_plan(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_plan(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="minimum detectable effect and sample size for an A/B/n test on a rate",
         description="Minimum detectable effect of each treatment against control at a given size\n"
         "per arm, and the size per arm a given relative lift needs.",
         epilog=PLAN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter,
     )
-    parser.add_argument("--arms", type=_count(2), default=2, help="arms including control (default: %(default)s)")
-    parser.add_argument("--per-arm", type=_count(1), help="members per arm, for the MDE and power")
+    parser.add_argument("--arms", type=integer(2), default=2, help="arms including control (default: %(default)s)")
+    parser.add_argument("--per-arm", type=integer(1), help="members per arm, for the MDE and power")
     parser.add_argument("--baseline", type=_rate, required=True, help="control rate, e.g. 0.25 for a 25%% open rate")
     parser.add_argument("--alpha", type=_rate, default=0.05, help="two-sided significance level (default: %(default)s)")
     parser.add_argument("--power", type=_rate, default=0.8, help="target power (default: %(default)s)")
@@ -703,20 +743,7 @@ def _add_plan(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.set_defaults(func=run_plan)
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(subparsers: Any) -> None:
     """Register ``stratify`` and ``plan``; each sets ``func(args) -> exit status``."""
     _add_stratify(subparsers)
     _add_plan(subparsers)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``stratify`` or ``plan`` on their own (``python -m worker.cli.cohort``)."""
-    parser = argparse.ArgumentParser(prog="ab-worker", description="Cohort assignment and planning.")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    status: int = args.func(args)
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

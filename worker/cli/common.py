@@ -1,20 +1,206 @@
-"""What every command shares: exit statuses, the help formatter, argument types and settings."""
+"""What every command shares: the exit statuses, the one error path, argument types and settings.
+
+Every command returns an :class:`ExitStatus` or raises; :func:`invoke` turns whatever it raises into
+one line, ``ab-worker <command>: error: <what went wrong>``, and the status for that kind of error.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import errno
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import IO, Any, NoReturn
 
 from pydantic import ValidationError
 
-from worker.domain.errors import ConfigurationError, UsageError
+from worker.domain.errors import ConfigurationError, TransientError, UsageError, WorkerError
+from worker.domain.moments import MOMENT_FORMS, MomentError, parse_moment
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+log = logging.getLogger("ab_worker")
+
+
+class ExitStatus(IntEnum):
+    """The exit statuses of every ``ab-worker`` command (the README's table, and ``--help``)."""
+
+    OK = 0
+    PARTIAL = 1
+    USAGE = 2
+    UNBALANCED = 3
+    SRM = 4
+    UNREACHABLE = 5
+    PORT_IN_USE = 6
+    INTERNAL = 70
+    INTERRUPTED = 130
+
+
+EXIT_MEANINGS: dict[ExitStatus, str] = {
+    ExitStatus.OK: "success",
+    ExitStatus.PARTIAL: "finished, but some input was skipped or not settled (each one is reported)",
+    ExitStatus.USAGE: "bad arguments, configuration, environment variable or input/output file; nothing was done",
+    ExitStatus.UNBALANCED: "stratify: assignments written, but a balance check failed",
+    ExitStatus.SRM: "report: a sample ratio mismatch in at least one experiment",
+    ExitStatus.UNREACHABLE: "could not reach Azure or the broker, or it refused the call",
+    ExitStatus.PORT_IN_USE: "a port to listen on is already in use",
+    ExitStatus.INTERNAL: "internal error (a bug: rerun with --log-level DEBUG and report the traceback)",
+    ExitStatus.INTERRUPTED: "interrupted (Ctrl-C, SIGINT)",
+}
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = ExitStatus.OK, ExitStatus.PARTIAL, ExitStatus.USAGE
+
+
+def exit_status_table() -> str:
+    """The exit statuses as the help text prints them."""
+    return "exit status:\n" + "\n".join(f"  {int(code):>3}  {meaning}" for code, meaning in EXIT_MEANINGS.items())
+
+
+# --- the one error path -------------------------------------------------------------------------
+
+
+class PortInUseError(WorkerError):
+    """A port to listen on is taken by another process."""
+
+
+class UnreachableError(WorkerError):
+    """Azure or the broker could not be reached, or refused the call."""
+
+
+def listen_error(exc: OSError, where: str, flag: str) -> WorkerError:
+    """The error to raise when listening on ``where`` failed: port in use, or another reason."""
+    if exc.errno == errno.EADDRINUSE:
+        return PortInUseError(f"{where} is already in use; choose another {flag} (0 picks a free port)")
+    return UsageError(f"cannot listen on {where}: {exc.strerror or exc}")
+
+
+def invoke(command: str, func: Callable[[], int]) -> int:
+    """Run a command; whatever it raises becomes one stderr line and that kind of error's status."""
+    try:
+        return int(func())
+    except KeyboardInterrupt:
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return ExitStatus.OK
+    except Exception as exc:
+        status, message = describe(exc)
+        if status == ExitStatus.INTERNAL:
+            log.debug("internal error", exc_info=exc)
+        report_error(command, message)
+        return status
+
+
+def report_error(command: str, message: str) -> None:
+    """``ab-worker <command>: error: <message>``; a message of several problems lists them below."""
+    lines = [line for line in message.strip().splitlines() if line.strip()] or ["failed"]
+    head = lines[0] if len(lines) == 1 else f"{len(lines)} problems:"
+    body = [] if len(lines) == 1 else [f"  {line}" for line in lines]
+    print("\n".join([f"ab-worker {command}: error: {head}", *body]), file=sys.stderr, flush=True)
+
+
+def describe(exc: BaseException) -> tuple[ExitStatus, str]:
+    """The exit status and the one-line message for an error a command raised."""
+    from worker.service.redaction import redact
+
+    if isinstance(exc, PortInUseError):
+        return ExitStatus.PORT_IN_USE, str(exc)
+    if isinstance(exc, UnreachableError):
+        return ExitStatus.UNREACHABLE, redact(str(exc))
+    if isinstance(exc, TransientError | ConnectionError | TimeoutError) or _is_azure_error(exc):
+        return ExitStatus.UNREACHABLE, redact(f"could not reach Azure or the broker: {_one_line(exc)}")
+    if isinstance(exc, UsageError | ConfigurationError | ValueError):
+        return ExitStatus.USAGE, redact(str(exc))
+    if isinstance(exc, OSError):
+        return _os_error(exc)
+    return ExitStatus.INTERNAL, f"internal error: {type(exc).__name__}: {redact(_one_line(exc))}"
+
+
+def _os_error(exc: OSError) -> tuple[ExitStatus, str]:
+    if exc.errno == errno.EADDRINUSE:
+        return ExitStatus.PORT_IN_USE, f"port already in use: {exc.strerror}"
+    where = f"{exc.filename}: " if exc.filename else ""
+    return ExitStatus.USAGE, f"{where}{exc.strerror or exc}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _is_azure_error(exc: BaseException) -> bool:
+    # The Service Bus and Kusto adapters do not translate every SDK error yet; until they do, any
+    # azure.* exception that reaches the command line is a call to Azure (or the broker) that failed.
+    return any(cls.__module__.startswith("azure.") for cls in type(exc).__mro__)
+
+
+def _silence_stdout() -> None:
+    # The reader went away (``| head``): point stdout at /dev/null so the interpreter's final
+    # flush does not print a second BrokenPipeError.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``ab-worker <command>: error: ...`` and where to find help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
     """The help layout of every command: descriptions and epilogs printed as written."""
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argument type: a whole number from ``minimum`` (to ``maximum``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return value
+
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argument type: a finite number above zero (rates, seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number above 0")
+    return value
+
+
+#: A TCP port to listen on; 0 lets the system pick a free one.
+port = integer(0, 65535)
+
+
+def moment(now: Callable[[], datetime]) -> Callable[[str], datetime]:
+    """An argument type: :data:`~worker.domain.moments.MOMENT_FORMS`, resolved against ``now()``."""
+
+    def parse(text: str) -> datetime:
+        try:
+            return parse_moment(text, now())
+        except MomentError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {MOMENT_FORMS}") from None
+
+    return parse
 
 
 def parse_split(text: str) -> dict[str, float]:
@@ -29,6 +215,63 @@ def parse_split(text: str) -> dict[str, float]:
         except ValueError:
             raise UsageError(f"--split: share of variant {name.strip()!r} is not a number: {value!r}") from None
     return split
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def check_input(path: Path) -> Path:
+    """``path`` if it can be read as a file (a pipe such as /dev/stdin too); else a usage error naming it."""
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, not a file")
+    if not path.exists():
+        raise UsageError(f"{path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{path}: cannot read: permission denied")
+    return path
+
+
+def check_output(path: Path) -> Path:
+    """``path`` if a file can be written there; otherwise a :class:`UsageError` naming it.
+
+    Checked before any work (or any connection), so a typo in an output path costs nothing.
+    """
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; give a file name")
+    parent = path.parent
+    if not parent.exists():
+        raise UsageError(f"{path}: cannot write: folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{path}: cannot write: {parent} is not a folder")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{path}: cannot write: permission denied")
+    return path
+
+
+@contextmanager
+def open_output(path: Path, mode: str = "w") -> Iterator[IO[str]]:
+    """``path`` opened for text output, errors naming the file as the user typed it."""
+    check_output(path)
+    try:
+        stream = path.open(mode, encoding="utf-8", newline="")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    with stream:
+        yield stream
+
+
+def read_utf8(path: Path) -> str:
+    """The whole of a small text file; a usage error names the file and the first bad byte."""
+    check_input(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+# --- settings and clients -----------------------------------------------------------------------
 
 
 def load_settings() -> Any:

@@ -7,6 +7,8 @@ import random
 from collections import Counter
 
 from worker.domain.registry import ExperimentRegistry
+from worker.domain.srm.report import format_p
+from worker.domain.srm.stats import StatsInputError, srm_test
 
 CAMPAIGNS = ("winter_2026", "spring_launch", "retention_q1")
 
@@ -39,16 +41,39 @@ def demo_requests(registry: ExperimentRegistry, count: int = 500, seed: int = 20
     return bodies
 
 
-def summary_table(assignments: Counter[tuple[str, str]], dead_letters: Counter[str]) -> str:
-    """Per-experiment, per-variant counts and shares, then dead letters by reason."""
-    lines = [f"{'experiment':<28}{'variant':<16}{'count':>7}{'share':>8}"]
-    totals: Counter[str] = Counter()
-    for (experiment, _), n in assignments.items():
-        totals[experiment] += n
-    for (experiment, variant), n in sorted(assignments.items()):
-        lines.append(f"{experiment:<28}{variant:<16}{n:>7}{n / totals[experiment]:>8.1%}")
+def summary_table(
+    assignments: Counter[tuple[str, str]], dead_letters: Counter[str], registry: ExperimentRegistry
+) -> str:
+    """Per experiment and variant: count, observed share beside the target, and the SRM p-value.
+
+    The p-value is the sample-ratio-mismatch test of the counts against the split (p < 0.001 is a
+    mismatch), so a 40%/60% result on a 50/50 split reads as chance or as a problem, not as a guess.
+    Experiments with per-segment splits have no single target, so they show none.
+    """
+    lines = [f"{'experiment':<28}{'variant':<16}{'count':>7}{'share':>8}{'target':>8}  SRM check"]
+    by_experiment: dict[str, dict[str, int]] = {}
+    for (experiment_id, variant), n in sorted(assignments.items()):
+        by_experiment.setdefault(experiment_id, {})[variant] = n
+    for experiment_id, counts in by_experiment.items():
+        experiment = registry.get(experiment_id)
+        split = experiment.config.split if experiment is not None and not experiment.config.segments else None
+        verdict = _srm_verdict(counts, split) if split else "split varies by segment"
+        total = sum(counts.values())
+        for index, (variant, n) in enumerate(counts.items()):
+            target = f"{split.get(variant, 0.0):>8.1%}" if split else f"{'-':>8}"
+            tail = f"  {verdict}" if index == 0 else ""
+            lines.append(f"{experiment_id if index == 0 else '':<28}{variant:<16}{n:>7}{n / total:>8.1%}{target}{tail}")
     if dead_letters:
         lines.append("")
         lines.append("dead-lettered:")
         lines.extend(f"  {reason:<26}{n:>7}" for reason, n in sorted(dead_letters.items()))
     return "\n".join(lines)
+
+
+def _srm_verdict(counts: dict[str, int], split: dict[str, float]) -> str:
+    observed = {variant: counts.get(variant, 0) for variant in split}
+    try:
+        result = srm_test(observed, split)
+    except StatsInputError as exc:
+        return f"not tested ({exc})"
+    return f"{format_p(result.p_value)}: {'MISMATCH' if result.flagged else 'consistent with the split'}"

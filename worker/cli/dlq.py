@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import unicodedata
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, servicebus_client
+from worker.cli.common import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    check_input,
+    check_output,
+    formatter,
+    integer,
+    positive_number,
+    servicebus_client,
+)
 from worker.domain.errors import UsageError
+from worker.domain.moments import MomentError, parse_moment
 
 # -- dlq and queue ---------------------------------------------------------------------------------
 
@@ -69,39 +78,13 @@ def _entity(args: argparse.Namespace, settings: Any) -> Any:
 
 
 def parse_time(text: str | None, flag: str) -> datetime | None:
-    """ISO 8601 (UTC if no zone) or a relative age such as ``30m``, ``2h``, ``7d``, ``1w``."""
+    """The one time grammar of every command: ISO 8601 (UTC if no zone) or an age such as ``2h``, ``1w``."""
     if text is None:
         return None
-    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-    if text[-1:] in units and text[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(**{units[text[-1]]: int(text[:-1])})
     try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{flag}: expected an ISO 8601 time or an age like 2h, 7d or 1w, got {text!r}") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
+        return parse_moment(text, datetime.now(UTC))
+    except MomentError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def _filter(args: argparse.Namespace) -> Any:
@@ -197,6 +180,7 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
 
 
 def _open_for_writing(path: Path) -> Any:
+    check_output(path)
     try:
         return path.open("w", encoding="utf-8", newline="\n")
     except OSError as exc:
@@ -349,9 +333,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
 def _replay_file(args: argparse.Namespace) -> int:
     from adapters.servicebus.dlq import DeadLetter, replay_from_file
 
-    path = Path(args.from_file)
-    if not path.is_file():
-        raise UsageError(f"{path}: file not found")
+    path = check_input(Path(args.from_file))
     letters, problems = [], []
     for number, line in _read_lines(path):
         if not line.strip():
@@ -513,9 +495,9 @@ def _add_dlq(commands: Any) -> None:
     _filter_flags(replay)
     replay.add_argument("--all", action="store_true", help="replay every dead letter (needed when no filter is given)")
     replay.add_argument("--dry-run", action="store_true", help="show what would move; change nothing")
-    replay.add_argument("--rate", type=positive_float, help="at most this many messages per second")
+    replay.add_argument("--rate", type=positive_number, help="at most this many messages per second")
     replay.add_argument(
-        "--max-replays", type=positive_int, default=5, help="skip messages replayed this often (default 5)"
+        "--max-replays", type=integer(1), default=5, help="skip messages replayed this often (default 5)"
     )
     replay.add_argument("--from", dest="from_file", help="resubmit an exported (possibly repaired) JSON-lines file")
     replay.add_argument("--verbose", action="store_true", help="print each message as it moves")
@@ -561,7 +543,7 @@ def _add_queue(commands: Any) -> None:
         epilog="examples:\n  ab-worker queue peek\n  ab-worker queue peek --experiment exp_001 --limit 500 --json",
     )
     peek.add_argument("--entity", help="queue, or TOPIC/Subscriptions/SUB (default: the requests queue)")
-    peek.add_argument("--limit", type=positive_int, default=100, help="show at most this many (default 100)")
+    peek.add_argument("--limit", type=integer(1), default=100, help="show at most this many (default 100)")
     peek.add_argument("--experiment", help="only requests for this experiment")
     peek.add_argument("--json", action="store_true", help="JSON lines (the default when stdout is not a terminal)")
     peek.set_defaults(func=cmd_queue_peek)
@@ -579,7 +561,7 @@ def _add_queue(commands: Any) -> None:
     )
     dead_letter.add_argument("--entity", help="queue, or TOPIC/Subscriptions/SUB (default: the requests queue)")
     dead_letter.add_argument("--message-id", help="the message's id")
-    dead_letter.add_argument("--sequence-number", type=positive_int, help="the message's sequence number")
+    dead_letter.add_argument("--sequence-number", type=integer(1), help="the message's sequence number")
     dead_letter.add_argument(
         "--reason", default="DeadLetteredByOperator", help="DeadLetterReason to set (default DeadLetteredByOperator)"
     )
@@ -590,5 +572,5 @@ def _add_queue(commands: Any) -> None:
 def _entity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entity", help="queue, or TOPIC/Subscriptions/SUB (default: the requests queue)")
     parser.add_argument(
-        "--limit", type=positive_int, help="show or act on at most this many (default: all; a cap is always reported)"
+        "--limit", type=integer(1), help="show or act on at most this many (default: all; a cap is always reported)"
     )

@@ -1,7 +1,6 @@
 """``ab-worker report``: sample-ratio monitoring over recorded assignments, as a table, JSON or HTML.
 
-``worker.cli`` registers it with :func:`add_commands`; ``python -m worker.cli.report`` runs it on its
-own. Part of the composition root: the Kusto adapter is imported lazily, inside the handler, only
+``worker.cli`` registers it with :func:`add_commands`. The Kusto adapter is imported lazily, inside the handler, only
 when ``--kusto`` is given, so ``worker/`` keeps no import-time dependency on an Azure SDK.
 """
 
@@ -18,7 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from worker.cli.common import ExitStatus, UnreachableError, check_output, formatter, integer, moment
 from worker.domain.errors import UsageError
+from worker.domain.moments import utc_iso
 from worker.domain.srm.report import (
     GroupResult,
     Report,
@@ -28,11 +29,9 @@ from worker.domain.srm.report import (
     build_report,
     format_p,
     format_split,
-    parse_moment,
     parse_row,
 )
 
-EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_SRM = 0, 1, 2, 4
 QUERY_URI_VARIABLE = "AB_WORKER_KUSTO_QUERY_URI"
 DATABASE_VARIABLE = "AB_WORKER_KUSTO_DATABASE"
 DEFAULT_DATABASE = "assignments"
@@ -65,11 +64,12 @@ examples:
 --since and --until take an ISO 8601 time (UTC unless it says otherwise) or a duration
 back from now: 30m, 2h, 7d, 1w. --since is inclusive, --until exclusive.
 
-exit status:
+exit status (the whole table: ab-worker --help):
   0  no sample ratio mismatch
   1  no mismatch, but some input lines were malformed and skipped
-  2  bad usage or unreadable input (no file, no Kusto settings, query failed)
+  2  bad usage or unreadable input (no file, no Kusto settings, an experiment not in the rows)
   4  a sample ratio mismatch in at least one experiment (or segment, with --by segment)
+  5  the Kusto query could not reach the cluster or was refused
 """
 
 
@@ -138,7 +138,7 @@ def _query_kusto(tally: Tally) -> str:
     try:
         fill_tally(query_uri, database, tally)
     except KustoQueryError as exc:
-        raise UsageError(str(exc)) from None
+        raise UnreachableError(str(exc)) from None
     return f"Kusto {query_uri} database {database}"
 
 
@@ -203,21 +203,26 @@ def _write_html(path: Path, report: Report, source: str) -> None:
         temporary.write_text(render_html(report, source=source), encoding="utf-8")
         temporary.replace(path)
     except OSError as exc:
+        temporary.unlink(missing_ok=True)
         raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 # --- the command ------------------------------------------------------------------------------------
 
 
-def _window(args: argparse.Namespace, now: datetime) -> Window:
-    try:
-        since = parse_moment(args.since, now) if args.since else None
-        until = parse_moment(args.until, now) if args.until else None
-    except ReportInputError as exc:
-        raise UsageError(f"--since/--until: {exc}") from None
+def _window(args: argparse.Namespace) -> Window:
+    since, until = args.since, args.until
     if since is not None and until is not None and since >= until:
-        raise UsageError(f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})")
+        raise UsageError(f"--since ({utc_iso(since)}) must be before --until ({utc_iso(until)})")
     return Window(args.experiment, since, until)
+
+
+def _check_experiment_seen(experiment: str | None, tally: Tally, source: str) -> None:
+    """A typo in ``--experiment`` is an error that lists the experiments the rows do have."""
+    if experiment is None or experiment in tally.experiments_seen:
+        return
+    seen = ", ".join(sorted(tally.experiments_seen)) or "none"
+    raise UsageError(f"experiment {experiment!r} is not in {source}; the experiments there: {seen}")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -225,13 +230,16 @@ def run_report(args: argparse.Namespace) -> int:
     if bool(args.rows) == bool(args.kusto):
         raise UsageError("give the rows: --rows FILE [FILE ...] or --kusto (one of them)")
     now = datetime.now(UTC)
-    tally = Tally(_window(args, now))
+    if args.html is not None:
+        check_output(args.html)
+    tally = Tally(_window(args))
     problems: list[str] = []
     if args.kusto:
         source = _query_kusto(tally)
     else:
         read_rows(args.rows, tally, problems)
         source = ", ".join(args.rows)
+        _check_experiment_seen(args.experiment, tally, source)
     dead_letters = read_dead_letters(args.dead_letters, problems) if args.dead_letters else None
     report = build_report(tally, by_segment=args.by == "segment", generated_at=now, dead_letters=dead_letters)
     _print_problems(problems, args.max_errors)
@@ -244,21 +252,11 @@ def run_report(args: argparse.Namespace) -> int:
     if args.html is not None:
         print(f"wrote {args.html}", file=sys.stderr)
     if report.flagged:
-        return EXIT_SRM
-    return EXIT_SKIPPED if problems else EXIT_OK
+        return ExitStatus.SRM
+    return ExitStatus.PARTIAL if problems else ExitStatus.OK
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(subparsers: Any) -> None:
     """Register ``report``; it sets ``func(args) -> exit status``."""
     parser = subparsers.add_parser(
         "report",
@@ -266,7 +264,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Count recorded assignments per experiment and variant, test them against the\n"
         "configured split for a sample ratio mismatch, and print a table (or JSON, or an HTML page).",
         epilog=REPORT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=formatter,
     )
     parser.add_argument(
         "--rows", nargs="+", action="extend", metavar="FILE", help="JSON-lines rows files ('-': standard input)"
@@ -281,29 +279,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         default="experiment",
         help="test per experiment (default) or per segment",
     )
-    parser.add_argument("--since", metavar="ISO|2h|7d", help="only assignments at or after this time")
-    parser.add_argument("--until", metavar="ISO|2h|7d", help="only assignments before this time")
+    now = datetime.now(UTC)
+    parser.add_argument(
+        "--since", type=moment(lambda: now), metavar="ISO|2h|7d", help="only assignments at or after this time"
+    )
+    parser.add_argument(
+        "--until", type=moment(lambda: now), metavar="ISO|2h|7d", help="only assignments before this time"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     parser.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML report")
     parser.add_argument(
         "--dead-letters", metavar="FILE", help="dead letters (run --dead-letters / dlq export) for the HTML panel"
     )
-    parser.add_argument("--max-errors", type=_count, default=50, help="bad lines to print (default: %(default)s)")
+    parser.add_argument("--max-errors", type=integer(1), default=50, help="bad lines to print (default: %(default)s)")
     parser.set_defaults(func=run_report)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``report`` on its own (``python -m worker.cli.report report ...``)."""
-    parser = argparse.ArgumentParser(prog="ab-worker", description="Sample-ratio monitoring.")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        status: int = args.func(args)
-    except UsageError as exc:
-        print(f"ab-worker {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,7 +13,19 @@ from typing import IO, Any
 
 from pydantic import SecretStr
 
-from worker.cli.common import EXIT_OK, EXIT_PARTIAL, formatter, load_settings
+from worker.cli.common import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    ExitStatus,
+    check_input,
+    check_output,
+    formatter,
+    integer,
+    listen_error,
+    load_settings,
+    open_output,
+    port,
+)
 from worker.domain.errors import UsageError
 from worker.domain.registry import ExperimentRegistry
 from worker.service import bootstrap as compose
@@ -20,12 +33,21 @@ from worker.service.ports import EventPublisher, MessageSource, RecordSink
 
 log = logging.getLogger(__name__)
 
+NEXT_STEPS = """
+next steps:
+  ab-worker report --rows {rows}
+  ab-worker report --rows {rows} --html report.html
+  ab-worker dlq peek   # on a broker that stays up: start `ab-worker broker`, then export
+                       # the string it prints as AB_WORKER_SERVICEBUS_CONNECTION_STRING"""
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pump: over a file (``--input``), the embedded broker (``--local``) or Service Bus."""
     settings = load_settings()
     if args.config:
         settings.experiments_file = args.config
+    if args.rows:
+        check_output(Path(args.rows))
     registry = compose.experiments(settings)
     config = compose.pump_config(settings, args.max_batch)
     if args.input:
@@ -36,13 +58,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             pump = compose.bootstrap(
                 settings, registry=registry, source=source, publisher=publisher, sink=sink, config=config
             )
-            with compose.stop_on_signals(pump, settings.drain_deadline):
+            with compose.stop_on_signals(pump, settings.drain_deadline) as received:
                 stats = pump.run(idle_exit=0.0)
-        return _report_run(stats)
+        return ExitStatus.INTERRUPTED if signal.SIGINT in received else _report_run(stats)
     # The drain deadline also covers closing the clients and flushing telemetry: its guard is left last.
     with ExitStack() as guard, ExitStack() as stack:
+        # An idle worker asks for the registry rarely: check the file on the interval all the same.
+        stack.enter_context(registry.watching())
         if args.local:
-            broker = stack.enter_context(compose.local_broker(args.broker_port))
+            try:
+                broker = stack.enter_context(compose.local_broker(args.broker_port))
+            except OSError as exc:
+                raise listen_error(exc, f"127.0.0.1:{args.broker_port}", "--broker-port") from None
             settings.servicebus_connection_string = SecretStr(broker.connection_string)
             compose.print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
         elif settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
@@ -65,13 +92,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
-        guard.enter_context(compose.stop_on_signals(pump, settings.drain_deadline))
+        received = guard.enter_context(compose.stop_on_signals(pump, settings.drain_deadline))
         compose.start_health_server(settings.health_port, pump.health, stack, host=settings.health_host)
         compose.print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
         stats = pump.run(idle_exit=max(3.0, 2 * settings.max_wait) if args.drain else None)
         if viewer is not None:
-            viewer.finish(stats)
-    return _report_run(stats, dead_letters_are_failures=False)
+            viewer.finish(stats, registry())
+    if signal.SIGINT in received:
+        return ExitStatus.INTERRUPTED
+    status = _report_run(stats, dead_letters_are_failures=False)
+    if viewer is not None:
+        print(NEXT_STEPS.format(rows=args.rows or "out/rows.jsonl"), flush=True)
+    return status
 
 
 def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack: ExitStack) -> Any:
@@ -118,19 +150,20 @@ class _EventViewer:
         if self.shown == self.SHOW:
             print("…", flush=True)
 
-    def finish(self, stats: Any) -> None:
+    def finish(self, stats: Any, registry: ExperimentRegistry) -> None:
         from worker.cli.demo import summary_table
 
         self._tail.stop(drain_seconds=1.0)
         print(f"\n{self._tail.received} events read back from subscription 'all'\n", flush=True)
-        print(summary_table(stats.assignments, stats.dead_letters), flush=True)
+        print(summary_table(stats.assignments, stats.dead_letters, registry), flush=True)
 
 
 def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:
     dead = sum(stats.dead_letters.values())
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(stats.dead_letters.items()))
     print(
         f"processed {stats.received} requests: {stats.completed} assigned, {dead} dead-lettered"
-        + (f" ({dict(stats.dead_letters)})" if dead else "")
+        + (f" ({reasons})" if dead else "")
         + (f", {stats.abandoned} not settled" if stats.abandoned else ""),
         file=sys.stderr,
     )
@@ -144,17 +177,11 @@ def _file_ports(
 ) -> tuple[MessageSource, EventPublisher, RecordSink]:
     from adapters.files import JsonLinesPublisher, JsonLinesSink, JsonLinesSource
 
-    source_path = Path(args.input)
-    if not source_path.is_file():
-        raise UsageError(f"{source_path}: file not found")
+    source_path = check_input(Path(args.input))
     events_out: IO[str] = (
-        stack.enter_context(Path(args.output).open("w", encoding="utf-8"))
-        if args.output and args.output != "-"
-        else sys.stdout
+        stack.enter_context(open_output(Path(args.output))) if args.output and args.output != "-" else sys.stdout
     )
-    dead_out: IO[str] = (
-        stack.enter_context(Path(args.dead_letters).open("w", encoding="utf-8")) if args.dead_letters else sys.stderr
-    )
+    dead_out: IO[str] = stack.enter_context(open_output(Path(args.dead_letters))) if args.dead_letters else sys.stderr
     source = JsonLinesSource(source_path, dead_letter_stream=dead_out)
     sink = JsonLinesSink(Path(args.rows) if args.rows else None, max_age=max_age)
     return source, JsonLinesPublisher(events_out), sink
@@ -177,18 +204,19 @@ def add_commands(commands: Any) -> None:
             "  AB_WORKER_SERVICEBUS_NAMESPACE=myns ab-worker run --config experiments.yaml\n"
             "  ab-worker run --config deploy/experiments.yaml --input requests.jsonl --output events.jsonl\n\n"
             "Settings come from AB_WORKER_* environment variables (see the README); flags override them.\n"
-            "SIGTERM or Ctrl-C: stop receiving, finish and settle the in-flight batch, flush, exit 0; what an\n"
-            "outage holds is abandoned for another replica; past AB_WORKER_DRAIN_DEADLINE the process exits (1)."
+            "SIGTERM or Ctrl-C: stop receiving, finish and settle the in-flight batch, flush, then exit 0\n"
+            "(SIGTERM) or 130 (Ctrl-C); what an outage holds is abandoned for another replica; past\n"
+            "AB_WORKER_DRAIN_DEADLINE the process exits (1)."
         ),
     )
     run.add_argument("--config", help="experiments file (or AB_WORKER_EXPERIMENTS_FILE)")
     run.add_argument("--local", action="store_true", help="start the embedded Service Bus broker and use it")
-    run.add_argument("--broker-port", type=int, default=0, help="port of the embedded broker (default: any free)")
+    run.add_argument("--broker-port", type=port, default=0, help="port of the embedded broker (default: any free)")
     run.add_argument("--demo", action="store_true", help="publish realistic requests first and show the events")
     run.add_argument("--drain", action="store_true", help="exit once the queue has stayed empty for a few seconds")
     run.add_argument("--input", help="JSON-lines file of requests (instead of a broker)")
     run.add_argument("--output", help="where events go with --input (default stdout)")
     run.add_argument("--rows", help="append Kusto-shaped rows to this JSON-lines file (when Kusto is not configured)")
     run.add_argument("--dead-letters", help="with --input: write dead-lettered requests here (default stderr)")
-    run.add_argument("--max-batch", type=int, help="messages per batch (AB_WORKER_MAX_BATCH, default 100)")
+    run.add_argument("--max-batch", type=integer(1, 5000), help="messages per batch (AB_WORKER_MAX_BATCH, default 100)")
     run.set_defaults(func=cmd_run)

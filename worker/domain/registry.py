@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,8 @@ class ExperimentRegistry:
         try:
             parsed = ExperimentFile.model_validate(data)
         except ValidationError as exc:
-            raise ConfigurationError(_describe_validation(exc, data, source)) from None
+            problems = [_describe_validation(exc, data, source), *_problems_beyond_fields(data, source)]
+            raise ConfigurationError("\n".join(problems)) from None
         return cls.from_configs(parsed.experiments, source)
 
     @classmethod
@@ -128,6 +131,26 @@ class ExperimentRegistry:
         except ValidationError as exc:
             raise ConfigurationError(_describe_validation(exc, {}, "--split")) from None
         return cls.from_configs([config], "--split")
+
+
+def _problems_beyond_fields(data: Any, source: str) -> list[str]:
+    """Duplicate ids and split problems of a file that also has field errors, so one run lists all."""
+    items = data.get("experiments") if isinstance(data, dict) else None
+    problems: list[str] = []
+    seen: set[str] = set()
+    for item in items if isinstance(items, list) else []:
+        experiment_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(experiment_id, str):
+            if experiment_id in seen:
+                problems.append(f"{source}: experiment {experiment_id!r}: duplicate id")
+                continue
+            seen.add(experiment_id)
+        try:
+            config = ExperimentConfig.model_validate(item)
+        except ValidationError:
+            continue  # its field errors are already listed
+        _compile(config, source, problems)
+    return problems
 
 
 def _compile(config: ExperimentConfig, source: str, problems: list[str]) -> Experiment | None:
@@ -311,8 +334,10 @@ def _fingerprint(path: Path) -> tuple[int, int, str] | None:
 class ReloadingRegistry:
     """Serves the registry from a file and picks up changes, checked at most every ``interval`` s.
 
-    The pump calls :meth:`current` once per batch, so no watcher thread is needed. A broken new
-    file keeps the last good registry running; ``on_error`` (and an ERROR log) reports it.
+    The pump calls :meth:`current` once per batch. An idle worker calls it rarely, so
+    :meth:`watching` also checks the file every ``interval`` seconds from a thread, and a broken
+    edit is reported when it is made, not when the next message arrives. A broken new file keeps
+    the last good registry running; ``on_error`` (and an ERROR log) reports it.
     """
 
     def __init__(
@@ -329,8 +354,13 @@ class ReloadingRegistry:
         self._registry = ExperimentRegistry.load(self.path)
         self._seen = _fingerprint(self.path)
         self._checked_at = clock()
+        self._lock = threading.Lock()
         self.reloads = 0
         self.failed_reloads = 0
+
+    def __call__(self) -> ExperimentRegistry:
+        """The current registry: a ``ReloadingRegistry`` is what the pump asks for a registry with."""
+        return self.current()
 
     def current(self) -> ExperimentRegistry:
         """The newest good registry, reloading first when the file has changed."""
@@ -340,8 +370,29 @@ class ReloadingRegistry:
             self.refresh()
         return self._registry
 
+    @contextmanager
+    def watching(self) -> Iterator[ReloadingRegistry]:
+        """Check the file every ``interval`` seconds from a daemon thread while the block runs."""
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(self.interval):
+                self.current()
+
+        thread = threading.Thread(target=watch, name="experiments-file-watch", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
     def refresh(self) -> bool:
         """Reload now if the file changed; True when a new configuration was installed."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         seen = _fingerprint(self.path)
         if seen is None or seen == self._seen:
             return False

@@ -118,6 +118,15 @@ def read_rows(stream: Iterator[str], fmt: str, source: str, bad: list[BadRow]) -
         yield line, obj["user_id"], segment if isinstance(segment, str) and segment else None
 
 
+#: First characters that make a spreadsheet read a CSV cell as a formula (OWASP "CSV injection").
+_FORMULA_STARTS = frozenset("=+-@\t\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """``cell`` with a leading ``'`` when a spreadsheet would run it as a formula, else unchanged."""
+    return "'" + cell if cell[:1] in _FORMULA_STARTS else cell
+
+
 class _Writer:
     def __init__(self, out: IO[str], fmt: str) -> None:
         self._out = out
@@ -128,7 +137,10 @@ class _Writer:
 
     def write(self, rows: list[tuple[Any, ...]]) -> None:
         if self._csv is not None:
-            self._csv.writerows(rows)
+            safe = spreadsheet_safe
+            self._csv.writerows(
+                (safe(u), safe(e), safe(v), h, safe(s), safe(ver), safe(seed)) for u, e, v, h, s, ver, seed in rows
+            )
             return
         dumps = json.dumps
         self._out.write(

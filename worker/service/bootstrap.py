@@ -102,11 +102,11 @@ def servicebus_publisher(settings: WorkerSettings, client: ServiceBusClient) -> 
     return ServiceBusPublisher(client, settings.topic_name)
 
 
-def experiments(settings: WorkerSettings) -> Callable[[], ExperimentRegistry]:
-    """The registry of ``settings.experiments_file``, reloaded when the file changes."""
+def experiments(settings: WorkerSettings) -> ReloadingRegistry:
+    """The registry of ``settings.experiments_file``, reloaded when the file changes (call it for the current one)."""
     if not settings.experiments_file:
         raise UsageError("no experiments: pass --config FILE or set AB_WORKER_EXPERIMENTS_FILE")
-    return ReloadingRegistry(settings.experiments_file, interval=settings.reload_interval).current
+    return ReloadingRegistry(settings.experiments_file, interval=settings.reload_interval)
 
 
 def pump_config(settings: WorkerSettings, max_batch: int | None = None) -> PumpConfig:
@@ -124,16 +124,20 @@ def pump_config(settings: WorkerSettings, max_batch: int | None = None) -> PumpC
 
 
 @contextmanager
-def stop_on_signals(pump: Pump, deadline: float, exit_now: Callable[[int], object] = os._exit) -> Iterator[None]:
+def stop_on_signals(
+    pump: Pump, deadline: float, exit_now: Callable[[int], object] = os._exit
+) -> Iterator[list[signal.Signals]]:
     """While in the block, SIGTERM / SIGINT stop the pump, and end the process once ``deadline`` seconds have passed.
 
     A graceful stop finishes the in-flight batch, abandons what an outage holds (released for another
     replica) and flushes. A dependency call that does not return (a hung endpoint) must not keep the
     process past the deadline the platform grants: the timer then ends it with status 1, and the
     held messages come back to the queue when the connection closes or their locks lapse. Leaving the
-    block cancels the timer and restores the previous handlers.
+    block cancels the timer and restores the previous handlers. The block gets the list of the signals
+    received (the CLI exits 130 after a Ctrl-C).
     """
     timers: list[threading.Timer] = []
+    received: list[signal.Signals] = []
 
     def overrun() -> None:
         log.error(
@@ -145,6 +149,7 @@ def stop_on_signals(pump: Pump, deadline: float, exit_now: Callable[[int], objec
         exit_now(1)
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum))
         log.warning("Received %s: finishing the in-flight batch, then exiting", signal.Signals(signum).name)
         if not timers:
             timer = threading.Timer(deadline, overrun)
@@ -155,7 +160,7 @@ def stop_on_signals(pump: Pump, deadline: float, exit_now: Callable[[int], objec
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield received
     finally:
         for timer in timers:
             timer.cancel()

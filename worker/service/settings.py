@@ -17,7 +17,10 @@ from worker.service.handling import DEFAULT_MAX_BODY_BYTES
 class WorkerSettings(BaseSettings):
     """Configuration of ``ab-worker run`` (see the README's configuration table)."""
 
-    model_config = SettingsConfigDict(env_prefix="AB_WORKER_", extra="ignore", case_sensitive=False)
+    # An empty variable (`AB_WORKER_X=` in a compose file or a shell) means "not set", not "set to nothing".
+    model_config = SettingsConfigDict(
+        env_prefix="AB_WORKER_", extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
 
     experiments_file: str | None = Field(default=None, description="Registry file (YAML or JSON).")
     reload_interval: float = Field(default=2.0, gt=0, description="Seconds between checks of the registry file.")

@@ -92,7 +92,7 @@ class LocalBroker:
         self._thread = threading.Thread(target=run, name=f"localbroker-{self._port}", daemon=True)
         self._thread.start()
         self._call(lambda: None)
-        _LOG.info("local Service Bus broker listening on %s:%s", self.host, self._port)
+        _LOG.debug("local Service Bus broker listening on %s:%s", self.host, self._port)
         return self
 
     def stop(self) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,14 +33,11 @@ from typing import Any
 
 from worker.domain.assignment import VariantTable
 from worker.domain.errors import WorkerError
-from worker.domain.moments import utc_iso
+from worker.domain.moments import as_utc, utc_iso
 from worker.domain.srm.stats import SRM_THRESHOLD, StatsInputError, srm_test
 
 #: A split as a hashable value: ``((variant, share), ...)`` sorted by variant.
 Split = tuple[tuple[str, float], ...]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class ReportInputError(WorkerError, ValueError):
@@ -49,25 +45,6 @@ class ReportInputError(WorkerError, ValueError):
 
 
 # --- time -----------------------------------------------------------------------------------------
-
-
-def parse_moment(text: str, now: datetime) -> datetime:
-    """``2h``, ``30m``, ``7d``, ``1w`` (that long before ``now``) or an ISO 8601 time (naive means UTC)."""
-    match = _DURATION.match(text)
-    if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ReportInputError(
-            f"{text!r} is neither an ISO 8601 time (2025-11-23T09:00:00Z) nor a duration (30m, 2h, 7d, 1w)"
-        ) from None
-    return as_utc(moment)
-
-
-def as_utc(moment: datetime) -> datetime:
-    """The same instant in UTC; a naive time is taken to be UTC already (as Kusto stores it)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def hour_of(moment: datetime) -> datetime:
@@ -181,6 +158,8 @@ class Tally:
         self.rows_read = 0
         self.duplicates = 0
         self.excluded = 0
+        #: Every experiment id in the rows read, inside the window or not (to name them on a typo).
+        self.experiments_seen: set[str] = set()
         self._seen: set[str] = set()
         self._cells: dict[CellKey, _Cell] = defaultdict(_Cell)
 
@@ -191,6 +170,7 @@ class Tally:
             self.duplicates += 1
             return
         self._seen.add(row.event_id)
+        self.experiments_seen.add(row.experiment_id)
         if not self.window.admits(row.experiment_id, row.assigned_at):
             self.excluded += 1
             return
