@@ -15,13 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from worker.cli.common import EXIT_OK, check_input, formatter, integer, listen_error, port, servicebus_client
-from worker.domain.errors import UsageError
+from worker.domain.errors import ConfigurationError, UsageError
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run the embedded broker in the foreground until SIGTERM (exit 0) or Ctrl-C (exit 130)."""
-    from adapters.local.broker import BrokerConfig, BrokerConfigError, LocalBroker
-
+    try:
+        from adapters.local.broker import BrokerConfig, BrokerConfigError, LocalBroker
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"the embedded broker is development tooling and not installed here ({exc.name} is missing):"
+            " from a source checkout, `make install` or `pip install -e '.[local]'`"
+        ) from None
     try:
         config = BrokerConfig.load(Path(args.config)) if args.config else BrokerConfig.default()
     except BrokerConfigError as exc:
