@@ -309,6 +309,10 @@ def test_error_paths_leak_nothing(experiments: Path, tmp_path: Path) -> None:
         for args, proc in procs:
             stdout, stderr = proc.communicate(timeout=90)
             assert proc.returncode != 0 or args[0] == "validate-config", f"{args} succeeded against a closed port"
+            if args[0] in ("publish", "dlq") and "not-a-url" not in str(proc.args) and proc.returncode != 2:
+                # Could not reach the broker: its own exit status, 5, and (after the DEBUG log) one error line.
+                assert proc.returncode == 5, f"{args}: {stderr[-3000:]}"
+                assert "error: could not reach Azure or the broker" in stderr.strip().splitlines()[-1]
             outputs += [stdout, stderr]
     finally:
         for _, proc in procs:

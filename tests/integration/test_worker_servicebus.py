@@ -329,6 +329,12 @@ def test_run_local_demo_command(capsys, monkeypatch):
     assert "500 events read back" in out
     assert "UnknownExperiment" in out
     assert "processed 504 requests: 500 assigned, 4 dead-lettered" in err
+    assert "{" not in err.strip().splitlines()[-1]  # reasons as text, not a Python dict
+    assert (out + err).count("listening on 127.0.0.1") == 1
+    assert "target" in out
+    assert "p=" in out
+    assert "AB_WORKER_SERVICEBUS_CONNECTION_STRING" in out.rstrip().splitlines()[-1]
+    assert "ab-worker report --rows" in out
 
 
 def test_uuid_message_ids_survive(broker):

@@ -160,7 +160,7 @@ def test_run_summary_shows_targets_and_srm_p_value() -> None:
     assert "44.0%" in e_a
     assert "50.0%" in e_a
     assert "p=0.23" in e_a
-    assert "consistent with the split" in e_a
+    assert "no mismatch" in e_a
     assert "split varies by segment" in table
     assert "{" not in table
 

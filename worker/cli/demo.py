@@ -76,4 +76,6 @@ def _srm_verdict(counts: dict[str, int], split: dict[str, float]) -> str:
         result = srm_test(observed, split)
     except StatsInputError as exc:
         return f"not tested ({exc})"
-    return f"{format_p(result.p_value)}: {'MISMATCH' if result.flagged else 'consistent with the split'}"
+    if result.flagged:
+        return f"SRM! {format_p(result.p_value)}: not the configured split"
+    return f"{format_p(result.p_value)}: no mismatch (SRM is p < 0.001)"
