@@ -38,7 +38,7 @@ from worker.domain.cohort.stratify import (
 )
 from worker.domain.errors import UsageError
 from worker.domain.srm.stats import ExperimentPlan, StatsInputError, plan_experiment
-from worker.service.batch import spreadsheet_safe
+from worker.service.batch import has_formula_cell, spreadsheet_safe
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -412,16 +412,14 @@ def assignments_writer(fmt: str, assignment: CohortAssignment) -> Callable[[Text
     def write_csv(stream: TextIO) -> None:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(RECORD_FIELDS)
-        # Only the member id varies much; the other cells are made safe once per distinct tuple.
-        tails: dict[tuple[str, ...], tuple[str, ...]] = {}
-
-        def safe_tail(cells: tuple[str, ...]) -> tuple[str, ...]:
-            tail = tails.get(cells)
-            if tail is None:
-                tail = tails[cells] = tuple(spreadsheet_safe(cell) for cell in cells)
-            return tail
-
-        writer.writerows((spreadsheet_safe(row[0]), *safe_tail(row[1:])) for row in assignment.records.rows())
+        records = assignment.records
+        rows = records.rows()
+        first = next(records.rows(), None)
+        # One pass in C over each column decides whether any cell needs quoting; most files need none.
+        columns = (records.member_ids, set(records.segments), set(records.arms), set(records.variants), first or ())
+        if any(has_formula_cell(column) for column in columns):
+            rows = (tuple(spreadsheet_safe(cell) for cell in row) for row in rows)
+        writer.writerows(rows)
 
     def write_jsonl(stream: TextIO) -> None:
         # Everything but the member id repeats, so each line is assembled from pre-encoded parts.

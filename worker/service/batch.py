@@ -11,7 +11,7 @@ import csv
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -127,6 +127,14 @@ def spreadsheet_safe(cell: str) -> str:
     return "'" + cell if cell[:1] in _FORMULA_STARTS else cell
 
 
+_FORMULA_LINE = re.compile(r"^[=+\-@\t\r]", re.MULTILINE)
+
+
+def has_formula_cell(cells: Iterable[str]) -> bool:
+    """Whether any of ``cells`` needs :func:`spreadsheet_safe` (one regex pass, not a Python loop)."""
+    return _FORMULA_LINE.search("\n".join(cells)) is not None
+
+
 class _Writer:
     def __init__(self, out: IO[str], fmt: str) -> None:
         self._out = out
@@ -137,10 +145,12 @@ class _Writer:
 
     def write(self, rows: list[tuple[Any, ...]]) -> None:
         if self._csv is not None:
-            safe = spreadsheet_safe
-            self._csv.writerows(
-                (safe(u), safe(e), safe(v), h, safe(s), safe(ver), safe(seed)) for u, e, v, h, s, ver, seed in rows
-            )
+            # Experiment id, version and seed are the same on every row of a run; users and segments vary.
+            _, experiment_id, _, _, _, version, seed = rows[0]
+            constant = [experiment_id, version, seed, *{row[2] for row in rows}]
+            if has_formula_cell(constant) or has_formula_cell(c for row in rows for c in (row[0], row[4])):
+                rows = [tuple(spreadsheet_safe(c) if isinstance(c, str) else c for c in row) for row in rows]
+            self._csv.writerows(rows)
             return
         dumps = json.dumps
         self._out.write(
