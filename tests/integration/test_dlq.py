@@ -291,7 +291,7 @@ def test_queue_peek_finds_a_poison_message_and_dead_letter_moves_it(
     )
     capsys.readouterr()
     assert main(["queue", "dead-letter", "--message-id", "nope"]) == 2
-    _one_line_error(capsys.readouterr().err, "queue")
+    _one_line_error(capsys.readouterr().err, "queue dead-letter")
 
 
 def test_dlq_peek_escapes_control_characters_in_every_column(
@@ -322,9 +322,9 @@ def test_purge_needs_a_filter_and_a_confirmation(
     _dead_letter(client, QUEUE, [ServiceBusMessage(_body(f"V{i}", "exp")) for i in range(2)], "UnknownExperiment")
 
     assert main(["dlq", "purge", "--reason", "InvalidJson"]) == 2
-    _one_line_error(capsys.readouterr().err, "dlq")
+    _one_line_error(capsys.readouterr().err, "dlq purge")
     assert main(["dlq", "purge", "--yes"]) == 2
-    _one_line_error(capsys.readouterr().err, "dlq")
+    _one_line_error(capsys.readouterr().err, "dlq purge")
     assert broker.message_counts(QUEUE)["dead_letter"] == 5
     assert main(["dlq", "purge", "--reason", "InvalidJson", "--dry-run"]) == 0
     assert "would purge 3 of 3" in capsys.readouterr().err
@@ -343,10 +343,10 @@ def test_replay_without_a_filter_needs_all_and_unknown_reasons_are_errors(
     _dead_letter(client, QUEUE, [ServiceBusMessage(_body(f"U{i}", "exp")) for i in range(2)], "UnknownExperiment")
 
     assert main(["dlq", "replay"]) == 2
-    _one_line_error(capsys.readouterr().err, "dlq")
+    _one_line_error(capsys.readouterr().err, "dlq replay")
     assert main(["dlq", "replay", "--reason", "UnknownExperiments"]) == 2
     err = capsys.readouterr().err
-    _one_line_error(err, "dlq")
+    _one_line_error(err, "dlq replay")
     for known in ("UnknownExperiment,", "MaxDeliveryCountExceeded", "TTLExpiredException"):
         assert known in err
     assert broker.message_counts(QUEUE)["dead_letter"] == 2
@@ -369,12 +369,10 @@ def test_dlq_cli_bad_paths_and_numbers_are_one_line_errors(
         ["dlq", "replay", "--from", str(latin1)],
     ):
         assert main(argv) == 2, argv
-        _one_line_error(capsys.readouterr().err, "dlq")
+        _one_line_error(capsys.readouterr().err, " ".join(argv[:2]))
     for argv in (["dlq", "peek", "--limit", "0"], ["dlq", "replay", "--all", "--rate", "-1"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2
-        assert "Traceback" not in capsys.readouterr().err
+        assert main(argv) == 2, argv
+        _one_line_error(capsys.readouterr().err, " ".join(argv[:2]))
 
 
 def test_a_dead_letter_locked_elsewhere_is_reported_skipped_not_silently_left(

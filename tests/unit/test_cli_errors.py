@@ -119,13 +119,17 @@ MATRIX: list[tuple[list[str], dict[str, str], int, str]] = [
     (["dlq", "peek", "--limit", "0"], {}, USAGE, "'0' must be at least 1"),
     (["dlq", "replay", "--rate", "-1"], {}, USAGE, "argument --rate: '-1' must be a number above 0"),
     (["dlq", "replay", "--max-replays", "0"], {}, USAGE, "argument --max-replays"),
-    (["dlq", "replay", "--from", "latin1.jsonl"], {}, USAGE, "latin1.jsonl: not UTF-8"),
+    (["dlq", "replay", "--from", "latin1.jsonl"], {}, USAGE, "latin1.jsonl: line 1: not UTF-8"),
     (["dlq", "replay", "--from", "{missing}"], {}, USAGE, "file not found"),
     (["dlq", "replay", "--from", "{dir}"], {}, USAGE, "is a directory"),
     (["dlq", "export", "{no_dir}"], {}, USAGE, "does not exist"),
     (["dlq", "export", "{dir}"], {}, USAGE, "is a directory"),
     (["dlq", "export", "{under_file}"], {}, USAGE, "not a folder"),
     (["dlq", "peek"], {"AB_WORKER_SERVICEBUS_CONNECTION_STRING": ""}, USAGE, "no Service Bus"),
+    (["dlq", "purge", "--limit", "0"], {}, USAGE, "argument --limit"),
+    (["dlq", "purge", "--all", "--yes"], {"AB_WORKER_SERVICEBUS_CONNECTION_STRING": ""}, USAGE, "no Service Bus"),
+    (["queue", "peek", "--limit", "-1"], {}, USAGE, "argument --limit"),
+    (["queue", "dead-letter", "--sequence-number", "0"], {}, USAGE, "argument --sequence-number"),
     # report
     (["report", "--rows", "{missing}"], {}, USAGE, "missing.csv: cannot read"),
     (["report", "--rows", "{dir}"], {}, USAGE, "folder: cannot read"),
@@ -156,7 +160,7 @@ def test_bad_input_gets_one_line_and_the_documented_status(
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    command = " ".join(argv[:2]) if argv[0] == "dlq" else argv[0]
+    command = " ".join(argv[:2]) if argv[0] in ("dlq", "queue") else argv[0]
     assert lines[0].startswith(f"ab-worker {command}: error: "), err
     assert fragment in lines[0]
 
