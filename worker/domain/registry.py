@@ -188,12 +188,14 @@ def read_config_bytes(path: Path) -> bytes:
         raise ConfigurationError(f"{path}: file not found") from None
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read file ({exc.strerror})") from None
+    # Checked before os.fdopen, which itself refuses a directory with an error naming the descriptor.
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigurationError(
+            f"{path}: not a regular file ({_file_kind(mode)}); the experiments file must be a regular file"
+        )
     with os.fdopen(fd, "rb") as file:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigurationError(
-                f"{path}: not a regular file ({_file_kind(mode)}); the experiments file must be a regular file"
-            )
         try:
             data = file.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:
