@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -600,3 +601,36 @@ def test_observers_see_each_step():
         ("recovered", "event topic"),
         ("settled", "m1", "complete"),
     ]
+
+
+def test_each_dead_letter_is_logged_at_info_with_reason_message_and_experiment(caplog):
+    """One INFO line per dead-lettered request names its reason, message id and experiment."""
+    source = MemorySource()
+    source.send(_request(experiment="exp_missing"), message_id="m-unknown")
+    source.send(b"{not json", message_id="m-garbage")
+    source.send(_request(), message_id="m-good")
+    caplog.set_level(logging.INFO, logger="worker.service")
+    _pump(source).run(until=settled(3))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Dead-lettered")]
+    assert lines == [
+        "Dead-lettered UnknownExperiment: message m-unknown, experiment 'exp_missing'",
+        "Dead-lettered InvalidJson: message m-garbage, experiment -",
+    ]
+
+
+def test_dead_letter_lines_are_rate_limited_and_count_what_they_left_out(caplog):
+    """A flood of poison logs a burst, then a line that says how many were left out; nothing is lost."""
+    from worker.service.observe import Logging, Settlement
+    from worker.service.ports import Delivery
+
+    now = [0.0]
+    observer = Logging(per_second=1.0, burst=3, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="worker.service")
+    poison = Settlement(Disposition.DEAD_LETTER, "InvalidJson", "bad")
+    for number in range(10):
+        observer.on_settled(Delivery(body=b"x", message_id=f"m{number}"), poison, None)
+    now[0] = 1.0
+    observer.on_settled(Delivery(body=b"x", message_id="m10"), poison, None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Dead-lettered")]
+    assert len(lines) == 4
+    assert lines[-1].endswith("message m10, experiment - (7 more dead-lettered since the last such line, not logged)")

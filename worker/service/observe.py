@@ -7,10 +7,11 @@ the base class; an observer overrides what it needs. Hooks must not raise.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -161,7 +162,32 @@ class Counting(PumpObserver):
 
 
 class Logging(PumpObserver):
-    """The pump's log lines: outages once when they start and when they end, lost locks, handler bugs."""
+    """The pump's log lines: outages once when they start and when they end, lost locks, handler bugs,
+    and one INFO line per dead-lettered request (reason, message id, experiment).
+
+    Dead-letter lines are rate-limited (a burst of ``burst``, then ``per_second``): a flood of poison
+    must not flood the log. The next line written says how many were left out meanwhile; every dead
+    letter is still counted in the metrics and the run summary.
+    """
+
+    def __init__(self, per_second: float = 5.0, burst: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
+        self._dead_letter_lines = _TokenBucket(per_second, burst, clock)
+        self._left_out = 0
+
+    def on_settled(self, delivery: Delivery, settlement: Settlement, handled: Handled | None) -> None:
+        if settlement.disposition is not Disposition.DEAD_LETTER:
+            return
+        if not self._dead_letter_lines.take():
+            self._left_out += 1
+            return
+        left_out, self._left_out = self._left_out, 0
+        log.info(
+            "Dead-lettered %s: message %s, experiment %s%s",
+            settlement.reason,
+            delivery.message_id,
+            _experiment_of(delivery.body),
+            f" ({left_out} more dead-lettered since the last such line, not logged)" if left_out else "",
+        )
 
     def on_handled(self, delivery: Delivery, outcome: Handled | BaseException) -> None:
         if isinstance(outcome, BaseException) and not isinstance(outcome, PermanentError):
@@ -177,6 +203,33 @@ class Logging(PumpObserver):
 
     def on_recovered(self, dependency: str) -> None:
         log.warning("%s is back; resuming", dependency)
+
+
+class _TokenBucket:
+    """``take()`` is true at most ``burst`` times at once and ``per_second`` times a second after that."""
+
+    def __init__(self, per_second: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate, self._burst, self._clock = per_second, float(burst), clock
+        self._tokens, self._at = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def _experiment_of(body: bytes) -> str:
+    """The request's ``experiment_id`` for a log line, escaped and bounded; ``-`` when it has none."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return "-"
+    experiment = value.get("experiment_id") if isinstance(value, dict) else None
+    return repr(experiment[:64]) if isinstance(experiment, str) else "-"
 
 
 class Telemetry(PumpObserver):
