@@ -48,6 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.experiments_file = args.config
     if args.rows:
         check_output(Path(args.rows))
+    if args.processes > 1:
+        from worker.cli.supervise import run_supervised
+
+        compose.experiments(settings)  # refuse a missing or broken experiments file here, not in every child
+        return run_supervised(args, settings, str(settings.experiments_file), args.processes)
     registry = compose.experiments(settings)
     config = compose.pump_config(settings, args.max_batch)
     if args.input:
@@ -187,6 +192,16 @@ def _file_ports(
     return source, JsonLinesPublisher(events_out), sink
 
 
+def processes(text: str) -> int:
+    """An argument type: ``auto`` (one per core this process may use) or a whole number from 1 to 64."""
+    from worker.service.supervisor import process_count
+
+    try:
+        return process_count(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number from 1 to 64, or auto") from None
+
+
 def add_commands(commands: Any) -> None:
     """Register ``run``."""
     run = commands.add_parser(
@@ -219,4 +234,11 @@ def add_commands(commands: Any) -> None:
     run.add_argument("--rows", help="append Kusto-shaped rows to this JSON-lines file (when Kusto is not configured)")
     run.add_argument("--dead-letters", help="with --input: write dead-lettered requests here (default stderr)")
     run.add_argument("--max-batch", type=integer(1, 5000), help="messages per batch (AB_WORKER_MAX_BATCH, default 100)")
+    run.add_argument(
+        "--processes",
+        type=processes,
+        default=1,
+        help="pump processes under one supervisor: a number, or auto for one per core (default 1); with --rows,\n"
+        "process i writes FILE-i.jsonl",
+    )
     run.set_defaults(func=cmd_run)
