@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import tracemalloc
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -244,12 +246,13 @@ def test_validate_assignment_bad_values(field, value, message):
 
 
 def test_batch_path_with_separator_characters_in_ids():
-    """User ids containing newlines take the safe key-building path and still match assign_user."""
+    """User ids containing newlines take the safe key-building path and still match the plain rule."""
     agent = ABAssignmentAgent({"A": 0.5, "B": 0.5})
+    reference = ReferenceAgent({"A": 0.5, "B": 0.5})
     users = ["a\nb", "plain", "\n", "x\n\ny", *[f"u{i}" for i in range(50)]]
     buckets, variants = assign_variants(users, "e", agent.table, agent.seed)
-    assert variants == [agent.assign_user(u, "e")["variant_id"] for u in users]
-    assert [b / 1e6 for b in buckets.tolist()] == [agent.assign_user(u, "e")["hash_value"] for u in users]
+    assert variants == [reference.assign_user(u, "e")["variant_id"] for u in users]
+    assert [b / 1e6 for b in buckets.tolist()] == [bucket(agent.seed, "e", u) for u in users]
 
 
 def test_batch_path_empty_input():
@@ -257,3 +260,70 @@ def test_batch_path_empty_input():
     buckets, variants = assign_variants([], "e", ABAssignmentAgent().table)
     assert len(buckets) == 0
     assert variants == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        *("", None, 123, b"U1", "x" * 1025),
+        *("a\x00b", "esc\x1b[31m", "nel\x85", "rlo\u202e", "zw\u200b", "ls\u2028", "lone\ud800"),
+    ],
+)
+@pytest.mark.parametrize("field", ["user_id", "experiment_id"])
+def test_assign_user_refuses_ids_the_worker_dead_letters(field, bad):
+    """Empty, non-string, over-long ids and ids with refused characters raise ValueError naming the field."""
+    ids = {"user_id": "U1", "experiment_id": "exp_001"} | {field: bad}
+    with pytest.raises(ValueError, match=f"^{field} "):
+        ABAssignmentAgent().assign_user(ids["user_id"], ids["experiment_id"])
+
+
+@pytest.mark.parametrize("good", ["José", "用户 42", "🙂" * 200, "x" * 1024, "tab-free\u00a0nbsp", "👍🏽"])
+def test_assign_user_accepts_ids_the_worker_accepts(good):
+    """Spaces, emoji, non-ASCII and 1,024-character ids are assigned exactly as the reference does."""
+    assert ABAssignmentAgent().assign_user(good, "exp_001") == ReferenceAgent().assign_user(good, "exp_001")
+
+
+def test_nfc_and_nfd_ids_are_different_ids():
+    """The bytes are hashed as given: NFC and NFD "José" are two users (publishers normalise to NFC)."""
+    nfc, nfd = unicodedata.normalize("NFC", "José"), unicodedata.normalize("NFD", "José")
+    assert nfc != nfd
+    agent = ABAssignmentAgent()
+    results = [agent.assign_user(user, exp) for user in (nfc, nfd) for exp in ("exp_001", "exp_002", "exp_003")]
+    assert [r["hash_value"] for r in results[:3]] != [r["hash_value"] for r in results[3:]]
+    assert all(r["hash_value"] == bucket("echovoice", r["experiment_id"], r["user_id"]) for r in results)
+    assert [r["user_id"] for r in results] == [nfc] * 3 + [nfd] * 3
+
+
+def test_agents_are_cheap_to_keep():
+    """100 live agents, each with its own split, hold well under 5 MiB (no eager 1 MB table each)."""
+    splits = [{"A": 0.25, "B": 0.75 - i / 2**40, "C": i / 2**40} for i in range(1, 101)]
+    tracemalloc.start()
+    try:
+        agents = [ABAssignmentAgent(split) for split in splits]
+        for agent in agents:
+            agent.assign_user("U1", "e")
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(agents) == 100
+    assert held < 5 * 2**20
+
+
+def test_agents_with_one_split_share_its_table_without_sharing_state():
+    """Equal splits share one compiled table; what an agent hands out cannot change another agent."""
+    first, second = ABAssignmentAgent({"A": 0.7, "B": 0.3}), ABAssignmentAgent({"A": 0.7, "B": 0.3})
+    assert first.table is second.table
+    first.split_ratio["A"] = 0.1
+    first.variant_ids.append("Z")
+    with pytest.raises(TypeError):
+        first.thresholds["A"] = (0.0, 0.1)  # type: ignore[index]
+    assert second.split_ratio == {"A": 0.7, "B": 0.3}
+    assert second.variant_ids == ["A", "B"]
+    assert second.assign_user("U456", "exp_001")["threshold"] == (0.0, 0.7)
+
+
+def test_shared_split_cache_does_not_confuse_bool_with_int():
+    """{A: 1, B: 0} is a valid split; {A: True, B: False} is still refused after it was seen."""
+    assert ABAssignmentAgent({"A": 1, "B": 0}).variant_ids == ["A", "B"]
+    with pytest.raises(ValueError, match="must be a number"):
+        ABAssignmentAgent({"A": True, "B": False})

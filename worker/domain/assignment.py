@@ -22,10 +22,13 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from numbers import Real
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from schemas.models import MAX_ID_CHARS
+from schemas.text import text_problem
 from worker.domain.errors import SplitRatioError, UnsupportedStrategyError
 
 DEFAULT_SEED = "echovoice"
@@ -90,7 +93,8 @@ def validate_split(split_ratio: Mapping[str, Any]) -> dict[str, float]:
     for variant_id, ratio in split_ratio.items():
         if not isinstance(variant_id, str) or not variant_id:
             raise SplitRatioError(f"Variant ids must be non-empty strings, got {variant_id!r} in {dict(split_ratio)!r}")
-        if isinstance(ratio, bool) or not isinstance(ratio, Real):
+        # float first: isinstance against the Real ABC is slow, and this runs for every new split.
+        if type(ratio) is not float and (isinstance(ratio, bool) or not isinstance(ratio, Real)):
             raise SplitRatioError(f"Split ratio for variant {variant_id!r} must be a number, got {ratio!r}")
         value = float(ratio)
         if math.isnan(value) or math.isinf(value) or value < 0:
@@ -132,12 +136,18 @@ def _integer_cutoff(upper: float) -> int:
 class VariantTable:
     """A split compiled for fast lookups: integer cutoffs and a dense bucket → variant table."""
 
-    __slots__ = ("_lookup", "cutoffs", "thresholds", "variant_ids")
+    __slots__ = ("_lookup", "bounds", "cutoffs", "names", "picks", "split", "thresholds", "variant_ids")
 
     def __init__(self, split_ratio: Mapping[str, float]) -> None:
+        self.split: dict[str, float] = dict(split_ratio)
         self.thresholds = compute_thresholds(split_ratio)
         self.variant_ids: list[str] = list(self.thresholds)
         self.cutoffs: list[int] = [_integer_cutoff(upper) for _, upper in self.thresholds.values()]
+        #: ``names[bisect_right(bounds, bucket)]`` is the variant: leaving out the last cutoff makes
+        #: every bucket past the others fall to the last variant, as the seed's fallback does.
+        self.bounds: tuple[int, ...] = tuple(self.cutoffs[:-1])
+        self.names: tuple[str, ...] = tuple(self.variant_ids)
+        self.picks: tuple[tuple[str, tuple[float, float]], ...] = tuple(self.thresholds.items())
         self._lookup: np.ndarray[Any, np.dtype[np.uint8]] | None = None
 
     def shares(self) -> dict[str, float]:
@@ -174,6 +184,37 @@ class VariantTable:
                 start = end
             self._lookup = table
         return self._lookup
+
+
+#: Distinct splits whose compiled tables are kept for new agents. A table is a few hundred bytes
+#: until the batch path builds its 1 MB dense lookup; agents keep their own table alive regardless.
+SHARED_TABLES = 256
+
+
+@functools.lru_cache(maxsize=SHARED_TABLES)
+def shared_table(split_items: tuple[tuple[str, float], ...]) -> VariantTable:
+    """The compiled table for a validated split given as ``(variant_id, ratio)`` pairs, shared by agents."""
+    return VariantTable(dict(split_items))
+
+
+_MD5_HASH = AssignmentStrategy.MD5_HASH.value
+
+
+#: Ratio types whose equal values are interchangeable as cache keys (bool is refused by validation,
+#: so it must not share a key with 1 and 0; Decimal is refused, so it must not share one with floats).
+_PLAIN_RATIOS = frozenset({float, int})
+
+
+@functools.lru_cache(maxsize=SHARED_TABLES)
+def _compiled(split_items: tuple[tuple[str, float], ...]) -> VariantTable:
+    return VariantTable(validate_split(dict(split_items)))
+
+
+def _compile(split_ratio: Mapping[str, Any]) -> VariantTable:
+    """The shared table of a split, validated first; raises :class:`SplitRatioError`."""
+    if type(split_ratio) is dict and set(map(type, split_ratio.values())) <= _PLAIN_RATIOS:
+        return _compiled(tuple(split_ratio.items()))
+    return shared_table(tuple(validate_split(split_ratio).items()))
 
 
 #: Users hashed per chunk: small enough that keys, digests and their join stay in the CPU cache
@@ -215,6 +256,8 @@ def assign_variants(
 
 
 def _check_strategy(strategy: AssignmentStrategy | str) -> AssignmentStrategy:
+    if strategy is AssignmentStrategy.MD5_HASH:
+        return strategy
     try:
         chosen = AssignmentStrategy(strategy)
     except ValueError:
@@ -229,6 +272,14 @@ def _check_strategy(strategy: AssignmentStrategy | str) -> AssignmentStrategy:
     return chosen
 
 
+def _raise_invalid_ids(user_id: object, experiment_id: object) -> None:
+    """Raise ``ValueError`` when either id breaks the contract's rule (non-printable text may still pass)."""
+    for name, value in (("user_id", user_id), ("experiment_id", experiment_id)):
+        problem = text_problem(value, MAX_ID_CHARS)
+        if problem:
+            raise ValueError(f"{name} {problem} (got {value!r:.80})")
+
+
 class ABAssignmentAgent:
     """The documented Python API: deterministic assignment of users to variants by MD5 bucketing."""
 
@@ -240,16 +291,27 @@ class ABAssignmentAgent:
         strategy: AssignmentStrategy | str = AssignmentStrategy.MD5_HASH,
         seed: str = DEFAULT_SEED,
     ) -> None:
-        self.strategy = _check_strategy(strategy)
-        self.split_ratio: dict[str, float] = validate_split(DEFAULT_SPLIT if split_ratio is None else split_ratio)
+        self.strategy = strategy if strategy is AssignmentStrategy.MD5_HASH else _check_strategy(strategy)
+        # Agents are built freely (one per segment or per week, as the seed's own examples do), so
+        # construction stays cheap: the checked, compiled split is shared between agents with the same
+        # split, and the 1 MB dense table behind the batch path is built only when that path is used.
+        self._table = _compile(DEFAULT_SPLIT if split_ratio is None else split_ratio)
         self.seed = seed
-        self._table = VariantTable(self.split_ratio)
-        self.variant_ids: list[str] = self._table.variant_ids
-        self.thresholds: dict[str, tuple[float, float]] = self._table.thresholds
-        # A 1 MB bucket → variant-index table makes the per-user lookup one indexing operation.
-        self._lookup_bytes = self._table.lookup().tobytes()
-        self._names_by_bucket = tuple(self.variant_ids)
-        self._strategy_value = self.strategy.value
+
+    @property
+    def split_ratio(self) -> dict[str, float]:
+        """The validated split as ``{variant_id: ratio}`` (a copy: the compiled split is shared)."""
+        return self._table.split.copy()
+
+    @property
+    def variant_ids(self) -> list[str]:
+        """Variant ids in sorted order (the order their ranges are laid out in)."""
+        return list(self._table.variant_ids)
+
+    @property
+    def thresholds(self) -> Mapping[str, tuple[float, float]]:
+        """``{variant_id: (lower, upper)}``, read-only: the compiled split is shared between agents."""
+        return MappingProxyType(self._table.thresholds)
 
     @property
     def table(self) -> VariantTable:
@@ -257,20 +319,37 @@ class ABAssignmentAgent:
         return self._table
 
     def assign_user(self, user_id: str, experiment_id: str, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Assign one user; the same (seed, experiment, user) always gives the same result."""
-        value = _first_word(_digest(_md5(f"{self.seed}:{experiment_id}:{user_id}".encode())))[0] % BUCKETS
-        variant_id = self._names_by_bucket[self._lookup_bytes[value]]
+        """Assign one user; the same (seed, experiment, user) always gives the same result.
+
+        ``user_id`` and ``experiment_id`` follow the wire contract's rule for ids (1–1024 characters,
+        none of the characters :mod:`schemas.text` refuses): anything else raises ``ValueError``,
+        exactly as the worker dead-letters such a request.
+        """
+        key = f"{self.seed}:{experiment_id}:{user_id}"
+        # The common case is decided in C: isprintable() is False for every character the rule
+        # refuses, so one call over the whole key clears both ids; anything else gets the full check.
+        if not (
+            type(user_id) is str
+            and type(experiment_id) is str
+            and 0 < len(user_id) <= MAX_ID_CHARS
+            and 0 < len(experiment_id) <= MAX_ID_CHARS
+            and key.isprintable()
+        ):
+            _raise_invalid_ids(user_id, experiment_id)
+        value = _first_word(_digest(_md5(key.encode())))[0] % BUCKETS
+        table = self._table
+        variant_id, threshold = table.picks[bisect_right(table.bounds, value)]
         return {
             "variant_id": variant_id,
             # value / 1e6 is already the double nearest the 6-place decimal, so it equals
             # round(value / 1e6, 6); the conformance tests hold this for every case.
             "hash_value": value / BUCKETS,
-            "threshold": self.thresholds[variant_id],
+            "threshold": threshold,
             "experiment_id": experiment_id,
             "user_id": user_id,
-            "strategy": self._strategy_value,
+            "strategy": _MD5_HASH,
             "deterministic": True,
-            "split_ratio": self.split_ratio.copy(),
+            "split_ratio": table.split.copy(),
             "context": dict(context) if context else {},
         }
 
@@ -283,7 +362,7 @@ class ABAssignmentAgent:
         for field in self.REQUIRED_FIELDS:
             if field not in assignment:
                 return False, f"Missing required field: {field}"
-        if assignment["variant_id"] not in self.variant_ids:
+        if assignment["variant_id"] not in self._table.names:
             return False, f"Invalid variant_id: {assignment['variant_id']}"
         hash_value = assignment["hash_value"]
         if isinstance(hash_value, bool) or not isinstance(hash_value, Real) or not 0.0 <= float(hash_value) < 1.0:
