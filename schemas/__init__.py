@@ -1,8 +1,9 @@
 """The wire contract of ab-assignment-worker: pydantic v2 models and their JSON Schema files."""
 
 from schemas.models import (
-    MAX_CONTEXT_BYTES,
+    MAX_CONTEXT_DEPTH,
     MAX_CONTEXT_KEYS,
+    MAX_CONTEXT_STRING_CHARS,
     MAX_ID_CHARS,
     SCHEMA_VERSION,
     AssignmentEvent,
@@ -15,8 +16,9 @@ from schemas.models import (
 )
 
 __all__ = [
-    "MAX_CONTEXT_BYTES",
+    "MAX_CONTEXT_DEPTH",
     "MAX_CONTEXT_KEYS",
+    "MAX_CONTEXT_STRING_CHARS",
     "MAX_ID_CHARS",
     "SCHEMA_VERSION",
     "AssignmentEvent",

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from schemas.models import (
+    SCHEMA_BASE_URI,
     AssignmentEvent,
     AssignmentRequest,
     CohortAssignmentRequest,
@@ -29,17 +30,18 @@ SCHEMA_FILES: dict[str, type[BaseModel]] = {
 }
 
 
-def render(model: type[BaseModel]) -> str:
-    """The JSON Schema of ``model`` as stable, pretty-printed text."""
+def render(model: type[BaseModel], name: str) -> str:
+    """The JSON Schema of ``model``, published as file ``name``, as stable, pretty-printed text."""
     schema = model.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"{SCHEMA_BASE_URI}{name}"
     return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def main() -> int:
     """Regenerate every schema file in this folder."""
     for name, model in SCHEMA_FILES.items():
-        (HERE / name).write_text(render(model), encoding="utf-8")
+        (HERE / name).write_text(render(model, name), encoding="utf-8")
         print(f"wrote schemas/{name}", file=sys.stderr)
     return 0
 

@@ -7,96 +7,211 @@ fields before the worker knows them; known fields are validated strictly (no typ
 
 from __future__ import annotations
 
-import json
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     JsonValue,
     StringConstraints,
-    field_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+
+from schemas.text import REFUSED_CLASS, character_problem, text_problem
 
 SCHEMA_VERSION = "1.0"
 
-#: Limits on request input. A request over any of them is dead-lettered with the limit named.
+#: Limits on request input. A request over any of them is dead-lettered with the limit named; the
+#: JSON Schemas state every one of them, so a body the schema accepts is one the worker accepts.
 MAX_ID_CHARS = 1024
 MAX_SEGMENT_CHARS = 256
 MAX_CONTEXT_KEYS = 64
-MAX_CONTEXT_BYTES = 16 * 1024
+#: Every string in ``context`` (keys and values, at any depth) is at most this long.
+MAX_CONTEXT_STRING_CHARS = 1024
+#: Arrays and objects nest at most this deep inside ``context`` (``{"a": [[1]]}`` is 2 deep).
+MAX_CONTEXT_DEPTH = 4
+#: The default limit on a whole request body, which no JSON Schema can state (it is the transport's):
+#: the worker setting ``AB_WORKER_MAX_BODY_BYTES``.
+MAX_BODY_BYTES = 64 * 1024
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+class AllowedText:
+    """The one text rule of :mod:`schemas.text` as a pydantic annotation: validated and published.
+
+    In the JSON Schema it is ``"not": {"pattern": "[<refused>]"}``: a ``pattern`` that must *not*
+    match anywhere, which reads the same in every regex dialect (an anchored ``^...$`` would let a
+    trailing newline through Python's ``re``).
+    """
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(_allowed_text, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        json_schema["not"] = {"pattern": f"[{REFUSED_CLASS}]"}
+        json_schema["$comment"] = "No control, invisible or bidi characters: see schemas/text.py."
+        return json_schema
 
 
-def _no_control_chars(value: str) -> str:
-    match = _CONTROL_CHARS.search(value)
-    if match:
-        raise ValueError(f"must not contain control characters (found {match.group()!r} at index {match.start()})")
+def _allowed_text(value: str) -> str:
+    problem = character_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
-#: Ids: 1–1024 characters, no control characters (they break CSV, KQL and log lines downstream).
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_no_control_chars)]
-SegmentName = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=MAX_SEGMENT_CHARS),
-    AfterValidator(_no_control_chars),
-]
-VariantId = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_no_control_chars)]
+#: Ids: 1–1024 characters, none of the characters :mod:`schemas.text` refuses (they break CSV, KQL,
+#: terminals and log lines downstream, or make two different ids look the same).
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AllowedText()]
+SegmentName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SEGMENT_CHARS), AllowedText()]
+VariantId = Annotated[str, StringConstraints(min_length=1, max_length=256), AllowedText()]
+Seed = Annotated[str, StringConstraints(min_length=1, max_length=256), AllowedText()]
+#: ``1.x``: ASCII digits only (``\d`` would take any script's digits in some regex dialects).
+SchemaVersion = Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+$"), AllowedText()]
+
+
+def context_problem(value: JsonValue, depth: int = 0) -> str | None:
+    """Why a context value breaks the limits (string length, nesting depth), or ``None``."""
+    if isinstance(value, str):
+        return None if len(value) <= MAX_CONTEXT_STRING_CHARS else _too_long(value)
+    if not isinstance(value, list | dict):
+        return None
+    if depth >= MAX_CONTEXT_DEPTH:
+        return f"nests deeper than {MAX_CONTEXT_DEPTH} levels"
+    if isinstance(value, dict):
+        long_key = next((key for key in value if len(key) > MAX_CONTEXT_STRING_CHARS), None)
+        if long_key is not None:
+            return _too_long(long_key)
+    for item in value.values() if isinstance(value, dict) else value:
+        problem = context_problem(item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
+def _too_long(text: str) -> str:
+    return f"holds a {len(text)}-character string; the limit is {MAX_CONTEXT_STRING_CHARS}"
+
+
+class BoundedContext:
+    """``context``: at most 64 keys, strings of at most 1,024 characters, nesting at most 4 deep.
+
+    Published as ``$defs/ContextValue1`` … ``ContextValue{MAX_CONTEXT_DEPTH + 1}``: one definition per
+    level, the deepest holding only scalars, because JSON Schema has no keyword for depth.
+    """
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(_bounded_context, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {
+            "type": "object",
+            "maxProperties": MAX_CONTEXT_KEYS,
+            "propertyNames": {"maxLength": MAX_CONTEXT_STRING_CHARS},
+            "additionalProperties": {"$ref": f"{REQUEST_SCHEMA_ID}#/$defs/ContextValue1"},
+        }
+
+
+def _bounded_context(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    if len(value) > MAX_CONTEXT_KEYS:
+        raise ValueError(f"has {len(value)} keys; the limit is {MAX_CONTEXT_KEYS}")
+    problem = context_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def context_value_definitions() -> dict[str, JsonSchemaValue]:
+    """The ``$defs`` that :class:`BoundedContext` refers to: one per nesting level."""
+    scalars: list[JsonSchemaValue] = [
+        {"type": "null"},
+        {"type": "boolean"},
+        {"type": "number"},
+        {"type": "string", "maxLength": MAX_CONTEXT_STRING_CHARS},
+    ]
+    definitions: dict[str, JsonSchemaValue] = {}
+    for level in range(1, MAX_CONTEXT_DEPTH + 2):
+        if level > MAX_CONTEXT_DEPTH:
+            definitions[f"ContextValue{level}"] = {"anyOf": scalars}
+            continue
+        inner = {"$ref": f"{REQUEST_SCHEMA_ID}#/$defs/ContextValue{level + 1}"}
+        containers: list[JsonSchemaValue] = [
+            {"type": "array", "items": inner},
+            {
+                "type": "object",
+                "propertyNames": {"maxLength": MAX_CONTEXT_STRING_CHARS},
+                "additionalProperties": inner,
+            },
+        ]
+        definitions[f"ContextValue{level}"] = {"anyOf": scalars + containers}
+    return definitions
+
+
+#: Base of every schema file's ``$id``: a name for the contract, not a download location (the files
+#: ship in ``schemas/`` and in the package). ``.invalid`` is reserved: it can never resolve elsewhere.
+SCHEMA_BASE_URI = "https://ab-assignment-worker.invalid/schemas/"
+REQUEST_SCHEMA_ID = f"{SCHEMA_BASE_URI}assignment-request.schema.json"
+
+
+def _add_context_definitions(schema: dict[str, Any]) -> None:
+    # The context definitions are referred to by absolute URI (the schema's own $id), so pydantic,
+    # which tracks only the definitions it made itself, leaves the references alone.
+    schema["$id"] = REQUEST_SCHEMA_ID
+    schema.setdefault("$defs", {}).update(context_value_definitions())
 
 
 class AssignmentRequest(BaseModel):
     """One user to assign to one experiment, as published to the requests queue.
 
-    The body is a UTF-8 JSON object. Unknown top-level fields are ignored (tolerant reader).
+    The body is a UTF-8 JSON object of at most 64 KiB by default (the worker's
+    ``AB_WORKER_MAX_BODY_BYTES``: the one limit a JSON Schema cannot state). Unknown top-level fields
+    are ignored (tolerant reader); every limit on known fields is in this schema.
     """
 
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True, json_schema_extra=_add_context_definitions)
 
-    schema_version: Annotated[str, Field(pattern=r"^1\.\d+$")] = Field(
+    schema_version: SchemaVersion = Field(
         default=SCHEMA_VERSION,
         description="Contract version the publisher wrote; any 1.x is accepted.",
     )
     request_id: Identifier | None = Field(
         default=None, description="Publisher's own id for the request, echoed in the event."
     )
-    user_id: Identifier = Field(description="The unit being assigned (user, customer, device): 1–1024 characters.")
+    user_id: Identifier = Field(
+        description=(
+            "The unit being assigned (user, customer, device): 1–1024 characters, none of the refused "
+            "ones. Hashed as its exact UTF-8 bytes, with no Unicode normalisation: publish NFC."
+        )
+    )
     experiment_id: Identifier = Field(description="An experiment configured in the registry: 1–1024 characters.")
     segment: SegmentName | None = Field(
         default=None,
         description="Segment for per-segment splits. Falls back to context.segment when absent.",
     )
-    context: dict[str, JsonValue] | None = Field(
+    context: Annotated[dict[str, JsonValue], BoundedContext()] | None = Field(
         default=None,
         description=(
-            f"Free-form JSON object (at most {MAX_CONTEXT_KEYS} keys and {MAX_CONTEXT_BYTES} bytes encoded). "
+            f"Free-form JSON object: at most {MAX_CONTEXT_KEYS} keys, strings (keys and values) of at most "
+            f"{MAX_CONTEXT_STRING_CHARS} characters, arrays and objects nested at most {MAX_CONTEXT_DEPTH} deep. "
             "Only allow-listed keys ever leave the worker: it may hold personal data."
         ),
     )
-
-    @field_validator("context")
-    @classmethod
-    def _bounded_context(cls, value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
-        if value is None:
-            return None
-        if len(value) > MAX_CONTEXT_KEYS:
-            raise ValueError(f"has {len(value)} keys; the limit is {MAX_CONTEXT_KEYS}")
-        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-        if size > MAX_CONTEXT_BYTES:
-            raise ValueError(f"is {size} bytes encoded; the limit is {MAX_CONTEXT_BYTES}")
-        return value
 
     def effective_segment(self) -> str | None:
         """``segment``, or ``context.segment`` when that is a non-empty string."""
         if self.segment is not None:
             return self.segment
         candidate = (self.context or {}).get("segment")
-        if isinstance(candidate, str) and candidate and len(candidate) <= MAX_SEGMENT_CHARS:
+        if isinstance(candidate, str) and text_problem(candidate, MAX_SEGMENT_CHARS) is None:
             return candidate
         return None
 
@@ -256,11 +371,11 @@ class CohortAssignmentRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
     kind: Literal["cohort"] = Field(description='Always "cohort": tells the worker this is a cohort request.')
-    schema_version: Annotated[str, Field(pattern=r"^1\.\d+$")] = Field(default=SCHEMA_VERSION)
+    schema_version: SchemaVersion = Field(default=SCHEMA_VERSION)
     request_id: Identifier | None = Field(default=None, description="Publisher's id; becomes the cohort id.")
     experiment_id: Identifier = Field(description="Experiment label for the cohort (need not be in the registry).")
     arms: list[CohortArm] = Field(min_length=1, max_length=64, description="Arms, in order (order matters).")
-    seed: Annotated[str, StringConstraints(min_length=1, max_length=256)] | int = Field(
+    seed: Seed | int = Field(
         default=42, description="Seed of the within-segment ordering (default 42, as the strategy document)."
     )
     tolerance: Annotated[float, Field(ge=0, le=1)] = Field(default=0.05, description="Allowed share deviation.")
@@ -298,9 +413,7 @@ class ExperimentConfig(BaseModel):
     version: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
         default="1", description="Configuration version, stamped on every event."
     )
-    seed: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
-        default="echovoice", description="Hash seed; changing it reshuffles every user."
-    )
+    seed: Seed = Field(default="echovoice", description="Hash seed; changing it reshuffles every user.")
     split: dict[VariantId, Ratio] = Field(description="Variant id → share; shares sum to 1.0 (±0.01).", min_length=1)
     variants: dict[VariantId, dict[str, JsonValue]] = Field(
         default_factory=dict, description="Optional metadata per variant, e.g. {tone: urgent}."

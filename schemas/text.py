@@ -45,9 +45,14 @@ def refused_character(text: str) -> re.Match[str] | None:
     return _REFUSED.search(text)
 
 
-def describe_refused(match: re.Match[str]) -> str:
-    """``U+0085 at index 3``: a refused character named by code point, so logs never carry it raw."""
-    return f"U+{ord(match.group()):04X} at index {match.start()}"
+def character_problem(text: str) -> str | None:
+    """What is wrong with ``text``'s characters (the first refused one, by code point), or ``None``."""
+    match = refused_character(text)
+    if match is None:
+        return None
+    # Named by code point and position, never echoed raw: the text may be on its way to a log line.
+    found = f"U+{ord(match.group()):04X} at index {match.start()}"
+    return f"must not contain control, invisible or bidi characters (found {found})"
 
 
 def text_problem(value: object, max_chars: int) -> str | None:
@@ -58,7 +63,4 @@ def text_problem(value: object, max_chars: int) -> str | None:
         return "must not be empty"
     if len(value) > max_chars:
         return f"is {len(value)} characters; the limit is {max_chars}"
-    match = refused_character(value)
-    if match:
-        return f"must not contain control, invisible or bidi characters (found {describe_refused(match)})"
-    return None
+    return character_problem(value)

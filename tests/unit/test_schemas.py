@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
-from schemas import AssignmentEvent, AssignmentRecord, AssignmentRequest
+from schemas import AssignmentEvent, AssignmentRecord, AssignmentRequest, ExperimentConfig
 from schemas.generate import HERE, SCHEMA_FILES, render
+from schemas.models import MAX_BODY_BYTES, MAX_ID_CHARS
+from schemas.text import REFUSED_CLASS, text_problem
+from tests.schema_strategy import from_schema
+from worker.domain.errors import PermanentError
+from worker.domain.registry import ExperimentRegistry
+from worker.service.handling import handle
+from worker.service.ports import Delivery
 
 
 def test_minimal_request():
@@ -110,7 +121,7 @@ def test_event_rejects_out_of_range_hash():
 def test_committed_json_schemas_are_fresh(name):
     """schemas/*.schema.json equal what the models generate (run python -m schemas.generate)."""
     committed = (HERE / name).read_text(encoding="utf-8")
-    assert committed == render(SCHEMA_FILES[name]), f"schemas/{name} is stale: run python -m schemas.generate"
+    assert committed == render(SCHEMA_FILES[name], name), f"schemas/{name} is stale: run python -m schemas.generate"
 
 
 def test_request_schema_documents_every_field():
@@ -125,3 +136,131 @@ def test_request_schema_documents_every_field():
         "context",
     }
     assert all("description" in p for p in schema["properties"].values())
+
+
+# -- the published JSON Schema and the worker agree -------------------------------------------------
+
+REQUEST_SCHEMA = json.loads((HERE / "assignment-request.schema.json").read_text(encoding="utf-8"))
+REQUEST_VALIDATOR = Draft202012Validator(REQUEST_SCHEMA)
+
+
+def worker_verdict(body: dict[str, Any]) -> str:
+    """``"accepted"`` or the dead-letter reason the worker's ``handle`` gives this body.
+
+    The experiment is configured whenever its id is a valid one, so only the contract decides.
+    """
+    raw = json.dumps(body).encode()  # ASCII escapes, so lone surrogates reach the worker as sent
+    experiment_id = body.get("experiment_id")
+    configs = []
+    if text_problem(experiment_id, MAX_ID_CHARS) is None:
+        configs = [ExperimentConfig(id=experiment_id, split={"A": 0.5, "B": 0.5})]
+    registry = ExperimentRegistry.from_configs(configs)
+    delivery = Delivery(body=raw, message_id="m-1", enqueued_time=datetime(2026, 1, 1, tzinfo=UTC))
+    allow_all = set(body["context"]) if isinstance(body.get("context"), dict) else set()
+    try:
+        handled = handle(delivery, registry, context_allow_list=allow_all)
+    except PermanentError as error:
+        return str(error.reason)
+    handled.outbound(delivery)  # the event serialises, context and all
+    return "accepted"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user_id": "a\x00b", "experiment_id": "exp_001"},
+        {"user_id": "esc\x1b[2J", "experiment_id": "exp_001"},
+        {"user_id": "U1", "experiment_id": "exp_001", "context": {f"k{i}": i for i in range(100)}},
+        {"user_id": "U1", "experiment_id": "exp_001", "context": {"blob": "x" * 20 * 1024}},
+        {"user_id": "U1", "experiment_id": "exp_001", "schema_version": "1.0\n"},
+        {"user_id": "nel\x85", "experiment_id": "exp_001"},
+        {"user_id": "U1", "experiment_id": "bidi\u202eexp"},
+        {"user_id": "zw\u200bsp", "experiment_id": "exp_001"},
+        {"user_id": "ls\u2028", "experiment_id": "exp_001"},
+        {"user_id": "U1", "experiment_id": "exp_001", "schema_version": "1.\u0663"},
+        {"user_id": "U1", "experiment_id": "exp_001", "context": {"deep": [[[[[1]]]]]}},
+        {"user_id": "U1", "experiment_id": "exp_001", "context": {"k" * 1025: 1}},
+    ],
+    ids=lambda body: repr(body)[:40],
+)
+def test_bodies_the_worker_dead_letters_fail_the_published_schema(body):
+    """NUL/ESC/C1/bidi/zero-width ids, 100 keys, a 20 KiB context, "1.0\\n": refused by both."""
+    assert worker_verdict(body) == "SchemaValidationFailed"
+    assert not REQUEST_VALIDATOR.is_valid(body)
+
+
+def test_request_schema_has_an_id_and_every_limit():
+    """The schema names itself and states the worker's limits (a test of what publishers read)."""
+    assert REQUEST_SCHEMA["$id"].endswith("/assignment-request.schema.json")
+    context = REQUEST_SCHEMA["properties"]["context"]["anyOf"][0]
+    assert context["maxProperties"] == 64
+    assert REQUEST_SCHEMA["properties"]["user_id"]["not"]["pattern"] == f"[{REFUSED_CLASS}]"
+    for name, model in SCHEMA_FILES.items():
+        assert json.loads(render(model, name))["$id"].endswith(f"/{name}")
+
+
+def _fits_in_a_body(body: dict[str, Any]) -> bool:
+    # The body size is the transport's limit, the one no JSON Schema can state.
+    return len(json.dumps(body).encode()) <= MAX_BODY_BYTES
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(from_schema(REQUEST_SCHEMA).filter(_fits_in_a_body))
+def test_every_schema_valid_body_is_accepted_by_the_worker(body):
+    """Bodies generated from the published schema are all assigned (none dead-lettered)."""
+    assert worker_verdict(body) == "accepted"
+
+
+#: One character from each refused range (its ends and a few inside), lone surrogate included.
+REFUSED_SAMPLES = [
+    *("\x00", "\t", "\n", "\x1b", "\x1f", "\x7f", "\x80", "\x85", "\x9f", "\xad", "\u061c", "\u180e"),
+    *("\u200b", "\u200d", "\u200f", "\u2028", "\u2029", "\u202a", "\u202e", "\u2060", "\u2066", "\u206f"),
+    *("\ud800", "\udfff", "\ufeff", "\ufff9", "\ufffb"),
+]
+near_miss_text = st.one_of(
+    st.text(max_size=8),
+    st.builds("{}{}{}".format, st.text(max_size=3), st.sampled_from(REFUSED_SAMPLES), st.text(max_size=3)),
+    st.sampled_from(
+        ["", "x" * 1024, "x" * 1025, "s" * 256, "s" * 257, "1.0", "1.12", "1.0\n", "1.\u0663", "2.0", "1."]
+    ),
+)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | near_miss_text
+    | st.sampled_from(["y" * 1024, "y" * 1025])
+)
+context_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(near_miss_text, inner, max_size=3),
+    max_leaves=8,
+)
+contexts = st.one_of(
+    st.dictionaries(near_miss_text, context_values, max_size=4),
+    st.sampled_from([{f"k{i}": i for i in range(64)}, {f"k{i}": i for i in range(65)}, {"k" * 1025: 1}]),
+    st.sampled_from([{"d": [[[["leaf"]]]]}, {"d": [[[[["leaf"]]]]]}, {"d": {"a": {"b": {"c": {"d": 1}}}}}]),
+    scalars,
+)
+fields = near_miss_text | st.none() | st.integers() | st.booleans()
+near_miss_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "user_id": fields,
+        "experiment_id": fields,
+        "schema_version": fields,
+        "segment": fields,
+        "request_id": fields,
+        "context": contexts,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(near_miss_bodies)
+def test_schema_and_worker_agree_on_near_miss_bodies(body):
+    """For bodies on either side of every limit, the schema accepts exactly what the worker accepts."""
+    verdict = worker_verdict(body)
+    assert verdict in {"accepted", "SchemaValidationFailed"}
+    assert REQUEST_VALIDATOR.is_valid(body) == (verdict == "accepted"), verdict
