@@ -83,7 +83,7 @@ def context_problem(value: JsonValue, depth: int = 0) -> str | None:
         return None if len(value) <= MAX_CONTEXT_STRING_CHARS else _too_long(value)
     if not isinstance(value, list | dict):
         return None
-    if depth >= MAX_CONTEXT_DEPTH:
+    if depth > MAX_CONTEXT_DEPTH:
         return f"nests deeper than {MAX_CONTEXT_DEPTH} levels"
     if isinstance(value, dict):
         long_key = next((key for key in value if len(key) > MAX_CONTEXT_STRING_CHARS), None)

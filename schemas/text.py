@@ -60,7 +60,7 @@ def text_problem(value: object, max_chars: int) -> str | None:
     if not isinstance(value, str):
         return f"must be a string, got {type(value).__name__}"
     if not value:
-        return "must not be empty"
+        return "is empty"
     if len(value) > max_chars:
         return f"is {len(value)} characters; the limit is {max_chars}"
     return character_problem(value)

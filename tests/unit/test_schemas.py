@@ -179,6 +179,7 @@ def worker_verdict(body: dict[str, Any]) -> str:
         {"user_id": "ls\u2028", "experiment_id": "exp_001"},
         {"user_id": "U1", "experiment_id": "exp_001", "schema_version": "1.\u0663"},
         {"user_id": "U1", "experiment_id": "exp_001", "context": {"deep": [[[[[1]]]]]}},
+        {"user_id": "U1", "experiment_id": "exp_001", "context": {"deep": {"a": {"b": {"c": {"d": {}}}}}}},
         {"user_id": "U1", "experiment_id": "exp_001", "context": {"k" * 1025: 1}},
     ],
     ids=lambda body: repr(body)[:40],
@@ -244,21 +245,64 @@ contexts = st.one_of(
     scalars,
 )
 fields = near_miss_text | st.none() | st.integers() | st.booleans()
-near_miss_bodies = st.fixed_dictionaries(
-    {},
-    optional={
-        "user_id": fields,
-        "experiment_id": fields,
-        "schema_version": fields,
-        "segment": fields,
-        "request_id": fields,
-        "context": contexts,
+#: Ids the rule allows (its refused characters are all in these categories, or unassigned).
+valid_ids = st.text(st.characters(exclude_categories=("Cc", "Cf", "Cs", "Cn", "Zl", "Zp")), min_size=1, max_size=8)
+OPTIONAL_FIELDS = ["user_id", "experiment_id", "schema_version", "segment", "request_id", "context"]
+
+
+@st.composite
+def near_miss_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid body with up to three fields replaced by values on either side of their limits."""
+    body: dict[str, Any] = {"user_id": draw(valid_ids), "experiment_id": draw(valid_ids)}
+    for field in draw(st.lists(st.sampled_from(OPTIONAL_FIELDS), max_size=3, unique=True)):
+        body[field] = draw(contexts if field == "context" else fields)
+    if draw(st.integers(0, 9)) == 0:
+        del body[draw(st.sampled_from(["user_id", "experiment_id"]))]
+    return body
+
+
+def _nested(kind: str, depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = [value] if kind == "array" else {"k": value}
+    return value
+
+
+EDGES = {
+    "user_id 1024": {"user_id": "x" * 1024},
+    "user_id 1025": {"user_id": "x" * 1025},
+    "user_id emoji 1024": {"user_id": "🙂" * 1024},
+    "segment 256": {"segment": "s" * 256},
+    "segment 257": {"segment": "s" * 257},
+    "schema_version 1.0": {"schema_version": "1.0"},
+    "schema_version 1.0 newline": {"schema_version": "1.0\n"},
+    "schema_version Arabic digit": {"schema_version": "1.\u0663"},
+    "context 64 keys": {"context": {f"k{i}": i for i in range(64)}},
+    "context 65 keys": {"context": {f"k{i}": i for i in range(65)}},
+    "context value 1024": {"context": {"k": "v" * 1024}},
+    "context value 1025": {"context": {"k": "v" * 1025}},
+    "context nested value 1025": {"context": {"k": [{"j": "v" * 1025}]}},
+    "context key 1024": {"context": {"k" * 1024: 1}},
+    "context key 1025": {"context": {"k" * 1025: 1}},
+    "context nested key 1025": {"context": {"k": {"k" * 1025: 1}}},
+    **{
+        f"context {kind}s {depth} deep": {"context": {"d": _nested(kind, depth)}}
+        for kind in ("array", "object")
+        for depth in (4, 5)
     },
-)
+}
+
+
+@pytest.mark.parametrize("fields", list(EDGES.values()), ids=list(EDGES))
+def test_schema_and_worker_agree_at_every_limit(fields):
+    """On both sides of each limit the schema and the worker give the same verdict."""
+    body = {"user_id": "U1", "experiment_id": "exp_001", **fields}
+    verdict = worker_verdict(body)
+    assert REQUEST_VALIDATOR.is_valid(body) == (verdict == "accepted"), verdict
 
 
 @settings(max_examples=400, deadline=None)
-@given(near_miss_bodies)
+@given(near_miss_bodies())
 def test_schema_and_worker_agree_on_near_miss_bodies(body):
     """For bodies on either side of every limit, the schema accepts exactly what the worker accepts."""
     verdict = worker_verdict(body)

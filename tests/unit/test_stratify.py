@@ -34,8 +34,9 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "cohort_250.csv"
 ARMS = ["control", "treatment_1", "treatment_2", "treatment_3"]
 EXPERIMENT = "email-tone-2025"
 MOMENT = datetime(2025, 11, 23, 9, 0, tzinfo=UTC)
-#: Any text without control characters or lone surrogates (both are rejected as input).
-IDS = st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=6)
+#: Any text without the characters the contract's rule refuses (controls, format characters such as
+#: bidi and zero-width ones, line separators, lone surrogates; all are rejected as input).
+IDS = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Cn", "Zl", "Zp")), min_size=1, max_size=6)
 
 
 def load_cohort() -> list[tuple[str, str]]:

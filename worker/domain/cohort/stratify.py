@@ -37,7 +37,7 @@ a 1,000,000-member cohort takes about 1.5 s, 4.5 s with CSV read and write (``be
 from __future__ import annotations
 
 import math
-import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +48,7 @@ from typing import Any, Protocol, overload
 
 import numpy as np
 
+from schemas.text import refused_character
 from worker.domain.assignment import digest as _digest
 from worker.domain.assignment import md5 as _md5
 from worker.domain.errors import WorkerError
@@ -468,39 +469,30 @@ def _variant_problems(arm: Arm) -> list[str]:
     ]
 
 
-#: Control characters break CSV, KQL and log lines downstream; ids and segments may not hold them
-#: (the same rule as the wire contract's identifiers in ``schemas.models``).
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _blank(value: object) -> bool:
     return not isinstance(value, str) or not value.strip()
 
 
 def value_problem(value: object) -> str | None:
-    """Why ``value`` cannot be a member id or segment (empty, not a string, control characters)."""
+    """Why ``value`` cannot be a member id or segment: empty, not a string, or a character the wire
+    contract's rule refuses (:mod:`schemas.text`: controls, invisible and bidi characters, lone
+    surrogates), named by code point."""
     if _blank(value):
         return f"empty or non-string {value!r}"
     text = str(value)
-    match = CONTROL_CHARACTERS.search(text)
-    if match:
-        return f"control character {match.group()!r} in {value!r}"
-    if not _encodable(text):
+    match = refused_character(text)
+    if match is None:
+        return None
+    character = match.group()
+    if "\ud800" <= character <= "\udfff":
         return f"not encodable as UTF-8 (a lone surrogate?) {value!r}"
-    return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+    kind = "control character" if unicodedata.category(character) == "Cc" else "invisible or bidi character"
+    return f"{kind} {character!r} in {value!r}"
 
 
 def has_bad_characters(text: str) -> bool:
-    """True when ``text`` holds a control character or cannot be encoded as UTF-8."""
-    return CONTROL_CHARACTERS.search(text) is not None or not _encodable(text)
+    """True when ``text`` holds a character the wire contract's rule refuses."""
+    return refused_character(text) is not None
 
 
 def _member_problems(member_ids: Sequence[str], segments: Sequence[str]) -> list[str]:
