@@ -338,6 +338,13 @@ class AssignmentRecord(BaseModel):
 MAX_COHORT_MEMBERS = 5000
 
 
+#: "All arms weighted or none": JSON Schema's form of the worker's rule (a null weight is no weight).
+_EVERY_ARM_WEIGHTED_OR_NONE: list[JsonValue] = [
+    {"items": {"required": ["weight"], "properties": {"weight": {"type": "number"}}}},
+    {"items": {"properties": {"weight": {"type": "null"}}}},
+]
+
+
 class CohortMember(BaseModel):
     """One member of a cohort."""
 
@@ -374,13 +381,28 @@ class CohortAssignmentRequest(BaseModel):
     schema_version: SchemaVersion = Field(default=SCHEMA_VERSION)
     request_id: Identifier | None = Field(default=None, description="Publisher's id; becomes the cohort id.")
     experiment_id: Identifier = Field(description="Experiment label for the cohort (need not be in the registry).")
-    arms: list[CohortArm] = Field(min_length=1, max_length=64, description="Arms, in order (order matters).")
+    arms: list[CohortArm] = Field(
+        min_length=1,
+        max_length=64,
+        description="Arms, in order (order matters). Weights: on every arm, or on none (equal shares).",
+        json_schema_extra={"anyOf": _EVERY_ARM_WEIGHTED_OR_NONE},
+    )
     seed: Seed | int = Field(
         default=42, description="Seed of the within-segment ordering (default 42, as the strategy document)."
     )
     tolerance: Annotated[float, Field(ge=0, le=1)] = Field(default=0.05, description="Allowed share deviation.")
     min_per_cell: Annotated[int, Field(ge=0)] = Field(default=5, description="Minimum members per segment × arm.")
-    members: list[CohortMember] = Field(min_length=1, description=f"At most {MAX_COHORT_MEMBERS} members.")
+    members: list[CohortMember] = Field(
+        min_length=1,
+        description=(
+            f"At most {MAX_COHORT_MEMBERS} members (more: CohortTooLarge), and the whole body within the worker's "
+            f"body limit ({MAX_BODY_BYTES // 1024} KiB by default, so about 1,300 members of "
+            '{"member_id": "C000001", "segment": "Standard"}; more: MessageTooLarge). '
+            "Raise AB_WORKER_MAX_BODY_BYTES (up to the queue's message size) to send up to the member limit."
+        ),
+        # Stated here, checked by the worker after parsing so that it is dead-lettered as CohortTooLarge.
+        json_schema_extra={"maxItems": MAX_COHORT_MEMBERS},
+    )
 
 
 class CohortReportEvent(BaseModel):

@@ -327,3 +327,14 @@ def test_shared_split_cache_does_not_confuse_bool_with_int():
     assert ABAssignmentAgent({"A": 1, "B": 0}).variant_ids == ["A", "B"]
     with pytest.raises(ValueError, match="must be a number"):
         ABAssignmentAgent({"A": True, "B": False})
+
+
+def test_assign_many_refuses_what_assign_user_refuses():
+    """The batch method checks ids by the same rule: one bad id or a bad experiment raises ValueError."""
+    agent = ABAssignmentAgent()
+    assert agent.assign_many(["U1", "José", "🙂"], "e") == [
+        agent.assign_user(u, "e")["variant_id"] for u in ["U1", "José", "🙂"]
+    ]
+    for users, experiment in ((["U1", ""], "e"), (["U1", "a\u202eb"], "e"), (["U1", 5], "e"), (["U1"], "")):
+        with pytest.raises(ValueError, match=r"^(user_id|experiment_id) "):
+            agent.assign_many(users, experiment)

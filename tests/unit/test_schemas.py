@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -308,3 +309,67 @@ def test_schema_and_worker_agree_on_near_miss_bodies(body):
     verdict = worker_verdict(body)
     assert verdict in {"accepted", "SchemaValidationFailed"}
     assert REQUEST_VALIDATOR.is_valid(body) == (verdict == "accepted"), verdict
+
+
+# -- cohort requests: the README's example and the member limit ------------------------------------
+
+COHORT_SCHEMA = json.loads((HERE / "cohort-request.schema.json").read_text(encoding="utf-8"))
+COHORT_VALIDATOR = Draft202012Validator(COHORT_SCHEMA)
+README = (HERE.parent / "README.md").read_text(encoding="utf-8")
+
+
+def cohort_verdict(body: dict[str, Any], max_body_bytes: int = MAX_BODY_BYTES) -> str:
+    """``"accepted"`` or the dead-letter reason for a cohort body."""
+    delivery = Delivery(
+        body=json.dumps(body).encode(), message_id="c-1", enqueued_time=datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    try:
+        handle(delivery, ExperimentRegistry.from_configs([]), max_body_bytes=max_body_bytes)
+    except PermanentError as error:
+        return str(error.reason)
+    return "accepted"
+
+
+def cohort(arms: list[dict[str, Any]], members: int = 40) -> dict[str, Any]:
+    """A cohort body of ``members`` members in two segments."""
+    people = [{"member_id": f"C{i:06d}", "segment": "Standard" if i % 2 else "Premium"} for i in range(members)]
+    return {"kind": "cohort", "experiment_id": "exp-7", "arms": arms, "members": people}
+
+
+def test_readme_cohort_arms_example_is_accepted():
+    """The arms in the README's cohort section pass the schema and the worker."""
+    example = re.search(r"`arms` \(`(\[.*?\])`", README, re.DOTALL)
+    assert example is not None, "the README no longer shows an arms example"
+    body = cohort(json.loads(example.group(1).replace("\n", " ")))
+    assert COHORT_VALIDATOR.is_valid(body)
+    assert cohort_verdict(body) == "accepted"
+
+
+@pytest.mark.parametrize(
+    ("arms", "valid"),
+    [
+        ([{"id": "control"}, {"id": "treatment"}], True),
+        ([{"id": "control", "weight": 1}, {"id": "treatment", "weight": 2}], True),
+        ([{"id": "control", "weight": None}, {"id": "treatment"}], True),
+        ([{"id": "control"}, {"id": "treatment", "weight": 2}], False),
+        ([{"id": "control", "weight": None}, {"id": "treatment", "weight": 2}], False),
+    ],
+)
+def test_cohort_weights_on_every_arm_or_none_in_schema_and_worker(arms, valid):
+    """A weight on one arm only is refused by the schema and dead-lettered as InvalidCohort."""
+    body = cohort(arms)
+    assert COHORT_VALIDATOR.is_valid(body) is valid
+    assert cohort_verdict(body) == ("accepted" if valid else "InvalidCohort")
+
+
+def test_cohort_member_and_body_limits_are_what_the_contract_says():
+    """About 1,300 typical members fit the default 64 KiB body; 5,000 need a larger body limit,
+    under which 5,001 members are CohortTooLarge (and fail the schema's maxItems)."""
+    arms = [{"id": "control"}, {"id": "treatment"}]
+    assert cohort_verdict(cohort(arms, 1_300)) == "accepted"
+    assert cohort_verdict(cohort(arms, 1_400)) == "MessageTooLarge"
+    assert cohort_verdict(cohort(arms, 5_000)) == "MessageTooLarge"
+    assert cohort_verdict(cohort(arms, 5_000), max_body_bytes=256 * 1024) == "accepted"
+    assert cohort_verdict(cohort(arms, 5_001), max_body_bytes=256 * 1024) == "CohortTooLarge"
+    assert COHORT_VALIDATOR.is_valid(cohort(arms, 5_000))
+    assert not COHORT_VALIDATOR.is_valid(cohort(arms, 5_001))

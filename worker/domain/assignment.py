@@ -354,8 +354,15 @@ class ABAssignmentAgent:
         }
 
     def assign_many(self, user_ids: Sequence[str], experiment_id: str) -> list[str]:
-        """Variant ids only, for many users at once (the batch path)."""
-        return assign_variants(user_ids, experiment_id, self._table, self.seed)[1]
+        """Variant ids only, for many users at once (the batch path). Ids as for :meth:`assign_user`."""
+        ids = list(user_ids)
+        # Checked in C for the common case, as in assign_user; per id only when something is off.
+        clean = set(map(type, ids)) <= {str} and all(ids) and max(map(len, ids), default=0) <= MAX_ID_CHARS
+        if not (clean and "".join(ids).isprintable()):
+            for user_id in ids:
+                _raise_invalid_ids(user_id, experiment_id)
+        _raise_invalid_ids("U", experiment_id)
+        return assign_variants(ids, experiment_id, self._table, self.seed)[1]
 
     def validate_assignment(self, assignment: Mapping[str, Any]) -> tuple[bool, str | None]:
         """Check an assignment dict: required fields present, variant known, hash in ``[0, 1)``."""

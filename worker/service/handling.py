@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import JsonValue, ValidationError
 
 from schemas.models import (
+    MAX_BODY_BYTES,
     MAX_COHORT_MEMBERS,
     SCHEMA_VERSION,
     AssignmentEvent,
@@ -32,8 +33,9 @@ from worker.service.ports import Delivery, OutboundEvent
 #: give redelivered requests new ids and defeat duplicate detection downstream.
 EVENT_NAMESPACE = uuid.UUID("6f1c9a52-3a8e-5d7b-9f3e-0c4b2a1d8e77")
 
-#: Default limit on a request body. Service Bus Standard allows 256 KiB; requests are far smaller.
-DEFAULT_MAX_BODY_BYTES = 64 * 1024
+#: Default limit on a request body (the contract's, stated beside its schemas). Service Bus Standard
+#: allows 256 KiB; requests are far smaller.
+DEFAULT_MAX_BODY_BYTES = MAX_BODY_BYTES
 
 
 #: Application property ``dlq replay`` sets on a resubmitted copy: the message id of the request
