@@ -73,6 +73,13 @@ def test_segment_falls_back_to_context():
     assert AssignmentRequest.model_validate(body | {"segment": "low"}).effective_segment() == "low"
 
 
+def test_context_segment_fallback_follows_the_id_rule():
+    """context.segment is used only when it would pass as segment: refused characters are ignored."""
+    for bad in ("nel\x85", "rlo\u202e", "s" * 257, ""):
+        body = {"user_id": "U", "experiment_id": "e", "context": {"segment": bad}}
+        assert AssignmentRequest.model_validate(body).effective_segment() is None
+
+
 def _event(**overrides):
     fields = {
         "event_id": "id",
