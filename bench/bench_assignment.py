@@ -15,7 +15,8 @@ and, in the same rounds, the seed's own pattern of one agent per call site (per 
 8. ``agent: new split + assign``     — the same with a split no agent has used before (no sharing).
 
 Each is run ``--repeat`` times interleaved; medians are reported, and ratios against the reference and
-the bare loops. This machine is shared and noisy: quote ratios and medians, not single runs.
+the bare loops. Times are CPU seconds of this process (``time.process_time``), so other work on a
+shared machine moves them less than it moves the wall clock; still quote ratios and medians.
 Afterwards ``tracemalloc`` measures the memory of ``--agents`` live agents (same split, and each with
 its own split).
 Targets (one core): assign_user >= 2x reference; batch at least as fast as the bare md5 loop;
@@ -41,9 +42,11 @@ SPLIT = {"control": 0.5, "test_1": 0.3, "test_2": 0.2}
 
 
 def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: on a shared machine the wall clock also counts the
+    # time other processes held the core, which lands on whichever contender was running.
+    start = time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main(argv: list[str] | None = None) -> int:

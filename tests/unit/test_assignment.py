@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import tracemalloc
@@ -338,3 +339,26 @@ def test_assign_many_refuses_what_assign_user_refuses():
     for users, experiment in ((["U1", ""], "e"), (["U1", "a\u202eb"], "e"), (["U1", 5], "e"), (["U1"], "")):
         with pytest.raises(ValueError, match=r"^(user_id|experiment_id) "):
             agent.assign_many(users, experiment)
+
+
+@pytest.mark.parametrize(
+    "split",
+    [{"A": 0.1, "B": 0.2, "C": 0.7}, {"A": 0.33, "B": 0.33, "C": 0.335}, {"A": 0.5, "B": 0.0, "C": 0.5}, {"x": 1.0}],
+)
+def test_single_and_batch_paths_agree_next_to_every_boundary(split):
+    """Float bounds (one user) and integer cutoffs (batch) pick the reference's variant around each edge."""
+    table = VariantTable(split)
+    reference = ReferenceAgent(split)
+    near = {b + d for b in table.cutoffs for d in range(-3, 4)} | {0, 999_999}
+    for value in sorted(b for b in near if 0 <= b < 1_000_000):
+        expected = next(
+            (
+                v
+                for v in reference.variant_ids
+                if reference.thresholds[v][0] <= value / 1e6 < reference.thresholds[v][1]
+            ),
+            reference.variant_ids[-1],
+        )
+        assert table.names[bisect.bisect_right(table.bounds, value / 1e6)] == expected
+        assert table.variant_for(value) == expected
+        assert table.names[table.lookup()[value]] == expected

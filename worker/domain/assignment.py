@@ -22,6 +22,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from numbers import Real
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Any
 
@@ -87,17 +88,17 @@ def validate_split(split_ratio: Mapping[str, Any]) -> dict[str, float]:
 
     Raises :class:`SplitRatioError` (a ``ValueError``) naming the offending ratios.
     """
-    if not isinstance(split_ratio, Mapping) or not split_ratio:
+    # Exact types first throughout: isinstance against the ABCs is slow, and this runs for every new split.
+    if not (type(split_ratio) is dict or isinstance(split_ratio, Mapping)) or not split_ratio:
         raise SplitRatioError(f"Split ratio must be a non-empty mapping of variant id to share, got {split_ratio!r}")
     clean: dict[str, float] = {}
     for variant_id, ratio in split_ratio.items():
-        if not isinstance(variant_id, str) or not variant_id:
+        if not (type(variant_id) is str or isinstance(variant_id, str)) or not variant_id:
             raise SplitRatioError(f"Variant ids must be non-empty strings, got {variant_id!r} in {dict(split_ratio)!r}")
-        # float first: isinstance against the Real ABC is slow, and this runs for every new split.
         if type(ratio) is not float and (isinstance(ratio, bool) or not isinstance(ratio, Real)):
             raise SplitRatioError(f"Split ratio for variant {variant_id!r} must be a number, got {ratio!r}")
         value = float(ratio)
-        if math.isnan(value) or math.isinf(value) or value < 0:
+        if not 0.0 <= value < math.inf:  # false for NaN, infinities and negatives
             raise SplitRatioError(f"Split ratio for variant {variant_id!r} must be a finite number >= 0, got {ratio!r}")
         clean[variant_id] = value
     total = math.fsum(clean.values())
@@ -134,21 +135,30 @@ def _integer_cutoff(upper: float) -> int:
 
 
 class VariantTable:
-    """A split compiled for fast lookups: integer cutoffs and a dense bucket → variant table."""
+    """A split compiled for fast lookups: float bounds for one user, integer cutoffs and a dense
+    bucket → variant table for many (both integer forms built on first use)."""
 
-    __slots__ = ("_lookup", "bounds", "cutoffs", "names", "picks", "split", "thresholds", "variant_ids")
+    __slots__ = ("_cutoffs", "_lookup", "bounds", "names", "picks", "split", "thresholds", "variant_ids")
 
     def __init__(self, split_ratio: Mapping[str, float]) -> None:
         self.split: dict[str, float] = dict(split_ratio)
         self.thresholds = compute_thresholds(split_ratio)
         self.variant_ids: list[str] = list(self.thresholds)
-        self.cutoffs: list[int] = [_integer_cutoff(upper) for _, upper in self.thresholds.values()]
-        #: ``names[bisect_right(bounds, bucket)]`` is the variant: leaving out the last cutoff makes
+        #: ``names[bisect_right(bounds, bucket / 1e6)]`` is the variant, by the seed's own float
+        #: comparisons: the first upper bound above the bucket. Leaving out the last upper bound makes
         #: every bucket past the others fall to the last variant, as the seed's fallback does.
-        self.bounds: tuple[int, ...] = tuple(self.cutoffs[:-1])
+        self.bounds: tuple[float, ...] = tuple(map(itemgetter(1), self.thresholds.values()))[:-1]
         self.names: tuple[str, ...] = tuple(self.variant_ids)
         self.picks: tuple[tuple[str, tuple[float, float]], ...] = tuple(self.thresholds.items())
+        self._cutoffs: list[int] | None = None
         self._lookup: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+
+    @property
+    def cutoffs(self) -> list[int]:
+        """Integer bucket cutoffs agreeing with the float bounds (``bucket < cutoff`` iff ``bucket / 1e6 < upper``)."""
+        if self._cutoffs is None:
+            self._cutoffs = [_integer_cutoff(upper) for _, upper in self.thresholds.values()]
+        return self._cutoffs
 
     def shares(self) -> dict[str, float]:
         """The fraction of the 1,000,000 buckets each variant really gets under the rule.
@@ -198,6 +208,7 @@ def shared_table(split_items: tuple[tuple[str, float], ...]) -> VariantTable:
 
 
 _MD5_HASH = AssignmentStrategy.MD5_HASH.value
+_NOTHING_CHECKED = object()
 
 
 #: Ratio types whose equal values are interchangeable as cache keys (bool is refused by validation,
@@ -297,6 +308,13 @@ class ABAssignmentAgent:
         # split, and the 1 MB dense table behind the batch path is built only when that path is used.
         self._table = _compile(DEFAULT_SPLIT if split_ratio is None else split_ratio)
         self.seed = seed
+        self._checked_experiment: object = _NOTHING_CHECKED
+
+    def _check_experiment(self, experiment_id: object) -> bool:
+        if text_problem(experiment_id, MAX_ID_CHARS) is not None:
+            return False
+        self._checked_experiment = experiment_id
+        return True
 
     @property
     def split_ratio(self) -> dict[str, float]:
@@ -327,23 +345,23 @@ class ABAssignmentAgent:
         """
         key = f"{self.seed}:{experiment_id}:{user_id}"
         # The common case is decided in C: isprintable() is False for every character the rule
-        # refuses, so one call over the whole key clears both ids; anything else gets the full check.
+        # refuses, so one call over the whole key clears both ids (anything else gets the full
+        # check), and the experiment id, usually the same object call after call, is checked once.
         if not (
             type(user_id) is str
-            and type(experiment_id) is str
             and 0 < len(user_id) <= MAX_ID_CHARS
-            and 0 < len(experiment_id) <= MAX_ID_CHARS
             and key.isprintable()
+            and (experiment_id is self._checked_experiment or self._check_experiment(experiment_id))
         ):
             _raise_invalid_ids(user_id, experiment_id)
-        value = _first_word(_digest(_md5(key.encode())))[0] % BUCKETS
+        # value / 1e6 is already the double nearest the 6-place decimal, so it equals
+        # round(value / 1e6, 6); the conformance tests hold this for every case.
+        hash_value = (_first_word(_digest(_md5(key.encode())))[0] % BUCKETS) / BUCKETS
         table = self._table
-        variant_id, threshold = table.picks[bisect_right(table.bounds, value)]
+        variant_id, threshold = table.picks[bisect_right(table.bounds, hash_value)]
         return {
             "variant_id": variant_id,
-            # value / 1e6 is already the double nearest the 6-place decimal, so it equals
-            # round(value / 1e6, 6); the conformance tests hold this for every case.
-            "hash_value": value / BUCKETS,
+            "hash_value": hash_value,
             "threshold": threshold,
             "experiment_id": experiment_id,
             "user_id": user_id,
