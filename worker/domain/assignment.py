@@ -343,17 +343,17 @@ class ABAssignmentAgent:
         none of the characters :mod:`schemas.text` refuses): anything else raises ``ValueError``,
         exactly as the worker dead-letters such a request.
         """
-        key = f"{self.seed}:{experiment_id}:{user_id}"
         # The common case is decided in C: isprintable() is False for every character the rule
-        # refuses, so one call over the whole key clears both ids (anything else gets the full
-        # check), and the experiment id, usually the same object call after call, is checked once.
+        # refuses, so it clears the user id (anything else gets the full check), and the experiment
+        # id, usually the same object call after call, is checked once per agent.
         if not (
             type(user_id) is str
             and 0 < len(user_id) <= MAX_ID_CHARS
-            and key.isprintable()
+            and user_id.isprintable()
             and (experiment_id is self._checked_experiment or self._check_experiment(experiment_id))
         ):
             _raise_invalid_ids(user_id, experiment_id)
+        key = f"{self.seed}:{experiment_id}:{user_id}"
         # value / 1e6 is already the double nearest the 6-place decimal, so it equals
         # round(value / 1e6, 6); the conformance tests hold this for every case.
         hash_value = (_first_word(_digest(_md5(key.encode())))[0] % BUCKETS) / BUCKETS
