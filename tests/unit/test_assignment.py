@@ -362,3 +362,15 @@ def test_single_and_batch_paths_agree_next_to_every_boundary(split):
         assert table.names[bisect.bisect_right(table.bounds, value / 1e6)] == expected
         assert table.variant_for(value) == expected
         assert table.names[table.lookup()[value]] == expected
+
+
+def test_one_agent_across_experiments_and_a_new_seed_matches_the_reference():
+    """Alternating experiments, a bad experiment in between, and a reassigned seed all hash correctly."""
+    agent = ABAssignmentAgent()
+    for experiment in ["exp_001", "exp_personalization_001", "exp_001", "exp_personalization_001"]:
+        assert agent.assign_user("U123", experiment) == ReferenceAgent().assign_user("U123", experiment)
+        with pytest.raises(ValueError, match=r"^experiment_id "):
+            agent.assign_user("U123", "bad\x85")
+    agent.seed = "custom_seed_v2"
+    assert agent.assign_user("U123", "exp_001")["hash_value"] == 0.800272
+    assert agent.seed == "custom_seed_v2"

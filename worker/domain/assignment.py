@@ -307,14 +307,30 @@ class ABAssignmentAgent:
         # construction stays cheap: the checked, compiled split is shared between agents with the same
         # split, and the 1 MB dense table behind the batch path is built only when that path is used.
         self._table = _compile(DEFAULT_SPLIT if split_ratio is None else split_ratio)
-        self.seed = seed
-        self._checked_experiment: object = _NOTHING_CHECKED
+        self._seed = seed
+        self._forget_experiment()
 
-    def _check_experiment(self, experiment_id: object) -> bool:
-        if text_problem(experiment_id, MAX_ID_CHARS) is not None:
-            return False
-        self._checked_experiment = experiment_id
-        return True
+    @property
+    def seed(self) -> str:
+        """The hash seed; setting it re-keys every later assignment."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: str) -> None:
+        self._seed = value
+        self._forget_experiment()
+
+    def _forget_experiment(self) -> None:
+        self._experiment: tuple[object, str] = (_NOTHING_CHECKED, "")
+
+    def _use_experiment(self, experiment_id: object) -> tuple[object, str]:
+        """Check an experiment id once and keep it with its key prefix; ``ValueError`` when it breaks the rule."""
+        problem = text_problem(experiment_id, MAX_ID_CHARS)
+        if problem:
+            raise ValueError(f"experiment_id {problem} (got {experiment_id!r:.80})")
+        # One tuple, replaced whole, so threads sharing the agent never pair an id with another's prefix.
+        self._experiment = (experiment_id, f"{self._seed}:{experiment_id}:")
+        return self._experiment
 
     @property
     def split_ratio(self) -> dict[str, float]:
@@ -343,17 +359,15 @@ class ABAssignmentAgent:
         none of the characters :mod:`schemas.text` refuses): anything else raises ``ValueError``,
         exactly as the worker dead-letters such a request.
         """
-        # The common case is decided in C: isprintable() is False for every character the rule
-        # refuses, so it clears the user id (anything else gets the full check), and the experiment
-        # id, usually the same object call after call, is checked once per agent.
-        if not (
-            type(user_id) is str
-            and 0 < len(user_id) <= MAX_ID_CHARS
-            and user_id.isprintable()
-            and (experiment_id is self._checked_experiment or self._check_experiment(experiment_id))
-        ):
+        # The experiment id is usually the same object call after call: checked once, its key prefix
+        # kept. The user id's common case is decided in C: isprintable() is False for every character
+        # the rule refuses (anything else gets the full check).
+        experiment = self._experiment
+        if experiment_id is not experiment[0]:
+            experiment = self._use_experiment(experiment_id)
+        if not (type(user_id) is str and 0 < len(user_id) <= MAX_ID_CHARS and user_id.isprintable()):
             _raise_invalid_ids(user_id, experiment_id)
-        key = f"{self.seed}:{experiment_id}:{user_id}"
+        key = experiment[1] + user_id
         # value / 1e6 is already the double nearest the 6-place decimal, so it equals
         # round(value / 1e6, 6); the conformance tests hold this for every case.
         hash_value = (_first_word(_digest(_md5(key.encode())))[0] % BUCKETS) / BUCKETS
