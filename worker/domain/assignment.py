@@ -208,7 +208,8 @@ def shared_table(split_items: tuple[tuple[str, float], ...]) -> VariantTable:
 
 
 _MD5_HASH = AssignmentStrategy.MD5_HASH.value
-_NOTHING_CHECKED = object()
+#: An agent's remembered experiment before its first assignment: no id is this object.
+_NO_EXPERIMENT: tuple[object, str] = (object(), "")
 
 
 #: Ratio types whose equal values are interchangeable as cache keys (bool is refused by validation,
@@ -308,7 +309,7 @@ class ABAssignmentAgent:
         # split, and the 1 MB dense table behind the batch path is built only when that path is used.
         self._table = _compile(DEFAULT_SPLIT if split_ratio is None else split_ratio)
         self._seed = seed
-        self._forget_experiment()
+        self._experiment: tuple[object, str] = _NO_EXPERIMENT
 
     @property
     def seed(self) -> str:
@@ -318,14 +319,12 @@ class ABAssignmentAgent:
     @seed.setter
     def seed(self, value: str) -> None:
         self._seed = value
-        self._forget_experiment()
-
-    def _forget_experiment(self) -> None:
-        self._experiment: tuple[object, str] = (_NOTHING_CHECKED, "")
+        self._experiment = _NO_EXPERIMENT
 
     def _use_experiment(self, experiment_id: object) -> tuple[object, str]:
         """Check an experiment id once and keep it with its key prefix; ``ValueError`` when it breaks the rule."""
-        problem = text_problem(experiment_id, MAX_ID_CHARS)
+        plain = type(experiment_id) is str and 0 < len(experiment_id) <= MAX_ID_CHARS and experiment_id.isprintable()
+        problem = None if plain else text_problem(experiment_id, MAX_ID_CHARS)
         if problem:
             raise ValueError(f"experiment_id {problem} (got {experiment_id!r:.80})")
         # One tuple, replaced whole, so threads sharing the agent never pair an id with another's prefix.
