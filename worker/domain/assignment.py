@@ -321,16 +321,6 @@ class ABAssignmentAgent:
         self._seed = value
         self._experiment = _NO_EXPERIMENT
 
-    def _use_experiment(self, experiment_id: object) -> tuple[object, str]:
-        """Check an experiment id once and keep it with its key prefix; ``ValueError`` when it breaks the rule."""
-        plain = type(experiment_id) is str and 0 < len(experiment_id) <= MAX_ID_CHARS and experiment_id.isprintable()
-        problem = None if plain else text_problem(experiment_id, MAX_ID_CHARS)
-        if problem:
-            raise ValueError(f"experiment_id {problem} (got {experiment_id!r:.80})")
-        # One tuple, replaced whole, so threads sharing the agent never pair an id with another's prefix.
-        self._experiment = (experiment_id, f"{self._seed}:{experiment_id}:")
-        return self._experiment
-
     @property
     def split_ratio(self) -> dict[str, float]:
         """The validated split as ``{variant_id: ratio}`` (a copy: the compiled split is shared)."""
@@ -363,7 +353,12 @@ class ABAssignmentAgent:
         # the rule refuses (anything else gets the full check).
         experiment = self._experiment
         if experiment_id is not experiment[0]:
-            experiment = self._use_experiment(experiment_id)
+            if not (
+                type(experiment_id) is str and 0 < len(experiment_id) <= MAX_ID_CHARS and experiment_id.isprintable()
+            ):
+                _raise_invalid_ids("U", experiment_id)
+            # One tuple, replaced whole, so threads sharing the agent never pair an id with another's prefix.
+            experiment = self._experiment = (experiment_id, f"{self._seed}:{experiment_id}:")
         if not (type(user_id) is str and 0 < len(user_id) <= MAX_ID_CHARS and user_id.isprintable()):
             _raise_invalid_ids(user_id, experiment_id)
         key = experiment[1] + user_id
