@@ -32,9 +32,11 @@ EXPERIMENTS = {"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}
 
 
 def run_workers(
-    connection: str, count: int, workdir: Path, batch: int, messages: int
+    connection: str, count: int, workdir: Path, batch: int, messages: int, *, supervised: bool = False
 ) -> tuple[float, list[Path], list[str], float]:
     """Fill the queue, start ``count`` worker processes, and time them in steady state.
+
+    ``supervised``: one ``ab-worker run --processes count`` instead of ``count`` independent runs.
 
     Returns the seconds the whole run would take at the steady-state rate (process start is excluded:
     it is not throughput), the rows files, the message ids and the workers' CPU seconds.
@@ -47,25 +49,36 @@ def run_workers(
         "AB_WORKER_HEALTH_PORT": "0",
         "AB_WORKER_MAX_BATCH": str(batch),
     }
-    rows = [workdir / f"rows-{count}-{i}.jsonl" for i in range(count)]
-    logs = [workdir / f"worker-{count}-{i}.log" for i in range(count)]
+    kind = "sup" if supervised else "ind"
+    rows = [workdir / f"rows-{kind}{count}-{i}.jsonl" for i in range(1, count + 1)]
+    logs = [workdir / f"worker-{kind}{count}-{i}.log" for i in range(1, count + 1)]
     # The queue is filled first, so publishing does not compete with the workers for the two cores.
-    ids = fill(connection, messages, tag=f"scale{count}")
+    ids = fill(connection, messages, tag=f"scale{kind}{count}")
     processes = []
     counter = _RowCounter(rows)
+    commands = (
+        [
+            [
+                *WORKER,
+                "run",
+                "--config",
+                str(config),
+                "--rows",
+                str(workdir / f"rows-{kind}{count}.jsonl"),
+                "--processes",
+                str(count),
+            ]
+        ]
+        if supervised
+        else [[*WORKER, "run", "--config", str(config), "--rows", str(path)] for path in rows]
+    )
+    logs = logs[: len(commands)]
     try:
-        for path, log in zip(rows, logs, strict=True):
+        for command, log in zip(commands, logs, strict=True):
             with log.open("w") as err:
-                processes.append(
-                    subprocess.Popen(
-                        [*WORKER, "run", "--config", str(config), "--rows", str(path)],
-                        env=env,
-                        stdout=subprocess.DEVNULL,
-                        stderr=err,
-                    )
-                )
+                processes.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err))
         deadline = time.monotonic() + 60
-        while not all("worker running" in log.read_text() for log in logs):
+        while sum(log.read_text().count("worker running") for log in logs) < count:
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not start within 60 s")
             time.sleep(0.02)
@@ -161,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=20_000, help="requests per run (default 20,000)")
     parser.add_argument("--workers", default="1,2,4", help="worker counts to compare (default 1,2,4)")
     parser.add_argument("--batch", type=int, default=250, help="AB_WORKER_MAX_BATCH for the workers (default 250)")
+    parser.add_argument(
+        "--supervised",
+        action="store_true",
+        help="for each count above 1, also time one `run --processes N` against N independent processes",
+    )
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.workers.split(",")]
     results: list[tuple[int, float, int, int, float, float]] = []
+    supervised: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         broker, connection = start_broker(workdir)
@@ -178,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
                     raise AssertionError(f"{active} requests left on the queue, {dead} dead-lettered")
                 results.append((count, seconds, distinct, duplicates, cpu, broker_cpu))
                 print(f"{count} worker(s): {args.messages / seconds:,.0f} msg/s, lost 0, duplicates {duplicates}")
+                if args.supervised and count > 1:
+                    seconds, rows, message_ids, _ = run_workers(
+                        connection, count, workdir, args.batch, args.messages, supervised=True
+                    )
+                    check(rows, message_ids)
+                    if any(leftovers(connection)):
+                        raise AssertionError("requests left on the queue after the supervised run")
+                    supervised[count] = seconds
+                    print(f"run --processes {count}: {args.messages / seconds:,.0f} msg/s, lost 0")
         finally:
             stop_broker(broker)
     base = args.messages / results[0][1]
@@ -189,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{count:>7}  {seconds:>8.2f}  {rate:>8,.0f}  {rate / base:>7.2f}x  {distinct:>7}  {duplicates:>5}     0"
             f"  {per_message:>17,.0f}  {broker_cpu / args.messages * 1e6:>17,.0f}"
+        )
+    for count, seconds in supervised.items():
+        independent = next(s for c, s, *_ in results if c == count)
+        print(
+            f"run --processes {count}: {args.messages / seconds:,.0f} msg/s = {independent / seconds:.2f}x"
+            f" {count} independent processes (target >= 0.90)"
         )
     cpu_per_message = results[0][4] / args.messages
     print(
