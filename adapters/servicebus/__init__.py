@@ -35,6 +35,7 @@ from azure.servicebus.exceptions import (
     SessionLockLostError,
 )
 
+from adapters.servicebus.liveness import DEFAULT_TRY_TIMEOUT, Liveness, SilenceWatch, SilentConnectionError
 from adapters.settlement import complete_each
 from worker.domain.errors import TransientError
 from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
@@ -60,13 +61,25 @@ class ServiceBusAuth:
 Client = ServiceBusClient
 
 
-def create_client(auth: ServiceBusAuth, *, retry_total: int = 3, retry_backoff_max: float = 10.0) -> ServiceBusClient:
-    """A ``ServiceBusClient`` from a connection string, or ``DefaultAzureCredential`` on a namespace."""
+def create_client(
+    auth: ServiceBusAuth,
+    *,
+    retry_total: int = 3,
+    retry_backoff_max: float = 10.0,
+    try_timeout: float | None = DEFAULT_TRY_TIMEOUT,
+) -> ServiceBusClient:
+    """A ``ServiceBusClient`` from a connection string, or ``DefaultAzureCredential`` on a namespace.
+
+    ``try_timeout`` bounds each SDK attempt (see :mod:`adapters.servicebus.liveness`): without it a
+    send on a silent connection waits forever.
+    """
     options: dict[str, Any] = {
         "retry_total": retry_total,
         "retry_backoff_factor": 0.5,
         "retry_backoff_max": retry_backoff_max,
     }
+    if try_timeout is not None:
+        options["try_timeout"] = try_timeout
     if auth.connection_string:
         return ServiceBusClient.from_connection_string(auth.connection_string, **options)
     if auth.namespace:
@@ -190,11 +203,14 @@ class ServiceBusSource:
         *,
         prefetch: int = 0,
         lock_keeper: LockKeeper | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self._client = client
         self.queue_name = queue_name
         self.prefetch = prefetch
         self.locks = lock_keeper or LockKeeper()
+        #: Notices a silent (half-open) connection; see :mod:`adapters.servicebus.liveness`.
+        self.watch = SilenceWatch(liveness or Liveness())
         self._receiver: ServiceBusReceiver | None = None
         self.reconnects = 0
         #: Seconds the first receive on a new link may take (it includes opening the link).
@@ -227,30 +243,59 @@ class ServiceBusSource:
             # The SDK opens the link inside the first receive and counts that against max_wait_time; a
             # short wait would time the open out and rebuild the receiver forever.
             wait = max(max_wait, self.link_open_wait) if fresh else max_wait
-            messages = receiver.receive_messages(max_message_count=max_messages, max_wait_time=wait)
-        except ServiceBusError as exc:
+            with self.watch.watchdog.deadline(self.watch.budget(wait), receiver):
+                messages = receiver.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+            self._check_silence(receiver, heard=bool(messages) or fresh)
+        except (ServiceBusError, SilentConnectionError) as exc:
             self._drop_receiver()
             raise TransientError(f"receive from {self.queue_name!r} failed: {redact(str(exc))}") from None
         if messages:
             self.locks.hold(receiver, messages)
         return [to_delivery(m) for m in messages]
 
+    def _check_silence(self, receiver: ServiceBusReceiver, *, heard: bool) -> None:
+        """Raise SilentConnectionError when a receiver quiet for too long fails its liveness check."""
+        if heard:
+            self.watch.heard()
+        elif self.watch.due():
+            self.watch.check(receiver)
+
+    def _live_receiver(self) -> ServiceBusReceiver | None:
+        """The receiver to settle on, or None once a silent connection was detected and dropped.
+
+        Settling on a silent connection waits 60 s per message in the SDK; check first when quiet.
+        """
+        receiver = self._receiver
+        if receiver is not None and self.watch.due():
+            self._confirm_alive(receiver)
+        return self._receiver
+
+    def _confirm_alive(self, receiver: ServiceBusReceiver) -> None:
+        """Check the receiver's connection now; drop the receiver when it is silent."""
+        try:
+            self.watch.check(receiver)
+        except SilentConnectionError as exc:
+            log.warning("Receiver connection is silent; rebuilding it: %s", exc)
+            self._drop_receiver()
+
     def _settle(self, delivery: Delivery, action: str, **kwargs: Any) -> None:
         message: ServiceBusReceivedMessage = delivery.handle
-        receiver = self._receiver
+        receiver = self._live_receiver()
         self.locks.release(message)
         if receiver is None:
             raise SettlementLostError("the receiver was rebuilt after a connection loss; the lock is gone")
         try:
-            getattr(receiver, action)(message, **kwargs)
+            with self.watch.watchdog.deadline(self.watch.budget(), receiver):
+                getattr(receiver, action)(message, **kwargs)
         except (MessageLockLostError, SessionLockLostError, MessageAlreadySettled) as exc:
             raise SettlementLostError(f"{type(exc).__name__}: {redact(str(exc))}") from None
-        except (ServiceBusError, ValueError) as exc:
+        except (ServiceBusError, ValueError, AttributeError) as exc:
             # ValueError: the SDK shut the handler down after a connection error ("Failed to complete
             # the message as the handler has already been shutdown").
             # The link broke under us: the lock dies with it and the broker will redeliver.
             self._drop_receiver()
             raise SettlementLostError(f"{action} failed, connection lost: {redact(str(exc))}") from None
+        self.watch.heard()
 
     def complete(self, delivery: Delivery) -> None:
         """Complete (remove) the message."""
@@ -264,7 +309,7 @@ class ServiceBusSource:
         the pinned SDK's internals (``_handler.settle_messages`` with a ``(first, last)`` range), so
         any surprise falls back to completing one by one, which is always correct.
         """
-        receiver = self._receiver
+        receiver = self._live_receiver()
         messages: list[ServiceBusReceivedMessage] = [d.handle for d in deliveries]
         if receiver is None or not self.range_settlement or len(messages) < 2:
             return complete_each(self.complete, deliveries)
@@ -284,15 +329,18 @@ class ServiceBusSource:
                 run[0]._delivery_tag,
                 "accepted",
                 await_outcome=True,
-                outcome_timeout=30,
+                outcome_timeout=self.watch.liveness.try_timeout,
             )
         except Exception as exc:  # any failure: settle these one by one instead, which reports each
             log.info("Range settlement failed (%s); completing one by one", redact(str(exc)))
+            # On a silent connection each one-by-one completion would wait 60 s: check it first.
+            self._confirm_alive(receiver)
             return False
         for message in run:
             message._settled = True
             self.locks.release(message)
         self.range_settlements += 1
+        self.watch.heard()
         return True
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
@@ -306,6 +354,7 @@ class ServiceBusSource:
     def close(self) -> None:
         """Stop renewing locks and close the receiver."""
         self.locks.close()
+        self.watch.watchdog.close()
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
             receiver.close()
@@ -342,9 +391,11 @@ def to_service_bus_message(event: OutboundEvent, session_id: str | None = None) 
 class ServiceBusPublisher:
     """Publishes events to the topic in ``ServiceBusMessageBatch``es, and replies to ``reply_to``."""
 
-    def __init__(self, client: ServiceBusClient, topic_name: str) -> None:
+    def __init__(self, client: ServiceBusClient, topic_name: str, *, liveness: Liveness | None = None) -> None:
         self._client = client
         self.topic_name = topic_name
+        #: Bounds each send on a silent connection; see :mod:`adapters.servicebus.liveness`.
+        self.watch = SilenceWatch(liveness or Liveness())
         self._sender: ServiceBusSender | None = None
         self._reply_senders: dict[str, ServiceBusSender] = {}
 
@@ -363,17 +414,22 @@ class ServiceBusPublisher:
     def publish(self, events: Sequence[OutboundEvent]) -> None:
         """Send every event (and reply), or raise ``TransientError``."""
         try:
-            self._send_batched(self._topic_sender(), [to_service_bus_message(e) for e in events])
+            self._send_guarded(self._topic_sender(), [to_service_bus_message(e) for e in events])
             replies: dict[str, list[ServiceBusMessage]] = {}
             for event in events:
                 if event.reply_to:
                     message = to_service_bus_message(event, session_id=event.reply_to_session_id)
                     replies.setdefault(_entity_name(event.reply_to), []).append(message)
             for entity, messages in replies.items():
-                self._send_batched(self._reply_sender(entity), messages)
-        except (ServiceBusError, OSError) as exc:
+                self._send_guarded(self._reply_sender(entity), messages)
+        except (ServiceBusError, OSError, ValueError, AttributeError) as exc:
+            # ValueError/AttributeError: the SDK's handler was shut down under us after a connection error.
             self._reset()
             raise TransientError(f"publish to {self.topic_name!r} failed: {redact(str(exc))}") from None
+
+    def _send_guarded(self, sender: ServiceBusSender, messages: Sequence[ServiceBusMessage]) -> None:
+        with self.watch.watchdog.deadline(self.watch.budget(), sender):
+            self._send_batched(sender, messages)
 
     @staticmethod
     def _send_batched(sender: ServiceBusSender, messages: Sequence[ServiceBusMessage]) -> None:
@@ -400,6 +456,7 @@ class ServiceBusPublisher:
     def close(self) -> None:
         """Close every sender."""
         self._reset()
+        self.watch.watchdog.close()
 
 
 def _entity_name(reply_to: str) -> str:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from adapters.health import HealthCheck
     from adapters.local.broker import LocalBroker
     from adapters.servicebus import Client as ServiceBusClient
+    from adapters.servicebus.liveness import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,21 @@ def servicebus_source(settings: WorkerSettings, client: ServiceBusClient) -> Mes
     """The requests queue on Service Bus (PEEK_LOCK, ``settings.prefetch``, locks renewed while held)."""
     from adapters.servicebus import ServiceBusSource
 
-    return ServiceBusSource(client, settings.queue_name, prefetch=settings.prefetch)
+    return ServiceBusSource(client, settings.queue_name, prefetch=settings.prefetch, liveness=liveness(settings))
 
 
 def servicebus_publisher(settings: WorkerSettings, client: ServiceBusClient) -> EventPublisher:
     """The events topic on Service Bus (and reply entities named by ``reply_to``)."""
     from adapters.servicebus import ServiceBusPublisher
 
-    return ServiceBusPublisher(client, settings.topic_name)
+    return ServiceBusPublisher(client, settings.topic_name, liveness=liveness(settings))
+
+
+def liveness(settings: WorkerSettings) -> Liveness:
+    """How long a silent (half-open) Service Bus connection may go unnoticed."""
+    from adapters.servicebus.liveness import Liveness
+
+    return Liveness(try_timeout=settings.servicebus_try_timeout, probe_after=settings.servicebus_probe_after)
 
 
 def experiments(settings: WorkerSettings) -> ReloadingRegistry:
@@ -180,7 +188,7 @@ def servicebus_client(settings: WorkerSettings) -> ServiceBusClient:
 
     auth = ServiceBusAuth(servicebus_connection_string(settings), settings.servicebus_namespace)
     try:
-        return create_client(auth)
+        return create_client(auth, try_timeout=settings.servicebus_try_timeout)
     except ValueError as exc:
         raise ConfigurationError(
             f"AB_WORKER_SERVICEBUS_CONNECTION_STRING / AB_WORKER_SERVICEBUS_NAMESPACE is not usable: {redact(str(exc))}"

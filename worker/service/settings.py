@@ -33,6 +33,18 @@ class WorkerSettings(BaseSettings):
         default=None,
         description="Fully qualified namespace, used with DefaultAzureCredential when no connection string.",
     )
+    servicebus_try_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Seconds one Service Bus attempt (send, link open, management call) may take (SDK try_timeout).",
+    )
+    servicebus_probe_after: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="Seconds a quiet receiver connection goes unchecked before a liveness round trip.",
+    )
     max_batch: int = Field(default=100, ge=1, le=5000, description="Messages per receive.")
     max_wait: float = Field(default=1.0, gt=0, le=60, description="Seconds to wait for a batch to fill.")
     prefetch: int = Field(

@@ -1,0 +1,176 @@
+"""Noticing a silent connection: a half-open TCP connection must not hang the worker forever.
+
+An idle NAT or load-balancer timeout leaves a connection that is open on our side and on which no
+byte ever arrives again. The pinned SDK (azure-servicebus 7.15, pyAMQP) neither closes it nor errors:
+
+* ``send_messages`` waits for the broker's disposition with no deadline — the pump hangs in publish;
+* ``receive_messages`` returns an empty list every ``max_wait_time`` — the worker looks idle, and
+  ``/readyz`` stays green while the queue fills;
+* a receiver-link settlement waits 60 s for its outcome, then falls back to the management link.
+
+* a new connection whose peer accepts TCP but never answers (a load balancer with a dead backend,
+  or a path that died while the handshake was under way) blocks forever in the SASL/TLS handshake,
+  which the SDK runs on a blocking socket without a timeout.
+
+The SDK's connection idle timeout is not reachable through its public API. What this module uses:
+
+1. ``try_timeout`` on the client (public since 7.15): bounds each send attempt and management
+   operation (but, on the sync client, not a blocking handshake);
+2. a cheap management round trip on the receiver's own connection (``peek_messages``) that proves
+   the connection alive: :class:`SilenceWatch` asks for it when the receiver has been quiet for
+   ``probe_after`` seconds and before settling on a receiver not heard from for that long;
+3. a :class:`Watchdog` that shuts down the socket under any SDK call outliving its deadline, so
+   the blocked call fails like a dropped connection would. This is the one place that reaches into
+   the SDK's private attributes (:func:`abort_connection`); if they move, it logs a warning and the
+   bounds of 1 and 2 remain.
+
+Whatever fails, the adapter drops the sender or receiver and the next call opens a new connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from azure.servicebus import ServiceBusReceiver
+from azure.servicebus.exceptions import ServiceBusError
+
+from worker.service.redaction import redact
+
+log = logging.getLogger(__name__)
+
+#: Default of :attr:`Liveness.try_timeout`.
+DEFAULT_TRY_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """Bounds on how long a silent connection may go unnoticed."""
+
+    #: Seconds one SDK attempt may take (send, link open, management operation); the SDK's ``try_timeout``.
+    try_timeout: float = DEFAULT_TRY_TIMEOUT
+    #: Seconds without hearing from the receiver's connection before its liveness is checked.
+    probe_after: float = 15.0
+
+
+class SilentConnectionError(Exception):
+    """The receiver's connection did not answer a liveness check in time."""
+
+
+class SilenceWatch:
+    """Tracks when the receiver's connection last proved alive, and checks it when that is too long ago."""
+
+    def __init__(self, liveness: Liveness) -> None:
+        self.liveness = liveness
+        #: Aborts the connection under a call that outlives :meth:`budget`.
+        self.watchdog = Watchdog(repeat=liveness.try_timeout)
+        self.probes = 0
+        self.silences = 0
+        self._heard = time.monotonic()
+
+    def heard(self) -> None:
+        """The connection just answered (messages arrived, a link opened, a probe succeeded)."""
+        self._heard = time.monotonic()
+
+    def budget(self, wait: float = 0.0) -> float:
+        """The longest an SDK call that waits ``wait`` seconds by design may take before it is aborted."""
+        return wait + 2 * self.liveness.try_timeout
+
+    def due(self) -> bool:
+        """True when the connection has been quiet for ``probe_after`` seconds."""
+        return time.monotonic() - self._heard >= self.liveness.probe_after
+
+    def check(self, receiver: ServiceBusReceiver) -> None:
+        """Prove the connection alive with one peek (a management round trip), or raise SilentConnectionError."""
+        self.probes += 1
+        try:
+            with self.watchdog.deadline(self.budget(), receiver):
+                receiver.peek_messages(max_message_count=1, timeout=self.liveness.try_timeout)
+        except (ServiceBusError, ValueError, AttributeError, OSError) as exc:
+            # ValueError/AttributeError: the SDK shut the handler down under us; the connection is gone either way.
+            self.silences += 1
+            raise SilentConnectionError(
+                f"the connection did not answer a liveness check within {self.liveness.try_timeout:g}s: "
+                f"{redact(str(exc))}"
+            ) from None
+        self.heard()
+
+
+def abort_connection(handler_owner: Any) -> bool:
+    """Shut down the socket under an SDK sender or receiver, waking any call blocked on it.
+
+    Reads the pinned SDK's private attributes (``_handler._connection._transport.sock``); returns
+    False when they are not there (not connected yet, or an SDK that changed them).
+    """
+    try:
+        sock = handler_owner._handler._connection._transport.sock
+    except AttributeError:
+        return False
+    if not isinstance(sock, socket.socket):
+        return False
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    return True
+
+
+class Watchdog:
+    """Aborts the connection under an SDK call that outlives its deadline (one daemon thread, started lazily).
+
+    A call still running after its deadline is aborted again every ``repeat`` seconds: the SDK may
+    retry on a new connection that is just as silent.
+    """
+
+    def __init__(self, repeat: float, interval: float = 0.25) -> None:
+        self.repeat = repeat
+        self.interval = interval
+        self.aborts = 0
+        self._armed: dict[int, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float, handler_owner: Any) -> Iterator[None]:
+        """Abort ``handler_owner``'s connection if the block is still running after ``seconds``."""
+        token = object()
+        with self._lock:
+            self._armed[id(token)] = (time.monotonic() + seconds, handler_owner)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="servicebus-watchdog", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._armed.pop(id(token), None)
+
+    def close(self) -> None:
+        """Stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            with self._lock:
+                due = [(key, owner) for key, (at, owner) in self._armed.items() if at <= now]
+                for key, owner in due:
+                    self._armed[key] = (now + self.repeat, owner)
+            for _, owner in due:
+                self._abort(owner)
+
+    def _abort(self, owner: Any) -> None:
+        if abort_connection(owner):
+            self.aborts += 1
+            log.warning("A Service Bus call outlived its deadline on a silent connection; aborting the connection")
+        elif not self._warned:
+            self._warned = True
+            log.warning("A Service Bus call outlived its deadline and its connection could not be aborted")
