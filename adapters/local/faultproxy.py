@@ -353,3 +353,26 @@ def delayed(upstream_port: int, one_way_delay: float) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m adapters.local.faultproxy --upstream-port P [--delay S]``: a delaying proxy in its own process.
+
+    Prints ``port=N`` once listening, then serves until stdin closes or the process is terminated
+    (so benchmarks can keep the proxy's CPU off the process they measure).
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="TCP proxy on 127.0.0.1 adding a fixed one-way delay.")
+    parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds added each way (default 0)")
+    args = parser.parse_args(argv)
+    with delayed(args.upstream_port, args.delay) as proxy:
+        print(f"port={proxy.port}", flush=True)
+        sys.stdin.read()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
