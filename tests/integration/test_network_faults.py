@@ -30,18 +30,23 @@ from pydantic import SecretStr
 from adapters.health import HealthServer
 from adapters.local.broker import LocalBroker
 from adapters.local.faultproxy import FaultProxy
+from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from adapters.servicebus.liveness import Liveness
 from tests.integration.test_faults import (
     ALL,
     EXPERIMENTS,
     QUEUE,
+    TOPIC,
     Requests,
     assert_no_loss,
     broker_config,
     drain_events,
     read_rows,
 )
+from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
 from worker.service import bootstrap
+from worker.service.ports import OutboundEvent
 from worker.service.settings import WorkerSettings
 
 pytestmark = [
@@ -246,3 +251,78 @@ def test_slow_drip_loses_nothing_and_recovers(scenario: Scenario) -> None:
     """One byte per 5 ms each way: too slow to finish an attempt in time; 503, recovery, nothing lost."""
     fault(scenario, lambda: scenario.proxy.slow_drip(0.005), stops_progress=True, hold=3.0)
     finish_and_prove(scenario, stops_progress=True)
+
+
+# -- each bound on its own ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def blackholed(clients: list[Any]) -> Iterator[tuple[LocalBroker, FaultProxy, Any]]:
+    """Broker with 20 requests, a proxy to it, and an SDK client through the proxy (try_timeout 1 s)."""
+    with LocalBroker(broker_config("PT30S")) as broker, FaultProxy(broker.port) as proxy:
+        Requests.make(20).publish(broker.connection_string)
+        auth = ServiceBusAuth(connection_string=proxy.connection_string(broker.connection_string))
+        client = create_client(auth, retry_total=1, retry_backoff_max=0.5, try_timeout=1.0)
+        clients.append(client)
+        yield broker, proxy, client
+
+
+@pytest.fixture
+def clients() -> Iterator[list[Any]]:
+    """SDK clients made by a test, closed after it."""
+    made: list[Any] = []
+    yield made
+    for client in made:
+        client.close()
+
+
+def receive_until_error(source: ServiceBusSource, attempts: int) -> None:
+    """Receive until the source raises (it must within ``attempts`` empty receives)."""
+    for _ in range(attempts):
+        assert not source.receive(5, 0.5), "a message arrived through a blackhole"
+
+
+@pytest.mark.timeout(60)
+def test_quiet_receiver_on_a_silent_connection_is_probed_and_dropped(blackholed: Any) -> None:
+    """An open receiver whose connection goes silent returns nothing, then fails its liveness peek: TransientError."""
+    _, proxy, client = blackholed
+    source = ServiceBusSource(client, QUEUE, liveness=Liveness(try_timeout=1.0, probe_after=1.0))
+    try:
+        assert source.receive(5, 2.0), "nothing received before the fault"
+        proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(TransientError, match="liveness check"):
+            receive_until_error(source, attempts=20)
+        took = time.monotonic() - started
+    finally:
+        source.close()
+    assert source.watch.silences == 1
+    assert source.reconnects == 1
+    assert took < 15
+
+
+@pytest.mark.timeout(60)
+def test_a_handshake_that_never_answers_is_cut_by_the_watchdog(blackholed: Any) -> None:
+    """A new connection accepted but silent blocks the SDK's handshake forever; the watchdog cuts it."""
+    _, proxy, client = blackholed
+    proxy.blackhole()
+    source = ServiceBusSource(client, QUEUE, liveness=Liveness(try_timeout=1.0, probe_after=60.0))
+    source.link_open_wait = 2.0
+    publisher = ServiceBusPublisher(client, TOPIC, liveness=Liveness(try_timeout=1.0))
+    event = OutboundEvent(body=b"{}", message_id="e-1", correlation_id="c-1", application_properties={})
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransientError):
+            source.receive(5, 1.0)
+        receive_took = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(TransientError):
+            publisher.publish([event])
+        publish_took = time.monotonic() - started
+    finally:
+        source.close()
+        publisher.close()
+    assert source.watch.watchdog.aborts >= 1
+    assert publisher.watch.watchdog.aborts >= 1
+    assert receive_took < 20
+    assert publish_took < 20
