@@ -1,0 +1,80 @@
+"""The silence bounds of the Service Bus adapter, without a broker: watchdog and quiet-receiver bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from adapters.servicebus.liveness import Liveness, SilenceWatch, Watchdog, abort_connection
+
+
+def sdk_shaped(sock: socket.socket | None) -> SimpleNamespace:
+    """An object shaped like an SDK sender/receiver down to its socket (``_handler._connection._transport.sock``)."""
+    transport = SimpleNamespace(sock=sock)
+    return SimpleNamespace(_handler=SimpleNamespace(_connection=SimpleNamespace(_transport=transport)))
+
+
+def test_watchdog_wakes_a_call_blocked_on_a_silent_socket() -> None:
+    """A recv that would block forever returns once the deadline passes: the watchdog shut the socket down."""
+    ours, peer = socket.socketpair()
+    watchdog = Watchdog(repeat=0.2, interval=0.02)
+    try:
+        started = time.monotonic()
+        with watchdog.deadline(0.2, sdk_shaped(ours)):
+            data = ours.recv(10)  # the peer never writes
+        took = time.monotonic() - started
+    finally:
+        watchdog.close()
+        ours.close()
+        peer.close()
+    assert data == b""
+    assert watchdog.aborts == 1
+    assert 0.15 <= took < 5
+
+
+def test_watchdog_leaves_calls_within_their_deadline_alone() -> None:
+    """A call that finishes in time is never aborted, and its socket keeps working."""
+    ours, peer = socket.socketpair()
+    watchdog = Watchdog(repeat=0.2, interval=0.02)
+    try:
+        with watchdog.deadline(5.0, sdk_shaped(ours)):
+            peer.sendall(b"hi")
+            assert ours.recv(10) == b"hi"
+        time.sleep(0.1)
+        peer.sendall(b"again")
+        assert ours.recv(10) == b"again"
+    finally:
+        watchdog.close()
+        ours.close()
+        peer.close()
+    assert watchdog.aborts == 0
+
+
+def test_an_sdk_without_the_expected_internals_is_reported_not_crashed(caplog: pytest.LogCaptureFixture) -> None:
+    """If the SDK's private attributes move, nothing is aborted and one warning says so."""
+    watchdog = Watchdog(repeat=0.05, interval=0.02)
+    with caplog.at_level(logging.WARNING), watchdog.deadline(0.05, object()):
+        time.sleep(0.3)
+    watchdog.close()
+    assert watchdog.aborts == 0
+    assert abort_connection(object()) is False
+    assert abort_connection(sdk_shaped(None)) is False
+    assert [r.message for r in caplog.records].count(
+        "A Service Bus call outlived its deadline and its connection could not be aborted"
+    ) == 1
+
+
+def test_silence_watch_is_due_only_after_quiet_for_probe_after() -> None:
+    """Hearing from the connection resets the clock; the budget adds two try-timeouts to a call's wait."""
+    watch = SilenceWatch(Liveness(try_timeout=1.5, probe_after=0.1))
+    assert not watch.due()
+    time.sleep(0.12)
+    assert watch.due()
+    watch.heard()
+    assert not watch.due()
+    assert watch.budget(2.0) == 5.0
+    watch.watchdog.close()
