@@ -6,7 +6,9 @@ Skipped unless ``AB_WORKER_SOAK=1``. Run it with::
 
 Two ``ab-worker run`` processes drain the queue while, every few seconds, one random fault strikes:
 every connection is cut (``drop_connections``), the broker restarts over its state on the same port,
-or a worker is SIGKILLed and replaced. At the end the same proof as the fault-injection tests
+a worker is SIGKILLed and replaced, or — the workers connect through a TCP fault proxy — the network
+misbehaves for a few seconds (connections reset mid-frame, blackholed, slowed to a drip, or delayed).
+At the end the same proof as the fault-injection tests
 (:func:`tests.integration.test_faults.assert_no_loss`) runs over every request: each has its event on
 the ``all`` subscription and its row, with the documented variant; duplicates are byte-identical.
 Tunable with ``AB_WORKER_SOAK_MESSAGES`` (default 100000) and ``AB_WORKER_SOAK_MINUTES`` (default 15).
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from adapters.local.broker import LocalBroker
+from adapters.local.faultproxy import FaultProxy
 from tests.integration.test_faults import (
     ALL,
     QUEUE,
@@ -51,10 +54,18 @@ WORKERS = 2
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_soak_random_faults_lose_nothing(tmp_path: Path) -> None:
-    """100k requests, random connection drops, broker restarts and worker SIGKILLs: lost = 0."""
+    """100k requests, random connection drops, broker restarts, worker SIGKILLs and network faults: lost = 0."""
     rnd = random.Random(int(os.environ.get("AB_WORKER_SOAK_SEED", "7")))
     requests = Requests.make(MESSAGES, prefix="soak")
     broker = LocalBroker(broker_config("PT5S", max_delivery=100)).start()
+    proxy = FaultProxy(broker.port).start()
+    network_faults = {
+        "reset": lambda: proxy.reset_after(rnd.randrange(500, 20_000)),
+        "blackhole": proxy.blackhole,
+        "drip": lambda: proxy.slow_drip(0.005),
+        "latency": lambda: proxy.latency(0.01),
+    }
+    clear_network_at: float | None = None
     workers: dict[int, WorkerProcess] = {}
     faults: Counter[str] = Counter()
     incarnation = 0
@@ -62,7 +73,13 @@ def test_soak_random_faults_lose_nothing(tmp_path: Path) -> None:
     def spawn(slot: int) -> None:
         nonlocal incarnation
         incarnation += 1
-        env = worker_env(broker.connection_string, PREFETCH="100", MAX_BATCH="100")
+        env = worker_env(
+            proxy.connection_string(broker.connection_string),
+            PREFETCH="100",
+            MAX_BATCH="100",
+            SERVICEBUS_TRY_TIMEOUT="2",
+            SERVICEBUS_PROBE_AFTER="3",
+        )
         # A rows file per process: a SIGKILLed one may leave a torn last line, which must not tear another's.
         workers[slot] = WorkerProcess(tmp_path, f"w{incarnation}", env, rows=f"rows-{incarnation}.jsonl")
 
@@ -87,11 +104,14 @@ def test_soak_random_faults_lose_nothing(tmp_path: Path) -> None:
                     spawn(slot)
             if time.monotonic() >= next_fault:
                 if not deck:  # every kind strikes in each round of four faults, in random order
-                    deck = ["drop", "drop", "restart", "sigkill"]
+                    deck = ["drop", "drop", "restart", "sigkill", rnd.choice(list(network_faults))]
                     rnd.shuffle(deck)
                 fault = deck.pop()
                 faults[fault] += 1
-                if fault == "drop":
+                if fault in network_faults:
+                    network_faults[fault]()
+                    clear_network_at = time.monotonic() + rnd.uniform(2, 8)
+                elif fault == "drop":
                     broker.drop_connections()
                 elif fault == "restart":
                     port, state = broker.port, broker.state
@@ -104,8 +124,12 @@ def test_soak_random_faults_lose_nothing(tmp_path: Path) -> None:
                     workers[slot].proc.wait(timeout=10)
                     spawn(slot)
                 next_fault = time.monotonic() + rnd.uniform(3, 8)
+            if clear_network_at is not None and time.monotonic() >= clear_network_at:
+                proxy.recover()
+                clear_network_at = None
             time.sleep(0.5)
         processing_seconds = time.monotonic() - started
+        proxy.recover()
         for worker in workers.values():
             worker.proc.send_signal(signal.SIGTERM)
         for worker in workers.values():
@@ -124,6 +148,7 @@ def test_soak_random_faults_lose_nothing(tmp_path: Path) -> None:
     finally:
         for worker in workers.values():
             worker.kill()
+        proxy.stop()
         broker.stop()
     gc.collect()
     print(
