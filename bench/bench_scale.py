@@ -198,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
                 results.append((count, seconds, distinct, duplicates, cpu, broker_cpu))
                 print(f"{count} worker(s): {args.messages / seconds:,.0f} msg/s, lost 0, duplicates {duplicates}")
                 if args.supervised and count > 1:
-                    seconds, rows, message_ids, _ = run_workers(
+                    seconds, rows, message_ids, sup_cpu = run_workers(
                         connection, count, workdir, args.batch, args.messages, supervised=True
                     )
                     check(rows, message_ids)
                     if any(leftovers(connection)):
                         raise AssertionError("requests left on the queue after the supervised run")
                     supervised[count] = seconds
-                    print(f"run --processes {count}: {args.messages / seconds:,.0f} msg/s, lost 0")
+                    print(
+                        f"run --processes {count}: {args.messages / seconds:,.0f} msg/s, lost 0,"
+                        f" CPU {sup_cpu / args.messages * 1e6:,.0f} µs/msg"
+                    )
         finally:
             stop_broker(broker)
     base = args.messages / results[0][1]

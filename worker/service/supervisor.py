@@ -92,6 +92,7 @@ class Supervisor:
         self.children = [Child(i, free_port()) for i in range(1, config.processes + 1)]
         self._stop = threading.Event()
         self._heartbeat = time.monotonic()
+        self._next_poll = 0.0
         self._lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -109,7 +110,9 @@ class Supervisor:
                 self._reap()
                 if all(self._finished(child) for child in self.children):
                     break
-                self._poll_probes()
+                if time.monotonic() >= self._next_poll:
+                    self._poll_probes()
+                    self._next_poll = time.monotonic() + POLL_SECONDS
                 self._stop.wait(POLL_SECONDS / 4)
         finally:
             self._drain()
