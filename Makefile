@@ -41,6 +41,7 @@ bench: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
 	$(BIN)/python -m tests.conformance_cases
+	$(BIN)/python -m tests.cohort_cases
 
 ## Re-pin every dependency after changing pyproject.toml: requirements.lock (development: the
 ## runtime, the local broker and the test tools) and requirements-runtime.lock (the image: runtime only,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import random
 from datetime import UTC, datetime, timedelta, timezone
@@ -16,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests import cohort_cases, cohort_reference
 from worker.domain.cohort.stratify import (
     ASSIGNMENT_METHOD,
     Arm,
@@ -31,6 +31,7 @@ from worker.domain.cohort.stratify import (
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cohort_250.csv"
+COHORT_CASES = json.loads(cohort_cases.CASES_PATH.read_text(encoding="utf-8"))["cases"]
 ARMS = ["control", "treatment_1", "treatment_2", "treatment_3"]
 EXPERIMENT = "email-tone-2025"
 MOMENT = datetime(2025, 11, 23, 9, 0, tzinfo=UTC)
@@ -50,25 +51,9 @@ def run(members: list[tuple[str, str]], arms: list[Arm | str] | None = None, **o
 
 
 def reference(members: list[tuple[str, str]], arm_ids: list[str], seed: str, experiment: str) -> list[tuple[str, str]]:
-    """The rule written as plainly as possible: (member id, arm) in output order, equal weights."""
-    by_segment: dict[str, list[str]] = {}
-    for member_id, segment in members:
-        by_segment.setdefault(segment, []).append(member_id)
-    out = []
-    for segment in sorted(by_segment):
-
-        def key(member_id: str) -> tuple[bytes, str]:
-            digest = hashlib.md5(f"{seed}:{experiment}:{member_id}".encode(), usedforsecurity=False).digest()
-            return digest, member_id
-
-        ordered = sorted(by_segment[segment], key=key)
-        n, k = len(ordered), len(arm_ids)
-        start = 0
-        for i, arm in enumerate(arm_ids):
-            size = n // k + (1 if i < n % k else 0)
-            out += [(member_id, arm) for member_id in ordered[start : start + size]]
-            start += size
-    return out
+    """The plain restatement (tests/cohort_reference.py): (member id, arm) in output order, equal weights."""
+    arms = [(arm, Fraction(1)) for arm in arm_ids]
+    return [(member_id, arm) for member_id, _, arm in cohort_reference.assign(members, arms, seed, experiment)]
 
 
 # --- the document's scenario ----------------------------------------------------------------------
@@ -128,17 +113,21 @@ def test_table_recounted_from_records_matches_report() -> None:
     assert BalanceTable.from_records(result.records, ARMS) == result.report.table
 
 
-def test_known_answers_for_the_document_scenario() -> None:
-    """Pinned first members per cell for seed 42: any implementation of the rule must reproduce them."""
-    records = list(run(load_cohort()).records)
+@pytest.mark.parametrize("case", COHORT_CASES, ids=[case["name"] for case in COHORT_CASES])
+def test_cohort_conformance_case(case: dict) -> None:
+    """schemas/cohort-cases.json (from the plain restatement): same assignments in the same order, same table."""
+    arms: list[Arm | str] = [
+        arm["id"] if arm["weight"] is None else Arm(arm["id"], Fraction(arm["weight"])) for arm in case["arms"]
+    ]
+    members = [(member_id, segment) for member_id, segment in case["members"]]
+    result = stratify(members, arms, experiment_id=case["experiment_id"], seed=case["seed"], assigned_at=MOMENT)
+    assert [[r.customer_id, r.experiment_arm] for r in result.records] == case["assignments"]
+    assert result.report.table.counts == case["counts"]
 
-    def first(segment: str, arm: str) -> list[str]:
-        return [r.customer_id for r in records if r.segment == segment and r.experiment_arm == arm][:3]
 
-    assert first("High-Value Recent", "control") == ["CUST-0037", "CUST-0188", "CUST-0138"]
-    assert first("High-Value Recent", "treatment_3") == ["CUST-0026", "CUST-0075", "CUST-0245"]
-    assert first("New Customer", "control") == ["CUST-0131", "CUST-0212", "CUST-0051"]
-    assert first("Standard", "treatment_3") == ["CUST-0117", "CUST-0147", "CUST-0243"]
+def test_cohort_cases_file_is_fresh() -> None:
+    """schemas/cohort-cases.json is what tests/cohort_cases.py generates (run python -m tests.cohort_cases)."""
+    assert json.loads(json.dumps(cohort_cases.build_cases())) == COHORT_CASES
 
 
 def test_records_follow_the_plain_reference_rule() -> None:
