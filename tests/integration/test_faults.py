@@ -29,7 +29,8 @@ from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
+from adapters.servicebus import LockKeeper, ServiceBusAuth, ServiceBusSource, create_client, send_requests
+from tests.waiting import wait_for
 from worker import ABAssignmentAgent
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
@@ -256,15 +257,6 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll ``condition`` until true, failing with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def busy(broker: LocalBroker, at_least_events: int) -> Callable[[], bool]:
     """True once the worker has published ``at_least_events`` and holds locked requests (mid-batch)."""
 
@@ -451,6 +443,9 @@ def test_connection_drops_and_broker_restart_lose_nothing(clients: list[Any]) ->
     assert not crashes, f"the pump crashed (the supervisor restarted it; nothing was lost): {crashes}"
 
 
+# pyamqp leaves the socket of the connection it lost for the garbage collector: collect it here.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.timeout(60)
 def test_settling_on_a_handler_the_sdk_shut_down_is_a_lost_lock(clients: list[Any]) -> None:
     """Regression: settling on a handler the SDK shut down is SettlementLostError, never the SDK's ValueError."""
@@ -458,17 +453,22 @@ def test_settling_on_a_handler_the_sdk_shut_down_is_a_lost_lock(clients: list[An
         Requests.make(5).publish(broker.connection_string)
         client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
         clients.append(client)
-        source = ServiceBusSource(client, QUEUE, prefetch=5)
+        # Every 30 s lock is within a 60 s margin, so renew_due renews them all (no background thread).
+        keeper = LockKeeper(margin=60, interval=3600)
+        source = ServiceBusSource(client, QUEUE, prefetch=5, lock_keeper=keeper)
         deliveries = source.receive(5, 2.0)
         assert deliveries
-        # What the SDK does by itself after an error with _shutdown_handler (e.g. a dropped connection
-        # seen by the lock keeper's renewal on its own thread): the source still holds this receiver.
-        source._receiver._close_handler()  # type: ignore[union-attr]
+        # What happens by itself after a dropped connection: the lock keeper's renewal fails and the
+        # SDK shuts the receiver's handler down, while the source still holds that receiver.
+        broker.stop()
+        keeper.renew_due()
+        assert keeper.failures == len(deliveries)
         try:
-            with pytest.raises(SettlementLostError):
+            with pytest.raises(SettlementLostError, match="shut"):
                 source.complete(deliveries[0])
         finally:
             source.close()
+            gc.collect()
 
 
 class SlowFirstFlushes(MemorySink):

@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind
 
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from schemas import AssignmentEvent
+from tests.waiting import wait_for
 from worker.domain.errors import PermanentError, TransientError
 from worker.domain.registry import ExperimentRegistry
 from worker.service.bootstrap import bootstrap, stop_on_signals
@@ -350,7 +351,7 @@ def test_sigterm_finishes_in_flight_batch_and_exits_cleanly():
     with stop_on_signals(pump, deadline=30, exit_now=exited.append):
         thread = threading.Thread(target=pump.run)
         thread.start()
-        time.sleep(0.1)
+        wait_for(lambda: pump.stats.received > 0, what="the first batch")
         signal.raise_signal(signal.SIGTERM)
         thread.join(timeout=5)
     assert exited == []
