@@ -24,10 +24,8 @@ SQL_IMAGE = "mcr.microsoft.com/mssql/server:2022-latest"
 AZURITE_IMAGE = "mcr.microsoft.com/azure-storage/azurite:latest"
 
 
-@functools.cache
-def docker_unavailable() -> str | None:
-    """Why Docker cannot be used here, or None when a daemon answers (checked once)."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+def docker_problem(host: str) -> str | None:
+    """Why the Docker daemon at ``host`` (a ``DOCKER_HOST`` value) cannot be used, or None when it answers."""
     if host.startswith("unix://"):
         path = host.removeprefix("unix://")
         if not os.path.exists(path):
@@ -40,7 +38,7 @@ def docker_unavailable() -> str | None:
     import docker
 
     try:
-        client = docker.from_env()
+        client = docker.from_env(environment={**os.environ, "DOCKER_HOST": host})
     except Exception as exc:
         return f"no Docker daemon reachable ({type(exc).__name__}); container tests need one"
     try:
@@ -50,6 +48,12 @@ def docker_unavailable() -> str | None:
     finally:
         client.close()
     return None
+
+
+@functools.cache
+def docker_unavailable() -> str | None:
+    """:func:`docker_problem` for this environment's ``DOCKER_HOST`` (checked once)."""
+    return docker_problem(os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +102,22 @@ def servicebus_emulator(docker_reason: None) -> Iterator[str]:
                 )
 
 
-def test_docker_reason_is_clear():
-    """Without Docker the skip reason says so; with Docker there is no reason."""
-    reason = docker_unavailable()
-    assert reason is None or "Docker" in reason or "docker" in reason
+def test_skip_reason_names_a_missing_docker_socket(tmp_path: Path) -> None:
+    """A DOCKER_HOST socket that does not exist is named in the skip reason."""
+    missing = tmp_path / "docker.sock"
+    reason = docker_problem(f"unix://{missing}")
+    assert reason is not None
+    assert f"{missing} does not exist" in reason
+
+
+def test_skip_reason_names_a_socket_nobody_listens_on(tmp_path: Path) -> None:
+    """A socket file with no daemon behind it is named, with the connect error, in the skip reason."""
+    path = tmp_path / "docker.sock"
+    with socket.socket(socket.AF_UNIX) as bound:  # bound but never listening: connect is refused
+        bound.bind(str(path))
+        reason = docker_problem(f"unix://{path}")
+    assert reason is not None
+    assert f"reachable at {path}: Connection refused" in reason
 
 
 def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulator: str) -> None:
@@ -153,4 +169,19 @@ def test_azurite_image_starts(docker_reason: None) -> None:
 
     with DockerContainer(AZURITE_IMAGE).with_exposed_ports(10000, 10001) as azurite:
         wait_for_logs(azurite, "Azurite Queue service is successfully listening", timeout=60)
-        assert azurite.get_exposed_port(10000)
+        from azure.storage.blob import BlobServiceClient
+        from azure.storage.queue import QueueServiceClient
+
+        host = azurite.get_container_host_ip()
+        account = (
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+            "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+            f"BlobEndpoint=http://{host}:{azurite.get_exposed_port(10000)}/devstoreaccount1;"
+            f"QueueEndpoint=http://{host}:{azurite.get_exposed_port(10001)}/devstoreaccount1;"
+        )
+        blobs = BlobServiceClient.from_connection_string(account).create_container("ingest")
+        blobs.upload_blob("rows.json", b'{"EventId": "e1"}')
+        assert blobs.download_blob("rows.json").readall() == b'{"EventId": "e1"}'
+        queue = QueueServiceClient.from_connection_string(account).create_queue("ingestions")
+        queue.send_message("rows.json")
+        assert [m.content for m in queue.receive_messages()] == ["rows.json"]
