@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,14 @@ class Requests:
         with ServiceBusClient.from_connection_string(connection_string) as client:
             for start in range(0, len(ids), chunk):
                 send_requests(client, QUEUE, bodies[start : start + chunk], message_ids=ids[start : start + chunk])
+
+
+@contextlib.contextmanager
+def published(requests: Requests, lock: str = "PT2S", max_delivery: int = 50) -> Iterator[LocalBroker]:
+    """A broker (see :func:`broker_config`) already holding ``requests``, stopped afterwards."""
+    with LocalBroker(broker_config(lock, max_delivery)) as broker:
+        requests.publish(broker.connection_string)
+        yield broker
 
 
 def drain_events(connection_string: str, broker: LocalBroker, timeout: float = 60.0) -> dict[str, list[bytes]]:
@@ -327,8 +335,7 @@ def test_sigkill_mid_batch_then_restart_loses_nothing(tmp_path: Path) -> None:
     """The worker process is SIGKILLed twice mid-batch; restarts finish the queue with nothing lost."""
     started = time.monotonic()
     requests = Requests.make(1000)
-    with LocalBroker(broker_config("PT2S")) as broker:
-        requests.publish(broker.connection_string)
+    with published(requests, "PT2S") as broker:
         env = worker_env(broker.connection_string, PREFETCH="50")
         kills = 0
         for round_, threshold in enumerate((200, 500)):
@@ -449,8 +456,7 @@ def test_connection_drops_and_broker_restart_lose_nothing(clients: list[Any]) ->
 @pytest.mark.timeout(60)
 def test_settling_on_a_handler_the_sdk_shut_down_is_a_lost_lock(clients: list[Any]) -> None:
     """Regression: settling on a handler the SDK shut down is SettlementLostError, never the SDK's ValueError."""
-    with LocalBroker(broker_config("PT30S")) as broker:
-        Requests.make(5).publish(broker.connection_string)
+    with published(Requests.make(5), "PT30S") as broker:
         client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
         clients.append(client)
         # Every 30 s lock is within a 60 s margin, so renew_due renews them all (no background thread).
@@ -491,8 +497,7 @@ def test_locks_expiring_during_a_slow_batch_redeliver_identically(clients: list[
     """A flush longer than the lock, renewal off: locks lapse, messages come back, output is the same."""
     started = time.monotonic()
     requests = Requests.make(100)
-    with LocalBroker(broker_config("PT2S")) as broker:
-        requests.publish(broker.connection_string)
+    with published(requests, "PT2S") as broker:
         sink = SlowFirstFlushes(delay=3.0, slow=1)
         pump = in_process_pump(broker.connection_string, clients, sink=sink, max_batch=100, prefetch=0)
         pump.source.locks.margin = 0  # renew only locks already expired: renewal is effectively off
@@ -510,8 +515,7 @@ def test_sigterm_during_busy_run_exits_zero_in_time_and_loses_nothing(tmp_path: 
     """SIGTERM mid-run: exit 0 well within the drain deadline; a second run finishes what was left."""
     started = time.monotonic()
     requests = Requests.make(1500)
-    with LocalBroker(broker_config("PT5S")) as broker:
-        requests.publish(broker.connection_string)
+    with published(requests, "PT5S") as broker:
         env = worker_env(broker.connection_string)
         first = WorkerProcess(tmp_path, "terminated", env)
         try:
@@ -587,8 +591,7 @@ def outage_run(
 ) -> tuple[Pump, OutageWindow, CountingSource, list[tuple[float, bool, str]], dict[str, int], Proof | AssertionError]:
     """Run the pump over ``count`` requests through an event-topic outage, probing health every 50 ms."""
     requests = Requests.make(count)
-    with LocalBroker(broker_config("PT2S", max_delivery=max_delivery)) as broker:
-        requests.publish(broker.connection_string)
+    with published(requests, "PT2S", max_delivery=max_delivery) as broker:
         sink = MemorySink(max_rows=50)
         holder: list[OutageWindow] = []
 
@@ -678,8 +681,7 @@ def test_event_topic_outage_with_prefetch_burns_no_delivery_counts(clients: list
 @pytest.mark.timeout(60)
 def test_short_max_wait_still_connects(clients: list[Any]) -> None:
     """A max_wait shorter than a link open (0.3 s) must still receive, after a few attempts at most."""
-    with LocalBroker(broker_config()) as broker:
-        Requests.make(10).publish(broker.connection_string)
+    with published(Requests.make(10)) as broker:
         client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
         clients.append(client)
         source = ServiceBusSource(client, QUEUE, prefetch=10)

@@ -35,6 +35,8 @@ from .conftest import TEST_BROKER_CONFIG
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 QUEUE = "assignment-requests"
+#: What ``message_counts`` reports for an entity with nothing left in it.
+EMPTY = {"active": 0, "locked": 0, "deferred": 0, "dead_letter": 0, "scheduled": 0}
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -89,13 +91,7 @@ def test_send_receive_complete(local_broker: LocalBroker, sb_client: ServiceBusC
         assert msg.locked_until_utc > datetime.now(UTC) + timedelta(seconds=20)
         assert local_broker.message_counts(QUEUE)["locked"] == 1
         receiver.complete_message(msg)
-    assert local_broker.message_counts(QUEUE) == {
-        "active": 0,
-        "locked": 0,
-        "deferred": 0,
-        "dead_letter": 0,
-        "scheduled": 0,
-    }
+    assert local_broker.message_counts(QUEUE) == EMPTY
 
 
 def test_batch_send_of_several_hundred(local_broker: LocalBroker, sb_client: ServiceBusClient) -> None:
@@ -235,13 +231,7 @@ def test_defer_and_receive_deferred(local_broker: LocalBroker, sb_client: Servic
         assert str(deferred) == "later"
         assert deferred.lock_token is not None
         receiver.complete_message(deferred)
-    assert local_broker.message_counts(QUEUE) == {
-        "active": 0,
-        "locked": 0,
-        "deferred": 0,
-        "dead_letter": 0,
-        "scheduled": 0,
-    }
+    assert local_broker.message_counts(QUEUE) == EMPTY
 
 
 def test_schedule_and_cancel_messages(local_broker: LocalBroker, sb_client: ServiceBusClient) -> None:
@@ -470,13 +460,7 @@ def test_expired_messages_are_dead_lettered_or_dropped(local_broker: LocalBroker
     time.sleep(1.3)
     assert local_broker.message_counts("expiring")["active"] == 0
     assert local_broker.message_counts("expiring")["dead_letter"] == 1
-    assert local_broker.message_counts(QUEUE) == {
-        "active": 0,
-        "locked": 0,
-        "deferred": 0,
-        "dead_letter": 0,
-        "scheduled": 0,
-    }
+    assert local_broker.message_counts(QUEUE) == EMPTY
     with sb_client.get_queue_receiver("expiring", sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
         (dead,) = receive_n(dlq, 1)
         assert dead.dead_letter_reason == "TTLExpiredException"
