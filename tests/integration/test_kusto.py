@@ -15,6 +15,7 @@ from adapters.kusto.sink import MAPPING_NAME, KustoSink, RetryPolicy, kusto_sink
 from adapters.local.standins.kusto import KustoStandIn
 from adapters.memory import MemoryPublisher, MemorySource
 from schemas.models import AssignmentRecord
+from tests.waiting import wait_for
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
 from worker.service.bootstrap import bootstrap
@@ -111,8 +112,7 @@ def test_due_by_size_and_by_age(kusto: KustoStandIn) -> None:
         assert not sink.due()
         sink.add([record(1)])
         assert not sink.due()
-        time.sleep(0.25)
-        assert sink.due()
+        wait_for(sink.due, timeout=10, what="the oldest row to be max_age old")
         sink.add([record(2), record(3)])
         assert sink.due()
         sink.flush()

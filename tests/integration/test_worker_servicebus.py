@@ -15,6 +15,7 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQ
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from tests.waiting import wait_for
 from worker.cli import main
 from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 from worker.service.bootstrap import bootstrap
@@ -215,8 +216,7 @@ def test_broker_restart_mid_run_loses_nothing():
     pump = _pump(broker.connection_string, max_batch=20)
     thread = threading.Thread(target=pump.run, kwargs={"idle_exit": 6.0})
     thread.start()
-    while pump.stats.completed < 60:
-        time.sleep(0.01)
+    wait_for(lambda: pump.stats.completed >= 60, what="60 completions")
     port, state = broker.port, broker.state
     broker.stop()
     time.sleep(1.5)
@@ -251,7 +251,7 @@ def test_unknown_experiment_hot_reload_then_replay(broker, tmp_path, monkeypatch
 
         new = {"id": "exp_new", "split": {"x": 0.5, "y": 0.5}}
         config.write_text(json.dumps({"experiments": [EXPERIMENTS["experiments"][0], new]}), encoding="utf-8")
-        time.sleep(0.1)
+        wait_for(lambda: registry.current().get("exp_new") is not None, what="the registry to reload")
         assert main(["dlq", "replay", "--reason", "UnknownExperiment"]) == 0
         assert broker.message_counts(QUEUE)["dead_letter"] == 0
         second = _pump(broker.connection_string, registry=registry.current).run(until=settled(5))
