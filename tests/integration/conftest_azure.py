@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -28,6 +29,17 @@ __all__ = [
 KUSTO_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kusto"
 
 
+_StandIn = TypeVar("_StandIn", AppInsightsStandIn, KustoStandIn)
+
+
+def _healthy_and_empty(server: _StandIn) -> Iterator[_StandIn]:
+    """A module-scoped stand-in reset for one test: recovered from any fault, emptied; recovered after."""
+    server.recover()
+    server.clear()
+    yield server
+    server.recover()
+
+
 @pytest.fixture(scope="module")
 def appinsights_server() -> Iterator[AppInsightsStandIn]:
     """An App Insights ingestion stand-in for the whole module."""
@@ -41,10 +53,7 @@ def appinsights_server() -> Iterator[AppInsightsStandIn]:
 @pytest.fixture
 def appinsights(appinsights_server: AppInsightsStandIn) -> Iterator[AppInsightsStandIn]:
     """The module's App Insights stand-in, healthy and empty."""
-    appinsights_server.recover()
-    appinsights_server.clear()
-    yield appinsights_server
-    appinsights_server.recover()
+    yield from _healthy_and_empty(appinsights_server)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +71,7 @@ def kusto_server() -> Iterator[KustoStandIn]:
 @pytest.fixture
 def kusto(kusto_server: KustoStandIn) -> Iterator[KustoStandIn]:
     """The module's Kusto stand-in, healthy and empty."""
-    kusto_server.recover()
-    kusto_server.clear()
-    yield kusto_server
-    kusto_server.recover()
+    yield from _healthy_and_empty(kusto_server)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +104,4 @@ def kusto_queued_server(azurite: Azurite) -> Iterator[KustoStandIn]:
 @pytest.fixture
 def kusto_queued(kusto_queued_server: KustoStandIn) -> Iterator[KustoStandIn]:
     """The module's queued-ingestion Kusto stand-in, healthy and empty."""
-    kusto_queued_server.recover()
-    kusto_queued_server.clear()
-    yield kusto_queued_server
-    kusto_queued_server.recover()
+    yield from _healthy_and_empty(kusto_queued_server)
