@@ -265,6 +265,20 @@ class WorkerProcess:
         self.proc.wait(timeout=10)
 
 
+def drain_then_prove(
+    workdir: Path, name: str, env: dict[str, str], requests: Requests, broker: LocalBroker
+) -> tuple[Proof, list[str]]:
+    """Run ``ab-worker run --drain`` to the end, then prove nothing was lost; also returns the torn row lines."""
+    worker = WorkerProcess(workdir, name, env, "--drain")
+    try:
+        assert worker.wait(90) == 0, worker.stderr[-3000:]
+    finally:
+        worker.kill()
+    events = drain_events(broker.connection_string, broker)
+    rows, broken = read_rows(worker.rows)
+    return assert_no_loss(requests, events, rows, broker), broken
+
+
 def busy(broker: LocalBroker, at_least_events: int) -> Callable[[], bool]:
     """True once the worker has published ``at_least_events`` and holds locked requests (mid-batch)."""
 
@@ -348,14 +362,7 @@ def test_sigkill_mid_batch_then_restart_loses_nothing(tmp_path: Path) -> None:
             finally:
                 worker.kill()
         # Whatever the killed processes held comes back once their locks lapse (PT2S).
-        final = WorkerProcess(tmp_path, "final", env, "--drain")
-        try:
-            assert final.wait(90) == 0, final.stderr[-3000:]
-        finally:
-            final.kill()
-        events = drain_events(broker.connection_string, broker)
-        rows, broken = read_rows(final.rows)
-        proof = assert_no_loss(requests, events, rows, broker)
+        proof, broken = drain_then_prove(tmp_path, "final", env, requests, broker)
     report("sigkill", proof, started, kills=kills, torn_row_lines=len(broken))
 
 
@@ -531,15 +538,8 @@ def test_sigterm_during_busy_run_exits_zero_in_time_and_loses_nothing(tmp_path: 
         assert "Received SIGTERM" in first.stderr
         left = broker.message_counts(QUEUE)["active"]
         assert left > 0, "the first run finished everything: SIGTERM came too late to prove anything"
-        second = WorkerProcess(tmp_path, "second", env, "--drain")
-        try:
-            assert second.wait(90) == 0, second.stderr[-3000:]
-        finally:
-            second.kill()
-        events = drain_events(broker.connection_string, broker)
-        rows, broken = read_rows(second.rows)
+        proof, broken = drain_then_prove(tmp_path, "second", env, requests, broker)
         assert not broken, "a clean shutdown must not leave torn rows"
-        proof = assert_no_loss(requests, events, rows, broker)
     report("sigterm", proof, started, exit_seconds=round(took, 2), left_for_second_run=left)
 
 
