@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,17 @@ TEST_BROKER_CONFIG: dict[str, Any] = {
         ]
     }
 }
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_in_the_test_that_made_it() -> Iterator[None]:
+    """Collect after each test, so an unclosed socket is reported against the test that leaked it.
+
+    Without this the garbage is collected whenever the next collection happens (hypothesis calls
+    gc.collect() as it starts), and under xdist that is some unrelated later test in the same process.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture
