@@ -23,7 +23,6 @@ __all__ = [
     "kusto",
     "kusto_queued",
     "kusto_queued_server",
-    "kusto_server",
 ]
 
 KUSTO_DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kusto"
@@ -56,9 +55,13 @@ def appinsights(appinsights_server: AppInsightsStandIn) -> Iterator[AppInsightsS
     yield from _healthy_and_empty(appinsights_server)
 
 
-@pytest.fixture(scope="module")
-def kusto_server() -> Iterator[KustoStandIn]:
-    """A Kusto stand-in (streaming ingestion and management) with deploy/kusto's table and mapping."""
+@pytest.fixture
+def kusto() -> Iterator[KustoStandIn]:
+    """A Kusto stand-in (streaming ingestion and management) with deploy/kusto's table and mapping.
+
+    One per test, not per module: a sink abandoned by an earlier test (an attempt thread still waiting
+    out a hang) could otherwise ingest its rows into the next test's stand-in. It starts in milliseconds.
+    """
     server = KustoStandIn().start()
     for name in ("table.kql", "mapping.kql"):
         server.apply_kql(KUSTO_DEPLOY / name)
@@ -66,12 +69,6 @@ def kusto_server() -> Iterator[KustoStandIn]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def kusto(kusto_server: KustoStandIn) -> Iterator[KustoStandIn]:
-    """The module's Kusto stand-in, healthy and empty."""
-    yield from _healthy_and_empty(kusto_server)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,19 @@ def test_two_processes_drain_one_queue_and_a_killed_one_is_restarted_losing_noth
             wait_for(lambda: probe(health, "/readyz")[0] == 200, 60, "the supervisor's /readyz to be 200")
             assert probe(health, "/readyz") == (200, "ok (2 processes)")
             wait_for(busy(broker, 300), 60, "the processes to be mid-run")
+            # Both take requests from the one queue: each has flushed rows before one is killed.
+            wait_for(
+                lambda: (
+                    all(
+                        (tmp_path / f"rows-{i}.jsonl").stat().st_size > 0
+                        for i in (1, 2)
+                        if (tmp_path / f"rows-{i}.jsonl").exists()
+                    )
+                    and all((tmp_path / f"rows-{i}.jsonl").exists() for i in (1, 2))
+                ),
+                60,
+                "both processes to write rows",
+            )
             first = children(worker.proc.pid)
             victim = min(first)
             os.kill(victim, signal.SIGKILL)
