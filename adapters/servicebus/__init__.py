@@ -250,6 +250,7 @@ class ServiceBusSource:
             self._drop_receiver()
             raise TransientError(f"receive from {self.queue_name!r} failed: {redact(str(exc))}") from None
         if messages:
+            _stamp_link(receiver, messages)
             self.locks.hold(receiver, messages)
         return [to_delivery(m) for m in messages]
 
@@ -284,6 +285,8 @@ class ServiceBusSource:
         self.locks.release(message)
         if receiver is None:
             raise SettlementLostError("the receiver was rebuilt after a connection loss; the lock is gone")
+        if not _on_current_link(receiver, message):
+            raise SettlementLostError("received on a link that has since been replaced; the broker redelivers it")
         try:
             with self.watch.watchdog.deadline(self.watch.budget(), receiver):
                 getattr(receiver, action)(message, **kwargs)
@@ -313,8 +316,10 @@ class ServiceBusSource:
         messages: list[ServiceBusReceivedMessage] = [d.handle for d in deliveries]
         if receiver is None or not self.range_settlement or len(messages) < 2:
             return complete_each(self.complete, deliveries)
-        remaining: list[Delivery] = []
-        for run in _consecutive_runs(deliveries):
+        # Only messages that came on the current link may share a range: delivery ids restart on a new one.
+        remaining = [d for d in deliveries if not _on_current_link(receiver, d.handle)]
+        current = [d for d in deliveries if _on_current_link(receiver, d.handle)]
+        for run in _consecutive_runs(current):
             if len(run) < 2 or not self._settle_range(receiver, [d.handle for d in run]):
                 remaining.extend(run)
         return complete_each(self.complete, remaining)
@@ -358,6 +363,32 @@ class ServiceBusSource:
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
             receiver.close()
+
+
+#: Each received message carries the receiver and the SDK handler (its AMQP link) it arrived on.
+_LINK_ATTRIBUTE = "_ab_received_on"
+
+
+def _stamp_link(receiver: ServiceBusReceiver, messages: Sequence[ServiceBusReceivedMessage]) -> None:
+    """Remember which link each message arrived on (the SDK reopens its handler, a new link, after errors)."""
+    link = (receiver, getattr(receiver, "_handler", None))
+    for message in messages:
+        setattr(message, _LINK_ATTRIBUTE, link)
+
+
+def _on_current_link(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> bool:
+    """True when ``message`` arrived on the link ``receiver`` is on now.
+
+    AMQP delivery ids are per link and start again at 0 on a new one: settling a message from an
+    earlier link by its delivery id would settle whichever new message holds that id — completing a
+    request whose event was never published. Such a message's lock died with its link; the broker
+    redelivers it.
+    """
+    stamped = getattr(message, _LINK_ATTRIBUTE, None)
+    if stamped is None:
+        return True
+    seen_receiver, seen_handler = stamped
+    return bool(seen_receiver is receiver and seen_handler is getattr(receiver, "_handler", None))
 
 
 def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:
