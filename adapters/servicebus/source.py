@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiveMode, ServiceBusReceiver
@@ -18,7 +17,7 @@ from azure.servicebus.exceptions import (
 from adapters.servicebus.convert import to_delivery
 from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError
 from adapters.servicebus.lock import LockKeeper
-from adapters.servicebus.settle import _consecutive_runs
+from adapters.servicebus.settle import RangeSettlement
 from adapters.settlement import complete_each
 from worker.domain.errors import TransientError
 from worker.service.ports import Delivery, SettlementLostError
@@ -38,6 +37,7 @@ class ServiceBusSource:
         prefetch: int = 0,
         lock_keeper: LockKeeper | None = None,
         liveness: Liveness | None = None,
+        range_settlement: RangeSettlement | None = None,
     ) -> None:
         self._client = client
         self.queue_name = queue_name
@@ -49,9 +49,8 @@ class ServiceBusSource:
         self.reconnects = 0
         #: Seconds the first receive on a new link may take (it includes opening the link).
         self.link_open_wait = 10.0
-        #: Settle consecutive completions with one AMQP disposition (see :meth:`complete_batch`).
-        self.range_settlement = True
-        self.range_settlements = 0
+        #: Settles consecutive completions with one AMQP disposition (see :meth:`complete_batch`).
+        self.ranges = range_settlement or RangeSettlement()
 
     def _get_receiver(self) -> ServiceBusReceiver:
         if self._receiver is None:
@@ -136,46 +135,26 @@ class ServiceBusSource:
         self._settle(delivery, "complete_message")
 
     def complete_batch(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        """Complete many messages, settling each run of consecutive deliveries with one disposition.
+        """Complete many, each run of consecutive deliveries by one disposition if possible; returns those lost.
 
-        The SDK completes one message per round trip and waits for the broker's answer each time;
-        an AMQP disposition may cover a range of delivery ids, which is 3-4x faster here. This uses
-        the pinned SDK's internals (``_handler.settle_messages`` with a ``(first, last)`` range), so
-        any surprise falls back to completing one by one, which is always correct.
+        What :class:`~adapters.servicebus.settle.RangeSettlement` does not settle is completed one by
+        one, which is always correct.
         """
         receiver = self._live_receiver()
-        messages: list[ServiceBusReceivedMessage] = [d.handle for d in deliveries]
-        if receiver is None or not self.range_settlement or len(messages) < 2:
+        if receiver is None:
             return complete_each(self.complete, deliveries)
-        remaining: list[Delivery] = []
-        for run in _consecutive_runs(deliveries):
-            if len(run) < 2 or not self._settle_range(receiver, [d.handle for d in run]):
-                remaining.extend(run)
-        return complete_each(self.complete, remaining)
-
-    def _settle_range(self, receiver: ServiceBusReceiver, run: list[ServiceBusReceivedMessage]) -> bool:
-        now = datetime.now(UTC)
-        if any(m._settled or (m.locked_until_utc is not None and m.locked_until_utc <= now) for m in run):
-            return False
-        try:
-            receiver._handler.settle_messages(
-                (run[0]._delivery_id, run[-1]._delivery_id),
-                run[0]._delivery_tag,
-                "accepted",
-                await_outcome=True,
-                outcome_timeout=self.watch.liveness.try_timeout,
-            )
-        except Exception as exc:  # any failure: settle these one by one instead, which reports each
-            log.info("Range settlement failed (%s); completing one by one", redact(str(exc)))
+        failures, settlements = self.ranges.failures, self.ranges.settlements
+        left = self.ranges.settle(receiver, deliveries)
+        if self.ranges.settlements > settlements:
+            self.watch.heard()
+        if self.ranges.failures > failures:
             # On a silent connection each one-by-one completion would wait 60 s: check it first.
             self._confirm_alive(receiver)
-            return False
-        for message in run:
-            message._settled = True
-            self.locks.release(message)
-        self.range_settlements += 1
-        self.watch.heard()
-        return True
+        unsettled = {id(d) for d in left}
+        for delivery in deliveries:
+            if id(delivery) not in unsettled:
+                self.locks.release(delivery.handle)
+        return complete_each(self.complete, left)
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
         """Dead-letter with ``DeadLetterReason`` and ``DeadLetterErrorDescription``."""
