@@ -65,6 +65,8 @@ def decode_request(
     A body with ``"kind": "cohort"`` is a :class:`CohortAssignmentRequest`; anything else is read as an
     :class:`AssignmentRequest`.
     """
+    if delivery.unreadable is not None:
+        raise delivery.unreadable
     body = delivery.body
     if len(body) > max_body_bytes:
         raise PermanentError(
@@ -92,6 +94,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise DecodeError(body, f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise DecodeError(body, "body is not JSON the worker accepts: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's int/str conversion limit (4300 digits)
+        raise DecodeError(body, f"body is not JSON the worker accepts: {exc}") from None
     if not isinstance(data, dict):
         raise PermanentError(
             DeadLetterReason.SCHEMA_VALIDATION_FAILED,
