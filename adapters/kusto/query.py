@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
-from worker.domain.errors import WorkerError
+from worker.domain.errors import TransientError, WorkerError
 from worker.domain.moments import as_utc, utc_iso
 from worker.domain.srm.report import ReportInputError, Tally, Window, parse_split
 
@@ -93,6 +93,7 @@ def connect(query_uri: str) -> Any:
 
 def query_rows(client: Any, database: str, window: Window) -> Iterator[dict[str, Any]]:
     """Run :func:`assignment_query` and yield the primary result's rows as dicts."""
+    from azure.core.exceptions import AzureError
     from azure.kusto.data import ClientRequestProperties
     from azure.kusto.data.exceptions import KustoError
 
@@ -105,6 +106,8 @@ def query_rows(client: Any, database: str, window: Window) -> Iterator[dict[str,
         response = client.execute_query(database, text, properties)
     except KustoError as exc:
         raise KustoQueryError(f"Kusto query on database {database!r} failed: {exc}") from exc
+    except AzureError as exc:  # unreachable cluster, rejected credential: azure.core's errors
+        raise TransientError(f"Kusto query on database {database!r} failed: {type(exc).__name__}: {exc}") from None
     for row in response.primary_results[0]:
         yield dict(row.to_dict())
 

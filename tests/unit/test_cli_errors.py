@@ -196,10 +196,18 @@ def test_port_in_use_has_its_own_status(files: dict[str, str], capsys: pytest.Ca
 
 
 def test_unreachable_service_has_its_own_status() -> None:
-    """SDK and connection errors map to 5 (could not reach Azure or the broker), not to 1 or 2."""
+    """Translated SDK errors and connection errors map to 5 (could not reach Azure or the broker), not to 1 or 2.
+
+    The adapters translate SDK exceptions (adapters/servicebus/errors.py); the CLI never inspects
+    an exception's module, so a raw SDK error reaching it is a bug (70).
+    """
     from azure.servicebus.exceptions import ServiceBusConnectionError
 
-    assert describe(ServiceBusConnectionError(message="connection refused"))[0] == ExitStatus.UNREACHABLE
+    from worker.domain.errors import DependencyRefused, TransientError
+
+    assert describe(TransientError("publish failed: ServiceBusConnectionError"))[0] == ExitStatus.UNREACHABLE
+    assert describe(DependencyRefused("dlq peek failed: MessagingEntityNotFoundError"))[0] == ExitStatus.UNREACHABLE
+    assert describe(ServiceBusConnectionError(message="connection refused"))[0] == ExitStatus.INTERNAL
     assert describe(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))[0] == ExitStatus.UNREACHABLE
     assert describe(OSError(errno.EADDRINUSE, "in use"))[0] == ExitStatus.PORT_IN_USE
     assert describe(RuntimeError("bug"))[0] == ExitStatus.INTERNAL

@@ -20,7 +20,7 @@ from typing import IO, Any, NoReturn
 
 from pydantic import ValidationError
 
-from worker.domain.errors import ConfigurationError, TransientError, UsageError, WorkerError
+from worker.domain.errors import ConfigurationError, DependencyRefused, TransientError, UsageError, WorkerError
 from worker.domain.moments import MOMENT_FORMS, MomentError, parse_moment
 
 log = logging.getLogger("ab_worker")
@@ -111,7 +111,8 @@ def describe(exc: BaseException) -> tuple[ExitStatus, str]:
         return ExitStatus.PORT_IN_USE, str(exc)
     if isinstance(exc, UnreachableError):
         return ExitStatus.UNREACHABLE, redact(str(exc))
-    if isinstance(exc, TransientError | ConnectionError | TimeoutError) or _is_azure_error(exc):
+    # The adapters translate SDK errors into these (adapters/servicebus/errors.py and the Kusto adapters).
+    if isinstance(exc, TransientError | DependencyRefused | ConnectionError | TimeoutError):
         return ExitStatus.UNREACHABLE, redact(f"could not reach Azure or the broker: {_one_line(exc)}")
     if isinstance(exc, UsageError | ConfigurationError | ValueError):
         return ExitStatus.USAGE, redact(str(exc))
@@ -130,12 +131,6 @@ def _os_error(exc: OSError) -> tuple[ExitStatus, str]:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
-
-
-def _is_azure_error(exc: BaseException) -> bool:
-    # The Service Bus and Kusto adapters do not translate every SDK error yet; until they do, any
-    # azure.* exception that reaches the command line is a call to Azure (or the broker) that failed.
-    return any(cls.__module__.startswith("azure.") for cls in type(exc).__mro__)
 
 
 def _silence_stdout() -> None:
@@ -305,3 +300,13 @@ def servicebus_client() -> Any:
             "or AB_WORKER_SERVICEBUS_NAMESPACE"
         )
     return compose.servicebus_client(settings), settings
+
+
+def servicebus_errors(what: str) -> Any:
+    """A context in which Service Bus SDK errors are raised as ours (TransientError / DependencyRefused).
+
+    ``main`` prints those in one line with exit status 1; the classification is the adapter's.
+    """
+    from adapters.servicebus.errors import translated
+
+    return translated(what)

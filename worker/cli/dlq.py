@@ -24,6 +24,7 @@ from worker.cli.common import (
     integer,
     positive_number,
     servicebus_client,
+    servicebus_errors,
 )
 from worker.domain.errors import UsageError
 from worker.domain.moments import MomentError, parse_moment
@@ -153,7 +154,7 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
     entity = _entity(args, settings)
     shown: list[Any] = []
     scanned, matching, reasons, present = 0, 0, Counter[str](), Counter[str]()
-    with client:
+    with client, servicebus_errors("the dead-letter command"):
         for letter in browse(client, entity):
             scanned += 1
             present[letter.reason] += 1
@@ -197,7 +198,7 @@ def cmd_dlq_export(args: argparse.Namespace) -> int:
     with out:
         client, settings = servicebus_client()
         entity = _entity(args, settings)
-        with client:
+        with client, servicebus_errors("the dead-letter command"):
             for letter in browse(client, entity):
                 scanned += 1
                 if args.limit is None or written < args.limit:
@@ -274,7 +275,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"{what}: seq {letter.sequence_number} ({printable(letter.reason)})", file=sys.stderr)
 
-    with client:
+    with client, servicebus_errors("the dead-letter command"):
         outcome = replay(
             client,
             entity,
@@ -303,7 +304,7 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
         raise UsageError("purge deletes dead letters for good: pass --yes to confirm (no terminal to ask on)")
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    with client:
+    with client, servicebus_errors("the dead-letter command"):
         outcome = purge(
             client,
             entity,
@@ -349,7 +350,7 @@ def _replay_file(args: argparse.Namespace) -> int:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UsageError(f"{path}: nothing was sent; fix {'; '.join(problems[:3])}{more}")
     client, settings = servicebus_client()
-    with client:
+    with client, servicebus_errors("the dead-letter command"):
         if args.dry_run:
             sent = len(letters)
         else:
@@ -367,7 +368,7 @@ def cmd_queue_peek(args: argparse.Namespace) -> int:
     entity = _entity(args, settings)
     shown: list[Any] = []
     more = False
-    with client:
+    with client, servicebus_errors("the dead-letter command"):
         for letter in browse(client, entity, dead_letter=False):
             if not selection.matches(letter):
                 continue
@@ -393,7 +394,7 @@ def cmd_queue_dead_letter(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --message-id ID or --sequence-number N")
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    with client:
+    with client, servicebus_errors("the dead-letter command"):
         outcome = dead_letter_active(
             client,
             entity,

@@ -81,6 +81,14 @@ class TransientError(WorkerError):
     """A dependency failed in a way that may pass; the message must be redelivered, not dropped."""
 
 
+class DependencyRefused(WorkerError):
+    """A dependency refused a call for good (an entity missing, access denied); retrying will not help.
+
+    Raised by adapters for calls that are not about one message, such as the command line's publish
+    and dead-letter commands; a refusal caused by one message is a :class:`PermanentError` instead.
+    """
+
+
 class PublishRejected(WorkerError):
     """Some events were refused for good; every event not named in :attr:`rejected` was accepted.
 

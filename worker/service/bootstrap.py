@@ -100,7 +100,9 @@ def servicebus_publisher(settings: WorkerSettings, client: ServiceBusClient) -> 
     """The events topic on Service Bus (and reply entities named by ``reply_to``)."""
     from adapters.servicebus import ServiceBusPublisher
 
-    return ServiceBusPublisher(client, settings.topic_name, liveness=liveness(settings))
+    return ServiceBusPublisher(
+        client, settings.topic_name, requests_queue=settings.queue_name, liveness=liveness(settings)
+    )
 
 
 def liveness(settings: WorkerSettings) -> Liveness:

@@ -37,6 +37,10 @@ EVENT_NAMESPACE = uuid.UUID("6f1c9a52-3a8e-5d7b-9f3e-0c4b2a1d8e77")
 #: allows 256 KiB; requests are far smaller.
 DEFAULT_MAX_BODY_BYTES = MAX_BODY_BYTES
 
+#: Largest event body the worker publishes: Service Bus Standard takes 256 KiB per message, headers
+#: and application properties included, so a body gets 192 KiB and the rest is left for those.
+DEFAULT_MAX_EVENT_BYTES = 192 * 1024
+
 
 #: Application property ``dlq replay`` sets on a resubmitted copy: the message id of the request
 #: as first published. The copy needs a new message id (the queue's duplicate detection would drop
@@ -65,6 +69,8 @@ def decode_request(
     A body with ``"kind": "cohort"`` is a :class:`CohortAssignmentRequest`; anything else is read as an
     :class:`AssignmentRequest`.
     """
+    if delivery.unreadable is not None:
+        raise delivery.unreadable
     body = delivery.body
     if len(body) > max_body_bytes:
         raise PermanentError(
@@ -92,6 +98,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise DecodeError(body, f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise DecodeError(body, "body is not JSON the worker accepts: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's int/str conversion limit (4300 digits)
+        raise DecodeError(body, f"body is not JSON the worker accepts: {exc}") from None
     if not isinstance(data, dict):
         raise PermanentError(
             DeadLetterReason.SCHEMA_VALIDATION_FAILED,
@@ -203,16 +211,26 @@ def handle(
     context_allow_list: Collection[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_cohort_members: int = MAX_COHORT_MEMBERS,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
 ) -> Handled:
     """Decode, validate and assign one message; :class:`PermanentError` when it can never succeed."""
     request = decode_request(delivery, max_body_bytes)
     if isinstance(request, CohortAssignmentRequest):
-        return assign_cohort(request, delivery, max_cohort_members)
+        return assign_cohort(request, delivery, max_cohort_members, max_event_bytes)
     return Handled([assign(request, delivery, registry, context_allow_list)])
 
 
-def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_members: int) -> Handled:
-    """One event per member plus a cohort report; identical for a replayed message."""
+def assign_cohort(
+    request: CohortAssignmentRequest,
+    delivery: Delivery,
+    max_members: int,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+) -> Handled:
+    """One event per member plus a cohort report; identical for a replayed message.
+
+    The report holds a segment × arm table, so many segments times many arms can outgrow a broker
+    message: that is checked here, before anything is published, and refused as ``EventTooLarge``.
+    """
     from worker.domain.cohort.stratify import Arm, CohortInputError, stratify_columns
 
     if len(request.members) > max_members:
@@ -221,6 +239,7 @@ def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_memb
             f"cohort has {len(request.members)} members; the limit is {max_members} per message "
             "(split it, or use `ab-worker stratify` for files)",
         )
+    _check_report_fits(request, max_event_bytes)
     assigned_at = delivery.enqueued_time or datetime.now(UTC)
     arms = [Arm(a.id, a.weight, a.variants_by_segment) for a in request.arms]
     try:
@@ -274,8 +293,11 @@ def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_memb
         report=result.report.to_dict(),
         assigned_at=assigned_at,
     )
+    body = report.model_dump_json().encode()
+    if len(body) > max_event_bytes:
+        raise _report_too_large(request, len(body), max_event_bytes)
     extra = OutboundEvent(
-        body=report.model_dump_json().encode(),
+        body=body,
         message_id=report.event_id,
         correlation_id=correlation_id,
         application_properties={
@@ -288,3 +310,27 @@ def assign_cohort(request: CohortAssignmentRequest, delivery: Delivery, max_memb
         reply_to_session_id=delivery.reply_to_session_id,
     )
     return Handled(events, [extra])
+
+
+def _check_report_fits(request: CohortAssignmentRequest, max_event_bytes: int) -> None:
+    """Refuse, before stratifying, a cohort whose report cannot fit: its counts table alone is too big.
+
+    The table holds ``"arm":n,`` for every segment × arm, at least ``len(arm id) + 5`` bytes each; the
+    exact size is checked again once the report is built.
+    """
+    segments = len({m.segment for m in request.members})
+    at_least = segments * sum(len(arm.id.encode()) + 5 for arm in request.arms)
+    if at_least > max_event_bytes:
+        raise _report_too_large(request, at_least, max_event_bytes, bound=True)
+
+
+def _report_too_large(
+    request: CohortAssignmentRequest, size: int, max_event_bytes: int, bound: bool = False
+) -> PermanentError:
+    segments = len({m.segment for m in request.members})
+    return PermanentError(
+        DeadLetterReason.EVENT_TOO_LARGE,
+        f"the cohort report event would be {'at least ' if bound else ''}{size} bytes ({segments} segments × "
+        f"{len(request.arms)} arms); the limit is {max_event_bytes} bytes per message: split the cohort, or use "
+        "fewer segments or arms",
+    )

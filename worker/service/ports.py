@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from schemas.models import AssignmentRecord
+from worker.domain.errors import PermanentError
 
 
 @dataclass(slots=True)
@@ -24,6 +25,9 @@ class Delivery:
     reply_to: str | None = None
     reply_to_session_id: str | None = None
     handle: Any = None
+    #: Set by a source that could not read the message (its body, ids or reply address): the error
+    #: that dead-letters it. Conversion never raises, so one unreadable message fails alone.
+    unreadable: PermanentError | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from .config import BrokerConfig
-from .entities import BrokerState
+from .entities import BrokerState, normalize_address
 from .loop import EventLoop
 from .server import TICK_SECONDS, BrokerHandler
 
@@ -150,6 +150,20 @@ class LocalBroker:
         if loop is None:
             return 0
         return int(self._call(loop.drop_connections))
+
+    def refuse_sends(self, entity: str, condition: str, description: str = "", times: int | None = None) -> None:
+        """Reject transfers to ``entity`` with an AMQP error ``condition`` (``times`` of them, or until cleared).
+
+        The SDK maps the condition to its exception class as it does for Azure, e.g.
+        ``com.microsoft:server-busy`` → ``ServiceBusServerBusyError``, ``amqp:unauthorized-access`` →
+        ``ServiceBusAuthorizationError``. :meth:`clear_faults` ends every injected refusal.
+        """
+        fault = [condition, description or f"{condition} (injected by the local broker)", times]
+        self._call(lambda: self.state.send_faults.__setitem__(normalize_address(entity), fault))
+
+    def clear_faults(self) -> None:
+        """End every refusal injected with :meth:`refuse_sends`."""
+        self._call(self.state.send_faults.clear)
 
     def message_counts(self, entity: str) -> dict[str, int]:
         """Counts for a queue, topic, subscription (``topic/Subscriptions/sub``) or DLQ path.

@@ -397,6 +397,8 @@ class BrokerState:
         self.config = config
         self.targets: dict[str, SendTarget] = {}
         self.stores: dict[str, MessageStore] = {}
+        #: Fault injection: entity → [AMQP error condition, description, transfers left to refuse or None].
+        self.send_faults: dict[str, list[Any]] = {}
         for queue_config in config.queues:
             queue = Queue(queue_config)
             self.targets[queue.name.lower()] = queue
@@ -411,6 +413,19 @@ class BrokerState:
         self.stores[store.path] = store
         if store.dead_letter is not None:
             self.stores[store.dead_letter.path] = store.dead_letter
+
+    def send_fault(self, target: SendTarget) -> tuple[str, str] | None:
+        """The (condition, description) to refuse the next transfer to ``target`` with, if one is injected."""
+        fault = self.send_faults.get(target.name.lower())
+        if fault is None:
+            return None
+        condition, description, left = fault
+        if left is not None:
+            if left <= 1:
+                del self.send_faults[target.name.lower()]
+            else:
+                fault[2] = left - 1
+        return condition, description
 
     def all_stores(self) -> Iterable[MessageStore]:
         """Every store, dead-letter sub-queues included."""

@@ -306,12 +306,19 @@ class BrokerHandler(Handler):
 
     def _accept_send(self, target: SendTarget, delivery: Delivery, data: bytes | None) -> None:
         now = now_ms()
+        fault = self.state.send_fault(target)
+        if fault is not None:
+            # With the info map present: the SDK indexes the error's third field and crashes without it.
+            delivery.local.condition = Condition(*fault, info={"injected": True})
+            delivery.update(Delivery.REJECTED)
+            delivery.settle()
+            return
         try:
             raw = data or b""
             for inner in split_batch(raw) or [raw]:
                 target.accept(parse_message(inner), now)
         except CodecError as exc:
-            delivery.local.condition = Condition("amqp:decode-error", str(exc))
+            delivery.local.condition = Condition("amqp:decode-error", str(exc), info={"entity": target.name})
             delivery.update(Delivery.REJECTED)
         else:
             delivery.update(Delivery.ACCEPTED)

@@ -1,0 +1,138 @@
+"""Settling many completions with one AMQP disposition per run of consecutive delivery ids.
+
+The SDK completes one message per round trip and waits for the broker's answer each time; an AMQP
+disposition may cover a range of delivery ids (Microsoft's AMQP stack settles ``first..last`` on the
+receiving side), which is 3-4x faster here. No public SDK API does this, so it uses the pinned SDK's
+internals (``receiver._handler.settle_messages``, ``message._delivery_id``, ``_delivery_tag``,
+``_settled``). Every access to them is in :meth:`RangeSettlement.settle` and nowhere else, inside one
+``try``: a surprise (an SDK upgrade renamed something) turns range settlement off with a WARNING and
+the caller completes those messages one by one, which is always correct.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import metrics
+
+from worker.service.ports import Delivery
+from worker.service.redaction import redact
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for the broker's outcome of one range disposition. Short: a range that is not
+#: confirmed in time is completed one by one instead (each of those reports its own outcome).
+DEFAULT_OUTCOME_TIMEOUT = 5.0
+
+
+class RangeSettlement:
+    """Completes runs of consecutive deliveries with one disposition each; off for good after a surprise.
+
+    ``settlements`` counts range dispositions the broker confirmed and ``settled_messages`` the
+    messages they covered (also exported as the ``ab.range_settlements`` metric); ``enabled`` turns
+    False, with one WARNING, the first time the SDK's internals are not what this code expects.
+    """
+
+    def __init__(
+        self,
+        *,
+        outcome_timeout: float = DEFAULT_OUTCOME_TIMEOUT,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        self.enabled = True
+        self.outcome_timeout = outcome_timeout
+        self.settlements = 0
+        self.settled_messages = 0
+        #: Range dispositions that failed the expected way (link broke, outcome timed out).
+        self.failures = 0
+        meter = metrics.get_meter("ab_assignment_worker.servicebus", meter_provider=meter_provider)
+        self._counter = meter.create_counter(
+            "ab.range_settlements", description="Completions settled by one AMQP disposition over a range"
+        )
+
+    def settle(self, receiver: Any, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Complete what it can by ranges; returns the deliveries the caller must complete one by one."""
+        if not self.enabled or len(deliveries) < 2:
+            return list(deliveries)
+        settled: set[int] = set()
+        try:
+            # Imported here so that an SDK that moved it is one more surprise, not an import error.
+            from azure.servicebus._pyamqp.error import AMQPException
+
+            for run in _consecutive_runs(deliveries):
+                try:
+                    if len(run) > 1 and self._settle_run(receiver, run):
+                        settled.update(id(d) for d in run)
+                except (AMQPException, TimeoutError, ValueError, OSError) as exc:
+                    # The link broke or the outcome did not come in time: each message reports its own.
+                    self.failures += 1
+                    log.info("Range settlement failed (%s); completing one by one", redact(str(exc)))
+        except Exception as exc:
+            self.enabled = False
+            log.warning(
+                "Range settlement turned off: the Service Bus SDK's internals are not as expected (%s: %s); "
+                "completing one message per round trip from now on",
+                type(exc).__name__,
+                redact(str(exc)),
+            )
+        return [d for d in deliveries if id(d) not in settled]
+
+    def _settle_run(self, receiver: Any, run: list[Delivery]) -> bool:
+        messages = [d.handle for d in run]
+        now = datetime.now(UTC)
+        if any(m._settled or (m.locked_until_utc is not None and m.locked_until_utc <= now) for m in messages):
+            return False
+        receiver._handler.settle_messages(
+            (messages[0]._delivery_id, messages[-1]._delivery_id),
+            messages[0]._delivery_tag,
+            "accepted",
+            await_outcome=True,
+            outcome_timeout=self.outcome_timeout,
+        )
+        for message in messages:
+            message._settled = True
+        self.settlements += 1
+        self.settled_messages += len(messages)
+        self._counter.add(1)
+        return True
+
+
+#: Each received message carries the receiver and the SDK handler (its AMQP link) it arrived on.
+_LINK_ATTRIBUTE = "_ab_received_on"
+
+
+def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
+    """Remember which link each message arrived on (the SDK reopens its handler, a new link, after errors)."""
+    link = (receiver, getattr(receiver, "_handler", None))
+    for message in messages:
+        setattr(message, _LINK_ATTRIBUTE, link)
+
+
+def on_current_link(receiver: Any, message: Any) -> bool:
+    """True when ``message`` arrived on the link ``receiver`` is on now.
+
+    AMQP delivery ids are per link and start again at 0 on a new one: settling a message from an
+    earlier link by its delivery id would settle whichever new message holds that id — completing a
+    request whose event was never published. Such a message's lock died with its link; the broker
+    redelivers it.
+    """
+    stamped = getattr(message, _LINK_ATTRIBUTE, None)
+    if stamped is None:
+        return True
+    seen_receiver, seen_handler = stamped
+    return bool(seen_receiver is receiver and seen_handler is getattr(receiver, "_handler", None))
+
+
+def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:
+    """Split into runs whose AMQP delivery ids are consecutive (one disposition can cover each run)."""
+    ordered = sorted(deliveries, key=lambda d: d.handle._delivery_id)
+    runs: list[list[Delivery]] = []
+    for delivery in ordered:
+        if runs and delivery.handle._delivery_id == runs[-1][-1].handle._delivery_id + 1:
+            runs[-1].append(delivery)
+        else:
+            runs.append([delivery])
+    return runs

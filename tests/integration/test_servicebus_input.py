@@ -1,0 +1,139 @@
+"""Whatever legal AMQP the broker delivers, the worker reads it or dead-letters it alone, on the first try.
+
+Messages are sent with the real SDK as ``AmqpAnnotatedMessage``s (value and sequence bodies, binary
+and uuid ids, a binary reply address) in one batch with healthy requests, and run through the real
+pump on the real adapters and the embedded broker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode, ServiceBusSubQueue
+from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
+
+from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.memory import MemorySink
+from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from worker.domain.registry import ExperimentRegistry
+from worker.service.handling import event_id_for
+from worker.service.pump import Pump, PumpConfig
+
+pytestmark = pytest.mark.integration
+
+QUEUE, TOPIC = "assignment-requests", "assignment-events"
+REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_001", "split": {"A": 0.5, "B": 0.5}}]})
+CONFIG = {
+    "UserConfig": {
+        "Namespaces": [
+            {
+                "Name": "sbemulatorns",
+                "Queues": [{"Name": QUEUE, "Properties": {"MaxDeliveryCount": 10, "LockDuration": "PT30S"}}],
+                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
+            }
+        ]
+    }
+}
+GOOD = {"user_id": "U1", "experiment_id": "exp_001"}
+
+
+def data(body: dict[str, Any] | bytes, **properties: Any) -> AmqpAnnotatedMessage:
+    """A data-body message with the given AMQP properties."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return AmqpAnnotatedMessage(data_body=raw, properties=AmqpMessageProperties(**properties))
+
+
+def value(body: Any, message_id: str) -> AmqpAnnotatedMessage:
+    """A value-body message."""
+    return AmqpAnnotatedMessage(value_body=body, properties=AmqpMessageProperties(message_id=message_id))
+
+
+#: message id (as the worker will see it) → (message, expected outcome: "complete" or a DeadLetterReason)
+CORRELATION = uuid.UUID("0f7b0e58-3c1e-4a55-9b5e-1f6a4c2d9e01")
+MESSAGE_UUID = uuid.UUID("5c4b3084-d2c0-4507-827f-a31adebb1e2b")
+CASES: dict[str, tuple[AmqpAnnotatedMessage, str]] = {
+    **{f"good-{i}": (data({**GOOD, "user_id": f"U{i}"}, message_id=f"good-{i}"), "complete") for i in range(5)},
+    "map-value": (value({**GOOD, "user_id": "Umap"}, "map-value"), "complete"),
+    "map-nan": (value({**GOOD, "score": float("nan")}, "map-nan"), "InvalidJson"),
+    "map-int-key": (value({1: 2, "user_id": "U"}, "map-int-key"), "InvalidJson"),
+    "map-binary": (value({"user_id": b"\xff\xfe", "experiment_id": "exp_001"}, "map-binary"), "InvalidJson"),
+    "map-uuid": (value({"user_id": uuid.uuid4(), "experiment_id": "exp_001"}, "map-uuid"), "InvalidJson"),
+    "int-value": (value(42, "int-value"), "SchemaValidationFailed"),
+    "sequence": (
+        AmqpAnnotatedMessage(sequence_body=[[1, 2], ["a"]], properties=AmqpMessageProperties(message_id="sequence")),
+        "InvalidJson",
+    ),
+    "reply-bytes": (data(GOOD, message_id="reply-bytes", reply_to=b"\xff\xfe"), "ReplyUndeliverable"),
+    "corr-binary": (data(GOOD, message_id="corr-binary", correlation_id=b"\xff\x00"), "SchemaValidationFailed"),
+    "huge-int": (
+        data(b'{"user_id": "U", "experiment_id": "exp_001", "n": ' + b"7" * 5000 + b"}", message_id="huge-int"),
+        "InvalidJson",
+    ),
+    str(MESSAGE_UUID): (
+        data({**GOOD, "user_id": "Uuuid"}, message_id=MESSAGE_UUID, correlation_id=CORRELATION),
+        "complete",
+    ),
+    "12345": (data({**GOOD, "user_id": "Uint"}, message_id=12345, correlation_id=67890), "complete"),
+}
+
+
+@pytest.mark.timeout(120)
+def test_legal_amqp_shapes_never_crash_and_poison_is_dead_lettered_alone_on_the_first_try() -> None:
+    """One batch of healthy and odd messages: odd ones dead-lettered once with a precise reason, the rest complete."""
+    with (
+        LocalBroker(BrokerConfig.from_dict(CONFIG)) as broker,
+        ServiceBusClient.from_connection_string(broker.connection_string) as client,
+    ):
+        with client.get_queue_sender(QUEUE) as sender:
+            sender.send_messages([message for message, _ in CASES.values()])
+        worker_client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
+        try:
+            pump = Pump(
+                ServiceBusSource(worker_client, QUEUE, prefetch=50),
+                ServiceBusPublisher(worker_client, TOPIC),
+                sink := MemorySink(max_rows=50),
+                lambda: REGISTRY,
+                config=PumpConfig(max_batch=50, max_wait=2.0),
+            )
+            stats = pump.run(idle_exit=2.0)
+        finally:
+            worker_client.close()
+        dead: dict[str, tuple[str, str]] = {}
+        with client.get_queue_receiver(
+            QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
+        ) as receiver:
+            while batch := receiver.receive_messages(max_message_count=100, max_wait_time=1):
+                for message in batch:
+                    key = str(message.message_id)
+                    dead[key] = (message.dead_letter_reason or "", message.dead_letter_error_description or "")
+        events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        with client.get_subscription_receiver(
+            TOPIC, "all", receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
+        ) as receiver:
+            while batch := receiver.receive_messages(max_message_count=100, max_wait_time=1):
+                for message in batch:
+                    events[str(message.message_id)].append(json.loads(b"".join(message.body)))
+        counts = broker.message_counts(QUEUE)
+    assert (counts["active"], counts["locked"]) == (0, 0), counts
+    # Each message was received exactly once: nothing was abandoned, retried or redelivered.
+    assert stats.received == len(CASES)
+    assert stats.abandoned == 0
+    expected_dead = {m: outcome for m, (_, outcome) in CASES.items() if outcome != "complete"}
+    assert {m: reason for m, (reason, _) in dead.items()} == expected_dead
+    assert all(description for _, description in dead.values())
+    assert "NaN" in dead["map-nan"][1]
+    assert "sequence" in dead["sequence"][1]
+    assert "reply_to" in dead["reply-bytes"][1]
+    assert "correlation_id" in dead["corr-binary"][1]
+    assert "4300" in dead["huge-int"][1]
+    healthy = [m for m, (_, outcome) in CASES.items() if outcome == "complete"]
+    assert stats.completed == len(healthy)
+    assert set(events) == {event_id_for(m) for m in healthy}
+    assert events[event_id_for(str(MESSAGE_UUID))][0]["correlation_id"] == str(CORRELATION)
+    assert events[event_id_for("12345")][0]["correlation_id"] == "67890"
+    assert events[event_id_for("map-value")][0]["user_id"] == "Umap"
+    assert len(sink.rows) == len(healthy)

@@ -1,0 +1,137 @@
+"""Range settlement through the real SDK on the embedded broker: it happens, it is counted, and an SDK
+whose internals changed falls back to one-by-one completion with a WARNING instead of failing batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
+from adapters.servicebus.settle import RangeSettlement
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "assignment-requests"
+CONFIG = {
+    "UserConfig": {
+        "Namespaces": [
+            {
+                "Name": "sbemulatorns",
+                "Queues": [{"Name": QUEUE, "Properties": {"MaxDeliveryCount": 10, "LockDuration": "PT30S"}}],
+                "Topics": [],
+            }
+        ]
+    }
+}
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    """The embedded broker with one request queue."""
+    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
+        yield running
+
+
+class PublicOnly:
+    """Forwards public attributes only: what an SDK that renamed its internals looks like from outside."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+class PublicOnlyReceivers:
+    """A client wrapper whose queue receivers expose only the SDK's public API."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def get_queue_receiver(self, *args: Any, **kwargs: Any) -> Any:
+        """The real receiver behind a :class:`PublicOnly` front."""
+        return PublicOnly(self.client.get_queue_receiver(*args, **kwargs))
+
+
+def receive_all(source: ServiceBusSource, count: int) -> list[Any]:
+    """Receive until ``count`` deliveries are in hand (the first receive also opens the link)."""
+    got: list[Any] = []
+    for _ in range(20):
+        got += source.receive(count - len(got), 2.0)
+        if len(got) >= count:
+            break
+    assert len(got) == count
+    return got
+
+
+def range_metric(reader: InMemoryMetricReader) -> int:
+    """The ``ab.range_settlements`` counter's value."""
+    data = reader.get_metrics_data()
+    assert data is not None
+    return sum(
+        point.value
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "ab.range_settlements"
+        for point in metric.data.data_points
+    )
+
+
+@pytest.mark.timeout(60)
+def test_batch_completion_really_settles_by_ranges(broker: LocalBroker) -> None:
+    """30 deliveries completed as a batch: range dispositions happen, are counted and metered, queue empties."""
+    reader = InMemoryMetricReader()
+    ranges = RangeSettlement(meter_provider=MeterProvider(metric_readers=[reader]))
+    client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
+    with client:
+        send_requests(client, QUEUE, [b"{}"] * 30)
+        source = ServiceBusSource(client, QUEUE, prefetch=30, range_settlement=ranges)
+        try:
+            deliveries = receive_all(source, 30)
+            lost = source.complete_batch(deliveries)
+        finally:
+            source.close()
+    assert not lost
+    assert ranges.enabled
+    assert ranges.settlements >= 1
+    assert ranges.settled_messages >= 2
+    assert range_metric(reader) == ranges.settlements
+    counts = broker.message_counts(QUEUE)
+    assert (counts["active"], counts["locked"]) == (0, 0), counts
+
+
+@pytest.mark.timeout(60)
+def test_sdk_without_the_private_api_falls_back_one_by_one_with_a_warning(
+    broker: LocalBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver without ``_handler``: one WARNING, range settlement off, every message still completed."""
+    ranges = RangeSettlement()
+    client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
+    with client:
+        send_requests(client, QUEUE, [b"{}"] * 12)
+        source = ServiceBusSource(PublicOnlyReceivers(client), QUEUE, prefetch=12, range_settlement=ranges)  # type: ignore[arg-type]
+        try:
+            first = receive_all(source, 6)
+            with caplog.at_level(logging.INFO, logger="adapters.servicebus"):
+                lost_first = source.complete_batch(first)
+                second = receive_all(source, 6)
+                lost_second = source.complete_batch(second)
+        finally:
+            source.close()
+    assert not lost_first
+    assert not lost_second
+    assert not ranges.enabled
+    assert ranges.settlements == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "turned off" in r.message]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert broker.message_counts(QUEUE)["active"] == 0
+    assert broker.message_counts(QUEUE)["locked"] == 0

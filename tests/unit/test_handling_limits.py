@@ -1,0 +1,70 @@
+"""Decoding and cohort limits: odd input is refused on the first try with a precise reason."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from worker.domain.errors import DeadLetterReason, PermanentError
+from worker.domain.registry import ExperimentRegistry
+from worker.service.handling import DEFAULT_MAX_EVENT_BYTES, handle
+from worker.service.ports import Delivery
+
+REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_001", "split": {"A": 0.5, "B": 0.5}}]})
+
+
+def refusal(body: bytes, **kwargs: object) -> PermanentError:
+    """The PermanentError ``handle`` raises for this body."""
+    with pytest.raises(PermanentError) as caught:
+        handle(Delivery(body=body, message_id="m1"), REGISTRY, **kwargs)  # type: ignore[arg-type]
+    return caught.value
+
+
+@pytest.mark.parametrize("where", ["top", "context", "list"])
+def test_integer_longer_than_4300_digits_is_invalid_json(where: str) -> None:
+    """A >4,300-digit integer anywhere in the body is InvalidJson, not an unexpected error."""
+    huge = "9" * 4301
+    body = {
+        "top": f'{{"user_id": "U1", "experiment_id": "exp_001", "n": {huge}}}',
+        "context": f'{{"user_id": "U1", "experiment_id": "exp_001", "context": {{"k": {huge}}}}}',
+        "list": f'{{"user_id": "U1", "experiment_id": "exp_001", "context": {{"k": [1, -{huge}]}}}}',
+    }[where]
+    error = refusal(body.encode())
+    assert error.reason is DeadLetterReason.INVALID_JSON
+    assert "4300" in error.description
+
+
+def test_unreadable_delivery_is_refused_with_its_own_reason() -> None:
+    """A source that could not read a message sets ``unreadable``; handling raises exactly that."""
+    unreadable = PermanentError(DeadLetterReason.REPLY_UNDELIVERABLE, "reply_to is 2 bytes of binary, not text")
+    delivery = Delivery(body=b'{"user_id": "U1", "experiment_id": "exp_001"}', message_id="m", unreadable=unreadable)
+    with pytest.raises(PermanentError) as caught:
+        handle(delivery, REGISTRY)
+    assert caught.value is unreadable
+
+
+def test_cohort_whose_report_would_outgrow_a_message_is_event_too_large_up_front() -> None:
+    """1,813 one-member segments × 64 arms (a 9.7 MB report) is refused before anything is published."""
+    arms = [{"id": f"arm{i}"} for i in range(64)]
+    members = [{"member_id": f"M{i}", "segment": f"s{i}"} for i in range(1813)]
+    body = json.dumps({"kind": "cohort", "experiment_id": "e", "arms": arms, "members": members}).encode()
+    started = time.monotonic()
+    error = refusal(body, max_body_bytes=len(body))
+    assert error.reason is DeadLetterReason.EVENT_TOO_LARGE
+    assert "1813 segments × 64 arms" in error.description
+    assert f"the limit is {DEFAULT_MAX_EVENT_BYTES} bytes" in error.description
+    print(f"\n[cohort-too-large] refused in {time.monotonic() - started:.2f}s: {error.description[:120]}")
+
+
+def test_cohort_report_within_the_limit_is_published() -> None:
+    """A cohort whose report fits is assigned as before (and a lower limit refuses the same cohort)."""
+    members = [{"member_id": f"M{i}", "segment": "vip" if i % 2 else "std"} for i in range(40)]
+    body = json.dumps(
+        {"kind": "cohort", "experiment_id": "e", "arms": [{"id": "a"}, {"id": "b"}], "members": members}
+    ).encode()
+    handled = handle(Delivery(body=body, message_id="c"), REGISTRY)
+    (report,) = handled.extras
+    assert len(report.body) < DEFAULT_MAX_EVENT_BYTES
+    assert refusal(body, max_event_bytes=len(report.body) - 1).reason is DeadLetterReason.EVENT_TOO_LARGE
