@@ -93,7 +93,13 @@ def servicebus_source(settings: WorkerSettings, client: ServiceBusClient) -> Mes
     """The requests queue on Service Bus (PEEK_LOCK, ``settings.prefetch``, locks renewed while held)."""
     from adapters.servicebus import ServiceBusSource
 
-    return ServiceBusSource(client, settings.queue_name, prefetch=settings.prefetch, liveness=liveness(settings))
+    return ServiceBusSource(
+        client,
+        settings.queue_name,
+        prefetch=settings.prefetch,
+        liveness=liveness(settings),
+        linger=settings.receive_linger,
+    )
 
 
 def servicebus_publisher(settings: WorkerSettings, client: ServiceBusClient) -> EventPublisher:
