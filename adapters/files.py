@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from adapters.rowbuffer import BufferedRows
 from adapters.settlement import complete_each
-from schemas.models import AssignmentRecord
 from worker.domain.errors import ConfigurationError, TransientError
 from worker.service.ports import Delivery, OutboundEvent
 
@@ -118,7 +118,7 @@ class JsonLinesPublisher:
         self._stream.flush()
 
 
-class JsonLinesSink:
+class JsonLinesSink(BufferedRows):
     """Kusto-shaped rows appended to a JSON-lines file (or only counted, with no path).
 
     Durable once :meth:`flush` returns, against a crash of the process: every flush hands whole lines
@@ -141,14 +141,8 @@ class JsonLinesSink:
         max_age: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_rows < 1 or max_age <= 0:
-            raise ConfigurationError(f"rows sink needs max_rows >= 1 and max_age > 0 (got {max_rows}, {max_age})")
+        super().__init__(max_rows, max_age, clock, "rows sink")
         self.path = path
-        self.max_rows = max_rows
-        self.max_age = max_age
-        self._clock = clock
-        self._buffer: list[AssignmentRecord] = []
-        self._oldest: float | None = None
         self._fd: int | None = None
         self._regular = False
         #: False while the file may end in a partial line (a failed write we could not undo).
@@ -170,30 +164,9 @@ class JsonLinesSink:
 
     # -- RecordSink ----------------------------------------------------------------------
 
-    def add(self, records: Sequence[AssignmentRecord]) -> None:
-        """Buffer rows."""
-        if not records:
-            return
-        if not self._buffer:
-            self._oldest = self._clock()
-        self._buffer.extend(records)
-
-    def due(self) -> bool:
-        """True when ``max_rows`` rows are buffered or the oldest is ``max_age`` seconds old."""
-        if not self._buffer:
-            return False
-        if len(self._buffer) >= self.max_rows:
-            return True
-        return self._oldest is not None and self._clock() - self._oldest >= self.max_age
-
-    @property
-    def buffered(self) -> int:
-        """Rows waiting for the next flush."""
-        return len(self._buffer)
-
     def flush(self) -> None:
         """Append the buffer as whole lines, or raise ``TransientError`` having dropped it."""
-        buffered, self._buffer, self._oldest = self._buffer, [], None
+        buffered = self._take()
         if not buffered:
             return
         if self.path is not None:

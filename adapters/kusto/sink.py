@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from adapters.rowbuffer import BufferedRows
 from schemas.models import AssignmentRecord
 from worker.domain.errors import ConfigurationError, TransientError
 from worker.service.redaction import redact
@@ -136,7 +137,7 @@ def _chunks(records: Sequence[AssignmentRecord], max_bytes: int) -> Iterator[byt
         yield bytes(chunk)
 
 
-class KustoSink:
+class KustoSink(BufferedRows):
     """A :class:`~worker.service.ports.RecordSink` that ingests rows into a Kusto table in batches."""
 
     def __init__(
@@ -153,19 +154,15 @@ class KustoSink:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if max_rows < 1 or max_age <= 0:
-            raise ConfigurationError(f"Kusto sink needs max_rows >= 1 and max_age > 0 (got {max_rows}, {max_age})")
+        super().__init__(max_rows, max_age, clock, "Kusto sink")
         from azure.kusto.data.data_format import DataFormat
         from azure.kusto.ingest import IngestionProperties
 
         self._client = client
         self.database = database
         self.table = table
-        self.max_rows = max_rows
-        self.max_age = max_age
         self.max_request_bytes = max_request_bytes
         self.retry = retry or RetryPolicy()
-        self._clock = clock
         self._sleep = sleep
         self._properties = IngestionProperties(
             database=database,
@@ -173,8 +170,6 @@ class KustoSink:
             data_format=DataFormat.MULTIJSON,
             ingestion_mapping_reference=mapping_name,
         )
-        self._buffer: list[AssignmentRecord] = []
-        self._oldest: float | None = None
         self._closed = False
         self._attempt: threading.Thread | None = None
         #: Counters for tests and the health endpoint.
@@ -183,32 +178,11 @@ class KustoSink:
 
     # -- RecordSink ----------------------------------------------------------------------
 
-    def add(self, records: Sequence[AssignmentRecord]) -> None:
-        """Buffer rows for the next flush."""
-        if not records:
-            return
-        if not self._buffer:
-            self._oldest = self._clock()
-        self._buffer.extend(records)
-
-    def due(self) -> bool:
-        """True when ``max_rows`` rows are buffered or the oldest is ``max_age`` seconds old."""
-        if not self._buffer:
-            return False
-        if len(self._buffer) >= self.max_rows:
-            return True
-        return self._oldest is not None and self._clock() - self._oldest >= self.max_age
-
-    @property
-    def buffered(self) -> int:
-        """Rows waiting for the next flush."""
-        return len(self._buffer)
-
     def flush(self) -> None:
         """Ingest every buffered row, or raise :class:`TransientError` having dropped the buffer."""
-        if not self._buffer:
+        rows = self._take()
+        if not rows:
             return
-        rows, self._buffer, self._oldest = self._buffer, [], None
         for payload in _chunks(rows, self.max_request_bytes):
             self._ingest_with_retries(payload, len(rows))
         self.rows_ingested += len(rows)
