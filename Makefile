@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint unit bench lock schemas clean
+.PHONY: install run test lint unit bench bench-worker lock schemas clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_assignment
+
+## Latency, throughput against bare SDK loops, network delay and process scaling, each side by side.
+bench-worker: $(STAMP)
+	$(BIN)/python -m bench.bench_worker
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
