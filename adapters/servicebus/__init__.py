@@ -10,19 +10,23 @@ fatal — the broker redelivers). Exception text is passed through :func:`worker
 from adapters.servicebus.client import Client, ServiceBusAuth, create_client
 from adapters.servicebus.convert import message_body, to_delivery, to_service_bus_message
 from adapters.servicebus.lock import LockKeeper
-from adapters.servicebus.publisher import ServiceBusPublisher, send_requests
+from adapters.servicebus.publisher import RequestProperties, ServiceBusPublisher, reply_entity, send_requests
 from adapters.servicebus.source import ServiceBusSource
-from adapters.servicebus.tail import SubscriptionTail
+from adapters.servicebus.tail import SubscriptionTail, TailedEvent, read_events
 
 __all__ = [
     "Client",
     "LockKeeper",
+    "RequestProperties",
     "ServiceBusAuth",
     "ServiceBusPublisher",
     "ServiceBusSource",
     "SubscriptionTail",
+    "TailedEvent",
     "create_client",
     "message_body",
+    "read_events",
+    "reply_entity",
     "send_requests",
     "to_delivery",
     "to_service_bus_message",

@@ -14,6 +14,7 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -86,18 +87,7 @@ class ServiceBusPublisher:
 
     def reply_entity(self, reply_to: str) -> str:
         """The entity a ``reply_to`` names (a bare name or ``sb://namespace/entity``); PermanentError if unusable."""
-        entity = reply_to
-        if "://" in reply_to:
-            scheme, _, rest = reply_to.partition("://")
-            host, _, entity = rest.partition("/")
-            if scheme.lower() not in ("sb", "amqp", "amqps") or not _same_host(host, self._namespace()):
-                raise _undeliverable(reply_to, "names another namespace or scheme; replies go to this namespace only")
-        entity = entity.strip("/")
-        if not _ENTITY_NAME.fullmatch(entity) or "/subscriptions/" in f"/{entity.lower()}/" or "$" in entity:
-            raise _undeliverable(reply_to, "is not a queue or topic name")
-        if self.requests_queue and entity.lower() == self.requests_queue.lower():
-            raise _undeliverable(reply_to, "names the requests queue; a reply there would come back as a request")
-        return entity
+        return reply_entity(reply_to, self._namespace(), self.requests_queue)
 
     def _send(
         self,
@@ -203,6 +193,25 @@ class ServiceBusPublisher:
         self.watch.watchdog.close()
 
 
+def reply_entity(reply_to: str, namespace: str, requests_queue: str | None) -> str:
+    """The entity a ``reply_to`` names (a bare name or ``sb://namespace/entity``); PermanentError if unusable.
+
+    Publishers check their own ``reply_to`` with it (``ab-worker publish --reply-to``) by the worker's rule.
+    """
+    entity = reply_to
+    if "://" in reply_to:
+        scheme, _, rest = reply_to.partition("://")
+        host, _, entity = rest.partition("/")
+        if scheme.lower() not in ("sb", "amqp", "amqps") or not _same_host(host, namespace):
+            raise _undeliverable(reply_to, "names another namespace or scheme; replies go to this namespace only")
+    entity = entity.strip("/")
+    if not _ENTITY_NAME.fullmatch(entity) or "/subscriptions/" in f"/{entity.lower()}/" or "$" in entity:
+        raise _undeliverable(reply_to, "is not a queue or topic name")
+    if requests_queue and entity.lower() == requests_queue.lower():
+        raise _undeliverable(reply_to, "names the requests queue; a reply there would come back as a request")
+    return entity
+
+
 def _message(event: OutboundEvent, reply: bool) -> ServiceBusMessage:
     return to_service_bus_message(event, session_id=event.reply_to_session_id if reply else None)
 
@@ -241,6 +250,21 @@ def _too_large(event: OutboundEvent, entity: str, limit: int) -> PermanentError:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RequestProperties:
+    """Broker properties a publisher sets on the requests it sends: the request/reply pattern's fields.
+
+    ``reply_to`` (and ``reply_to_session_id`` for a session-enabled reply queue) is where the worker
+    sends the event as well as to the topic; ``correlation_id`` is copied to the event;
+    ``session_id`` is for a session-enabled requests queue.
+    """
+
+    reply_to: str | None = None
+    reply_to_session_id: str | None = None
+    correlation_id: str | None = None
+    session_id: str | None = None
+
+
 def send_requests(
     client: ServiceBusClient,
     queue_name: str,
@@ -248,6 +272,7 @@ def send_requests(
     *,
     message_ids: Sequence[str] | None = None,
     application_properties: Sequence[dict[str, Any]] | None = None,
+    properties: RequestProperties = RequestProperties(),
 ) -> int:
     """Publish request bodies to the queue in batches, as another service would; returns how many.
 
@@ -259,6 +284,10 @@ def send_requests(
             content_type="application/json",
             message_id=message_ids[i] if message_ids else None,
             application_properties=application_properties[i] if application_properties else None,  # type: ignore[arg-type]
+            reply_to=properties.reply_to,
+            reply_to_session_id=properties.reply_to_session_id,
+            correlation_id=properties.correlation_id,
+            session_id=properties.session_id,
         )
         for i, body in enumerate(bodies)
     ]

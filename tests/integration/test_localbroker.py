@@ -415,7 +415,7 @@ def test_restart_on_same_port_keeps_state(broker_config: BrokerConfig) -> None:
 
 def test_default_config_entities() -> None:
     config = BrokerConfig.default()
-    assert [q.name for q in config.queues] == ["assignment-requests"]
+    assert [q.name for q in config.queues] == ["assignment-requests", "assignment-replies"]
     assert config.queues[0].properties.lock_duration == 30.0
     assert config.queues[0].properties.max_delivery_count == 10
     (topic,) = config.topics

@@ -589,6 +589,18 @@ def test_emulator_config_defines_the_entities() -> None:
             assert 1 <= properties["MaxDeliveryCount"] <= 10, entity["Name"]
 
 
+def test_embedded_broker_defaults_are_the_emulator_config_entities() -> None:
+    """`ab-worker broker` with no --config serves the entities of deploy/servicebus-emulator/Config.json."""
+    from adapters.local.broker import BrokerConfig
+
+    def names(config: BrokerConfig) -> dict[str, object]:
+        topics = {t.name: sorted(s.name for s in t.subscriptions) for t in config.topics}
+        return {"queues": sorted(q.name for q in config.queues), "topics": topics}
+
+    assert names(BrokerConfig.default()) == names(BrokerConfig.load(EMULATOR_CONFIG))
+    assert "assignment-replies" in names(BrokerConfig.default())["queues"]  # type: ignore[operator]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bicep (text checks: the compiler does not run here)
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from worker.cli import assign as assign_cli
 from worker.cli import broker as broker_cli
 from worker.cli import cohort as cohort_cli
 from worker.cli import dlq as dlq_cli
+from worker.cli import events as events_cli
 from worker.cli import report as report_cli
 from worker.cli import run as run_cli
 from worker.cli.common import ExitStatus, Parser, exit_status_table, formatter, invoke
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     cohort_cli.add_commands(commands)
     broker_cli.add_commands(commands)
     dlq_cli.add_commands(commands)
+    events_cli.add_commands(commands)
     report_cli.add_commands(commands)
     _accept_log_level_anywhere(commands)
     return parser
@@ -94,7 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitStatus.INTERRUPTED
     except SystemExit as exc:  # --help, --version, or a usage error argparse has already printed
         return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
-    action = getattr(args, "dlq_command", None) or getattr(args, "queue_command", None)
+    action = next(
+        (
+            getattr(args, f"{group}_command", None)
+            for group in ("dlq", "queue", "events")
+            if hasattr(args, f"{group}_command")
+        ),
+        None,
+    )
     command = " ".join(part for part in (args.command, action) if part)
 
     def run() -> int:

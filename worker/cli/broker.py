@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from worker.cli.common import EXIT_OK, check_input, formatter, integer, listen_error, port, servicebus_client
+from worker.cli.common import EXIT_OK, broker_id, check_input, formatter, integer, listen_error, port, servicebus_client
 from worker.domain.errors import ConfigurationError, UsageError
 
 
@@ -51,33 +51,65 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """Publish one request from flags, or every line of a JSON-lines file, through the real SDK."""
-    from adapters.servicebus import send_requests
+    from adapters.servicebus import RequestProperties, send_requests
 
     if bool(args.file) == bool(args.user):
         raise UsageError("give either --user (with --experiment) or --file FILE")
+    if args.reply_to_session_id and not args.reply_to:
+        raise UsageError("--reply-to-session-id needs --reply-to")
     if args.file:
+        if args.message_id:
+            # One id on different bodies would give their events one id: duplicate detection keeps the first.
+            raise UsageError("--message-id names one request; it cannot go with --file (each line gets its own id)")
         path = check_input(Path(args.file))
         bodies = [line.rstrip(b"\r\n") for line in path.open("rb") if line.strip()]
     else:
-        if not args.experiment:
-            raise UsageError("--user needs --experiment")
-        body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
-        if args.segment:
-            body["segment"] = args.segment
-        if args.context:
-            try:
-                context = json.loads(args.context)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"--context is not JSON: {exc.msg}") from None
-            if not isinstance(context, dict):
-                raise UsageError("--context must be a JSON object")
-            body["context"] = context
-        bodies = [json.dumps(body).encode()] * args.count
+        bodies = [_request_body(args)] * args.count
     client, settings = servicebus_client()
+    queue = args.queue or settings.queue_name
+    properties = RequestProperties(
+        reply_to=_reply_to(args.reply_to, client, queue),
+        reply_to_session_id=args.reply_to_session_id,
+        correlation_id=args.correlation_id,
+        session_id=args.session_id,
+    )
+    message_ids = [args.message_id] * len(bodies) if args.message_id else None
     with client:
-        sent = send_requests(client, args.queue or settings.queue_name, bodies)
-    print(f"published {sent} requests to {args.queue or settings.queue_name!r}", file=sys.stderr)
+        sent = send_requests(client, queue, bodies, message_ids=message_ids, properties=properties)
+    replies = f"; replies to {args.reply_to!r}" if args.reply_to else ""
+    print(f"published {sent} requests to {queue!r}{replies}", file=sys.stderr)
     return EXIT_OK
+
+
+def _request_body(args: argparse.Namespace) -> bytes:
+    if not args.experiment:
+        raise UsageError("--user needs --experiment")
+    body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
+    if args.segment:
+        body["segment"] = args.segment
+    if args.context:
+        try:
+            context = json.loads(args.context)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--context is not JSON: {exc.msg}") from None
+        if not isinstance(context, dict):
+            raise UsageError("--context must be a JSON object")
+        body["context"] = context
+    return json.dumps(body).encode()
+
+
+def _reply_to(reply_to: str | None, client: Any, queue: str) -> str | None:
+    """``--reply-to`` checked by the worker's own rule, so a request is never sent only to be dead-lettered."""
+    from adapters.servicebus import reply_entity
+    from worker.domain.errors import PermanentError
+
+    if reply_to is None:
+        return None
+    try:
+        reply_entity(reply_to, str(client.fully_qualified_namespace), queue)
+    except PermanentError as exc:
+        raise UsageError(exc.description.replace("reply_to ", "--reply-to ", 1)) from None
+    return reply_to
 
 
 def add_commands(commands: Any) -> None:
@@ -109,8 +141,15 @@ def add_commands(commands: Any) -> None:
             "examples:\n"
             "  ab-worker publish --experiment exp_001 --user U123\n"
             '  ab-worker publish --experiment exp_001 --user U123 --context \'{"campaign": "c1"}\' --count 10\n'
-            "  ab-worker publish --file deploy/sample-requests.jsonl\n\n"
-            "Lines of --file are sent as they are (malformed ones included, to exercise dead-lettering)."
+            "  ab-worker publish --file deploy/sample-requests.jsonl\n"
+            "  ab-worker publish --experiment exp_001 --user U123 --reply-to assignment-replies \\\n"
+            "      --message-id ask-1 --correlation-id order-77\n\n"
+            "Lines of --file are sent as they are (malformed ones included, to exercise dead-lettering).\n"
+            "--reply-to: the worker also sends the request's event to this queue (request/reply); it is\n"
+            "checked by the worker's rule (a queue or topic of this namespace, not the requests queue).\n"
+            "--message-id, --correlation-id, --session-id, --reply-to-session-id: 1-128 characters, no\n"
+            "control or invisible characters. The event's id is derived from the message id, and its\n"
+            "correlation id is --correlation-id, else the message id."
         ),
     )
     publish.add_argument("--experiment", help="experiment id")
@@ -120,4 +159,11 @@ def add_commands(commands: Any) -> None:
     publish.add_argument("--count", type=integer(1), default=1, help="send the request this many times (default 1)")
     publish.add_argument("--file", help="JSON-lines file: one request body per line")
     publish.add_argument("--queue", help="queue (default AB_WORKER_QUEUE_NAME)")
+    publish.add_argument("--reply-to", metavar="ENTITY", help="queue (or topic) the event is also sent to")
+    publish.add_argument("--correlation-id", metavar="ID", type=broker_id, help="correlation id (copied to the event)")
+    publish.add_argument("--message-id", metavar="ID", type=broker_id, help="message id (default: one per message)")
+    publish.add_argument("--session-id", metavar="ID", type=broker_id, help="session id (session-enabled queues)")
+    publish.add_argument(
+        "--reply-to-session-id", metavar="ID", type=broker_id, help="session of the reply (with --reply-to)"
+    )
     publish.set_defaults(func=cmd_publish)

@@ -182,6 +182,21 @@ def positive_number(text: str) -> float:
     return value
 
 
+#: Service Bus caps ``MessageId``, ``CorrelationId`` and ``SessionId`` at 128 characters.
+BROKER_ID_MAX_CHARS = 128
+
+
+def broker_id(text: str) -> str:
+    """An argument type: a message, correlation or session id (1–128 characters, the id character rule)."""
+    from schemas.text import text_problem
+
+    problem = text_problem(text, BROKER_ID_MAX_CHARS)
+    if problem is not None:
+        # Never echoed: the value may be long, or hold the very characters that make it wrong.
+        raise argparse.ArgumentTypeError(f"the value {problem}")
+    return text
+
+
 #: A TCP port to listen on; 0 lets the system pick a free one.
 port = integer(0, 65535)
 

@@ -17,6 +17,8 @@ from typing import Any
 _LOG = logging.getLogger(__name__)
 
 DEFAULT_QUEUE = "assignment-requests"
+#: Where a publisher asks for its events in the request/reply pattern (``publish --reply-to``).
+DEFAULT_REPLY_QUEUE = "assignment-replies"
 DEFAULT_TOPIC = "assignment-events"
 DEFAULT_SUBSCRIPTIONS = ("all", "audit")
 
@@ -112,9 +114,15 @@ class BrokerConfig:
 
     @classmethod
     def default(cls) -> BrokerConfig:
-        """The entities the assignment worker uses: its request queue and event topic."""
+        """The entities the assignment worker uses: its request queue, event topic and a reply queue.
+
+        The same entity names as ``deploy/servicebus-emulator/Config.json`` (a test holds them equal).
+        """
         return cls(
-            queues=(QueueConfig(DEFAULT_QUEUE, EntityProperties(max_delivery_count=10, lock_duration=30.0)),),
+            queues=(
+                QueueConfig(DEFAULT_QUEUE, EntityProperties(max_delivery_count=10, lock_duration=30.0)),
+                QueueConfig(DEFAULT_REPLY_QUEUE, EntityProperties(lock_duration=30.0)),
+            ),
             topics=(
                 TopicConfig(
                     DEFAULT_TOPIC,
