@@ -47,6 +47,13 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     }
 
 
+PUBLISH = ["--experiment", "e1", "--user", "u"]
+#: A connection string for checks made before anything connects (nothing listens on port 9).
+LOCAL = {
+    "AB_WORKER_SERVICEBUS_CONNECTION_STRING": (
+        "Endpoint=sb://127.0.0.1:9;SharedAccessKeyName=k;SharedAccessKey=s;UseDevelopmentEmulator=true"
+    )
+}
 STRATIFY = ["stratify", "cohort.csv", "--experiment", "x", "--arms", "a,b"]
 REPORT = ["report", "--rows", "rows.jsonl"]
 
@@ -114,6 +121,20 @@ MATRIX: list[tuple[list[str], dict[str, str], int, str]] = [
         USAGE,
         "no Service Bus",
     ),
+    (["publish", *PUBLISH, "--message-id", ""], {}, USAGE, "argument --message-id: the value is empty"),
+    (["publish", *PUBLISH, "--session-id", "s" * 129], {}, USAGE, "is 129 characters; the limit is 128"),
+    (["publish", *PUBLISH, "--correlation-id", "a\x1b[2Jb"], {}, USAGE, "found U+001B at index 1"),
+    (["publish", *PUBLISH, "--reply-to-session-id", "r"], {}, USAGE, "--reply-to-session-id needs --reply-to"),
+    (["publish", "--file", "requests.jsonl", "--message-id", "m"], {}, USAGE, "cannot go with --file"),
+    (["publish", *PUBLISH, "--reply-to", "assignment-requests"], LOCAL, USAGE, "names the requests queue"),
+    (["publish", *PUBLISH, "--reply-to", "sb://elsewhere.example/q"], LOCAL, USAGE, "names another namespace"),
+    (["publish", *PUBLISH, "--reply-to", "t/Subscriptions/s"], LOCAL, USAGE, "is not a queue or topic name"),
+    (["publish", *PUBLISH, "--reply-to", "bad name!"], LOCAL, USAGE, "is not a queue or topic name"),
+    # events
+    (["events", "tail", "--count", "0"], {}, USAGE, "argument --count: '0' must be at least 1"),
+    (["events", "tail", "--idle", "-1"], {}, USAGE, "argument --idle: '-1' must be a number above 0"),
+    (["events", "tail", "--idle", "nan"], {}, USAGE, "argument --idle"),
+    (["events", "tail"], {"AB_WORKER_SERVICEBUS_CONNECTION_STRING": ""}, USAGE, "no Service Bus"),
     # dlq
     (["dlq", "peek", "--limit", "-5"], {}, USAGE, "argument --limit"),
     (["dlq", "peek", "--limit", "0"], {}, USAGE, "'0' must be at least 1"),
@@ -160,7 +181,7 @@ def test_bad_input_gets_one_line_and_the_documented_status(
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    command = " ".join(argv[:2]) if argv[0] in ("dlq", "queue") else argv[0]
+    command = " ".join(argv[:2]) if argv[0] in ("dlq", "queue", "events") else argv[0]
     assert lines[0].startswith(f"ab-worker {command}: error: "), err
     assert fragment in lines[0]
 
