@@ -1,7 +1,7 @@
 """A plain restatement of the seed document's reference implementation.
 
 Deliberately naive (hexdigest, int parsing, a float loop over the thresholds, a fresh dict per
-call), written straight from ``seeds/ab_assignment_agent.md``. It generates the conformance file's
+call), written straight from ``docs/seeds/ab_assignment_agent.md``. It generates the conformance file's
 expected values and is the baseline the speed benchmark compares against. Never optimise it.
 """
 

@@ -1,6 +1,6 @@
 """ab-assignment-worker: deterministic experiment assignment on Azure Service Bus.
 
-The documented Python API (``seeds/ab_assignment_agent.md``)::
+The documented Python API (``docs/seeds/ab_assignment_agent.md``)::
 
     from worker import ABAssignmentAgent, AssignmentStrategy
     agent = ABAssignmentAgent(split_ratio={"A": 0.7, "B": 0.3}, seed="echovoice")

@@ -1,4 +1,4 @@
-"""Deterministic MD5 bucketing: the rule of ``seeds/ab_assignment_agent.md``, bit for bit.
+"""Deterministic MD5 bucketing: the rule of ``docs/seeds/ab_assignment_agent.md``, bit for bit.
 
 ``bucket = (int(md5(f"{seed}:{experiment_id}:{user_id}").hexdigest()[:8], 16) % 1_000_000) / 1e6``
 

@@ -1,4 +1,4 @@
-"""Cohort stratified assignment with balance checks (``seeds/experiment_assignment_strategy.md``).
+"""Cohort stratified assignment with balance checks (``docs/seeds/experiment_assignment_strategy.md``).
 
 The rule, precise enough to re-implement in any language:
 
