@@ -87,7 +87,7 @@ def add_commands(commands: Any) -> None:
             "examples:\n"
             "  ab-worker events tail\n"
             "  ab-worker events tail --experiment exp_001 --count 10\n"
-            "  ab-worker events tail --subscription audit --json --idle 5 | jq .variant_id"
+            "  ab-worker events tail --json --idle 5 | jq .variant_id"
         ),
     )
     tail.add_argument(
