@@ -239,3 +239,22 @@ def test_events_tail_exits_130_quietly_on_sigint(broker: LocalBroker) -> None:
             process.wait()
     assert process.returncode == ExitStatus.INTERRUPTED, err
     assert err.strip() == "", err
+
+
+@pytest.mark.timeout(60)
+def test_events_tail_on_a_terminal_shows_one_escaped_line_per_event(
+    broker: LocalBroker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal: experiment, user → variant, correlation and event id; control and bidi characters escaped."""
+    with (
+        ServiceBusClient.from_connection_string(broker.connection_string) as client,
+        client.get_topic_sender(TOPIC) as sender,
+    ):
+        body = {"experiment_id": "exp_001", "user_id": "U\x1b[2J\u202e1", "variant_id": "B", "segment": "vip"}
+        sender.send_messages(ServiceBusMessage(json.dumps(body), message_id="ev-1", correlation_id="order-9"))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["events", "tail", "--count", "1"]) == ExitStatus.OK
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.endswith("  exp_001 [vip]  U\\x1b[2J\\u202e1 → B  (correlation order-9, event ev-1)")
+    assert "\x1b" not in line
+    assert "\u202e" not in line
