@@ -30,10 +30,10 @@ LONGEST_FIRST = (
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto`` (the default in pyproject): 4 processes for the whole suite, none for a targeted run."""
+    """``-n auto`` (the default in pyproject): 6 processes for the whole suite, none for a targeted run."""
     if config.args_source is pytest.Config.ArgsSource.ARGS:
         return 0
-    return int(os.environ.get("AB_WORKER_TEST_PROCESSES", "4"))
+    return int(os.environ.get("AB_WORKER_TEST_PROCESSES", "6"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
