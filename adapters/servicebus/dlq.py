@@ -583,6 +583,19 @@ def _complete_after(action: Callable[[], None], receiver: ServiceBusReceiver, me
 # -- the commands ---------------------------------------------------------------------------------
 
 
+def _go_ahead(found: Selection, outcome: Outcome, dry_run: bool, confirm: Callable[[Selection], bool] | None) -> bool:
+    """Whether to act on what ``select`` found: not on a dry run (which reports it done), nothing, or a no."""
+    if dry_run:
+        outcome.done = list(found.targets)
+        return False
+    if not found.targets:
+        return False
+    if confirm is not None and not confirm(found):
+        outcome.cancelled = True
+        return False
+    return True
+
+
 def replay(
     client: ServiceBusClient,
     entity: Entity,
@@ -600,13 +613,7 @@ def replay(
     """Move matching dead letters back to their entity: resubmit, then complete the DLQ copy."""
     found = select(client, entity, selection, max_replays=max_replays, limit=limit)
     outcome = Outcome(found, skipped=list(found.skipped))
-    if dry_run:
-        outcome.done = list(found.targets)
-        return outcome
-    if not found.targets:
-        return outcome
-    if confirm is not None and not confirm(found):
-        outcome.cancelled = True
+    if not _go_ahead(found, outcome, dry_run, confirm):
         return outcome
     with _target_sender(client, entity) as sender:
 
@@ -641,13 +648,7 @@ def purge(
     """Delete matching dead letters for good (complete them in the DLQ)."""
     found = select(client, entity, selection, limit=limit)
     outcome = Outcome(found, skipped=list(found.skipped))
-    if dry_run:
-        outcome.done = list(found.targets)
-        return outcome
-    if not found.targets:
-        return outcome
-    if confirm is not None and not confirm(found):
-        outcome.cancelled = True
+    if not _go_ahead(found, outcome, dry_run, confirm):
         return outcome
 
     def delete(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
