@@ -182,8 +182,11 @@ class ServiceBusSource:
         failures, settlements = self.ranges.failures, self.ranges.settlements
         # Only messages that came on the current link may share a range (delivery ids restart on a new
         # one); the others are reported lost by ``complete`` below.
-        stale = [d for d in deliveries if not on_current_link(receiver, d.handle)]
-        left = stale + self.ranges.settle(receiver, [d for d in deliveries if on_current_link(receiver, d.handle)])
+        current: list[Delivery] = []
+        stale: list[Delivery] = []
+        for delivery in deliveries:
+            (current if on_current_link(receiver, delivery.handle) else stale).append(delivery)
+        left = stale + self.ranges.settle(receiver, current)
         if self.ranges.settlements > settlements:
             self.watch.heard()
         if self.ranges.failures > failures:

@@ -7,26 +7,51 @@ import-time dependency on Azure SDKs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from worker.cli.common import EXIT_OK, broker_id, check_input, formatter, integer, listen_error, port, servicebus_client
 from worker.domain.errors import ConfigurationError, UsageError
 
 
-def cmd_broker(args: argparse.Namespace) -> int:
-    """Run the embedded broker in the foreground until SIGTERM (exit 0) or Ctrl-C (exit 130)."""
+def _embedded() -> ModuleType:
+    """The embedded broker's package; a one-line error where it is not installed (the image)."""
     try:
-        from adapters.local.broker import BrokerConfig, BrokerConfigError, LocalBroker
+        return importlib.import_module("adapters.local.broker")
     except ModuleNotFoundError as exc:
         raise ConfigurationError(
-            f"the embedded broker is development tooling and not installed here ({exc.name} is missing):"
-            " from a source checkout, `make install` or `pip install -e '.[local]'`"
+            f"--local needs the embedded broker (so does `broker`), which is development tooling and not installed"
+            f" here ({exc.name} is missing): from a source checkout, `make install` or `pip install -e '.[local]'`"
         ) from None
+
+
+@contextmanager
+def local_broker(port: int = 0) -> Iterator[Any]:
+    """The embedded broker on 127.0.0.1 for ``run --local``, stopped on exit."""
+    broker = _embedded().LocalBroker(None, port=port)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run the embedded broker in the foreground until SIGTERM (exit 0) or Ctrl-C (exit 130)."""
+    embedded = _embedded()
+    BrokerConfig, BrokerConfigError, LocalBroker = (
+        embedded.BrokerConfig,
+        embedded.BrokerConfigError,
+        embedded.LocalBroker,
+    )
     try:
         config = BrokerConfig.load(Path(args.config)) if args.config else BrokerConfig.default()
     except BrokerConfigError as exc:

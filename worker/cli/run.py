@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from pydantic import SecretStr
 
+from worker.cli.broker import local_broker
 from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -72,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stack.enter_context(registry.watching())
         if args.local:
             try:
-                broker = stack.enter_context(compose.local_broker(args.broker_port))
+                broker = stack.enter_context(local_broker(args.broker_port))
             except OSError as exc:
                 raise listen_error(exc, f"127.0.0.1:{args.broker_port}", "--broker-port") from None
             settings.servicebus_connection_string = SecretStr(broker.connection_string)

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
+from worker.cli.broker import local_broker
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL
 from worker.domain.errors import UsageError
 from worker.service import bootstrap
@@ -50,7 +51,7 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
     with ExitStack() as stack:
         env = dict(os.environ)
         if args.local:
-            broker = stack.enter_context(bootstrap.local_broker(args.broker_port))
+            broker = stack.enter_context(local_broker(args.broker_port))
             env["AB_WORKER_SERVICEBUS_CONNECTION_STRING"] = broker.connection_string
             bootstrap.print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
         elif settings.servicebus_connection_string is None and settings.servicebus_namespace is None:

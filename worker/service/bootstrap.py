@@ -33,7 +33,6 @@ from worker.service.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from adapters.health import HealthCheck
-    from adapters.local.broker import LocalBroker
     from adapters.servicebus import Client as ServiceBusClient
     from adapters.servicebus.liveness import Liveness
 
@@ -222,26 +221,6 @@ def record_sink(settings: WorkerSettings, rows_path: str | None) -> RecordSink:
     if rows_path is None:
         log.warning("No Kusto configured (AB_WORKER_KUSTO_INGEST_URI) and no --rows file: rows are not recorded")
     return JsonLinesSink(Path(rows_path) if rows_path else None, max_age=settings.flush_max_age)
-
-
-@contextmanager
-def local_broker(port: int = 0, config_path: str | None = None) -> Iterator[LocalBroker]:
-    """The embedded broker on 127.0.0.1, stopped on exit."""
-    try:
-        from adapters.local.broker import BrokerConfig, LocalBroker
-    except ModuleNotFoundError as exc:
-        raise ConfigurationError(
-            f"--local needs the embedded broker, which is development tooling and not installed here ({exc.name} is"
-            " missing): from a source checkout, `make install` or `pip install -e '.[local]'`"
-        ) from None
-
-    config = BrokerConfig.load(config_path) if config_path else None
-    broker = LocalBroker(config, port=port)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @contextmanager
