@@ -489,6 +489,7 @@ class _HoldingScan:
     def run(self, receiver: ServiceBusReceiver, max_wait: float) -> None:
         """Receive batches until no target is pending, or twice nothing more can be received."""
         misses = 0
+        undecided: dict[int, ServiceBusReceivedMessage] = {}
         try:
             while self.pending and misses < _EMPTY_ROUNDS:
                 batch = receiver.receive_messages(
@@ -498,10 +499,14 @@ class _HoldingScan:
                 # or is locked elsewhere. A second empty round guards against a spurious one.
                 misses = 0 if batch else misses + 1
                 self.keeper.hold(receiver, batch)
+                # Until decided, a message is released if the run ends early (a refused copy raises):
+                # a retry can then take it at once instead of waiting out its lock.
+                undecided = {m.sequence_number or 0: m for m in batch}
                 for message in batch:
                     self._take(receiver, message)
+                    undecided.pop(message.sequence_number or 0)
         finally:
-            self.outcome.released = _release(receiver, self.keeper, self.held)
+            self.outcome.released = _release(receiver, self.keeper, {**undecided, **self.held})
         self.outcome.skipped.extend((letter, SKIP_NOT_RECEIVED) for letter in self.pending.values())
 
     def _take(self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> None:

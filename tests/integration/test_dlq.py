@@ -429,3 +429,25 @@ def test_on_a_terminal_replay_all_and_purge_ask_first(
 
     assert broker.message_counts(QUEUE)["dead_letter"] == 0
     assert broker.message_counts(QUEUE)["active"] == 2
+
+
+def test_a_refused_copy_leaves_the_dead_letter_where_it_was_never_nowhere(
+    broker: LocalBroker, client: ServiceBusClient
+) -> None:
+    """The README's promise: a replay interrupted by a refused send completes nothing; a later replay moves all."""
+    _dead_letter(client, QUEUE, [ServiceBusMessage(_body(f"R{i}", "exp_r"), message_id=f"r{i}") for i in range(5)], "X")
+    broker.refuse_sends(QUEUE, "amqp:unauthorized-access")
+    try:
+        outcome = replay(client, Entity.parse(QUEUE), ReplayFilter(experiment="exp_r"))
+    except Exception:  # the refusal may end the command (exit 5 in the CLI): what matters is where messages are
+        outcome = None
+    assert outcome is None or outcome.replayed == []
+    _wait(
+        lambda: broker.message_counts(QUEUE) == {**broker.message_counts(QUEUE), "active": 0, "dead_letter": 5},
+        what="every dead letter back in the DLQ, nothing on the queue",
+    )
+    broker.clear_faults()
+    again = replay(client, Entity.parse(QUEUE), ReplayFilter(experiment="exp_r"))
+    assert sorted(x.request["user_id"] for x in again.replayed) == [f"R{i}" for i in range(5)]
+    assert broker.message_counts(QUEUE)["dead_letter"] == 0
+    assert broker.message_counts(QUEUE)["active"] == 5
