@@ -159,6 +159,10 @@ class MemorySink:
         """Due by size only (the fake has no clock)."""
         return len(self.buffer) >= self.max_rows
 
+    def due_in(self) -> float | None:
+        """0 when due by size; otherwise None (no age)."""
+        return 0.0 if self.due() else None
+
     def flush(self) -> None:
         """Keep the buffered rows, or drop them and raise when told to fail."""
         buffered, self.buffer = self.buffer, []

@@ -40,6 +40,14 @@ class BufferedRows:
             return True
         return self._oldest is not None and self._clock() - self._oldest >= self.max_age
 
+    def due_in(self) -> float | None:
+        """Seconds until :meth:`due` (0 when due now); None when nothing is buffered."""
+        if not self._buffer or self._oldest is None:
+            return None
+        if len(self._buffer) >= self.max_rows:
+            return 0.0
+        return max(0.0, self.max_age - (self._clock() - self._oldest))
+
     @property
     def buffered(self) -> int:
         """Rows waiting for the next flush."""

@@ -635,3 +635,34 @@ def test_dead_letter_lines_are_rate_limited_and_count_what_they_left_out(caplog)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Dead-lettered")]
     assert len(lines) == 4
     assert lines[-1].endswith("message m10, experiment - (7 more dead-lettered since the last such line, not logged)")
+
+
+def test_a_receive_waits_no_longer_than_the_held_rows_take_to_fall_due():
+    """Settlement is not kept waiting by a receive: its wait is cut to when the held rows are due by age.
+
+    A trickle keeps every receive busy, so the rows are flushed by age, and no receive may wait past it.
+    """
+    from adapters.files import JsonLinesSink
+
+    now = [100.0]
+
+    class Trickle(MemorySource):
+        waits: list[float]
+
+        def receive(self, max_messages, max_wait):
+            self.waits.append(max_wait)
+            now[0] += 0.5  # one request arrives every half second of the pump's clock
+            self.send(_request(user=f"U{len(self.waits)}"))
+            return super().receive(max_messages, max_wait)
+
+    source = Trickle()
+    source.waits = []
+    sink = JsonLinesSink(None, max_rows=1000, max_age=2.0, clock=lambda: now[0])
+    pump = _pump(source, sink=sink, max_wait=30.0)
+    for _ in range(5):
+        pump.run_once()
+    # Nothing held before the first receive: the configured wait. The first row is held from 100.5 and
+    # due at 102.5: each later wait is what is left of its age, never the 30 s.
+    assert source.waits == [30.0, pytest.approx(2.0), pytest.approx(1.5), pytest.approx(1.0), pytest.approx(0.5)]
+    assert len(source.completed) == 5  # flushed at 102.5 and settled
+    assert sink.rows_written == 5

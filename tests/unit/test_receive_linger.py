@@ -1,4 +1,6 @@
-"""The receive linger (AB_WORKER_RECEIVE_LINGER): off by default, applied when set, safe when the SDK changes."""
+"""The receive linger and window (AB_WORKER_RECEIVE_LINGER, AB_WORKER_RECEIVE_WINDOW): on by default,
+applied to the receiver, safe when the SDK changes. Their effect on real receives is in
+tests/integration/test_receive_gather.py."""
 
 from __future__ import annotations
 
@@ -8,30 +10,32 @@ from typing import Any
 import pytest
 from azure.servicebus import ServiceBusClient
 
-from adapters.servicebus.source import MIN_READ_SLICE, ServiceBusSource, set_linger
+from adapters.servicebus.source import ServiceBusSource, set_linger
 from worker.service.settings import WorkerSettings
 
 CONNECTION = "Endpoint=sb://127.0.0.1:1/;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
 
 
-def test_a_set_linger_shortens_the_wait_and_slices_the_reads() -> None:
-    """With a linger the receiver waits that long for more after the first message, reading in short slices."""
+def test_a_linger_shortens_the_wait_and_slices_the_reads() -> None:
+    """With a linger the receiver waits that long for more after a message, reading in slices as short."""
     with ServiceBusClient.from_connection_string(CONNECTION) as client:
         receiver: Any = ServiceBusSource(client, "assignment-requests", linger=0.005)._get_receiver()
         try:  # the receiver is built lazily; nothing connects here
             assert receiver._further_pull_receive_timeout == 0.005
-            assert receiver._config.socket_timeout == pytest.approx(MIN_READ_SLICE)
+            assert receiver._config.socket_timeout == pytest.approx(0.005)
         finally:
             receiver.close()
 
 
-def test_by_default_the_sdk_defaults_stand() -> None:
-    """No linger: the SDK's 0.2 s wait for a batch to fill and its socket timeout are left alone."""
+def test_without_a_linger_the_sdk_defaults_stand() -> None:
+    """A source built without a linger (library use) leaves the SDK's 0.2 s wait and socket timeout alone."""
     with ServiceBusClient.from_connection_string(CONNECTION) as client:
-        receiver: Any = ServiceBusSource(client, "assignment-requests")._get_receiver()
+        source = ServiceBusSource(client, "assignment-requests", window=5.0)
+        receiver: Any = source._get_receiver()
         try:
             assert receiver._further_pull_receive_timeout == pytest.approx(0.2)
             assert receiver._config.socket_timeout == pytest.approx(0.2)
+            assert source.window == 0.0  # gathering needs a linger
         finally:
             receiver.close()
 
@@ -47,9 +51,11 @@ def test_an_sdk_without_the_attribute_gets_a_warning_not_a_crash(caplog: pytest.
     assert "Receive linger not set" in caplog.text
 
 
-def test_the_linger_is_an_optional_setting() -> None:
-    """AB_WORKER_RECEIVE_LINGER: unset by default, 0 to 1 s when set."""
-    assert WorkerSettings().receive_linger is None
-    assert WorkerSettings(receive_linger=0.05).receive_linger == 0.05
-    with pytest.raises(ValueError, match="receive_linger"):
-        WorkerSettings(receive_linger=2)
+def test_the_linger_and_window_are_settings_with_bounds() -> None:
+    """2 ms and 20 ms by default (chosen from bench_latency and bench_throughput); bounded when set."""
+    settings = WorkerSettings()
+    assert (settings.receive_linger, settings.receive_window) == (0.002, 0.02)
+    assert WorkerSettings(receive_linger=0.05, receive_window=0).receive_window == 0
+    for bad in ({"receive_linger": 0}, {"receive_linger": 2}, {"receive_window": -1}, {"receive_window": 11}):
+        with pytest.raises(ValueError, match="receive_"):
+            WorkerSettings(**bad)

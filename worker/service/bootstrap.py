@@ -98,6 +98,7 @@ def servicebus_source(settings: WorkerSettings, client: ServiceBusClient) -> Mes
         prefetch=settings.prefetch,
         liveness=liveness(settings),
         linger=settings.receive_linger,
+        window=settings.receive_window,
     )
 
 

@@ -109,6 +109,13 @@ class RecordSink(Protocol):
         """True when the sink wants a flush now (by size or age)."""
         ...
 
+    def due_in(self) -> float | None:
+        """Seconds until the rows it holds are due by age (0: due now); None when it holds none or has no clock.
+
+        The pump waits no longer than this for a receive, so settlement never lags a flush by a receive's wait.
+        """
+        ...
+
     def flush(self) -> None:
         """Make the rows added since the last flush durable, or raise ``TransientError`` (they are then dropped)."""
         ...

@@ -1,0 +1,83 @@
+"""How a receive follows the queue, through the real SDK and the embedded broker (issue 12 §1).
+
+A trickle is answered at once (a receive returns as soon as messages stop coming, not after the
+SDK's 0.2 s wait for a batch to fill), and a backlog still comes in big batches (a receive keeps
+gathering while messages keep coming, up to its window).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Iterator
+
+import pytest
+from azure.servicebus import ServiceBusClient, ServiceBusMessage
+
+from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from adapters.servicebus.source import ServiceBusSource
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "assignment-requests"
+CONFIG = {
+    "UserConfig": {
+        "Namespaces": [{"Name": "sbemulatorns", "Queues": [{"Name": QUEUE, "Properties": {"LockDuration": "PT60S"}}]}]
+    }
+}
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
+        yield running
+
+
+def _one_at_a_time(broker: LocalBroker, linger: float | None, rounds: int = 5) -> list[float]:
+    """Seconds from sending one request to a receive of up to 100 returning it, ``rounds`` times."""
+    client = create_client(ServiceBusAuth(connection_string=broker.connection_string))
+    source = ServiceBusSource(client, QUEUE, linger=linger, window=0.02)
+    took = []
+    try:
+        with (
+            ServiceBusClient.from_connection_string(broker.connection_string) as publisher,
+            publisher.get_queue_sender(QUEUE) as sender,
+        ):
+            for i in range(rounds + 1):
+                sender.send_messages(ServiceBusMessage(json.dumps({"n": i}), message_id=f"one-{i}"))
+                start = time.perf_counter()
+                got = source.receive(100, 5.0)
+                took.append(time.perf_counter() - start)
+                assert len(got) == 1
+                source.complete_batch(got)
+    finally:
+        source.close()
+        client.close()
+    return took[1:]  # the first receive opens the link
+
+
+def test_a_lone_request_is_returned_at_once_not_after_the_sdks_batch_wait(broker: LocalBroker) -> None:
+    """With the default 2 ms linger a lone message comes back in milliseconds; the SDK alone waits 0.2 s."""
+    lingering = statistics.median(_one_at_a_time(broker, linger=0.002))
+    sdk = statistics.median(_one_at_a_time(broker, linger=None))
+    assert sdk >= 0.19, f"the SDK's own wait for more is 0.2 s, measured {sdk:.3f} s"
+    # A generous bound (the median is a few ms here): far under the SDK's wait even on a loaded machine.
+    assert lingering < 0.1, f"a lone request took {lingering:.3f} s to come back"
+
+
+def test_a_backlog_keeps_coming_in_big_batches(broker: LocalBroker) -> None:
+    """A receive keeps gathering while messages keep coming: far more than one linger after the first brings."""
+    count = 2000
+    client = create_client(ServiceBusAuth(connection_string=broker.connection_string))
+    send_requests(client, QUEUE, [b"{}"] * count, message_ids=[f"m{i}" for i in range(count)])
+    source = ServiceBusSource(client, QUEUE, linger=0.05, window=30.0)
+    try:
+        got = source.receive(count, 10.0)
+        source.complete_batch(got)
+    finally:
+        source.close()
+        client.close()
+    assert len(got) >= count // 2, f"one receive gathered only {len(got)} of a {count}-message backlog"
+    assert len({d.message_id for d in got}) == len(got)
