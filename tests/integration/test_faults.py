@@ -37,7 +37,7 @@ from worker.domain.registry import ExperimentRegistry
 from worker.service.bootstrap import bootstrap, servicebus_publisher
 from worker.service.handling import event_id_for
 from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
-from worker.service.pump import Pump, PumpConfig
+from worker.service.pump import Pump, PumpConfig, settled
 from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
@@ -700,3 +700,53 @@ def test_short_max_wait_still_connects(clients: list[Any]) -> None:
                 break
         source.close()
     assert received
+
+
+@pytest.mark.timeout(90)
+def test_requests_arriving_during_an_outage_burn_no_delivery_counts(clients: list[Any]) -> None:
+    """Requests sent while the topic is down must wait on the queue, not lapse in the worker's buffer.
+
+    A receive that returns fewer messages than it asked for leaves link credit open, and the broker uses
+    it to push the requests that arrive during the outage. Left in the socket they would lapse,
+    unrenewed, and come back with a higher delivery count each time. The SDK releases (without
+    counting a delivery) what arrives outside a receive call whenever the connection is worked, and
+    the lock keeper's renewals work it well within a lock duration: this holds that together.
+    """
+    early, late = Requests.make(5, "early"), Requests.make(20, "late")
+    with published(early, "PT2S", max_delivery=2) as broker:
+        sink = MemorySink(max_rows=50)
+        holder: list[OutageWindow] = []
+
+        def failing(topic: Any) -> OutageWindow:
+            holder.append(OutageWindow(topic, 5.0, after_publishes=1))
+            return holder[0]
+
+        pump = in_process_pump(
+            broker.connection_string, clients, sink=sink, publisher=failing, max_batch=50, prefetch=0
+        )
+        pump.source = counting = CountingSource(pump.source)
+        counting.locks.interval = 0.2
+
+        def trickle() -> None:
+            wait_for(lambda: holder and holder[0].publishes >= 1, timeout=30)
+            Requests.make(1, "trigger").publish(broker.connection_string)  # its publish opens the outage
+            wait_for(lambda: holder[0].window is not None, timeout=30)
+            late.publish(broker.connection_string)
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            pump.run(until=settled(26))
+        finally:
+            sender.join(30)
+            for client in clients:
+                client.close()
+        counts = broker.message_counts(QUEUE)
+        events = drain_events(broker.connection_string, broker)
+        everything = Requests({**early.by_id, **late.by_id, **Requests.make(1, "trigger").by_id})
+        proof = assert_no_loss(everything, events, sink_rows(sink), broker)
+    assert holder[0].failures > 1, "the outage never held a publish"
+    assert counts["dead_letter"] == 0, f"healthy requests dead-lettered by an outage: {counts}"
+    grew = {m: n for m, n in counting.max_delivery.items() if n > 1}
+    assert not grew, f"requests that arrived during the outage came back with higher delivery counts: {grew}"
+    assert proof.duplicate_events == 0
