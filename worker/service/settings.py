@@ -59,7 +59,8 @@ class WorkerSettings(BaseSettings):
     receive_window: float = Field(
         default=0.02,
         ge=0,
-        le=10,
+        # Well under the shortest lock Service Bus allows (5 s): gathered messages are not yet renewed.
+        le=1,
         description=(
             "Seconds a batch keeps gathering after its first message while messages keep coming (each "
             "within the linger): a backlog still comes in full batches; bounds the latency gathering adds."
