@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 #: handshake runs before the timeout applies.
 MIN_READ_SLICE = 0.001
 
+#: The socket read slice while a closing receiver drains its link (the SDK's own default). The SDK
+#: stops draining after two reads that bring nothing; in linger-short slices that is before messages
+#: already pushed on open credit cross a distant link, and they would stay locked until their lock expires.
+DRAIN_READ_SLICE = 0.2
+
 
 def set_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
     """Set how long a receive waits for more messages after the first; False (with a WARNING) if it cannot.
@@ -44,6 +51,23 @@ def set_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
         log.warning("Receive linger not set: the Service Bus SDK's internals changed; receives wait 0.2 s for more")
         return False
     receiver._further_pull_receive_timeout = seconds
+    return True
+
+
+def widen_read_slice(receiver: Any, seconds: float) -> bool:
+    """Make the receiver's socket reads wait up to ``seconds``; False when the SDK's internals are not there.
+
+    Reads the pinned SDK's private ``_handler._connection._transport.sock`` (as
+    :func:`~adapters.servicebus.liveness.abort_connection` does); not connected yet is False too.
+    """
+    try:
+        sock = receiver._handler._connection._transport.sock
+    except AttributeError:
+        return False
+    if not isinstance(sock, socket.socket):
+        return False
+    with contextlib.suppress(OSError):
+        sock.settimeout(seconds)
     return True
 
 
@@ -236,4 +260,6 @@ class ServiceBusSource:
         self.watch.watchdog.close()
         receiver, self._receiver = self._receiver, None
         if receiver is not None:
+            if self.linger is not None:
+                widen_read_slice(receiver, max(DRAIN_READ_SLICE, self.linger))
             receiver.close()

@@ -107,3 +107,32 @@ def test_big_messages_cross_a_slow_link_intact_in_short_read_slices(broker: Loca
             client.close()
     assert got == {f"big-{i}": body for i, body in enumerate(bodies)}
     assert broker.message_counts(QUEUE)["active"] == 0
+
+
+def test_closing_over_a_distant_link_releases_requests_already_on_their_way(broker: LocalBroker) -> None:
+    """Requests the broker pushed on open credit just before a shutdown are released, not locked for 60 s.
+
+    The SDK drains the link on close and stops after two empty socket reads; with 2 ms read slices that
+    is long before transfers cross a 30 ms link, and they would stay locked until the lock expires.
+    """
+    from adapters.local.faultproxy import delayed
+    from tests.waiting import wait_for
+
+    with (
+        delayed(broker.port, 0.03) as proxy,
+        ServiceBusClient.from_connection_string(broker.connection_string) as publisher,
+        publisher.get_queue_sender(QUEUE) as sender,
+    ):
+        client = create_client(ServiceBusAuth(connection_string=proxy.connection_string(broker.connection_string)))
+        source = ServiceBusSource(client, QUEUE, linger=0.002, window=0.02)
+        try:
+            sender.send_messages(ServiceBusMessage("{}", message_id="first"))
+            first = source.receive(100, 5.0)  # leaves credit for 99 more open on the link
+            assert source.complete_batch(first) == []
+            sender.send_messages([ServiceBusMessage("{}", message_id=f"late-{i}") for i in range(5)])
+            wait_for(lambda: broker.message_counts(QUEUE)["locked"] == 5, what="the broker pushing the requests")
+        finally:
+            source.close()
+            client.close()
+    wait_for(lambda: broker.message_counts(QUEUE)["locked"] == 0, timeout=5, what="the requests being released")
+    assert broker.message_counts(QUEUE)["active"] == 5
