@@ -113,13 +113,13 @@ def test_closing_over_a_distant_link_releases_requests_already_on_their_way(brok
     """Requests the broker pushed on open credit just before a shutdown are released, not locked for 60 s.
 
     The SDK drains the link on close and stops after two empty socket reads; with 2 ms read slices that
-    is long before transfers cross a 30 ms link, and they would stay locked until the lock expires.
+    is long before transfers cross a 50 ms link, and they would stay locked until the lock expires.
     """
     from adapters.local.faultproxy import delayed
     from tests.waiting import wait_for
 
     with (
-        delayed(broker.port, 0.03) as proxy,
+        delayed(broker.port, 0.05) as proxy,
         ServiceBusClient.from_connection_string(broker.connection_string) as publisher,
         publisher.get_queue_sender(QUEUE) as sender,
     ):
