@@ -138,6 +138,8 @@ class ServiceBusSource:
             wait = max(max_wait, self.link_open_wait) if fresh else max_wait
             with self.watch.watchdog.deadline(self.watch.budget(wait + self.window), receiver):
                 messages = receiver.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+                # Stamped per call: the SDK may reopen its handler (a new link) between two calls.
+                stamp_link(receiver, messages)
                 if messages and self.linger is not None:
                     messages = self._gather(receiver, messages, max_messages)
             self._check_silence(receiver, heard=bool(messages) or fresh)
@@ -145,7 +147,6 @@ class ServiceBusSource:
             self._drop_receiver()
             raise TransientError(f"receive from {self.queue_name!r} failed: {redact(str(exc))}") from None
         if messages:
-            stamp_link(receiver, messages)
             self.locks.hold(receiver, messages)
         return [to_delivery(m) for m in messages]
 
@@ -165,6 +166,7 @@ class ServiceBusSource:
             )
             if not more:
                 break
+            stamp_link(receiver, more)
             messages.extend(more)
         return messages
 
