@@ -7,6 +7,12 @@ publisher refused for good (:class:`PublishRejected`). During a downstream failu
 messages are held (their locks renewed) and retried with backoff while receiving pauses, so an
 outage burns no delivery counts; nothing is dead-lettered for it.
 
+Publishing overlaps receiving: a batch's events go out on one publisher thread while the pump
+thread receives and handles the next batch, so a network round trip to the topic no longer adds to
+one to the queue. At most one batch is publishing at a time; every publish attempt (retries too)
+runs on that thread, and receiving and settling stay on the pump thread (the SDK's handlers are not
+thread-safe). What the publish thread raises is raised again on the pump thread.
+
 The pump is flow only: spans, metrics, logs and counters hang on the observer seam
 (:mod:`worker.service.observe`). Build one with :func:`worker.service.bootstrap.bootstrap`.
 """
@@ -18,6 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from schemas.models import MAX_COHORT_MEMBERS, AssignmentEvent, AssignmentRecord
@@ -25,7 +32,14 @@ from worker.domain.errors import PermanentError, PublishRejected, TransientError
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import DEFAULT_MAX_BODY_BYTES, Handled, handle
 from worker.service.observe import Counting, Disposition, Observers, PumpObserver, PumpStats, Settlement
-from worker.service.ports import Delivery, EventPublisher, MessageSource, RecordSink, SettlementLostError
+from worker.service.ports import (
+    Delivery,
+    EventPublisher,
+    MessageSource,
+    OutboundEvent,
+    RecordSink,
+    SettlementLostError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +86,9 @@ class PumpConfig:
     topic_name: str = "assignment-events"
     max_batch: int = 100
     max_wait: float = 1.0
+    #: What a receive waits for a first message while the previous batch is publishing: when the
+    #: queue has run dry, that batch is recorded and settled after this, not after ``max_wait``.
+    overlap_wait: float = 0.1
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     context_allow_list: Collection[str] = ()
     max_cohort_members: int = MAX_COHORT_MEMBERS
@@ -87,6 +104,15 @@ class PumpConfig:
 class _InFlight:
     delivery: Delivery
     handled: Handled
+
+
+@dataclass(slots=True)
+class _Publishing:
+    """One batch whose events are on the publisher thread: its flights, their events, the attempt."""
+
+    flights: Sequence[_InFlight]
+    outbound: Sequence[Sequence[OutboundEvent]]
+    attempt: Future[dict[str, PermanentError]]
 
 
 class Pump:
@@ -122,6 +148,9 @@ class Pump:
         self._receive_failures = 0
         self._down: dict[str, str] = {}
         self._heartbeat = clock()
+        #: The one thread every publish runs on (started by the first publish, shut down by drain).
+        self._publisher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pump-publisher")
+        self._publishing: _Publishing | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -155,7 +184,12 @@ class Pump:
     def drain(self) -> None:
         """Flush the sink and settle everything held, then close the ports."""
         self._stop.set()
-        self._flush_and_settle()
+        try:
+            self._finish_publish()
+        finally:
+            # Also after a publisher bug: what was published before it is flushed and settled.
+            self._publisher_thread.shutdown(wait=True)
+            self._flush_and_settle()
         for close in (self.source.close, self.publisher.close, self.sink.close, *self._resources):
             try:
                 close()
@@ -174,12 +208,21 @@ class Pump:
     # -- one batch ---------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Receive and handle one batch; returns how many messages it received or settled."""
+        """Receive and handle one batch and start publishing it; returns how many messages it received or settled.
+
+        The batch before it was publishing meanwhile: it is recorded (and settled when the sink is
+        due) before this one goes to the publisher thread, so at most one batch is publishing.
+        """
         self._beat()
         deliveries = self._receive()
+        assigned: list[_InFlight] = []
         if deliveries:
             self.observer.on_received(deliveries)
-            self._handle_batch(deliveries)
+            assigned = self._handle_batch(deliveries)
+        # The previous batch published while this one was received: record it, then send this one.
+        self._finish_publish()
+        if assigned:
+            self._start_publish(assigned)
         flushed = 0
         if self._pending and (self.sink.due() or self._stop.is_set() or not deliveries):
             flushed = len(self._pending)
@@ -201,13 +244,19 @@ class Pump:
         return deliveries
 
     def _receive_wait(self) -> float:
-        """The configured wait, cut short when held rows fall due by age sooner: settlement is not kept waiting."""
+        """The configured wait, cut short so that settlement is not kept waiting by a receive.
+
+        While a batch publishes, to ``overlap_wait`` (when the queue has run dry, that batch is
+        recorded soon after); when held rows fall due by age sooner, to when they do.
+        """
+        wait = self.config.max_wait if self._publishing is None else min(self.config.max_wait, self.config.overlap_wait)
         due_in = self.sink.due_in() if self._pending else None
         if due_in is None:
-            return self.config.max_wait
-        return min(self.config.max_wait, max(MIN_RECEIVE_WAIT, due_in))
+            return wait
+        return min(wait, max(MIN_RECEIVE_WAIT, due_in))
 
-    def _handle_batch(self, deliveries: Sequence[Delivery]) -> None:
+    def _handle_batch(self, deliveries: Sequence[Delivery]) -> list[_InFlight]:
+        """Handle each message; the ones with events to publish (the others are settled here)."""
         registry = self.registry()
         assigned: list[_InFlight] = []
         for delivery in deliveries:
@@ -227,36 +276,64 @@ class Pump:
                 continue
             self.observer.on_handled(delivery, handled)
             assigned.append(_InFlight(delivery, handled))
-        accepted = self._publish(assigned) if assigned else []
+        return assigned
+
+    def _start_publish(self, flights: Sequence[_InFlight]) -> None:
+        """Hand the batch's events to the publisher thread (none is publishing: see :meth:`_finish_publish`)."""
+        if self._given_up("event topic"):
+            # Stopping mid-outage: release at once what would only join the held messages.
+            for flight in flights:
+                self._settle(flight.delivery, Stopping(), flight.handled)
+            return
+        # Serialised once: an outage retries the same messages instead of rebuilding them.
+        outbound = [f.handled.outbound(f.delivery) for f in flights]
+        attempt = self._publisher_thread.submit(self._publish_attempt, [m for ms in outbound for m in ms])
+        self._publishing = _Publishing(flights, outbound, attempt)
+
+    def _publish_attempt(self, messages: Sequence[OutboundEvent]) -> dict[str, PermanentError]:
+        """One publish, on the publisher thread: the events refused for good (the rest was accepted)."""
+        try:
+            with self.observer.publishing(messages):
+                self.publisher.publish(messages)
+        except PublishRejected as exc:
+            return dict(exc.rejected)
+        return {}
+
+    def _finish_publish(self) -> None:
+        """Wait for the batch on the publisher thread, retry it through an outage, then record and hold it."""
+        publishing, self._publishing = self._publishing, None
+        if publishing is None:
+            return
+        messages = [m for ms in publishing.outbound for m in ms]
+        attempts = [publishing.attempt]
+        rejected: dict[str, PermanentError] = {}
+
+        def attempt() -> None:
+            if not attempts:
+                attempts.append(self._publisher_thread.submit(self._publish_attempt, messages))
+            # Raises what the publisher raised: a transient failure is retried, a bug ends the pump.
+            # The rest was accepted: never publish it again, whatever happens to the refused ones.
+            rejected.update(attempts.pop().result())
+
+        published = self._retry_until_stopped("event topic", attempt)
+        accepted = self._accepted(publishing, rejected) if published else publishing.flights
+        if not published or self._given_up("record sink"):
+            # Stopping mid-outage: release at once what would only join the held messages.
+            for flight in accepted:
+                self._settle(flight.delivery, Stopping(), flight.handled)
+            return
         records = [AssignmentRecord.from_event(e) for f in accepted for e in f.handled.events]
         if records:
             self.sink.add(records)
         self._pending.extend(accepted)
         self._pending_records.extend(records)
 
-    def _publish(self, flights: Sequence[_InFlight]) -> list[_InFlight]:
-        """Publish the batch's events; the flights whose events were all accepted, the others settled."""
-        # Serialised once: an outage retries the same messages instead of rebuilding them.
-        outbound = [f.handled.outbound(f.delivery) for f in flights]
-        messages = [m for ms in outbound for m in ms]
-        rejected: dict[str, PermanentError] = {}
-
-        def attempt() -> None:
-            try:
-                with self.observer.publishing(messages):
-                    self.publisher.publish(messages)
-            except PublishRejected as exc:
-                # The rest was accepted: never publish it again, whatever happens to the refused ones.
-                rejected.update(exc.rejected)
-
-        if not self._retry_until_stopped("event topic", attempt):
-            for flight in flights:
-                self._settle(flight.delivery, Stopping(), flight.handled)
-            return []
+    def _accepted(self, publishing: _Publishing, rejected: dict[str, PermanentError]) -> list[_InFlight]:
+        """The flights whose events were all accepted; the others are dead-lettered with their refusal."""
         if not rejected:
-            return list(flights)
+            return list(publishing.flights)
         accepted = []
-        for flight, its in zip(flights, outbound, strict=True):
+        for flight, its in zip(publishing.flights, publishing.outbound, strict=True):
             refusal = next((rejected[m.message_id] for m in its if m.message_id in rejected), None)
             if refusal is None:
                 accepted.append(flight)
@@ -315,6 +392,10 @@ class Pump:
                 continue
             self._healthy(dependency)
             return True
+
+    def _given_up(self, dependency: str) -> bool:
+        """True once the pump is stopping and ``dependency`` was down at its last attempt."""
+        return self._stop.is_set() and dependency in self._down
 
     def _backoff(self, attempt: int) -> None:
         delay = min(self.config.max_backoff, self.config.min_backoff * 2 ** min(attempt, 16))
