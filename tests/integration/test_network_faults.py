@@ -184,6 +184,9 @@ def finish_and_prove(s: Scenario, *, stops_progress: bool) -> dict[str, Any]:
     total = len(s.requests.by_id)
     wait_for(lambda: s.worker.pump.stats.completed >= total or _queue_empty(s.broker), 120, "the queue to drain")
     timeline = s.worker.timeline
+    # The last completions may land just after the fault cleared: let the prober see them.
+    drained = time.monotonic()
+    wait_for(lambda: timeline.samples[-1][0] > drained, 10, "a probe after the drain")
     progress = timeline.completed_at(s.fault_off)
     resumed = timeline.first(s.fault_off, lambda _, done: done > progress)
     ready_again = timeline.first(s.fault_off, lambda st, _: st == 200)
