@@ -82,17 +82,15 @@ def test_success_publishes_records_then_completes():
 def test_completion_waits_for_the_row_flush():
     """Nothing is completed while its row is only buffered."""
     source, sink = MemorySource(), MemorySink(max_rows=10)
-    for i in range(6):
+    for i in range(3):
         source.send(_request(f"U{i}"))
-    pump = _pump(source, sink=sink, max_batch=3)
-    assert pump.run_once() == 3
-    # The second turn records the first batch (published meanwhile) while receiving the next.
+    pump = _pump(source, sink=sink)
     assert pump.run_once() == 3
     assert source.completed == []
     assert len(sink.buffer) == 3
     pump.drain()
-    assert len(source.completed) == 6
-    assert len(sink.rows) == 6
+    assert len(source.completed) == 3
+    assert len(sink.rows) == 3
 
 
 def test_redelivered_request_yields_identical_event():
@@ -660,13 +658,13 @@ def test_a_receive_waits_no_longer_than_the_held_rows_take_to_fall_due():
     source = Trickle()
     source.waits = []
     sink = JsonLinesSink(None, max_rows=1000, max_age=2.0, clock=lambda: now[0])
-    # overlap_wait as long as max_wait: only the rows' age may cut a wait here.
-    pump = _pump(source, sink=sink, max_wait=30.0, overlap_wait=30.0)
-    for _ in range(6):
+    pump = _pump(source, sink=sink, max_wait=30.0)
+    for _ in range(5):
         pump.run_once()
-    # Nothing held before the first two receives (request 1 publishes during the second): the configured
-    # wait. Its row is held from 101.0 and due at 103.0: each later wait is what is left of its age.
-    assert source.waits == [30.0, 30.0, pytest.approx(2.0), pytest.approx(1.5), pytest.approx(1.0), pytest.approx(0.5)]
-    assert len(source.completed) == 5  # flushed at 103.0 and settled; request 6 is publishing
-    assert sink.rows_written == 5
+    # Nothing held before the first receive: the configured wait. The first row is held from 100.5 and
+    # due at 102.5: each later wait is what is left of its age, never the 30 s.
+    assert source.waits == [30.0, pytest.approx(2.0), pytest.approx(1.5), pytest.approx(1.0), pytest.approx(0.5)]
+    # Flushed at 102.5 and settled while request 5 was publishing: its row waits for the next flush.
+    assert len(source.completed) == 4
+    assert sink.rows_written == 4
     pump.drain()

@@ -1,4 +1,4 @@
-"""The pump publishes one batch on its publisher thread while it receives and handles the next."""
+"""The pump publishes one batch on its publisher thread while it flushes and settles the ones before."""
 
 from __future__ import annotations
 
@@ -31,105 +31,93 @@ def _fill(source: MemorySource, count: int) -> None:
         source.send(json.dumps({"user_id": f"U{i}", "experiment_id": "exp_001"}), message_id=f"m{i}")
 
 
-class _RecordingSource(MemorySource):
-    """Records each receive: the wait it was given and how many publishes had returned by then."""
-
-    def __init__(self, publisher: _StepPublisher | None = None) -> None:
-        super().__init__()
-        self.publisher = publisher
-        self.waits: list[float] = []
-        self.published_before: list[int] = []
-        self.received_again = threading.Event()
-
-    def receive(self, max_messages, max_wait):
-        self.waits.append(max_wait)
-        self.published_before.append(self.publisher.returned if self.publisher else 0)
-        batch = super().receive(max_messages, max_wait)
-        if len(self.waits) == 2:
-            self.received_again.set()
-        return batch
-
-
 class _StepPublisher(MemoryPublisher):
-    """The first publish returns only once the pump asked for the next batch (or after 5 s, if it never does)."""
+    """Records its threads, fails if two publishes overlap, and says when a publish after the first began."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.source: _RecordingSource | None = None
-        self.overlapped: bool | None = None
-        self.returned = 0
+        self.busy = threading.Lock()
         self.threads: set[threading.Thread] = set()
-        self._busy = threading.Lock()
+        self.next_started = threading.Event()
 
     def publish(self, events):
-        assert self._busy.acquire(blocking=False), "two publishes at once"
+        assert self.busy.acquire(blocking=False), "two publishes at once"
         try:
             self.threads.add(threading.current_thread())
-            if self.overlapped is None:
-                assert self.source is not None
-                self.overlapped = self.source.received_again.wait(5)
+            if self.published:
+                self.next_started.set()
             super().publish(events)
-            self.returned += 1
         finally:
-            self._busy.release()
+            self.busy.release()
 
 
-def _stepped(count: int, **config) -> tuple[_RecordingSource, _StepPublisher, Pump]:
-    publisher = _StepPublisher()
-    source = _RecordingSource(publisher)
-    publisher.source = source
+class _WatchedSource(MemorySource):
+    """Counts receives begun during a publish; its first settlement waits (5 s at most) for the next publish."""
+
+    publisher: _StepPublisher
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.receives_during_publish = 0
+        self.settled_during_next_publish: bool | None = None
+
+    def receive(self, max_messages, max_wait):
+        if self.publisher.busy.locked():
+            self.receives_during_publish += 1
+        return super().receive(max_messages, max_wait)
+
+    def complete_batch(self, deliveries):
+        if self.settled_during_next_publish is None:
+            self.settled_during_next_publish = self.publisher.next_started.wait(5)
+        return super().complete_batch(deliveries)
+
+
+def _stepped(count: int, **config) -> tuple[_WatchedSource, _StepPublisher, Pump]:
+    source = _WatchedSource()
+    publisher = source.publisher = _StepPublisher()
     _fill(source, count)
-    return source, publisher, _pump(source, publisher, **config)
+    return source, publisher, _pump(source, publisher, MemorySink(max_rows=2), max_batch=2, **config)
 
 
-def test_the_next_batch_is_received_while_the_previous_one_publishes():
-    """Batch 2 is received while batch 1's publish is in flight; every message is still completed once."""
-    source, publisher, pump = _stepped(6, max_batch=2)
+def test_the_previous_batch_is_settled_while_the_next_one_publishes():
+    """Batch 1 is flushed and completed while batch 2's publish is in flight; every message completes once."""
+    source, _, pump = _stepped(6)
     stats = pump.run(until=settled(6))
-    assert publisher.overlapped is True, "the pump waited for the publish before receiving again"
-    assert sorted(d.message_id for d in source.completed) == [f"m{i}" for i in range(6)]
-    assert [(d.message_id, d.delivery_count) for d in source.completed if d.delivery_count != 1] == []
+    assert source.settled_during_next_publish is True, "batch 1 was settled before batch 2 began publishing"
+    assert sorted((d.message_id, d.delivery_count) for d in source.completed) == [(f"m{i}", 1) for i in range(6)]
     assert stats.completed == 6
 
 
-def test_at_most_one_batch_publishes_and_one_more_is_received_meanwhile():
-    """Receive k+2 waits for publish k to return; publishes never overlap and all run on one publisher thread."""
-    source, publisher, pump = _stepped(8, max_batch=2, min_backoff=0.001)
-    publisher.failures_left = 2  # the retries of an outage run on the publisher thread too
+def test_one_batch_publishes_at_a_time_on_one_thread_and_never_during_a_receive():
+    """Publishes never overlap each other or a receive, and all (retries too) run on one publisher thread."""
+    source, publisher, pump = _stepped(8, min_backoff=0.001)
+    publisher.failures_left = 2
     pump.run(until=settled(8))
-    # published_before[k] is how many publishes had returned when receive k+1 began.
-    assert all(done >= k - 1 for k, done in enumerate(source.published_before)), source.published_before
+    assert source.receives_during_publish == 0
     (thread,) = publisher.threads
     assert thread is not threading.current_thread()
     assert not thread.is_alive(), "drain ends the publisher thread"
 
 
-def test_a_receive_waits_overlap_wait_while_a_batch_publishes():
-    """overlap_wait bounds the receive while a batch is publishing: a drained queue settles without waiting max_wait."""
-    source, _, pump = _stepped(4, max_batch=2, max_wait=7.0, overlap_wait=0.25)
+def test_with_rows_due_a_receive_still_waits_overlap_wait():
+    """Rows due now cut a receive's wait to overlap_wait, not to nothing: the next batch may arrive meanwhile."""
+
+    class Recording(MemorySource):
+        def __init__(self) -> None:
+            super().__init__()
+            self.waits: list[float] = []
+
+        def receive(self, max_messages, max_wait):
+            self.waits.append(max_wait)
+            return super().receive(max_messages, max_wait)
+
+    source = Recording()
+    _fill(source, 4)
+    pump = _pump(source, MemoryPublisher(), MemorySink(max_rows=2), max_batch=2, max_wait=7.0, overlap_wait=0.25)
     pump.run(idle_exit=0)
-    # Batch 1 publishes during receive 2, batch 2 during receive 3 (empty): then nothing publishes.
+    # Nothing held, then batch 1's rows due (batch 2 arrives), then batch 2's (the queue is empty), then nothing.
     assert source.waits == [7.0, 0.25, 0.25, 7.0]
     assert len(source.completed) == 4
-
-
-def test_stopping_mid_outage_releases_the_batch_received_meanwhile_unsent():
-    """The publish of batch 1 fails and the pump stops: batch 2, received meanwhile, is abandoned without a publish."""
-    source = _RecordingSource()
-    _fill(source, 4)
-
-    def fail(events):
-        assert source.received_again.wait(5)
-        pump.stop()
-        return True
-
-    publisher = MemoryPublisher(fail=fail)
-    pump = _pump(source, publisher, max_batch=2, min_backoff=0.001)
-    stats = pump.run()
-    assert publisher.calls == 1
-    assert stats.abandoned == 4
-    assert (source.completed, source.dead_letters) == ([], [])
-    assert sorted(d.message_id for d in source.queue) == ["m0", "m1", "m2", "m3"]
 
 
 def test_stopping_mid_sink_outage_tries_the_flush_once():

@@ -77,7 +77,7 @@ class PumpObserver:
 
     @contextmanager
     def publishing(self, messages: Sequence[OutboundEvent]) -> Iterator[None]:
-        """Wraps one publish attempt of a batch's events."""
+        """Wraps one publish attempt of a batch's events; runs on the pump's publisher thread."""
         yield
 
     def on_settled(self, delivery: Delivery, settlement: Settlement, handled: Handled | None) -> None:

@@ -7,11 +7,12 @@ publisher refused for good (:class:`PublishRejected`). During a downstream failu
 messages are held (their locks renewed) and retried with backoff while receiving pauses, so an
 outage burns no delivery counts; nothing is dead-lettered for it.
 
-Publishing overlaps receiving: a batch's events go out on one publisher thread while the pump
-thread receives and handles the next batch, so a network round trip to the topic no longer adds to
-one to the queue. At most one batch is publishing at a time; every publish attempt (retries too)
-runs on that thread, and receiving and settling stay on the pump thread (the SDK's handlers are not
-thread-safe). What the publish thread raises is raised again on the pump thread.
+Publishing overlaps settling: a batch's events go out on one publisher thread while the pump
+thread flushes and settles the batches before it, so the round trip to the topic and the one that
+settles no longer add up. At most one batch is publishing, and never during a receive (a receive
+returns what it has after a 2 ms pause, which a busy second thread would cut short); every publish
+attempt (retries too) runs on that thread, receiving and settling stay on the pump thread (the SDK's
+handlers are not thread-safe), and what the publisher raises is raised again on the pump thread.
 
 The pump is flow only: spans, metrics, logs and counters hang on the observer seam
 (:mod:`worker.service.observe`). Build one with :func:`worker.service.bootstrap.bootstrap`.
@@ -44,10 +45,6 @@ from worker.service.ports import (
 log = logging.getLogger(__name__)
 
 __all__ = ["Disposition", "Pump", "PumpConfig", "PumpStats", "Settlement", "Stopping", "settled", "settlement_for"]
-
-
-#: The shortest receive wait (the SDK refuses 0): when rows are due now, a receive only takes what is there.
-MIN_RECEIVE_WAIT = 0.001
 
 
 class Stopping(Exception):
@@ -86,8 +83,9 @@ class PumpConfig:
     topic_name: str = "assignment-events"
     max_batch: int = 100
     max_wait: float = 1.0
-    #: What a receive waits for a first message while the previous batch is publishing: when the
-    #: queue has run dry, that batch is recorded and settled after this, not after ``max_wait``.
+    #: How long a receive still waits for a first message when held rows are due now: under a
+    #: backlog the next batch arrives, and publishes while they are flushed and settled; on an idle
+    #: queue their settlement lags by this much at most.
     overlap_wait: float = 0.1
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     context_allow_list: Collection[str] = ()
@@ -208,25 +206,21 @@ class Pump:
     # -- one batch ---------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Receive and handle one batch and start publishing it; returns how many messages it received or settled.
+        """Receive, handle and publish one batch; returns how many messages it received or settled.
 
-        The batch before it was publishing meanwhile: it is recorded (and settled when the sink is
-        due) before this one goes to the publisher thread, so at most one batch is publishing.
+        While the batch publishes, the batches before it are flushed and settled when the sink is
+        due; the batch itself is recorded once published and settled by a later flush.
         """
         self._beat()
         deliveries = self._receive()
-        assigned: list[_InFlight] = []
         if deliveries:
             self.observer.on_received(deliveries)
-            assigned = self._handle_batch(deliveries)
-        # The previous batch published while this one was received: record it, then send this one.
-        self._finish_publish()
-        if assigned:
-            self._start_publish(assigned)
+            self._start_publish(self._handle_batch(deliveries))
         flushed = 0
         if self._pending and (self.sink.due() or self._stop.is_set() or not deliveries):
             flushed = len(self._pending)
             self._flush_and_settle()
+        self._finish_publish()
         return len(deliveries) + flushed
 
     def _receive(self) -> Sequence[Delivery]:
@@ -244,16 +238,14 @@ class Pump:
         return deliveries
 
     def _receive_wait(self) -> float:
-        """The configured wait, cut short so that settlement is not kept waiting by a receive.
+        """The configured wait, cut short when held rows fall due sooner: settlement is not kept waiting.
 
-        While a batch publishes, to ``overlap_wait`` (when the queue has run dry, that batch is
-        recorded soon after); when held rows fall due by age sooner, to when they do.
+        Not below ``overlap_wait``: flushing due rows pays off while the next batch publishes.
         """
-        wait = self.config.max_wait if self._publishing is None else min(self.config.max_wait, self.config.overlap_wait)
         due_in = self.sink.due_in() if self._pending else None
         if due_in is None:
-            return wait
-        return min(wait, max(MIN_RECEIVE_WAIT, due_in))
+            return self.config.max_wait
+        return min(self.config.max_wait, max(self.config.overlap_wait, due_in))
 
     def _handle_batch(self, deliveries: Sequence[Delivery]) -> list[_InFlight]:
         """Handle each message; the ones with events to publish (the others are settled here)."""
@@ -279,11 +271,8 @@ class Pump:
         return assigned
 
     def _start_publish(self, flights: Sequence[_InFlight]) -> None:
-        """Hand the batch's events to the publisher thread (none is publishing: see :meth:`_finish_publish`)."""
-        if self._given_up("event topic"):
-            # Stopping mid-outage: release at once what would only join the held messages.
-            for flight in flights:
-                self._settle(flight.delivery, Stopping(), flight.handled)
+        """Hand the batch's events to the publisher thread (each turn ends with :meth:`_finish_publish`)."""
+        if not flights:
             return
         # Serialised once: an outage retries the same messages instead of rebuilding them.
         outbound = [f.handled.outbound(f.delivery) for f in flights]
@@ -318,7 +307,7 @@ class Pump:
         published = self._retry_until_stopped("event topic", attempt)
         accepted = self._accepted(publishing, rejected) if published else publishing.flights
         if not published or self._given_up("record sink"):
-            # Stopping mid-outage: release at once what would only join the held messages.
+            # Stopping mid-outage (the sink failed while this batch published): release it at once.
             for flight in accepted:
                 self._settle(flight.delivery, Stopping(), flight.handled)
             return
