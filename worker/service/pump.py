@@ -10,9 +10,10 @@ outage burns no delivery counts; nothing is dead-lettered for it.
 Publishing overlaps settling: a batch's events go out on one publisher thread while the pump
 thread flushes and settles the batches before it, so the round trip to the topic and the one that
 settles no longer add up. At most one batch is publishing, and never during a receive (a receive
-returns what it has after a 2 ms pause, which a busy second thread would cut short); every publish
-attempt (retries too) runs on that thread, receiving and settling stay on the pump thread (the SDK's
-handlers are not thread-safe), and what the publisher raises is raised again on the pump thread.
+returns what it has once the next message lingers, and a second thread holding the GIL made it
+linger: batches came back partial); every publish attempt (retries too) runs on that thread,
+receiving and settling stay on the pump thread (the SDK's handlers are not thread-safe), and what
+the publisher raises is raised again on the pump thread.
 
 The pump is flow only: spans, metrics, logs and counters hang on the observer seam
 (:mod:`worker.service.observe`). Build one with :func:`worker.service.bootstrap.bootstrap`.
