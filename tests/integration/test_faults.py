@@ -587,11 +587,17 @@ class CountingSource:
 
 
 def outage_run(
-    clients: list[Any], *, prefetch: int, max_delivery: int, outage: float = 4.0, count: int = 200
+    clients: list[Any],
+    *,
+    prefetch: int,
+    max_delivery: int,
+    outage: float = 4.0,
+    count: int = 200,
+    lock: str = "PT2S",
 ) -> tuple[Pump, OutageWindow, CountingSource, list[tuple[float, bool, str]], dict[str, int], Proof | AssertionError]:
     """Run the pump over ``count`` requests through an event-topic outage, probing health every 50 ms."""
     requests = Requests.make(count)
-    with published(requests, "PT2S", max_delivery=max_delivery) as broker:
+    with published(requests, lock, max_delivery=max_delivery) as broker:
         sink = MemorySink(max_rows=50)
         holder: list[OutageWindow] = []
 
@@ -636,7 +642,11 @@ def outage_run(
 def test_event_topic_outage_holds_messages_without_burning_delivery_counts(clients: list[Any]) -> None:
     """Publishing fails for longer than the lock: held, renewed, retried; not ready meanwhile; nothing dead-lettered."""
     started = time.monotonic()
-    pump, outage, counting, probes, counts, proof = outage_run(clients, prefetch=0, max_delivery=2)
+    # Service Bus's shortest lock (5 s), the outage longer: a 2 s lock left too little slack for renewals
+    # on a machine loaded by the whole suite (one lapse in a full run), with the same proof.
+    pump, outage, counting, probes, counts, proof = outage_run(
+        clients, prefetch=0, max_delivery=2, lock="PT5S", outage=7.0
+    )
     assert isinstance(proof, Proof), proof
     window = outage.window
     assert window is not None, "the outage never started"
@@ -713,12 +723,13 @@ def test_requests_arriving_during_an_outage_burn_no_delivery_counts(clients: lis
     the lock keeper's renewals work it well within a lock duration: this holds that together.
     """
     early, late = Requests.make(5, "early"), Requests.make(20, "late")
-    with published(early, "PT2S", max_delivery=2) as broker:
+    # The outage outlasts the lock (Service Bus's shortest, 5 s), so an unreleased push would lapse.
+    with published(early, "PT5S", max_delivery=2) as broker:
         sink = MemorySink(max_rows=50)
         holder: list[OutageWindow] = []
 
         def failing(topic: Any) -> OutageWindow:
-            holder.append(OutageWindow(topic, 5.0, after_publishes=1))
+            holder.append(OutageWindow(topic, 7.0, after_publishes=1))
             return holder[0]
 
         pump = in_process_pump(
