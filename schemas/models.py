@@ -7,6 +7,7 @@ fields before the worker knows them; known fields are validated strictly (no typ
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
@@ -77,18 +78,25 @@ Seed = Annotated[str, StringConstraints(min_length=1, max_length=256), AllowedTe
 SchemaVersion = Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+$"), AllowedText()]
 
 
+#: Lone surrogates (U+D800–U+DFFF unpaired; a JSON ``\ud800`` escape makes one) have no UTF-8
+#: encoding: an event carrying one could not be serialised. Context text may hold anything else.
+SURROGATE_CLASS = r"\ud800-\udfff"
+_SURROGATE = re.compile(f"[{SURROGATE_CLASS}]")
+
+
 def context_problem(value: JsonValue, depth: int = 0) -> str | None:
-    """Why a context value breaks the limits (string length, nesting depth), or ``None``."""
+    """Why a context value breaks the limits (string length, nesting depth, lone surrogates), or ``None``."""
     if isinstance(value, str):
-        return None if len(value) <= MAX_CONTEXT_STRING_CHARS else _too_long(value)
+        return _string_problem(value)
     if not isinstance(value, list | dict):
         return None
     if depth > MAX_CONTEXT_DEPTH:
         return f"nests deeper than {MAX_CONTEXT_DEPTH} levels"
     if isinstance(value, dict):
-        long_key = next((key for key in value if len(key) > MAX_CONTEXT_STRING_CHARS), None)
-        if long_key is not None:
-            return _too_long(long_key)
+        for key in value:
+            problem = _string_problem(key)
+            if problem:
+                return problem
     for item in value.values() if isinstance(value, dict) else value:
         problem = context_problem(item, depth + 1)
         if problem:
@@ -96,8 +104,20 @@ def context_problem(value: JsonValue, depth: int = 0) -> str | None:
     return None
 
 
-def _too_long(text: str) -> str:
-    return f"holds a {len(text)}-character string; the limit is {MAX_CONTEXT_STRING_CHARS}"
+def _string_problem(text: str) -> str | None:
+    if len(text) > MAX_CONTEXT_STRING_CHARS:
+        return f"holds a {len(text)}-character string; the limit is {MAX_CONTEXT_STRING_CHARS}"
+    # isprintable() is False for every surrogate, so the regex runs only on text that might hold one.
+    match = None if text.isprintable() else _SURROGATE.search(text)
+    if match is not None:
+        # Named by code point and position, never echoed raw: it cannot even be written to a log.
+        found = f"U+{ord(match.group()):04X} at index {match.start()}"
+        return f"holds a lone surrogate ({found}), which has no UTF-8 encoding"
+    return None
+
+
+#: Every string in ``context``, keys included, as JSON Schema states it.
+CONTEXT_STRING: dict[str, Any] = {"maxLength": MAX_CONTEXT_STRING_CHARS, "not": {"pattern": f"[{SURROGATE_CLASS}]"}}
 
 
 class BoundedContext:
@@ -116,7 +136,7 @@ class BoundedContext:
         return {
             "type": "object",
             "maxProperties": MAX_CONTEXT_KEYS,
-            "propertyNames": {"maxLength": MAX_CONTEXT_STRING_CHARS},
+            "propertyNames": CONTEXT_STRING,
             "additionalProperties": {"$ref": f"{REQUEST_SCHEMA_ID}#/$defs/ContextValue1"},
         }
 
@@ -136,7 +156,7 @@ def context_value_definitions() -> dict[str, JsonSchemaValue]:
         {"type": "null"},
         {"type": "boolean"},
         {"type": "number"},
-        {"type": "string", "maxLength": MAX_CONTEXT_STRING_CHARS},
+        {"type": "string", **CONTEXT_STRING},
     ]
     definitions: dict[str, JsonSchemaValue] = {}
     for level in range(1, MAX_CONTEXT_DEPTH + 2):
@@ -148,7 +168,7 @@ def context_value_definitions() -> dict[str, JsonSchemaValue]:
             {"type": "array", "items": inner},
             {
                 "type": "object",
-                "propertyNames": {"maxLength": MAX_CONTEXT_STRING_CHARS},
+                "propertyNames": CONTEXT_STRING,
                 "additionalProperties": inner,
             },
         ]

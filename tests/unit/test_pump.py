@@ -668,3 +668,33 @@ def test_a_receive_waits_no_longer_than_the_held_rows_take_to_fall_due():
     assert len(source.completed) == 4
     assert sink.rows_written == 4
     pump.drain()
+
+
+def test_an_event_that_cannot_be_serialised_fails_its_message_alone(monkeypatch):
+    """Serialising is part of handling one message: a failure there abandons that message, not the batch.
+
+    Before, the batch's events were serialised together after handling; one that raised (a lone
+    surrogate in an allow-listed context did) stopped the pump, crash-looping the worker and, after
+    ten restarts, dead-lettering its healthy batch-mates as MaxDeliveryCountExceeded.
+    """
+    from worker.service.handling import Handled
+
+    serialise = Handled.outbound
+
+    def fragile(self, delivery):
+        if delivery.message_id == "bad":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return serialise(self, delivery)
+
+    monkeypatch.setattr(Handled, "outbound", fragile)
+    source, publisher = MemorySource(), MemoryPublisher()
+    for i in range(3):
+        source.send(_request(user=f"U{i}"), message_id=f"ok-{i}")
+    source.send(_request(user="U9"), message_id="bad")
+    pump = _pump(source, publisher=publisher)
+    pump.run(idle_exit=0.2)  # returns: the pump did not stop on the error
+    assert sorted(d.message_id for d in source.completed) == ["ok-0", "ok-1", "ok-2"]
+    assert len(publisher.published) == 3
+    # Abandoned each time (an unexpected error, not bad input) until the broker's max delivery count.
+    assert {d.message_id for d in source.abandoned} == {"bad"}
+    assert [(d.delivery.message_id, d.reason) for d in source.dead_letters] == [("bad", "MaxDeliveryCountExceeded")]

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
@@ -301,6 +301,27 @@ EDGES = {
 }
 
 
+LONE_SURROGATES = {
+    "value": {"k": "\ud800"},
+    "list item under an empty key": {"": ["\ud800"]},
+    "nested value": {"k": {"j": "x\udfff"}},
+    "key": {"\ud800": 1},
+    "nested key": {"k": [{"\udc00": 1}]},
+}
+
+
+@pytest.mark.parametrize("context", list(LONE_SURROGATES.values()), ids=list(LONE_SURROGATES))
+def test_lone_surrogates_in_context_are_refused_by_schema_and_worker(context):
+    """A JSON ``\\ud800`` escape decodes to text with no UTF-8 encoding: the event could not be serialised.
+
+    Found by the near-miss property test: the worker accepted it, then failed serialising the event
+    (an unexpected error, abandoned until MaxDeliveryCountExceeded); now a precise SchemaValidationFailed.
+    """
+    body = {"user_id": "U1", "experiment_id": "exp_001", "context": context}
+    assert worker_verdict(body) == "SchemaValidationFailed"
+    assert not REQUEST_VALIDATOR.is_valid(body)
+
+
 @pytest.mark.parametrize("fields", list(EDGES.values()), ids=list(EDGES))
 def test_schema_and_worker_agree_at_every_limit(fields):
     """On both sides of each limit the schema and the worker give the same verdict."""
@@ -311,6 +332,7 @@ def test_schema_and_worker_agree_at_every_limit(fields):
 
 @settings(max_examples=400, deadline=None)
 @given(near_miss_bodies())
+@example({"user_id": "0", "experiment_id": "0", "context": {"": ["\ud800"]}})  # once found at random
 def test_schema_and_worker_agree_on_near_miss_bodies(body):
     """For bodies on either side of every limit, the schema accepts exactly what the worker accepts."""
     verdict = worker_verdict(body)

@@ -103,6 +103,8 @@ class PumpConfig:
 class _InFlight:
     delivery: Delivery
     handled: Handled
+    #: The broker messages for its events, serialised once: an outage retries the same messages.
+    outbound: Sequence[OutboundEvent]
 
 
 @dataclass(slots=True)
@@ -261,6 +263,9 @@ class Pump:
                     max_body_bytes=self.config.max_body_bytes,
                     max_cohort_members=self.config.max_cohort_members,
                 )
+                # Serialised here, per message: an event that cannot be serialised is this message's
+                # failure alone, never its batch's or the worker's.
+                outbound = handled.outbound(delivery)
             except Exception as exc:
                 # Bad input is dead-lettered; a bug abandons (the broker's max delivery count bounds it)
                 # rather than stopping the whole worker.
@@ -268,15 +273,14 @@ class Pump:
                 self._settle(delivery, exc, None)
                 continue
             self.observer.on_handled(delivery, handled)
-            assigned.append(_InFlight(delivery, handled))
+            assigned.append(_InFlight(delivery, handled, outbound))
         return assigned
 
     def _start_publish(self, flights: Sequence[_InFlight]) -> None:
         """Hand the batch's events to the publisher thread (each turn ends with :meth:`_finish_publish`)."""
         if not flights:
             return
-        # Serialised once: an outage retries the same messages instead of rebuilding them.
-        outbound = [f.handled.outbound(f.delivery) for f in flights]
+        outbound = [f.outbound for f in flights]
         attempt = self._publisher_thread.submit(self._publish_attempt, [m for ms in outbound for m in ms])
         self._publishing = _Publishing(flights, outbound, attempt)
 
