@@ -19,6 +19,7 @@ from pydantic import (
     GetJsonSchemaHandler,
     JsonValue,
     StringConstraints,
+    field_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
@@ -104,16 +105,27 @@ def context_problem(value: JsonValue, depth: int = 0) -> str | None:
     return None
 
 
+def surrogate_problem(value: JsonValue) -> str | None:
+    """The first lone surrogate in a JSON value's strings and keys, at any depth, or ``None``."""
+    if isinstance(value, str):
+        match = None if value.isprintable() else _SURROGATE.search(value)
+        if match is None:
+            return None
+        # Named by code point and position, never echoed raw: it cannot even be written to a log.
+        found = f"U+{ord(match.group()):04X} at index {match.start()}"
+        return f"holds a lone surrogate ({found}), which has no UTF-8 encoding"
+    if isinstance(value, dict):
+        return next(filter(None, (surrogate_problem(k) or surrogate_problem(v) for k, v in value.items())), None)
+    if isinstance(value, list):
+        return next(filter(None, map(surrogate_problem, value)), None)
+    return None
+
+
 def _string_problem(text: str) -> str | None:
     if len(text) > MAX_CONTEXT_STRING_CHARS:
         return f"holds a {len(text)}-character string; the limit is {MAX_CONTEXT_STRING_CHARS}"
     # isprintable() is False for every surrogate, so the regex runs only on text that might hold one.
-    match = None if text.isprintable() else _SURROGATE.search(text)
-    if match is not None:
-        # Named by code point and position, never echoed raw: it cannot even be written to a log.
-        found = f"U+{ord(match.group()):04X} at index {match.start()}"
-        return f"holds a lone surrogate ({found}), which has no UTF-8 encoding"
-    return None
+    return surrogate_problem(text)
 
 
 #: Every string in ``context``, keys included, as JSON Schema states it.
@@ -465,6 +477,16 @@ class ExperimentConfig(BaseModel):
         description="Optional split override per segment (segment-specific assignment).",
     )
     description: str = Field(default="", max_length=2000, description="Free text for humans.")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_encodable(cls, value: dict[str, dict[str, JsonValue]]) -> dict[str, dict[str, JsonValue]]:
+        # Stamped on every event: a lone surrogate (a "\ud800" escape in JSON or YAML) would make each
+        # of them impossible to serialise, so it is refused when the file is loaded.
+        problem = surrogate_problem(dict(value))
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class ExperimentFile(BaseModel):

@@ -143,3 +143,21 @@ def test_deep_nesting_is_a_clear_error(tmp_path: Path) -> None:
     error = load_within(path)
     assert isinstance(error, ConfigurationError)
     assert "nested too deeply" in str(error)
+
+
+@pytest.mark.parametrize("suffix", ["json", "yaml"])
+def test_a_lone_surrogate_in_a_variant_payload_is_refused_at_load(tmp_path: Path, suffix: str) -> None:
+    """A "\\ud800" escape decodes to text with no UTF-8 encoding; stamped on every event, none could be sent.
+
+    Accepted before: every request for that variant then failed serialising its event, and was
+    abandoned until MaxDeliveryCountExceeded. Now the file is refused, naming the file and the field.
+    """
+    path = tmp_path / f"experiments.{suffix}"
+    escaped = '{"experiments": [{"id": "e", "split": {"A": 0.5, "B": 0.5}, "variants": {"A": {"tone": "\\ud800"}}}]}'
+    path.write_text(escaped, encoding="utf-8")  # JSON is YAML: the same text, both loaders
+    with pytest.raises(ConfigurationError) as caught:
+        ExperimentRegistry.load(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "variants" in message
+    assert "lone surrogate (U+D800" in message
