@@ -308,8 +308,9 @@ class FaultProxy:
         if conn.closed or not data:
             return
         writer.write(data)
-        await writer.drain()
+        # Counted once handed to the socket: the peer may read it before drain() returns to us.
         self.stats.bytes_forwarded += len(data)
+        await writer.drain()
 
     def _kill(self, conn: _Connection) -> None:
         if not conn.dead:

@@ -59,7 +59,10 @@ class LockKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.renew_due()
+            try:
+                self.renew_due()
+            except Exception:  # the keeper must outlive any surprise: a dead keeper renews nothing again
+                log.exception("Lock renewal round failed; retrying in %.1f s", self.interval)
 
     def renew_due(self) -> None:
         """Renew every held lock expiring within the margin (and not held longer than max_duration)."""
@@ -76,7 +79,9 @@ class LockKeeper:
             try:
                 receiver.renew_message_lock(message)
                 self.renewals += 1
-            except (ServiceBusError, MessageAlreadySettled, ValueError) as exc:
+            except (ServiceBusError, MessageAlreadySettled, ValueError, AttributeError, TypeError) as exc:
+                # AttributeError/TypeError: the SDK tearing the handler down under a concurrent close
+                # (seen through a blackholed connection: "'NoneType' object has no attribute 'close'").
                 self.failures += 1
                 log.info("Lock renewal failed for %s: %s", message.message_id, redact(str(exc)))
                 with self._lock:
