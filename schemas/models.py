@@ -7,7 +7,6 @@ fields before the worker knows them; known fields are validated strictly (no typ
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
@@ -24,7 +23,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
-from schemas.text import REFUSED_CLASS, character_problem, text_problem
+from schemas.text import REFUSED_CLASS, SURROGATE_CLASS, character_problem, surrogate_problem, text_problem
 
 SCHEMA_VERSION = "1.0"
 
@@ -79,12 +78,6 @@ Seed = Annotated[str, StringConstraints(min_length=1, max_length=256), AllowedTe
 SchemaVersion = Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+$"), AllowedText()]
 
 
-#: Lone surrogates (U+D800–U+DFFF unpaired; a JSON ``\ud800`` escape makes one) have no UTF-8
-#: encoding: an event carrying one could not be serialised. Context text may hold anything else.
-SURROGATE_CLASS = r"\ud800-\udfff"
-_SURROGATE = re.compile(f"[{SURROGATE_CLASS}]")
-
-
 def context_problem(value: JsonValue, depth: int = 0) -> str | None:
     """Why a context value breaks the limits (string length, nesting depth, lone surrogates), or ``None``."""
     if isinstance(value, str):
@@ -105,26 +98,20 @@ def context_problem(value: JsonValue, depth: int = 0) -> str | None:
     return None
 
 
-def surrogate_problem(value: JsonValue) -> str | None:
+def json_surrogate_problem(value: JsonValue) -> str | None:
     """The first lone surrogate in a JSON value's strings and keys, at any depth, or ``None``."""
     if isinstance(value, str):
-        match = None if value.isprintable() else _SURROGATE.search(value)
-        if match is None:
-            return None
-        # Named by code point and position, never echoed raw: it cannot even be written to a log.
-        found = f"U+{ord(match.group()):04X} at index {match.start()}"
-        return f"holds a lone surrogate ({found}), which has no UTF-8 encoding"
+        return surrogate_problem(value)
     if isinstance(value, dict):
-        return next(filter(None, (surrogate_problem(k) or surrogate_problem(v) for k, v in value.items())), None)
+        return next(filter(None, (surrogate_problem(k) or json_surrogate_problem(v) for k, v in value.items())), None)
     if isinstance(value, list):
-        return next(filter(None, map(surrogate_problem, value)), None)
+        return next(filter(None, map(json_surrogate_problem, value)), None)
     return None
 
 
 def _string_problem(text: str) -> str | None:
     if len(text) > MAX_CONTEXT_STRING_CHARS:
         return f"holds a {len(text)}-character string; the limit is {MAX_CONTEXT_STRING_CHARS}"
-    # isprintable() is False for every surrogate, so the regex runs only on text that might hold one.
     return surrogate_problem(text)
 
 
@@ -483,7 +470,7 @@ class ExperimentConfig(BaseModel):
     def _variants_encodable(cls, value: dict[str, dict[str, JsonValue]]) -> dict[str, dict[str, JsonValue]]:
         # Stamped on every event: a lone surrogate (a "\ud800" escape in JSON or YAML) would make each
         # of them impossible to serialise, so it is refused when the file is loaded.
-        problem = surrogate_problem(dict(value))
+        problem = json_surrogate_problem(dict(value))
         if problem:
             raise ValueError(problem)
         return value

@@ -13,6 +13,7 @@ Every surface uses this module: the wire contract's models and its JSON Schemas 
   and bidi isolates (U+2060–U+206F), the byte-order mark / zero-width no-break space U+FEFF and the
   interlinear annotation characters (U+FFF9–U+FFFB);
 - lone surrogates (U+D800–U+DFFF unpaired): they have no UTF-8 encoding, so they cannot be hashed.
+  Free text (request context, variant metadata) is held to this last rule only: :func:`surrogate_problem`.
 
 Everything else is allowed, including spaces, emoji (with their variation selectors and tags),
 combining marks and look-alike letters. Ids are otherwise opaque: the UTF-8 bytes are hashed exactly
@@ -50,9 +51,27 @@ def character_problem(text: str) -> str | None:
     match = refused_character(text)
     if match is None:
         return None
+    return f"must not contain control, invisible or bidi characters (found {_found(match)})"
+
+
+#: Lone surrogates alone, for free text (request context, variant metadata): anything else may be
+#: in it, but text with no UTF-8 encoding could not be serialised into an event or a row.
+SURROGATE_CLASS = r"\ud800-\udfff"
+_SURROGATE = re.compile(f"[{SURROGATE_CLASS}]")
+
+
+def surrogate_problem(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (a JSON ``\\ud800`` escape makes one), described, or ``None``."""
+    # isprintable() is False for every surrogate: the common case is one C-level scan.
+    match = None if text.isprintable() else _SURROGATE.search(text)
+    if match is None:
+        return None
+    return f"holds a lone surrogate ({_found(match)}), which has no UTF-8 encoding"
+
+
+def _found(match: re.Match[str]) -> str:
     # Named by code point and position, never echoed raw: the text may be on its way to a log line.
-    found = f"U+{ord(match.group()):04X} at index {match.start()}"
-    return f"must not contain control, invisible or bidi characters (found {found})"
+    return f"U+{ord(match.group()):04X} at index {match.start()}"
 
 
 def text_problem(value: object, max_chars: int) -> str | None:

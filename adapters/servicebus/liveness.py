@@ -102,17 +102,23 @@ class SilenceWatch:
         self.heard()
 
 
-def abort_connection(handler_owner: Any) -> bool:
-    """Shut down the socket under an SDK sender or receiver, waking any call blocked on it.
+def connection_socket(handler_owner: Any) -> socket.socket | None:
+    """The socket under an SDK sender or receiver, or None (not connected yet, or an SDK that changed).
 
-    Reads the pinned SDK's private attributes (``_handler._connection._transport.sock``); returns
-    False when they are not there (not connected yet, or an SDK that changed them).
+    Reads the pinned SDK's private attributes (``_handler._connection._transport.sock``): the one
+    place that does.
     """
     try:
         sock = handler_owner._handler._connection._transport.sock
     except AttributeError:
-        return False
-    if not isinstance(sock, socket.socket):
+        return None
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def abort_connection(handler_owner: Any) -> bool:
+    """Shut down the socket under an SDK sender or receiver, waking any call blocked on it; False without one."""
+    sock = connection_socket(handler_owner)
+    if sock is None:
         return False
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)

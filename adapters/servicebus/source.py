@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +17,7 @@ from azure.servicebus.exceptions import (
 )
 
 from adapters.servicebus.convert import to_delivery
-from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError
+from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError, connection_socket
 from adapters.servicebus.lock import LockKeeper
 from adapters.servicebus.settle import RangeSettlement, on_current_link, stamp_link
 from adapters.settlement import complete_each
@@ -55,16 +54,9 @@ def set_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
 
 
 def widen_read_slice(receiver: Any, seconds: float) -> bool:
-    """Make the receiver's socket reads wait up to ``seconds``; False when the SDK's internals are not there.
-
-    Reads the pinned SDK's private ``_handler._connection._transport.sock`` (as
-    :func:`~adapters.servicebus.liveness.abort_connection` does); not connected yet is False too.
-    """
-    try:
-        sock = receiver._handler._connection._transport.sock
-    except AttributeError:
-        return False
-    if not isinstance(sock, socket.socket):
+    """Make the receiver's socket reads wait up to ``seconds``; False without a socket to reach."""
+    sock = connection_socket(receiver)
+    if sock is None:
         return False
     with contextlib.suppress(OSError):
         sock.settimeout(seconds)
@@ -141,7 +133,7 @@ class ServiceBusSource:
                 # Stamped per call: the SDK may reopen its handler (a new link) between two calls.
                 stamp_link(receiver, messages)
                 if messages and self.linger is not None:
-                    messages = self._gather(receiver, messages, max_messages)
+                    messages = self._gather(receiver, messages, max_messages, self.linger)
             self._check_silence(receiver, heard=bool(messages) or fresh)
         except (ServiceBusError, SilentConnectionError) as exc:
             self._drop_receiver()
@@ -151,14 +143,13 @@ class ServiceBusSource:
         return [to_delivery(m) for m in messages]
 
     def _gather(
-        self, receiver: ServiceBusReceiver, messages: list[ServiceBusReceivedMessage], max_messages: int
+        self, receiver: ServiceBusReceiver, messages: list[ServiceBusReceivedMessage], max_messages: int, linger: float
     ) -> list[ServiceBusReceivedMessage]:
         """Keep receiving while each wait of one linger brings more, up to ``window`` after the first message.
 
         Each call asks for what the batch still lacks: the link credit granted by the first call stands,
         so a backlog streams in without another round trip.
         """
-        linger = self.linger or MIN_READ_SLICE
         end = time.monotonic() + self.window
         while len(messages) < max_messages and (left := end - time.monotonic()) > 0:
             more = receiver.receive_messages(
