@@ -307,9 +307,10 @@ class FaultProxy:
     async def _write(self, conn: _Connection, writer: asyncio.StreamWriter, data: bytes) -> None:
         if conn.closed or not data:
             return
-        writer.write(data)
-        # Counted once handed to the socket: the peer may read it before drain() returns to us.
+        # Counted before the write: the transport may send at once, and the peer (another thread)
+        # read it before this line ran.
         self.stats.bytes_forwarded += len(data)
+        writer.write(data)
         await writer.drain()
 
     def _kill(self, conn: _Connection) -> None:
