@@ -1,5 +1,5 @@
 """The publisher's surfaces through the real SDK against the embedded broker's default entities:
-``publish``'s request/reply properties, the README's request/reply example, and ``events tail``."""
+``publish``'s request/reply properties, the manual's request/reply example, and ``events tail``."""
 
 from __future__ import annotations
 
@@ -119,12 +119,12 @@ def test_publish_refuses_bad_values_and_sends_nothing(
     assert broker.message_counts(QUEUE)["active"] == 0
 
 
-# -- the README's request/reply example, as written -------------------------------------------------
+# -- the manual's request/reply example, as written -------------------------------------------------
 
 
 def _readme_request_reply_commands() -> list[list[str]]:
-    """The ab-worker lines of the README's request/reply block, without the broker and export lines."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    """The ab-worker lines of the wire contract's request/reply block, without the broker and export lines."""
+    readme = (REPO / "docs" / "wire-contract.md").read_text(encoding="utf-8")
     start = readme.index("Request/reply on the embedded broker, as written here")
     block = re.search(r"```bash\n(.*?)```", readme[start:], re.S)
     assert block is not None
@@ -136,7 +136,7 @@ def _readme_request_reply_commands() -> list[list[str]]:
 
 
 @pytest.mark.timeout(120)
-def test_readme_request_reply_example_runs_as_written(
+def test_request_reply_example_runs_as_written(
     broker: LocalBroker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """publish --reply-to assignment-replies, run the worker, read the event from the reply queue and the topic."""

@@ -234,14 +234,14 @@ def test_unreachable_service_has_its_own_status() -> None:
     assert describe(RuntimeError("bug"))[0] == ExitStatus.INTERNAL
 
 
-def test_every_status_is_in_help_and_readme(capsys: pytest.CaptureFixture[str]) -> None:
-    """`ab-worker --help` prints the exit-status table, and the README's table matches it line for line."""
+def test_every_status_is_in_help_and_manual(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ab-worker --help` prints the exit-status table, and the manual's table matches it line for line."""
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert exit_status_table() in out
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    manual = (Path(__file__).parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
     for code, meaning in EXIT_MEANINGS.items():
-        assert f"| {int(code)} | {meaning} |" in readme
+        assert f"| {int(code)} | {meaning} |" in manual
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

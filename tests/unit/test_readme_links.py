@@ -1,4 +1,4 @@
-"""The README's links lead somewhere a reader can open: files in the repository, headings in the README."""
+"""The README's and the manual's links lead somewhere a reader can open: files in the repository, headings in a page."""
 
 from __future__ import annotations
 
@@ -6,11 +6,23 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from jsonschema import Draft202012Validator
 
 ROOT = Path(__file__).parents[2]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
-LINKS = re.findall(r"\]\(([^)\s]+)\)", README)
+DOCS = ROOT / "docs"
+#: The README and every page of the manual (the seed documents are kept as received, so not checked).
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+WIRE_CONTRACT = (DOCS / "wire-contract.md").read_text(encoding="utf-8")
+
+
+def _prose(page: Path) -> str:
+    """The page without its fenced code blocks (a ``# comment`` in a block is not a heading)."""
+    return re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
+
+
+def _links(page: Path) -> list[str]:
+    return re.findall(r"\]\(([^)\s]+)\)", _prose(page))
 
 
 def _slug(heading: str) -> str:
@@ -18,21 +30,60 @@ def _slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_relative_links_name_files_in_the_repository() -> None:
+def _headings(page: Path) -> set[str]:
+    return {_slug(line.lstrip("#")) for line in _prose(page).splitlines() if re.match(r"#{1,6} ", line)}
+
+
+def _local(page: Path) -> list[tuple[Path, str]]:
+    """Each relative or ``#anchor`` link of ``page`` as (the file it opens, the anchor or "")."""
+    targets = []
+    for link in _links(page):
+        if link.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = link.partition("#")
+        targets.append(((page.parent / path).resolve() if path else page, anchor))
+    return targets
+
+
+def test_the_manual_has_its_pages() -> None:
+    """The pages the README promises exist, so the checks below have something to read."""
+    names = {page.name for page in PAGES}
+    assert {"operations.md", "configuration.md", "wire-contract.md", "cli.md", "deployment.md"} <= names
+    assert {"performance.md", "architecture.md", "testing.md"} <= names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_relative_links_name_files_in_the_repository(page: Path) -> None:
     """Every relative link (the seed documents among them) opens a file that is in the repository."""
-    relative = [link.split("#")[0] for link in LINKS if not link.startswith(("http://", "https://", "#", "mailto:"))]
-    assert "docs/seeds/ab_assignment_agent.md" in relative
-    assert "docs/seeds/experiment_assignment_strategy.md" in relative
-    missing = [link for link in relative if not (ROOT / link).is_file()]
+    missing = [str(target) for target, _ in _local(page) if not target.is_file()]
     assert missing == []
 
 
-def test_anchor_links_name_headings_of_the_readme() -> None:
-    """Every ``#anchor`` link matches a heading."""
-    headings = {_slug(line.lstrip("#")) for line in README.splitlines() if re.match(r"#{1,6} ", line)}
-    anchors = [link[1:] for link in LINKS if link.startswith("#")]
-    assert anchors
-    assert [a for a in anchors if a not in headings] == []
+def test_the_seed_documents_are_linked() -> None:
+    """The two seed documents the rule and the cohort strategy come from are linked from the README."""
+    linked = {target for target, _ in _local(ROOT / "README.md")}
+    assert DOCS / "seeds" / "ab_assignment_agent.md" in linked
+    assert DOCS / "seeds" / "experiment_assignment_strategy.md" in linked
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_anchor_links_name_headings(page: Path) -> None:
+    """Every ``#anchor`` link, within a page or to another one, matches a heading of the page it opens."""
+    anchored = [(target, anchor) for target, anchor in _local(page) if anchor and target.suffix == ".md"]
+    broken = [f"{target.name}#{anchor}" for target, anchor in anchored if anchor not in _headings(target)]
+    assert broken == []
+
+
+def test_the_readme_links_every_page_of_the_manual() -> None:
+    """An operator reaches any page from the README in one click."""
+    linked = {target for target, _ in _local(ROOT / "README.md")}
+    assert [page.name for page in PAGES[1:] if page.resolve() not in linked] == []
+
+
+def test_anchor_links_are_checked() -> None:
+    """The checks above see anchors between pages, not only within one (the link pattern still matches)."""
+    anchors = [(target, anchor) for page in PAGES for target, anchor in _local(page) if anchor and target != page]
+    assert len(anchors) >= 10
 
 
 # -- the Node.js publisher snippet and the wire contract ---------------------------------------------
@@ -41,9 +92,9 @@ REQUEST_SCHEMA = json.loads((ROOT / "schemas" / "assignment-request.schema.json"
 
 
 def _node_snippet() -> str:
-    start = README.index("### Publishing from another language (Node.js)")
-    block = re.search(r"```js\n(.*?)```", README[start:], re.S)
-    assert block is not None, "the README no longer shows the Node.js publisher"
+    start = WIRE_CONTRACT.index("Publishing from another language (Node.js)")
+    block = re.search(r"```js\n(.*?)```", WIRE_CONTRACT[start:], re.S)
+    assert block is not None, "docs/wire-contract.md no longer shows the Node.js publisher"
     return block.group(1)
 
 
