@@ -86,6 +86,17 @@ def test_anchor_links_are_checked() -> None:
     assert len(anchors) >= 10
 
 
+#: How a development log talks (what changed when); the pages say what is, and commit messages say what changed.
+LOG_PHRASES = ("this round", "on main", "before this fix", "before the fix", "this change", "as rebuilt")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_pages_read_as_a_manual_not_a_development_log(page: Path) -> None:
+    """No page says "after this round", "as rebuilt on main" or "before this fix"."""
+    text = " ".join(page.read_text(encoding="utf-8").lower().split())
+    assert [phrase for phrase in LOG_PHRASES if phrase in text] == []
+
+
 # -- the Node.js publisher snippet and the wire contract ---------------------------------------------
 
 REQUEST_SCHEMA = json.loads((ROOT / "schemas" / "assignment-request.schema.json").read_text(encoding="utf-8"))
