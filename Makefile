@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint unit bench bench-worker lock schemas clean
+.PHONY: install run test lint unit bench bench-worker lock schemas docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
 	$(BIN)/python -m tests.conformance_cases
 	$(BIN)/python -m tests.cohort_cases
+
+## The manual's generated page: docs/configuration.md from the settings model (a test fails when it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m worker.service.configuration_page > docs/configuration.md
 
 ## Re-pin every dependency after changing pyproject.toml: requirements.lock (development: the
 ## runtime, the local broker and the test tools) and requirements-runtime.lock (the image: runtime only,
