@@ -1,6 +1,8 @@
 """OpenTelemetry setup: Application Insights through the Azure Monitor distro, the console, or nothing.
 
-The core only uses the OpenTelemetry API with injected providers; this module builds them.
+What reaches Application Insights, and what telemetry costs the worker, is in the manual
+(``docs/operations.md``, "Telemetry"); this docstring says how. The core only uses the
+OpenTelemetry API with injected providers; this module builds them.
 :func:`configure_telemetry` returns a :class:`Telemetry` holding a tracer provider and a meter
 provider for :class:`worker.service.pump.Pump`, and a bounded :meth:`Telemetry.shutdown`.
 
@@ -12,13 +14,8 @@ Modes
     providers**: it builds its own tracer, meter and logger providers and installs them as the
     OpenTelemetry *globals* (``set_tracer_provider`` …, which the API allows once per process). So
     this mode is once per process; :class:`Telemetry` returns those global providers, and a second
-    call raises :class:`~worker.domain.errors.ConfigurationError`. Spans become App Insights *requests*
-    (CONSUMER spans such as ``assignment-requests process``) and *dependencies* (PRODUCER spans such
-    as ``assignment-events publish``); attributes land in the envelope's ``properties``; metrics
-    become ``customMetrics``; log records of every project logger tree (``worker`` — the CLI's
-    ``worker.cli`` included — ``adapters`` and ``schemas``, see :data:`PROJECT_LOGGERS`) at the
-    configured level become ``traces``, each through :func:`redacted_copy` first, so lock-renewal
-    failures, settlement fallbacks and Kusto failures reach Application Insights and secrets do not.
+    call raises :class:`~worker.domain.errors.ConfigurationError`. Log records of every project
+    logger tree (:data:`PROJECT_LOGGERS`) are exported through :func:`redacted_copy` first.
 ``console``
     The SDK's console exporters (spans in batches, metrics every ``export_interval_s``). No globals.
 ``none``

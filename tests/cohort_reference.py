@@ -1,4 +1,4 @@
-"""A plain restatement of stratified cohort assignment, written from the README's rule, not the code.
+"""A plain restatement of stratified cohort assignment, written from docs/cli.md's rule, not the code.
 
 Deliberately naive (a hexdigest-free ``digest()`` sort key per member, a dict of lists per segment,
 an explicit remainder loop). It generates ``schemas/cohort-cases.json`` and is what the tests hold

@@ -382,7 +382,7 @@ def replay_message(
 
 def _target_sender(client: ServiceBusClient, entity: Entity) -> Any:
     # A subscription's dead letters go back through its topic, tagged with the subscription, since
-    # Service Bus cannot send to one subscription; see the README for the matching rule.
+    # Service Bus cannot send to one subscription; docs/operations.md gives the subscription rule.
     if entity.queue:
         return client.get_queue_sender(entity.queue)
     if not entity.topic:

@@ -1,9 +1,10 @@
 """Classifying Service Bus SDK errors, once, into ours: transient (hold and retry) or refused for good.
 
-The README's reliability section has this as a table. In short: the service being busy, slow,
-unreachable, full or an entity disabled for now is :class:`~worker.domain.errors.TransientError`;
-an entity that does not exist or may not be sent to is refused for good — for a reply entity that
-condemns the one request that named it, for anything else it is reported as
+The manual has this as a table (``docs/operations.md``, "Which failures are transient"). In short:
+the service being busy, slow, unreachable, full or an entity disabled for now is
+:class:`~worker.domain.errors.TransientError`; an entity that does not exist or may not be sent to
+is refused for good — for a reply entity that condemns the one request that named it, for anything
+else it is reported as
 :class:`~worker.domain.errors.DependencyRefused`. A message too large for the entity is decided per
 message by the publisher.
 """

@@ -1,16 +1,9 @@
 """Noticing a silent connection: a half-open TCP connection must not hang the worker forever.
 
 An idle NAT or load-balancer timeout leaves a connection that is open on our side and on which no
-byte ever arrives again. The pinned SDK (azure-servicebus 7.15, pyAMQP) neither closes it nor errors:
-
-* ``send_messages`` waits for the broker's disposition with no deadline — the pump hangs in publish;
-* ``receive_messages`` returns an empty list every ``max_wait_time`` — the worker looks idle, and
-  ``/readyz`` stays green while the queue fills;
-* a receiver-link settlement waits 60 s for its outcome, then falls back to the management link.
-
-* a new connection whose peer accepts TCP but never answers (a load balancer with a dead backend,
-  or a path that died while the handshake was under way) blocks forever in the SASL/TLS handshake,
-  which the SDK runs on a blocking socket without a timeout.
+byte ever arrives again, and the pinned SDK (azure-servicebus 7.15, pyAMQP) neither closes it nor
+errors: what each call does then, what was measured and what is left is in the manual
+(``docs/operations.md``, "Network faults and half-open connections").
 
 The SDK's connection idle timeout is not reachable through its public API. What this module uses:
 

@@ -434,7 +434,7 @@ def test_on_a_terminal_replay_all_and_purge_ask_first(
 def test_a_refused_copy_leaves_the_dead_letter_where_it_was_never_nowhere(
     broker: LocalBroker, client: ServiceBusClient
 ) -> None:
-    """The README's promise: a replay interrupted by a refused send completes nothing; a later replay moves all."""
+    """docs/operations.md: a replay interrupted by a refused send completes nothing; a later replay moves all."""
     _dead_letter(client, QUEUE, [ServiceBusMessage(_body(f"R{i}", "exp_r"), message_id=f"r{i}") for i in range(5)], "X")
     broker.refuse_sends(QUEUE, "amqp:unauthorized-access")
     try:

@@ -19,7 +19,7 @@ def test_assigned_shares_give_the_last_variant_the_leftover() -> None:
     """A=0.5,B=0.49 assigns half to each; A=0.3,B=0.3,C=0.39 gives C 0.4; exact splits are unchanged."""
     assert dict(assigned_shares((("A", 0.5), ("B", 0.49)))) == pytest.approx({"A": 0.5, "B": 0.5})
     assert dict(assigned_shares((("A", 0.3), ("B", 0.3), ("C", 0.39)))) == pytest.approx({"A": 0.3, "B": 0.3, "C": 0.4})
-    # Bucket-exact: B's range ends at 0.30000000000000004, so the bucket 0.3 is B's (README "The rule").
+    # Bucket-exact: B's range ends at 0.30000000000000004, so the bucket 0.3 is B's (docs/wire-contract.md, "The rule").
     assert dict(assigned_shares((("A", 0.1), ("B", 0.2), ("C", 0.7)))) == {"A": 0.1, "B": 0.200001, "C": 0.699999}
     assert dict(assigned_shares((("A", 0.6), ("B", 0.41)))) == pytest.approx({"A": 0.6, "B": 0.4})
 

@@ -27,7 +27,7 @@ log = logging.getLogger("ab_worker")
 
 
 class ExitStatus(IntEnum):
-    """The exit statuses of every ``ab-worker`` command (the README's table, and ``--help``)."""
+    """The exit statuses of every ``ab-worker`` command (``docs/cli.md``'s table, and ``--help``)."""
 
     OK = 0
     PARTIAL = 1

@@ -219,7 +219,7 @@ def add_commands(commands: Any) -> None:
             "  ab-worker run --config deploy/experiments.yaml --local --demo --drain\n"
             "  AB_WORKER_SERVICEBUS_NAMESPACE=myns ab-worker run --config experiments.yaml\n"
             "  ab-worker run --config deploy/experiments.yaml --input requests.jsonl --output events.jsonl\n\n"
-            "Settings come from AB_WORKER_* environment variables (see the README); flags override them.\n"
+            "Settings come from AB_WORKER_* environment variables (see docs/configuration.md); flags override them.\n"
             "SIGTERM or Ctrl-C: stop receiving, finish and settle the in-flight batch, flush, then exit 0\n"
             "(SIGTERM) or 130 (Ctrl-C); what an outage holds is abandoned for another replica; past\n"
             "AB_WORKER_DRAIN_DEADLINE the process exits (1)."

@@ -20,7 +20,7 @@ MAX_DESCRIPTION_CHARS = 1024
 
 
 class DeadLetterReason(StrEnum):
-    """Reason codes written to ``DeadLetterReason``; the README's operations section explains each."""
+    """Reason codes written to ``DeadLetterReason``; ``docs/operations.md`` ("Dead-letter reasons") explains each."""
 
     INVALID_JSON = "InvalidJson"
     SCHEMA_VALIDATION_FAILED = "SchemaValidationFailed"
