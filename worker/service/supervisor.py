@@ -25,6 +25,8 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from worker.service.cpus import usable_cpus
+
 log = logging.getLogger(__name__)
 
 #: How often the children's probes are polled.
@@ -34,9 +36,9 @@ STABLE_SECONDS = 60.0
 
 
 def process_count(text: str) -> int:
-    """``auto`` (the cores this process may run on) or a whole number from 1 to 64."""
+    """``auto`` (the cores this process may use: affinity capped by the cgroup CPU quota) or 1 to 64."""
     if text.strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return usable_cpus()
     count = int(text)
     if not 1 <= count <= 64:
         raise ValueError(f"{text}: use a whole number from 1 to 64, or auto")
