@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# checkov, the IaC scanner of `make lint`, has its own virtual environment: its ~90 pinned
+# dependencies would clash with the project's. Created on first use, like .venv.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install run test lint unit bench bench-worker lock schemas docs clean
+.PHONY: install run test lint checkov unit bench bench-worker lock schemas docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +19,11 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(CHECKOV_STAMP): requirements-checkov.lock
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-checkov.lock
+	touch $(CHECKOV_STAMP)
 
 ## The product's main job.
 run: $(STAMP)
@@ -26,11 +35,18 @@ run: $(STAMP)
 test: lint
 	$(BIN)/pytest
 
-lint: $(STAMP)
+lint: $(STAMP) checkov
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+## Scan deploy/ (Dockerfile, Kubernetes manifests, Bicep, ARM, and every file for secrets) as a
+## security reviewer would. Accepted findings are skipped beside the resource with their reason
+## (docs/deployment.md lists them). Offline: no guideline download, no update check.
+checkov: $(CHECKOV_STAMP)
+	CKV_SKIP_PACKAGE_UPDATE_CHECK=true LOG_LEVEL=ERROR $(CHECKOV_VENV)/bin/checkov --directory deploy \
+		--framework dockerfile kubernetes bicep arm secrets --skip-download --compact --quiet
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -m "not integration"
@@ -68,6 +84,12 @@ lock:
 	{ echo "# The image's runtime-only pins (same versions as requirements.lock): regenerate with \`make lock\`."; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^ab-assignment-worker'; } > requirements-runtime.lock
 	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet "$$(grep '^checkov==' requirements-checkov.lock)"
+	{ echo "# checkov and its dependencies, in their own virtual environment (.venv-checkov): regenerate with \`make lock\`."; \
+	  .lock-venv/bin/python -m pip freeze; } > requirements-checkov.lock
+	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,11 @@
 //
 // Identity model: nothing here creates or outputs a key. Service Bus local (SAS) auth is off, the
 // worker runs as a user-assigned managed identity with data-plane roles scoped to the one entity it
-// touches, and KEDA's queue-length reads use a second identity (see scalerIdentity).
+// touches, KEDA's queue-length reads use a second identity (see scalerIdentity), Application
+// Insights takes Entra ID tokens only (appInsightsEntraAuthOnly), and operators get their own
+// grants (operatorPrincipalId). docs/deployment.md walks through every parameter and output;
+// tests/unit/test_deploy.py fails when that page names an entity, role or parameter this template
+// does not create.
 targetScope = 'resourceGroup'
 
 // ---------------------------------------------------------------------------------------------
@@ -28,12 +32,22 @@ param tags object = {}
 @description('Service Bus namespace name (globally unique).')
 param serviceBusNamespaceName string = 'sb-${namePrefix}-${uniqueString(resourceGroup().id)}'
 
-@description('Standard is enough for topics, duplicate detection and SQL filters; Premium adds isolation and private endpoints.')
+@description('Standard is enough for topics, duplicate detection and SQL filters; Premium adds isolation and private endpoints (privateEndpointSubnetId selects Premium by itself).')
 @allowed([
   'Standard'
   'Premium'
 ])
 param serviceBusSku string = 'Standard'
+
+@description('Messaging units of a Premium namespace (1, 2, 4, 8 or 16); ignored on Standard.')
+@allowed([
+  1
+  2
+  4
+  8
+  16
+])
+param serviceBusPremiumCapacity int = 1
 
 @description('Queue the assignment requests arrive on (AB_WORKER_QUEUE_NAME).')
 param queueName string = 'assignment-requests'
@@ -43,6 +57,24 @@ param topicName string = 'assignment-events'
 
 @description('Experiment id selected by the example filtered subscription.')
 param exampleFilterExperimentId string = 'exp_personalization_001'
+
+@description('Queues the worker may send replies to (the request/reply pattern: a request whose reply_to names one gets its event there too). The worker gets Data Sender on each; empty for none.')
+param replyQueueNames array = [
+  'assignment-replies'
+]
+
+@description('How long the requests queue and the events topic remember message ids to drop repeats (ISO 8601, 20 s to 7 days). Publishers retrying a send and replays re-run after an interruption are dropped within it; a longer window costs some throughput.')
+param duplicateDetectionWindow string = 'PT10M'
+
+@description('Object id of the user, group or service principal that operates the worker (ab-worker dlq, queue, events tail, App Configuration edits); empty for none. A group is best.')
+param operatorPrincipalId string = ''
+
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param operatorPrincipalType string = 'Group'
 
 @description('Log Analytics workspace name.')
 param logAnalyticsName string = 'log-${namePrefix}-${uniqueString(resourceGroup().id)}'
@@ -55,8 +87,11 @@ param logRetentionDays int = 30
 @description('Application Insights component name.')
 param appInsightsName string = 'appi-${namePrefix}-${uniqueString(resourceGroup().id)}'
 
-@description('Accept telemetry only with Entra ID tokens (no ingestion key). The worker must then pass its managed identity credential to the Azure Monitor exporter.')
-param appInsightsEntraAuthOnly bool = false
+@description('Accept telemetry only with Entra ID tokens: the ingestion key stops working, so the connection string is no secret. The worker authenticates as its managed identity (APPLICATIONINSIGHTS_AUTHENTICATION_STRING) with Monitoring Metrics Publisher.')
+param appInsightsEntraAuthOnly bool = true
+
+@description('Resource id of an existing action group for the alert rules of deploy/dashboards/alerts.json; empty deploys no alerts.')
+param alertActionGroupId string = ''
 
 @description('Azure Data Explorer cluster name: 4-22 lowercase letters and digits, starting with a letter.')
 @minLength(4)
@@ -80,6 +115,18 @@ param kustoDatabaseName string = 'assignments'
 
 @description('Table the worker ingests into (AB_WORKER_KUSTO_TABLE); created by deploy/kusto/table.kql.')
 param kustoTableName string = 'AssignmentEvents'
+
+@description('Resource id of an existing subnet for private endpoints. Empty (default): Service Bus and Data Explorer keep public endpoints (Entra ID only, TLS 1.2). Set: both turn public network access off and are reached through private endpoints in this subnet, with private DNS zones linked to its virtual network; Service Bus becomes Premium (private endpoints need it) and containerAppsSubnetId is required.')
+param privateEndpointSubnetId string = ''
+
+@description('Resource id of an existing subnet (delegated to Microsoft.App/environments, /27 or larger) in the same virtual network, for the Container Apps environment; empty runs it outside any virtual network. Required with privateEndpointSubnetId.')
+param containerAppsSubnetId string = ''
+
+@description('Create an Azure App Configuration store to manage the experiments from (deploy/k8s-appconfig syncs it into the worker ConfigMap on AKS); the worker identity gets App Configuration Data Reader, the operator Data Owner.')
+param appConfigurationEnabled bool = false
+
+@description('App Configuration store name (globally unique).')
+param appConfigurationName string = 'appcs-${namePrefix}-${uniqueString(resourceGroup().id)}'
 
 @description('Container Apps environment name.')
 param containerAppsEnvironmentName string = 'cae-${namePrefix}-${uniqueString(resourceGroup().id)}'
@@ -118,7 +165,15 @@ var roleIds = {
   serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39'
   serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
+  appConfigurationDataReader: '516239f1-63e1-4d78-a4de-a74fb236a071'
+  appConfigurationDataOwner: '5ae67dd6-50cb-40e7-96ff-dc2bfa4b606b'
 }
+
+var hasOperator = !empty(operatorPrincipalId)
+var privateNetworking = !empty(privateEndpointSubnetId)
+// /subscriptions/<s>/resourceGroups/<g>/providers/Microsoft.Network/virtualNetworks/<v>/subnets/<n>
+var virtualNetworkId = privateNetworking ? join(take(split(privateEndpointSubnetId, '/'), 9), '/') : ''
+var effectiveServiceBusSku = privateNetworking ? 'Premium' : serviceBusSku
 
 // Applied in order; each file must be idempotent (.create-merge / .create-or-alter), because the
 // script runs again whenever its content changes. Commands are separated by blank lines.
@@ -159,13 +214,15 @@ resource serviceBus 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
   location: location
   tags: tags
   sku: {
-    name: serviceBusSku
-    tier: serviceBusSku
+    name: effectiveServiceBusSku
+    tier: effectiveServiceBusSku
+    capacity: effectiveServiceBusSku == 'Premium' ? serviceBusPremiumCapacity : null
   }
   properties: {
     // Entra ID only: no SAS key exists that could leak.
     disableLocalAuth: true
     minimumTlsVersion: '1.2'
+    publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'
   }
 }
 
@@ -179,8 +236,29 @@ resource requestsQueue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = {
     maxDeliveryCount: 10
     // An expired request is kept for inspection and replay rather than silently dropped.
     deadLetteringOnMessageExpiration: true
+    // A publisher that retries a send after a timeout (the first send may have arrived) would
+    // otherwise have its request assigned twice. Publishers set a MessageId per request; replays
+    // get ids of their own (<original>/replay-<n>-<digest>), so this never drops a replay.
+    // Service Bus fixes this at creation: an existing queue without it must be recreated.
+    requiresDuplicateDetection: true
+    duplicateDetectionHistoryTimeWindow: duplicateDetectionWindow
   }
 }
+
+// Where requesters that set reply_to read their events (the request/reply pattern).
+resource replyQueues 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = [
+  for name in replyQueueNames: {
+    parent: serviceBus
+    name: name
+    properties: {
+      lockDuration: 'PT1M'
+      maxDeliveryCount: 10
+      // A reply nobody read in a day is of no use to its requester.
+      defaultMessageTimeToLive: 'P1D'
+      deadLetteringOnMessageExpiration: false
+    }
+  }
+]
 
 resource eventsTopic 'Microsoft.ServiceBus/namespaces/topics@2024-01-01' = {
   parent: serviceBus
@@ -189,7 +267,32 @@ resource eventsTopic 'Microsoft.ServiceBus/namespaces/topics@2024-01-01' = {
     // Events carry a deterministic MessageId (the event id), so a redelivered request's republished
     // event is dropped here; the window must exceed the longest redelivery delay.
     requiresDuplicateDetection: true
-    duplicateDetectionHistoryTimeWindow: 'PT10M'
+    duplicateDetectionHistoryTimeWindow: duplicateDetectionWindow
+  }
+}
+
+// For watching: `ab-worker events tail` reads it by default. It keeps every event (no rule but the
+// $Default match-all), so a day's TTL keeps an unread one from filling the namespace.
+resource allSubscription 'Microsoft.ServiceBus/namespaces/topics/subscriptions@2024-01-01' = {
+  parent: eventsTopic
+  name: 'all'
+  properties: {
+    lockDuration: 'PT1M'
+    maxDeliveryCount: 10
+    defaultMessageTimeToLive: 'P1D'
+    deadLetteringOnMessageExpiration: false
+  }
+}
+
+// An example of a consumer's own subscription, an audit trail of every event; a consumer's dead
+// letters are inspected and replayed with `ab-worker dlq ... --entity assignment-events/Subscriptions/audit`.
+resource auditSubscription 'Microsoft.ServiceBus/namespaces/topics/subscriptions@2024-01-01' = {
+  parent: eventsTopic
+  name: 'audit'
+  properties: {
+    lockDuration: 'PT1M'
+    maxDeliveryCount: 10
+    deadLetteringOnMessageExpiration: true
   }
 }
 
@@ -247,6 +350,39 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' = {
   }
 }
 
+// deploy/dashboards/assignment-workbook.json, with its Kusto cluster and database defaulting to
+// this deployment's (the file's defaults are placeholders, each present exactly once: a test checks).
+var workbookTemplate = loadTextContent('../dashboards/assignment-workbook.json')
+var workbookWithCluster = replace(workbookTemplate, 'https://mycluster.westeurope.kusto.windows.net', kusto.properties.uri)
+var workbookContent = replace(workbookWithCluster, '"value": "assignments"', '"value": "${kustoDatabaseName}"')
+
+resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
+  name: guid(resourceGroup().id, 'ab-worker-assignment-workbook')
+  location: location
+  tags: tags
+  kind: 'shared'
+  properties: {
+    displayName: 'A/B assignment worker'
+    category: 'workbook'
+    sourceId: appInsights.id
+    serializedData: workbookContent
+  }
+}
+
+// deploy/dashboards/alerts.json as a module. The SRM rule queries Data Explorer with its own
+// system-assigned identity: grant it Viewer on the database once (docs/deployment.md).
+module alerts '../dashboards/alerts.json' = if (!empty(alertActionGroupId)) {
+  name: 'ab-worker-alerts'
+  params: {
+    location: location
+    serviceBusNamespaceId: serviceBus.id
+    queueName: requestsQueue.name
+    appInsightsId: appInsights.id
+    kustoDatabaseUri: '${kusto.properties.uri}/${kustoDatabase.name}'
+    actionGroupId: alertActionGroupId
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Azure Data Explorer
 // ---------------------------------------------------------------------------------------------
@@ -260,10 +396,13 @@ resource kusto 'Microsoft.Kusto/clusters@2023-08-15' = {
     tier: kustoSkuTier
     capacity: kustoCapacity
   }
+  // checkov:skip=CKV_AZURE_75: double encryption can only be chosen at creation, can never be undone and costs throughput; storage is already encrypted at rest by the platform, and disk encryption is on
   properties: {
-    // Container Apps on the Consumption profile has no fixed egress address to allow-list; put
-    // the cluster behind a private endpoint with a VNet-integrated environment to close this.
-    publicNetworkAccess: 'Enabled'
+    // Without private endpoints the cluster answers on its public endpoint (Entra ID only): Container
+    // Apps on the Consumption profile has no fixed egress address to allow-list.
+    publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'
+    // Encrypts the cluster's VM disks (caches, temporary data) too; a single-digit performance cost.
+    enableDiskEncryption: true
   }
 }
 
@@ -308,6 +447,140 @@ resource kustoIngestor 'Microsoft.Kusto/clusters/databases/principalAssignments@
 }
 
 // ---------------------------------------------------------------------------------------------
+// Private endpoints (only with privateEndpointSubnetId)
+// ---------------------------------------------------------------------------------------------
+
+// Each zone resolves the service's public host name to its private endpoint inside the virtual
+// network. Data Explorer needs four: the engine and its ingestion storage (blob, queue, table).
+var serviceBusDnsZone = 'privatelink.servicebus.windows.net'
+var kustoDnsZones = [
+  'privatelink.${location}.kusto.windows.net'
+  'privatelink.blob.${environment().suffixes.storage}'
+  'privatelink.queue.${environment().suffixes.storage}'
+  'privatelink.table.${environment().suffixes.storage}'
+]
+var privateDnsZoneNames = concat([serviceBusDnsZone], kustoDnsZones)
+
+resource privateDnsZones 'Microsoft.Network/privateDnsZones@2024-06-01' = [
+  for zone in privateDnsZoneNames: if (privateNetworking) {
+    name: zone
+    location: 'global'
+    tags: tags
+  }
+]
+
+resource privateDnsLinks 'Microsoft.Network/privateDnsZones/virtualNetworkLinks@2024-06-01' = [
+  for (zone, i) in privateDnsZoneNames: if (privateNetworking) {
+    parent: privateDnsZones[i]
+    name: 'ab-worker'
+    location: 'global'
+    tags: tags
+    properties: {
+      virtualNetwork: {
+        id: virtualNetworkId
+      }
+      registrationEnabled: false
+    }
+  }
+]
+
+resource serviceBusPrivateEndpoint 'Microsoft.Network/privateEndpoints@2024-05-01' = if (privateNetworking) {
+  name: 'pe-${serviceBus.name}'
+  location: location
+  tags: tags
+  properties: {
+    subnet: {
+      id: privateEndpointSubnetId
+    }
+    privateLinkServiceConnections: [
+      {
+        name: 'namespace'
+        properties: {
+          privateLinkServiceId: serviceBus.id
+          groupIds: [
+            'namespace'
+          ]
+        }
+      }
+    ]
+  }
+}
+
+resource serviceBusPrivateDns 'Microsoft.Network/privateEndpoints/privateDnsZoneGroups@2024-05-01' = if (privateNetworking) {
+  parent: serviceBusPrivateEndpoint
+  name: 'default'
+  properties: {
+    privateDnsZoneConfigs: [
+      {
+        name: 'servicebus'
+        properties: {
+          privateDnsZoneId: privateDnsZones[0].id
+        }
+      }
+    ]
+  }
+}
+
+resource kustoPrivateEndpoint 'Microsoft.Network/privateEndpoints@2024-05-01' = if (privateNetworking) {
+  name: 'pe-${kusto.name}'
+  location: location
+  tags: tags
+  properties: {
+    subnet: {
+      id: privateEndpointSubnetId
+    }
+    privateLinkServiceConnections: [
+      {
+        name: 'cluster'
+        properties: {
+          privateLinkServiceId: kusto.id
+          groupIds: [
+            'cluster'
+          ]
+        }
+      }
+    ]
+  }
+}
+
+resource kustoPrivateDns 'Microsoft.Network/privateEndpoints/privateDnsZoneGroups@2024-05-01' = if (privateNetworking) {
+  parent: kustoPrivateEndpoint
+  name: 'default'
+  properties: {
+    privateDnsZoneConfigs: [
+      for (zone, i) in kustoDnsZones: {
+        name: replace(zone, '.', '-')
+        properties: {
+          privateDnsZoneId: privateDnsZones[i + 1].id
+        }
+      }
+    ]
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Azure App Configuration (only with appConfigurationEnabled)
+// ---------------------------------------------------------------------------------------------
+
+// Holds the key "experiments" (the experiments list as JSON); docs/deployment.md seeds it. This
+// template never writes the key itself, so a redeployment cannot undo an operator's edit.
+resource appConfiguration 'Microsoft.AppConfiguration/configurationStores@2024-05-01' = if (appConfigurationEnabled) {
+  name: appConfigurationName
+  location: location
+  tags: tags
+  sku: {
+    name: 'standard'
+  }
+  properties: {
+    // Entra ID only, like Service Bus.
+    disableLocalAuth: true
+    // Keeps deleted stores recoverable for a week, so a mistaken delete does not lose the experiments.
+    softDeleteRetentionInDays: 7
+    enablePurgeProtection: true
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Least-privilege role assignments
 // ---------------------------------------------------------------------------------------------
 
@@ -331,6 +604,19 @@ resource workerSendsEvents 'Microsoft.Authorization/roleAssignments@2022-04-01' 
   }
 }
 
+// The request/reply pattern: the worker sends a request's event to the queue its reply_to names.
+resource workerSendsReplies 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
+  for (name, i) in replyQueueNames: {
+    name: guid(replyQueues[i].id, workerIdentity.id, roleIds.serviceBusDataSender)
+    scope: replyQueues[i]
+    properties: {
+      roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataSender)
+      principalId: workerIdentity.properties.principalId
+      principalType: 'ServicePrincipal'
+    }
+  }
+]
+
 resource scalerReadsQueueLength 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(requestsQueue.id, scalerIdentity.id, roleIds.serviceBusDataOwner)
   scope: requestsQueue
@@ -338,6 +624,67 @@ resource scalerReadsQueueLength 'Microsoft.Authorization/roleAssignments@2022-04
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataOwner)
     principalId: scalerIdentity.properties.principalId
     principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerReadsExperiments 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (appConfigurationEnabled) {
+  name: guid(appConfiguration.id, workerIdentity.id, roleIds.appConfigurationDataReader)
+  scope: appConfiguration
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.appConfigurationDataReader)
+    principalId: workerIdentity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The operator's grants. `dlq peek/export/purge` and `queue peek/dead-letter` receive from the
+// requests queue (and its dead-letter queue); `dlq replay` also sends back to it. On the topic,
+// Receiver covers `events tail` and every subscription's dead-letter queue, Sender the replay of a
+// subscription's dead letters (Service Bus sends to a topic, never to one subscription). Reply
+// queues are read with `queue peek --entity`. Nothing here can create, delete or reconfigure an entity.
+resource operatorOnRequests 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
+  for role in ['serviceBusDataReceiver', 'serviceBusDataSender']: if (hasOperator) {
+    name: guid(requestsQueue.id, operatorPrincipalId, roleIds[role])
+    scope: requestsQueue
+    properties: {
+      roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds[role])
+      principalId: operatorPrincipalId
+      principalType: operatorPrincipalType
+    }
+  }
+]
+
+resource operatorOnEvents 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
+  for role in ['serviceBusDataReceiver', 'serviceBusDataSender']: if (hasOperator) {
+    name: guid(eventsTopic.id, operatorPrincipalId, roleIds[role])
+    scope: eventsTopic
+    properties: {
+      roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds[role])
+      principalId: operatorPrincipalId
+      principalType: operatorPrincipalType
+    }
+  }
+]
+
+resource operatorReadsReplies 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
+  for (name, i) in replyQueueNames: if (hasOperator) {
+    name: guid(replyQueues[i].id, operatorPrincipalId, roleIds.serviceBusDataReceiver)
+    scope: replyQueues[i]
+    properties: {
+      roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataReceiver)
+      principalId: operatorPrincipalId
+      principalType: operatorPrincipalType
+    }
+  }
+]
+
+resource operatorEditsExperiments 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (hasOperator && appConfigurationEnabled) {
+  name: guid(appConfiguration.id, operatorPrincipalId, roleIds.appConfigurationDataOwner)
+  scope: appConfiguration
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.appConfigurationDataOwner)
+    principalId: operatorPrincipalId
+    principalType: operatorPrincipalType
   }
 }
 
@@ -374,6 +721,11 @@ resource containerAppsEnvironment 'Microsoft.App/managedEnvironments@2025-01-01'
         workloadProfileType: 'Consumption'
       }
     ]
+    // In a virtual network (needed to reach private endpoints): internal, since nothing calls in.
+    vnetConfiguration: empty(containerAppsSubnetId) ? null : {
+      infrastructureSubnetId: containerAppsSubnetId
+      internal: true
+    }
   }
 }
 
@@ -405,14 +757,12 @@ resource workerApp 'Microsoft.App/containerApps@2025-01-01' = {
       activeRevisionsMode: 'Single'
       // No ingress: the worker pulls work from Service Bus; its health port is probed in-environment.
       registries: registries
+      // deploy/experiments.yaml, read at deployment. A running replica never sees a new secret value:
+      // NO hot reload on Container Apps. Redeploy, then start a new revision (docs/deployment.md).
       secrets: [
         {
           name: 'experiments-yaml'
           value: loadTextContent('../experiments.yaml')
-        }
-        {
-          name: 'appinsights-connection-string'
-          value: appInsights.properties.ConnectionString
         }
       ]
     }
@@ -430,7 +780,7 @@ resource workerApp 'Microsoft.App/containerApps@2025-01-01' = {
             cpu: json(cpu)
             memory: memory
           }
-          env: [
+          env: concat([
             // Two identities are attached, so DefaultAzureCredential must be told which one is the worker's.
             {
               name: 'AZURE_CLIENT_ID'
@@ -476,11 +826,19 @@ resource workerApp 'Microsoft.App/containerApps@2025-01-01' = {
               name: 'AB_WORKER_DRAIN_DEADLINE'
               value: '25'
             }
+            // Not a secret once the ingestion key is off (appInsightsEntraAuthOnly): it only names
+            // the resource and its ingestion endpoint.
             {
               name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
-              secretRef: 'appinsights-connection-string'
+              value: appInsights.properties.ConnectionString
             }
-          ]
+          ], appInsightsEntraAuthOnly ? [
+            // The Azure Monitor exporter takes an Entra ID token as this identity (two are attached).
+            {
+              name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+              value: 'Authorization=AAD;ClientId=${workerIdentity.properties.clientId}'
+            }
+          ] : [])
           probes: [
             {
               type: 'Startup'
@@ -518,14 +876,14 @@ resource workerApp 'Microsoft.App/containerApps@2025-01-01' = {
           ]
         }
       ]
-      // Secret volumes change only with a new revision here; to change experiments without a
-      // restart, mount an Azure Files share at /etc/ab-worker instead and hot reload picks it up.
+      // A secret volume: read when a replica starts (see the secrets above).
       volumes: [
         {
           name: 'experiments'
           storageType: 'Secret'
           secrets: [
             {
+              // checkov:skip=CKV_SECRET_6: not a credential: the secret holds deploy/experiments.yaml (public configuration); the scanner flags the word secretRef
               secretRef: 'experiments-yaml'
               path: 'experiments.yaml'
             }
@@ -557,7 +915,9 @@ resource workerApp 'Microsoft.App/containerApps@2025-01-01' = {
   dependsOn: [
     workerReceivesRequests
     workerSendsEvents
+    workerSendsReplies
     scalerReadsQueueLength
+    workerPublishesTelemetry
     kustoIngestor
   ]
 }
@@ -575,4 +935,8 @@ output workerIdentityClientId string = workerIdentity.properties.clientId
 output workerIdentityPrincipalId string = workerIdentity.properties.principalId
 output scalerIdentityClientId string = scalerIdentity.properties.clientId
 output appInsightsName string = appInsights.name
+// Not a secret with appInsightsEntraAuthOnly (the default): the ingestion key it carries is refused.
+output appInsightsConnectionString string = appInsightsEntraAuthOnly ? appInsights.properties.ConnectionString : ''
+output appConfigurationEndpoint string = appConfigurationEnabled ? appConfiguration.properties.endpoint : ''
+output workbookId string = workbook.id
 output containerAppName string = workerApp.name

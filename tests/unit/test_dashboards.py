@@ -91,7 +91,7 @@ def _resolve(expression: str, template: dict[str, Any]) -> str:
     assert parameter in template["parameters"]
     text = str(template["variables"][name])
     assert placeholder in text
-    return text.replace(placeholder, "https://mycluster.westeurope.kusto.windows.net/experiments")
+    return text.replace(placeholder, "https://mycluster.westeurope.kusto.windows.net/assignments")
 
 
 def all_queries() -> list[tuple[str, str, str]]:

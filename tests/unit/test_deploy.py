@@ -28,6 +28,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy_artifacts import (
+    K8S_APPCONFIG,
+    bicep_code,
+    bicep_outputs,
+    bicep_param_default,
+    bicep_resources,
+    collapse,
+    manifest_files,
+)
 from worker.domain.registry import ExperimentRegistry
 from worker.service.settings import WorkerSettings
 
@@ -40,6 +49,7 @@ K8S = DEPLOY / "k8s"
 BICEP = DEPLOY / "azure" / "main.bicep"
 BICEP_PARAMETERS = DEPLOY / "azure" / "main.parameters.json"
 KEDA_SCHEMAS = ROOT / "tests" / "data" / "keda-schemas"
+APPCONFIG_SCHEMAS = ROOT / "tests" / "data" / "appconfig-schemas"
 
 #: Kubernetes release whose OpenAPI schemas the manifests must satisfy (kubernetes-validate ships it).
 KUBERNETES_VERSION = "1.30.0"
@@ -54,13 +64,20 @@ EXPERIMENTS_FILE = "/etc/ab-worker/experiments.yaml"
 #: server and Kusto sink). Remove a name here once WorkerSettings has the field.
 PENDING_SETTINGS = {"HEALTH_PORT", "KUSTO_INGEST_URI", "KUSTO_DATABASE", "KUSTO_TABLE"}
 #: Environment variables outside the AB_WORKER_ prefix that the worker or its SDKs read.
-STANDARD_VARIABLES = {"APPLICATIONINSIGHTS_CONNECTION_STRING", "AZURE_CLIENT_ID"}
+STANDARD_VARIABLES = {
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+    # The Azure Monitor exporter's own: "Authorization=AAD[;ClientId=...]" sends Entra ID tokens.
+    "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    "AZURE_CLIENT_ID",
+}
 
 ROLE_IDS = {
     "Azure Service Bus Data Receiver": "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0",
     "Azure Service Bus Data Sender": "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39",
     "Azure Service Bus Data Owner": "090c5cfd-751d-490a-894a-3ce6f1109419",
     "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
+    "App Configuration Data Reader": "516239f1-63e1-4d78-a4de-a74fb236a071",
+    "App Configuration Data Owner": "5ae67dd6-50cb-40e7-96ff-dc2bfa4b606b",
 }
 KUSTO_SCRIPTS = ("table.kql", "mapping.kql", "retention.kql", "functions.kql")
 
@@ -277,19 +294,10 @@ def test_dockerfile_healthcheck_command_passes_on_200_and_fails_otherwise(
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_manifests() -> list[tuple[str, dict[str, Any]]]:
-    documents: list[tuple[str, dict[str, Any]]] = []
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if document is not None:
-                documents.append((path.name, document))
-    return documents
-
-
-MANIFESTS = _load_manifests()
+MANIFESTS = manifest_files(K8S)
+APPCONFIG_MANIFESTS = [(f"k8s-appconfig/{name}", document) for name, document in manifest_files(K8S_APPCONFIG)]
 KEDA_KINDS = {"ScaledObject": "scaledobject", "TriggerAuthentication": "triggerauthentication"}
+APPCONFIG_KINDS = {"AzureAppConfigurationProvider": "azureappconfigurationprovider-azconfig.io-v1"}
 
 
 def _one(kind: str) -> dict[str, Any]:
@@ -305,9 +313,31 @@ def _keda_validator(kind: str) -> Any:
     return jsonschema.Draft202012Validator(schema)
 
 
+def _appconfig_validator(kind: str) -> Any:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((APPCONFIG_SCHEMAS / f"{APPCONFIG_KINDS[kind]}.json").read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
 def _validate_core(document: dict[str, Any]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def validate_manifest(document: dict[str, Any]) -> list[str]:
+    """Schema errors of one object: KEDA and App Configuration kinds by their CRD, the rest by Kubernetes'."""
+    kind = document["kind"]
+    if kind in KEDA_KINDS or kind in APPCONFIG_KINDS:
+        validator = _keda_validator(kind) if kind in KEDA_KINDS else _appconfig_validator(kind)
+        errors = sorted(validator.iter_errors(document), key=str)
+        return [f"{list(error.absolute_path)}: {error.message}" for error in errors]
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    try:
+        _validate_core(document)
+    except kubernetes_validate.ValidationError as error:
+        return [str(error)]
+    return []
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -324,15 +354,12 @@ def test_kustomization_lists_every_manifest() -> None:
 
 @pytest.mark.parametrize(
     ("filename", "document"),
-    MANIFESTS,
-    ids=[f"{name}:{document['kind']}" for name, document in MANIFESTS],
+    [*MANIFESTS, *APPCONFIG_MANIFESTS],
+    ids=[f"{name}:{document['kind']}" for name, document in [*MANIFESTS, *APPCONFIG_MANIFESTS]],
 )
 def test_manifest_is_schema_valid(filename: str, document: dict[str, Any]) -> None:
-    if document["kind"] in KEDA_KINDS:
-        errors = sorted(_keda_validator(document["kind"]).iter_errors(document), key=str)
-        assert not errors, f"{filename}: " + "; ".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
-    else:
-        _validate_core(document)
+    errors = validate_manifest(document)
+    assert not errors, f"{filename}: " + "; ".join(errors)
 
 
 def test_validators_reject_broken_manifests() -> None:
@@ -349,6 +376,20 @@ def test_validators_reject_broken_manifests() -> None:
     auth = json.loads(json.dumps(_one("TriggerAuthentication")))
     auth["spec"]["podIdentity"]["provider"] = "azure"  # removed in KEDA 2.15
     assert list(_keda_validator("TriggerAuthentication").iter_errors(auth))
+
+    (provider,) = [document for _, document in APPCONFIG_MANIFESTS]
+    for path, value in [
+        (("spec", "target", "configMapData", "type"), "yml"),  # the enum is default/json/yaml/properties
+        (("spec", "configuration", "refresh", "interval"), "one minute"),  # a Go duration
+        (("spec", "configuration", "refresh", "monitoring", "keyValues"), []),  # minItems 1
+        (("spec", "auth", "workloadIdentity", "serviceAccount"), "ab-worker"),  # serviceAccountName
+    ]:
+        broken = json.loads(json.dumps(provider))
+        node = broken
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert validate_manifest(broken), f"{'.'.join(path)} = {value!r} passed the CRD schema"
 
 
 def _pod_spec() -> dict[str, Any]:
@@ -611,35 +652,12 @@ def _bicep() -> str:
 
 
 def _bicep_code(*, blank_strings: bool = True) -> str:
-    """The template without // comments (and, by default, with string contents blanked)."""
-    text, out, index = _bicep(), [], 0
-    while index < len(text):
-        char = text[index]
-        if char == "'":
-            end = index + 1
-            while text[end] != "'":
-                end += 2 if text[end] == "\\" else 1
-            out.append("''" if blank_strings else text[index : end + 1])
-            index = end + 1
-        elif text.startswith("//", index):
-            index = text.find("\n", index)
-        else:
-            out.append(char)
-            index += 1
-    return "".join(out)
+    return bicep_code(blank_strings=blank_strings)
 
 
 def _bicep_resources() -> dict[str, tuple[str, str, str]]:
     """symbol -> (type, api version, body) for every top-level resource declaration."""
-    text = _bicep()
-    resources: dict[str, tuple[str, str, str]] = {}
-    for match in re.finditer(r"^resource (\w+) '([^'@]+)@([^']+)'(?: existing)? = (?:if \([^)]*\) )?\{", text, re.M):
-        depth, index = 1, match.end()
-        while depth:
-            depth += {"{": 1, "}": -1}.get(text[index], 0)
-            index += 1
-        resources[match.group(1)] = (match.group(2), match.group(3), text[match.end() : index])
-    return resources
+    return {symbol: (r.type, r.version, r.body) for symbol, r in bicep_resources().items()}
 
 
 def test_bicep_is_structurally_sound() -> None:
@@ -682,37 +700,81 @@ def test_bicep_declares_the_expected_resources() -> None:
         "Microsoft.Authorization/roleAssignments",
         "Microsoft.App/managedEnvironments",
         "Microsoft.App/containerApps",
+        "Microsoft.Insights/workbooks",
+        "Microsoft.Network/privateEndpoints",
+        "Microsoft.Network/privateEndpoints/privateDnsZoneGroups",
+        "Microsoft.Network/privateDnsZones",
+        "Microsoft.Network/privateDnsZones/virtualNetworkLinks",
+        "Microsoft.AppConfiguration/configurationStores",
     } <= types
 
 
 def _collapse(body: str) -> str:
-    return re.sub(r"\s+", " ", body)
+    return collapse(body)
 
 
 def test_bicep_entities_match_the_worker_contract() -> None:
-    resources = _bicep_resources()
+    resources = bicep_resources()
     text = _bicep()
     assert re.search(rf"param queueName string = '{SETTINGS_FIELDS['queue_name'].default}'", text)
     assert re.search(rf"param topicName string = '{SETTINGS_FIELDS['topic_name'].default}'", text)
     assert re.search(r"param serviceBusSku string = 'Standard'", text)
 
-    namespace = _collapse(resources["serviceBus"][2])
+    namespace = resources["serviceBus"].flat
     assert "disableLocalAuth: true" in namespace
 
-    queue = _collapse(resources["requestsQueue"][2])
+    queue = resources["requestsQueue"].flat
     assert "lockDuration: 'PT1M'" in queue
     assert "maxDeliveryCount: 10" in queue
     assert "deadLetteringOnMessageExpiration: true" in queue
 
-    topic = _collapse(resources["eventsTopic"][2])
-    assert "requiresDuplicateDetection: true" in topic
-    assert "duplicateDetectionHistoryTimeWindow: 'PT10M'" in topic
+    # Duplicate detection on both the requests queue and the events topic, one window for both.
+    window = bicep_param_default("duplicateDetectionWindow")
+    assert 10 * 60 <= _iso_seconds(window) <= 7 * 24 * 3600, window
+    for symbol in ("requestsQueue", "eventsTopic"):
+        body = resources[symbol].flat
+        assert "requiresDuplicateDetection: true" in body, symbol
+        assert "duplicateDetectionHistoryTimeWindow: duplicateDetectionWindow" in body, symbol
 
-    rules = [body for resource_type, _, body in resources.values() if resource_type.endswith("/rules")]
+    rules = [r.body for r in resources.values() if r.type.endswith("/rules")]
     assert any("filterType: 'SqlFilter'" in rule and "experiment_id" in rule for rule in rules)
 
-    insights = _collapse(resources["appInsights"][2])
+    insights = resources["appInsights"].flat
     assert "WorkspaceResourceId: logAnalytics.id" in insights
+
+
+def _subscription_names() -> set[str]:
+    resources = bicep_resources()
+    return {
+        _group(r"name: '([\w-]+)'", r.flat)
+        for r in resources.values()
+        if r.type == "Microsoft.ServiceBus/namespaces/topics/subscriptions" and "parent: eventsTopic" in r.flat
+    }
+
+
+def bicep_entities() -> dict[str, set[str]]:
+    """The Service Bus entities the template creates with its default parameters."""
+    return {
+        "queues": {str(bicep_param_default("queueName")), *bicep_param_default("replyQueueNames")},
+        "topics": {str(bicep_param_default("topicName"))},
+        "subscriptions": _subscription_names(),
+    }
+
+
+def test_bicep_creates_every_entity_the_local_broker_and_the_cli_use() -> None:
+    """Config.json (the emulator and the embedded broker) is the local mirror: Azure gets the same
+    entities, plus the example filtered subscription. `events tail` reads `all` by default."""
+    from worker.cli.events import DEFAULT_SUBSCRIPTION
+
+    entities = bicep_entities()
+    config = json.loads(EMULATOR_CONFIG.read_text(encoding="utf-8"))
+    (namespace,) = config["UserConfig"]["Namespaces"]
+    assert {queue["Name"] for queue in namespace["Queues"]} <= entities["queues"]
+    assert {topic["Name"] for topic in namespace["Topics"]} <= entities["topics"]
+    local_subscriptions = {s["Name"] for topic in namespace["Topics"] for s in topic["Subscriptions"]}
+    assert local_subscriptions <= entities["subscriptions"]
+    assert DEFAULT_SUBSCRIPTION in entities["subscriptions"]
+    assert "personalization" in entities["subscriptions"]
 
 
 def test_bicep_applies_the_kusto_scripts() -> None:
@@ -726,36 +788,64 @@ def test_bicep_applies_the_kusto_scripts() -> None:
     assert not missing, f"main.bicep loads deploy/kusto/{missing}, which do not exist"
 
 
+def bicep_grants() -> set[tuple[str, str, str]]:
+    """(principal, role, scope) of every Azure RBAC role assignment, loops expanded to their items.
+
+    A loop over ``replyQueueNames`` scopes to ``replyQueues`` (each reply queue); a loop over a literal
+    list of roles yields one grant per role.
+    """
+    grants = set()
+    for resource in bicep_resources().values():
+        if resource.type != "Microsoft.Authorization/roleAssignments":
+            continue
+        body = resource.flat
+        assert "resourceGroup()" not in body, f"{resource.symbol}: scope each grant to the one resource it is for"
+        scope = _group(r"scope: (\w+)", body)
+        principal = _group(r"principalId: (\w+)", body)
+        literal_roles = re.search(r"^\s*role in \[(.*)\]\s*$", resource.loop or "", re.S)
+        roles = re.findall(r"'(\w+)'", literal_roles.group(1)) if literal_roles else [_group(r"roleIds\.(\w+)\)", body)]
+        for role in roles:
+            grants.add((principal, role, scope))
+    return grants
+
+
 def test_bicep_role_assignments_are_least_privilege() -> None:
     text = _bicep()
     for name, role_id in ROLE_IDS.items():
         assert role_id in text, name
-    # Which role, on which scope, for which identity.
-    assignments = {
-        symbol: _collapse(body)
-        for symbol, (resource_type, _, body) in _bicep_resources().items()
-        if resource_type == "Microsoft.Authorization/roleAssignments"
-    }
-    grants = set()
-    for body in assignments.values():
-        scope = _group(r"scope: (\w+)", body)
-        role = _group(r"roleIds\.(\w+)\)", body)
-        principal = _group(r"principalId: (\w+)\.properties\.principalId", body)
-        assert "resourceGroup()" not in body, "scope each grant to the one resource it is for"
-        grants.add((principal, role, scope))
-    assert grants == {
+    assert bicep_grants() == {
         ("workerIdentity", "serviceBusDataReceiver", "requestsQueue"),
         ("workerIdentity", "serviceBusDataSender", "eventsTopic"),
-        ("scalerIdentity", "serviceBusDataOwner", "requestsQueue"),
+        ("workerIdentity", "serviceBusDataSender", "replyQueues"),
         ("workerIdentity", "monitoringMetricsPublisher", "appInsights"),
+        ("workerIdentity", "appConfigurationDataReader", "appConfiguration"),
+        ("scalerIdentity", "serviceBusDataOwner", "requestsQueue"),
+        # The operator: dlq and queue commands on the requests queue, events tail and subscription
+        # dead letters on the topic, reply queues read only; App Configuration edits.
+        ("operatorPrincipalId", "serviceBusDataReceiver", "requestsQueue"),
+        ("operatorPrincipalId", "serviceBusDataSender", "requestsQueue"),
+        ("operatorPrincipalId", "serviceBusDataReceiver", "eventsTopic"),
+        ("operatorPrincipalId", "serviceBusDataSender", "eventsTopic"),
+        ("operatorPrincipalId", "serviceBusDataReceiver", "replyQueues"),
+        ("operatorPrincipalId", "appConfigurationDataOwner", "appConfiguration"),
     }
-    ingestor = _collapse(_bicep_resources()["kustoIngestor"][2])
+    resources = bicep_resources()
+    ingestor = resources["kustoIngestor"].flat
     assert "role: 'Ingestor'" in ingestor
     assert "principalId: workerIdentity.properties.clientId" in ingestor
+    # The operator's grants exist only when an operator is named; App Configuration's only with the store.
+    for resource in resources.values():
+        if not resource.type.endswith("roleAssignments"):
+            continue
+        condition = resource.condition or ""
+        if "principalId: operatorPrincipalId" in resource.flat:
+            assert "hasOperator" in condition, resource.symbol
+        if "scope: appConfiguration " in resource.flat:
+            assert "appConfigurationEnabled" in condition, resource.symbol
 
 
 def test_bicep_container_app_runs_the_worker_correctly() -> None:
-    app = _collapse(_bicep_resources()["workerApp"][2])
+    app = bicep_resources()["workerApp"].flat
     grace = int(_group(r"terminationGracePeriodSeconds: (\d+)", app))
     assert grace >= DRAIN_DEADLINE
     assert "path: '/healthz' port: 8080" in app
@@ -767,12 +857,80 @@ def test_bicep_container_app_runs_the_worker_correctly() -> None:
     for name in re.findall(r"name: '([A-Z][A-Z0-9_]+)'", app):
         _check_variable_name(name)
     assert "name: 'AZURE_CLIENT_ID' value: workerIdentity.properties.clientId" in app
-    assert "name: 'APPLICATIONINSIGHTS_CONNECTION_STRING' secretRef:" in app
+    # Entra ID telemetry: the connection string is a plain value, the exporter authenticates as the
+    # worker's identity (two identities are attached, so the client id is named).
+    assert "name: 'APPLICATIONINSIGHTS_CONNECTION_STRING' value: appInsights.properties.ConnectionString" in app
+    assert "appInsightsEntraAuthOnly ? [" in app
+    assert "value: 'Authorization=AAD;ClientId=${workerIdentity.properties.clientId}'" in app
+    assert bicep_param_default("appInsightsEntraAuthOnly") is True
+    assert "secretRef: 'appinsights" not in app
+    # The experiments file is the only secret, and the template says plainly that it is not reloaded.
+    assert re.findall(r"secrets: \[ \{ name: '([\w-]+)'", app) == ["experiments-yaml"]
+    assert "NO hot reload on Container Apps" in _bicep()
 
 
 def test_bicep_outputs_no_secrets() -> None:
-    for line in re.findall(r"^output .*$", _bicep(), re.M):
+    """No output carries a key. The one connection string is output only when its key is refused
+    (appInsightsEntraAuthOnly), which makes it a resource locator, not a credential."""
+    for name, expression in bicep_outputs().items():
+        if name == "appInsightsConnectionString":
+            assert expression.startswith("appInsightsEntraAuthOnly ? appInsights.properties.ConnectionString : ''")
+            continue
+        line = f"{name} = {expression}"
         assert not re.search(r"(?i)connectionstring|listkeys|sharedkey|password|secret", line), line
+
+
+def test_bicep_private_endpoint_option_closes_public_access() -> None:
+    """With privateEndpointSubnetId, Service Bus (made Premium) and Data Explorer refuse public traffic
+    and get private endpoints with DNS zones in that subnet's virtual network; without it nothing changes."""
+    resources = bicep_resources()
+    assert bicep_param_default("privateEndpointSubnetId") == ""
+    assert "var privateNetworking = !empty(privateEndpointSubnetId)" in _bicep()
+    assert "var effectiveServiceBusSku = privateNetworking ? 'Premium' : serviceBusSku" in _bicep()
+    for symbol in ("serviceBus", "kusto"):
+        assert "publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'" in resources[symbol].flat, symbol
+    endpoints = {r.symbol: r for r in resources.values() if r.type == "Microsoft.Network/privateEndpoints"}
+    targets = {_group(r"privateLinkServiceId: (\w+)\.id", r.flat): r for r in endpoints.values()}
+    assert set(targets) == {"serviceBus", "kusto"}
+    assert _group(r"groupIds: \[ '(\w+)' \]", targets["serviceBus"].flat) == "namespace"
+    assert _group(r"groupIds: \[ '(\w+)' \]", targets["kusto"].flat) == "cluster"
+    for endpoint in endpoints.values():
+        assert endpoint.condition == "privateNetworking", endpoint.symbol
+        assert "subnet: { id: privateEndpointSubnetId }" in endpoint.flat
+    zones = {r.symbol: r for r in resources.values() if r.type.startswith("Microsoft.Network/privateDnsZones")}
+    assert {r.type for r in zones.values()} == {
+        "Microsoft.Network/privateDnsZones",
+        "Microsoft.Network/privateDnsZones/virtualNetworkLinks",
+    }
+    assert all(r.condition == "privateNetworking" for r in zones.values())
+    assert "'privatelink.servicebus.windows.net'" in _bicep()
+    groups = [r for r in resources.values() if r.type == "Microsoft.Network/privateEndpoints/privateDnsZoneGroups"]
+    assert {_group(r"parent: (\w+)", r.flat) for r in groups} == set(endpoints)
+    environment = resources["containerAppsEnvironment"].flat
+    assert "infrastructureSubnetId: containerAppsSubnetId" in environment
+
+
+def test_bicep_deploys_the_workbook_and_the_alerts() -> None:
+    """deploy/dashboards goes out with the template: the workbook with this deployment's cluster and
+    database, the alert rules as a module when an action group is given."""
+    resources = bicep_resources()
+    text = _bicep()
+    workbook = resources["workbook"].flat
+    assert "serializedData: workbookContent" in workbook
+    assert "loadTextContent('../dashboards/assignment-workbook.json')" in text
+    # The two placeholders Bicep replaces are each in the workbook exactly once.
+    content = (DEPLOY / "dashboards" / "assignment-workbook.json").read_text(encoding="utf-8")
+    placeholders = re.findall(r"replace\(workbook\w+, '([^']+)', ", text)
+    assert len(placeholders) == 2, placeholders
+    for placeholder in placeholders:
+        assert content.count(placeholder) == 1, placeholder
+    declaration = r"^module alerts '\.\./dashboards/alerts\.json' = if \(!empty\(alertActionGroupId\)\) \{(.*?)^\}"
+    module = re.search(declaration, text, re.M | re.S)
+    assert module, "alerts.json is not deployed as a module"
+    given = set(re.findall(r"^\s+(\w+): ", module.group(1).split("params:", 1)[1], re.M))
+    alerts = json.loads((DEPLOY / "dashboards" / "alerts.json").read_text(encoding="utf-8"))
+    required = {name for name, spec in alerts["parameters"].items() if "defaultValue" not in spec}
+    assert required <= given <= set(alerts["parameters"])
 
 
 # ---------------------------------------------------------------------------------------------
