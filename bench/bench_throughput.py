@@ -30,8 +30,8 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusRece
 
 from adapters.files import JsonLinesSink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.pump import PumpConfig
 from worker.service.settings import WorkerSettings
 

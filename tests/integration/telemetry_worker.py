@@ -17,8 +17,8 @@ import time
 
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.telemetry import configure_telemetry
+from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.pump import PumpConfig
 from worker.service.redaction import install_log_redaction
 

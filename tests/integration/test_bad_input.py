@@ -33,10 +33,10 @@ from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.servicebus import ServiceBusAuth, create_client
 from schemas.models import context_problem
 from worker import ABAssignmentAgent
+from worker.bootstrap import bootstrap
 from worker.cli import main
 from worker.domain.errors import MAX_DESCRIPTION_CHARS, ConfigurationError
 from worker.domain.registry import MAX_CONFIG_BYTES, ExperimentRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.handling import event_id_for
 from worker.service.pump import PumpConfig, settled
 from worker.service.settings import WorkerSettings

@@ -32,9 +32,9 @@ from adapters.memory import MemorySink
 from adapters.servicebus import LockKeeper, ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from tests.waiting import wait_for
 from worker import ABAssignmentAgent
+from worker.bootstrap import bootstrap, servicebus_publisher
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap, servicebus_publisher
 from worker.service.handling import event_id_for
 from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
 from worker.service.pump import Pump, PumpConfig, settled

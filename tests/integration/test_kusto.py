@@ -16,9 +16,9 @@ from adapters.local.standins.kusto import KustoStandIn
 from adapters.memory import MemoryPublisher, MemorySource
 from schemas.models import AssignmentRecord
 from tests.waiting import wait_for
+from worker.bootstrap import bootstrap
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.handling import event_id_for
 from worker.service.ports import Delivery
 from worker.service.pump import Pump, PumpConfig

@@ -44,9 +44,9 @@ from tests.integration.test_faults import (
     drain_events,
     read_rows,
 )
+from worker import bootstrap
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
-from worker.service import bootstrap
 from worker.service.ports import OutboundEvent
 from worker.service.settings import WorkerSettings
 

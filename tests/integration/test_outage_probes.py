@@ -25,8 +25,8 @@ from adapters.health import HealthServer
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.local.standins.kusto import KustoStandIn
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from worker.bootstrap import bootstrap, pump_config
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap, pump_config
 from worker.service.observe import PumpObserver
 from worker.service.ports import Delivery
 from worker.service.pump import settled

@@ -14,8 +14,8 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage
 from adapters.files import JsonLinesSink
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, create_client
+from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.pump import PumpConfig
 from worker.service.settings import WorkerSettings
 

@@ -16,9 +16,9 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
 from tests.waiting import wait_for
+from worker.bootstrap import bootstrap
 from worker.cli import main
 from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.handling import event_id_for
 from worker.service.pump import Pump, PumpConfig, settled
 from worker.service.settings import WorkerSettings

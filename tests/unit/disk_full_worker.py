@@ -19,8 +19,8 @@ from pathlib import Path
 
 from adapters.files import JsonLinesSink
 from adapters.memory import MemoryPublisher, MemorySource
+from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.pump import PumpConfig
 
 REQUESTS = 40

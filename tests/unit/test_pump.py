@@ -17,9 +17,9 @@ from opentelemetry.trace import SpanKind
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from schemas import AssignmentEvent
 from tests.waiting import wait_for
+from worker.bootstrap import bootstrap, stop_on_signals
 from worker.domain.errors import PermanentError, TransientError
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap, stop_on_signals
 from worker.service.handling import event_id_for
 from worker.service.pump import Disposition, PumpConfig, settled, settlement_for
 

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
+from worker.bootstrap import bootstrap
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
-from worker.service.bootstrap import bootstrap
 from worker.service.pump import Pump, PumpConfig, settled
 
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_001", "split": {"A": 0.5, "B": 0.5}}]})

@@ -306,7 +306,7 @@ def settings_problem(exc: ValidationError) -> str:
 
 def servicebus_client() -> Any:
     """A Service Bus client and the settings it came from; a usage error when none is configured."""
-    from worker.service import bootstrap as compose
+    from worker import bootstrap as compose
 
     settings = load_settings()
     if settings.servicebus_connection_string is None and settings.servicebus_namespace is None:

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from pydantic import SecretStr
 
+from worker import bootstrap as compose
 from worker.cli.broker import local_broker
 from worker.cli.common import (
     EXIT_OK,
@@ -29,7 +30,6 @@ from worker.cli.common import (
 )
 from worker.domain.errors import UsageError
 from worker.domain.registry import ExperimentRegistry
-from worker.service import bootstrap as compose
 from worker.service.ports import EventPublisher, MessageSource, RecordSink
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
+from worker import bootstrap
 from worker.cli.broker import local_broker
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL
 from worker.domain.errors import UsageError
-from worker.service import bootstrap
 from worker.service.settings import WorkerSettings
 from worker.service.supervisor import Supervisor, SupervisorConfig
 

@@ -16,7 +16,7 @@ receiving and settling stay on the pump thread (the SDK's handlers are not threa
 the publisher raises is raised again on the pump thread.
 
 The pump is flow only: spans, metrics, logs and counters hang on the observer seam
-(:mod:`worker.service.observe`). Build one with :func:`worker.service.bootstrap.bootstrap`.
+(:mod:`worker.service.observe`). Build one with :func:`worker.bootstrap.bootstrap`.
 """
 
 from __future__ import annotations

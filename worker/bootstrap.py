@@ -2,8 +2,11 @@
 
 :func:`bootstrap` builds a ready :class:`~worker.service.pump.Pump` from the settings; every port can
 be overridden (cosmicpython's ``bootstrap(start_orm=..., uow=...)`` shape), which is how the command
-line, the integration tests and the benchmarks all build their pumps. Nothing else in ``worker/``
-imports ``adapters/``. Nothing connects, reads the environment or starts a thread at import time.
+line, the integration tests and the benchmarks all build their pumps. It sits beside the layers it
+wires, not inside one of them (as cosmicpython's ``bootstrap.py`` sits outside ``service_layer/``):
+the command line imports it; it imports the adapters, the service and the domain; none of those
+imports it (the layers contract in ``pyproject.toml``). Nothing connects, reads the environment or
+starts a thread at import time.
 """
 
 from __future__ import annotations
