@@ -21,20 +21,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from worker.domain import registry as model
 from worker.domain.errors import ConfigurationError, UsageError
-from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 from worker.service.observe import Logging, PumpObserver, Telemetry
-from worker.service.ports import EventPublisher, MessageSource, RecordSink
+from worker.service.ports import EventPublisher, ExperimentSource, MessageSource, RecordSink
 from worker.service.pump import Pump, PumpConfig
 from worker.service.redaction import redact
 from worker.service.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from adapters.experiments import ReloadingRegistry
     from adapters.health import HealthCheck
     from adapters.servicebus import Client as ServiceBusClient
     from adapters.servicebus.liveness import Liveness
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 def bootstrap(
     settings: WorkerSettings | None = None,
     *,
-    registry: Callable[[], ExperimentRegistry] | None = None,
+    registry: ExperimentSource | None = None,
     source: MessageSource | None = None,
     publisher: EventPublisher | None = None,
     sink: RecordSink | None = None,
@@ -123,9 +124,28 @@ def liveness(settings: WorkerSettings) -> Liveness:
 
 def experiments(settings: WorkerSettings) -> ReloadingRegistry:
     """The registry of ``settings.experiments_file``, reloaded when the file changes (call it for the current one)."""
+    from adapters.experiments import ReloadingRegistry
+
     if not settings.experiments_file:
         raise UsageError("no experiments: pass --config FILE or set AB_WORKER_EXPERIMENTS_FILE")
     return ReloadingRegistry(settings.experiments_file, interval=settings.reload_interval)
+
+
+class ExperimentRegistry(model.ExperimentRegistry):
+    """The experiment registry of the public API, with :meth:`load` (``from worker import ExperimentRegistry``).
+
+    The model is the domain's and reads no file; ``load`` joins it to the file adapter here, in the
+    composition root, the one layer allowed to know both. A subclass rather than a function so that
+    ``ExperimentRegistry.load(path)``, the call users and the allocation contract name, keeps working
+    and returns an instance of the class it was called on.
+    """
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Read and validate a YAML or JSON registry file; errors name the file, experiment and field."""
+        from adapters.experiments import read_document
+
+        return cls.from_dict(read_document(Path(path)), str(path))
 
 
 def pump_config(settings: WorkerSettings, max_batch: int | None = None) -> PumpConfig:

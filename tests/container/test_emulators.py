@@ -126,8 +126,8 @@ def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulato
 
     from adapters.memory import MemorySink
     from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+    from worker import ExperimentRegistry
     from worker.bootstrap import bootstrap
-    from worker.domain.registry import ExperimentRegistry
     from worker.service.handling import event_id_for
     from worker.service.pump import PumpConfig
     from worker.service.settings import WorkerSettings

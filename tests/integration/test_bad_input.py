@@ -28,15 +28,15 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusRece
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapters.experiments import MAX_CONFIG_BYTES
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.servicebus import ServiceBusAuth, create_client
 from schemas.models import context_problem
-from worker import ABAssignmentAgent
+from worker import ABAssignmentAgent, ExperimentRegistry
 from worker.bootstrap import bootstrap
 from worker.cli import main
 from worker.domain.errors import MAX_DESCRIPTION_CHARS, ConfigurationError
-from worker.domain.registry import MAX_CONFIG_BYTES, ExperimentRegistry
 from worker.service.handling import event_id_for
 from worker.service.pump import PumpConfig, settled
 from worker.service.settings import WorkerSettings

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQueue
 
+from adapters.experiments import ReloadingRegistry
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
 from tests.waiting import wait_for
+from worker import ExperimentRegistry
 from worker.bootstrap import bootstrap
 from worker.cli import main
-from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 from worker.service.handling import event_id_for
 from worker.service.pump import Pump, PumpConfig, settled
 from worker.service.settings import WorkerSettings

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from adapters.experiments import ReloadingRegistry
+from worker import ExperimentRegistry
 from worker.cli import main
 from worker.cli.common import ExitStatus
 from worker.cli.demo import summary_table
 from worker.cli.dlq import parse_time
 from worker.cli.render.progress import file_progress
 from worker.domain.errors import ConfigurationError
-from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 from worker.service.batch import spreadsheet_safe
 
 FORMULAS = ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)"]

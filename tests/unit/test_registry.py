@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.experiments import ReloadingRegistry
+from worker import ExperimentRegistry
 from worker.domain.errors import ConfigurationError
-from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 
 REPO = Path(__file__).parents[2]
 GOOD = """
@@ -136,3 +137,23 @@ def test_broken_reload_keeps_last_good_and_reports(tmp_path, caplog):
     path.write_text(GOOD.replace('"2"', '"3"'), encoding="utf-8")
     clock.now = 4
     assert registry.current().get("exp_a").config.version == "3"
+
+
+def test_public_load_reads_through_the_adapter_into_the_domain_model(tmp_path):
+    """``worker.ExperimentRegistry.load(path)`` returns the class it was called on, a domain registry."""
+    import worker
+    from worker.domain import registry as model
+
+    registry = worker.ExperimentRegistry.load(_write(tmp_path, GOOD))
+    assert isinstance(registry, worker.ExperimentRegistry)
+    assert isinstance(registry, model.ExperimentRegistry)
+    assert registry.get("exp_a").table_for("vip").thresholds["A"] == (0.0, 0.2)
+    assert not hasattr(model.ExperimentRegistry, "load"), "the domain model reads no file"
+
+
+def test_a_reloading_registry_is_an_experiment_source(tmp_path):
+    """The file adapter serves the pump's port: calling it gives the current registry."""
+    from worker.service.ports import ExperimentSource
+
+    source: ExperimentSource = ReloadingRegistry(_write(tmp_path, GOOD), interval=60)
+    assert "exp_a" in source()

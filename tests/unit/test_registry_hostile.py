@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from adapters.experiments import ReloadingRegistry
+from worker import ExperimentRegistry
 from worker.domain.errors import ConfigurationError
-from worker.domain.registry import ExperimentRegistry, ReloadingRegistry
 
 GOOD = """
 experiments:

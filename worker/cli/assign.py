@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from worker.bootstrap import ExperimentRegistry
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL, check_input, check_output, formatter, open_output, parse_split
 from worker.domain.errors import PermanentError, UsageError
-from worker.domain.registry import ExperimentRegistry
 
 
 def _registry_for(args: argparse.Namespace) -> ExperimentRegistry:

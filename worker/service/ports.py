@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from schemas.models import AssignmentRecord
 from worker.domain.errors import PermanentError
+from worker.domain.registry import ExperimentRegistry
 
 
 @dataclass(slots=True)
@@ -48,6 +49,19 @@ class SettlementLostError(Exception):
 
     Expected under redelivery: the pump logs and counts it, then moves on.
     """
+
+
+class ExperimentSource(Protocol):
+    """Where the experiments come from: the registry in force now, asked for once per batch.
+
+    One call, so any source fits: the experiments file reloaded on change
+    (``adapters.experiments.ReloadingRegistry``), App Configuration, or ``lambda: registry`` in a test.
+    A source keeps serving its last good registry when a new configuration is broken.
+    """
+
+    def __call__(self) -> ExperimentRegistry:
+        """The current registry."""
+        ...
 
 
 class MessageSource(Protocol):

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 
 from schemas.models import MAX_COHORT_MEMBERS, AssignmentEvent, AssignmentRecord
 from worker.domain.errors import PermanentError, PublishRejected, TransientError
-from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import DEFAULT_MAX_BODY_BYTES, Handled, handle
 from worker.service.observe import Counting, Disposition, Observers, PumpObserver, PumpStats, Settlement
 from worker.service.ports import (
     Delivery,
     EventPublisher,
+    ExperimentSource,
     MessageSource,
     OutboundEvent,
     RecordSink,
@@ -124,7 +124,7 @@ class Pump:
         source: MessageSource,
         publisher: EventPublisher,
         sink: RecordSink,
-        registry: Callable[[], ExperimentRegistry],
+        registry: ExperimentSource,
         *,
         config: PumpConfig | None = None,
         observers: Sequence[PumpObserver] = (),
