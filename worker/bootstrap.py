@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Self
 
 from opentelemetry.metrics import MeterProvider
@@ -33,6 +32,7 @@ from worker.service.ports import EventPublisher, ExperimentSource, MessageSource
 from worker.service.pump import Pump, PumpConfig
 from worker.service.redaction import redact
 from worker.service.settings import WorkerSettings
+from worker.service.signals import on_signals
 
 if TYPE_CHECKING:
     from adapters.experiments import ReloadingRegistry
@@ -172,11 +172,10 @@ def stop_on_signals(
     replica) and flushes. A dependency call that does not return (a hung endpoint) must not keep the
     process past the deadline the platform grants: the timer then ends it with status 1, and the
     held messages come back to the queue when the connection closes or their locks lapse. Leaving the
-    block cancels the timer and restores the previous handlers. The block gets the list of the signals
-    received (the CLI exits 130 after a Ctrl-C).
+    block cancels the timer and restores the previous handlers (:func:`~worker.service.signals.on_signals`).
+    The block gets the list of the signals received (the CLI exits 130 after a Ctrl-C).
     """
     timers: list[threading.Timer] = []
-    received: list[signal.Signals] = []
 
     def overrun() -> None:
         log.error(
@@ -187,9 +186,8 @@ def stop_on_signals(
             handler.flush()
         exit_now(1)
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum))
-        log.warning("Received %s: finishing the in-flight batch, then exiting", signal.Signals(signum).name)
+    def stop(received: signal.Signals) -> None:
+        log.warning("Received %s: finishing the in-flight batch, then exiting", received.name)
         if not timers:
             timer = threading.Timer(deadline, overrun)
             timer.daemon = True
@@ -197,14 +195,12 @@ def stop_on_signals(
             timer.start()
         pump.stop()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield received
+        with on_signals(stop) as received:
+            yield received
     finally:
         for timer in timers:
             timer.cancel()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def servicebus_connection_string(settings: WorkerSettings) -> str | None:

@@ -495,11 +495,11 @@ def test_unsupported_sql_filter_warns_and_matches_everything(
 
 
 def test_serve_prints_connection_string_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """``ab-worker broker`` prints its connection string, serves the SDK, and exits 0 on SIGTERM."""
     config = tmp_path / "Config.json"
     config.write_text(json.dumps(TEST_BROKER_CONFIG))
-    code = f"import sys; from adapters.local.broker import serve; sys.exit(serve('127.0.0.1', 0, {str(config)!r}))"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, "-m", "worker", "broker", "--port", "0", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -524,14 +524,11 @@ def test_serve_prints_connection_string_and_stops_on_sigterm(tmp_path: Path) -> 
 
 
 def test_serve_reports_bad_config(tmp_path: Path) -> None:
+    """A broken entities file is one error line naming it, exit 2."""
     bad = tmp_path / "broken.json"
     bad.write_text("{not json")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; from adapters.local.broker import serve; sys.exit(serve('127.0.0.1', 0, {str(bad)!r}))",
-        ],
+        [sys.executable, "-m", "worker", "broker", "--port", "0", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=30,

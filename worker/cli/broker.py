@@ -18,8 +18,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from worker.cli.common import EXIT_OK, broker_id, check_input, formatter, integer, listen_error, port, servicebus_client
+from worker.cli.common import (
+    EXIT_OK,
+    ExitStatus,
+    broker_id,
+    check_input,
+    formatter,
+    integer,
+    listen_error,
+    port,
+    servicebus_client,
+)
 from worker.domain.errors import ConfigurationError, UsageError
+from worker.service.signals import on_signals
 
 
 def _embedded() -> ModuleType:
@@ -61,14 +72,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise listen_error(exc, f"{args.host}:{args.port}", "--port") from None
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        print(broker.connection_string, flush=True)
-        while not stop.wait(0.5):
-            pass
+        with on_signals(lambda received: stop.set()) as received:
+            print(broker.connection_string, flush=True)
+            while not stop.wait(0.5):  # a timed wait: the main thread runs signal handlers between waits
+                pass
     finally:
         broker.stop()
-    return EXIT_OK
+    return ExitStatus.INTERRUPTED if signal.SIGINT in received else EXIT_OK
 
 
 # -- publish --------------------------------------------------------------------------------------

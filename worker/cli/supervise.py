@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 
 from worker import bootstrap
 from worker.cli.broker import local_broker
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL
 from worker.domain.errors import UsageError
 from worker.service.settings import WorkerSettings
+from worker.service.signals import on_signals
 from worker.service.supervisor import Supervisor, SupervisorConfig
 
 
@@ -73,18 +72,10 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
                 child_args=child_args,
             )
         )
-        _stop_on_signals(supervisor)
+        stack.enter_context(on_signals(lambda received: supervisor.stop()))
         bootstrap.start_health_server(settings.health_port, supervisor.health, stack, host=settings.health_host)
         bootstrap.print_err(
             f"supervising {processes} worker processes on queue {settings.queue_name!r} → topic {settings.topic_name!r}"
         )
         code = supervisor.run()
     return EXIT_OK if code == 0 else EXIT_PARTIAL
-
-
-def _stop_on_signals(supervisor: Supervisor) -> None:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        supervisor.stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

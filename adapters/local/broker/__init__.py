@@ -28,7 +28,7 @@ operations (add/remove/enumerate rules), transactions, the HTTP administration A
 (every token is accepted), TLS and WebSockets, partitioned entities, persistence beyond the process.
 """
 
-from .broker import LocalBroker, serve
+from .broker import LocalBroker
 from .config import (
     BrokerConfig,
     BrokerConfigError,
@@ -50,5 +50,4 @@ __all__ = [
     "RuleConfig",
     "SubscriptionConfig",
     "TopicConfig",
-    "serve",
 ]

@@ -1,18 +1,15 @@
-"""The embeddable broker: lifecycle, thread handling and the blocking ``serve`` entry point."""
+"""The embeddable broker: lifecycle and thread handling (``ab-worker broker`` runs it in the foreground)."""
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
 import logging
-import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import TypeVar
 
 from .config import BrokerConfig
 from .entities import BrokerState, normalize_address
@@ -184,38 +181,3 @@ class LocalBroker:
             return fn()
         result: _T = loop.call(fn).result(_CALL_TIMEOUT)
         return result
-
-
-def serve(host: str, port: int, config_path: str | None) -> int:
-    """Run a broker until SIGINT/SIGTERM, printing its connection string; returns an exit code."""
-    try:
-        config = BrokerConfig.load(Path(config_path)) if config_path else BrokerConfig.default()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous: dict[int, Any] = {}
-    # Signal handlers can only be installed from the main thread; elsewhere the caller stops us.
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, on_signal)
-    try:
-        try:
-            broker = LocalBroker(config, host=host, port=port).start()
-        except OSError as exc:
-            print(f"error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-            return 1
-        try:
-            print(broker.connection_string, flush=True)
-            while not stop.wait(0.5):
-                pass
-        finally:
-            broker.stop()
-        return 0
-    finally:
-        for restored, handler in previous.items():
-            signal.signal(restored, handler)
