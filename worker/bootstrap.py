@@ -11,22 +11,25 @@ starts a thread at import time.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
+from pydantic import ValidationError
 
 from worker.domain import registry as model
 from worker.domain.errors import ConfigurationError, UsageError
+from worker.domain.srm.report import Tally
 from worker.service.observe import Logging, PumpObserver, Telemetry
 from worker.service.ports import EventPublisher, ExperimentSource, MessageSource, RecordSink
 from worker.service.pump import Pump, PumpConfig
@@ -41,6 +44,33 @@ if TYPE_CHECKING:
     from adapters.servicebus.liveness import Liveness
 
 log = logging.getLogger(__name__)
+
+
+# --- settings -------------------------------------------------------------------------------------
+
+
+def environment_settings() -> WorkerSettings:
+    """The settings from the ``AB_WORKER_*`` environment (called by a command, never at import).
+
+    A bad value is a :class:`ConfigurationError` with one line per variable, named as the user set it.
+    Flags go over these with :meth:`WorkerSettings.with_overrides`, which returns a new object.
+    """
+    try:
+        return WorkerSettings()
+    except ValidationError as exc:
+        raise ConfigurationError(_settings_problem(exc)) from None
+
+
+def _settings_problem(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = "_".join(str(p) for p in error["loc"]).upper()
+        name = name if name.startswith("AB_WORKER_") else "AB_WORKER_" + name  # aliases carry the prefix
+        lines.append(f"environment variable {name}: {error['msg']}")
+    return "\n".join(lines)
+
+
+# --- the pump -------------------------------------------------------------------------------------
 
 
 def bootstrap(
@@ -148,12 +178,12 @@ class ExperimentRegistry(model.ExperimentRegistry):
         return cls.from_dict(read_document(Path(path)), str(path))
 
 
-def pump_config(settings: WorkerSettings, max_batch: int | None = None) -> PumpConfig:
+def pump_config(settings: WorkerSettings) -> PumpConfig:
     """The pump's tuning from the settings (flags already applied)."""
     return PumpConfig(
         queue_name=settings.queue_name,
         topic_name=settings.topic_name,
-        max_batch=max_batch or settings.max_batch,
+        max_batch=settings.max_batch,
         max_wait=settings.max_wait,
         max_body_bytes=settings.max_body_bytes,
         context_allow_list=frozenset(settings.context_allow_list),
@@ -209,10 +239,25 @@ def servicebus_connection_string(settings: WorkerSettings) -> str | None:
     return secret.get_secret_value() if secret is not None else None
 
 
-def servicebus_client(settings: WorkerSettings) -> ServiceBusClient:
-    """A ``ServiceBusClient`` from the settings."""
+def require_servicebus(settings: WorkerSettings, alternatives: Sequence[str] = ()) -> None:
+    """A :class:`UsageError` when neither a connection string nor a namespace is configured.
+
+    ``alternatives`` are what the command offers instead (``--local for the embedded broker``).
+    """
+    if settings.servicebus_connection_string is not None or settings.servicebus_namespace is not None:
+        return
+    offered = "".join(f", or use {alternative}" for alternative in alternatives)
+    raise UsageError(
+        "no Service Bus: set AB_WORKER_SERVICEBUS_CONNECTION_STRING (e.g. the one `ab-worker broker` prints) "
+        f"or AB_WORKER_SERVICEBUS_NAMESPACE{offered}"
+    )
+
+
+def servicebus_client(settings: WorkerSettings, alternatives: Sequence[str] = ()) -> ServiceBusClient:
+    """A ``ServiceBusClient`` from the settings (:func:`require_servicebus` first)."""
     from adapters.servicebus import ServiceBusAuth, create_client
 
+    require_servicebus(settings, alternatives)
     auth = ServiceBusAuth(servicebus_connection_string(settings), settings.servicebus_namespace)
     try:
         return create_client(auth, try_timeout=settings.servicebus_try_timeout)
@@ -266,8 +311,12 @@ def telemetry(settings: WorkerSettings) -> Iterator[tuple[TracerProvider | None,
         handle.shutdown()
 
 
-def start_health_server(port: int, check: HealthCheck, stack: ExitStack, host: str = "127.0.0.1") -> int | None:
-    """Serve /healthz and /readyz on ``host:port`` (port 0: off); a busy port is logged, not fatal."""
+def start_health_server(settings: WorkerSettings, check: HealthCheck, stack: ExitStack) -> int | None:
+    """Serve /healthz and /readyz on the settings' host and port (port 0: off) until ``stack`` closes.
+
+    A busy port is logged, not fatal: the work goes on without probes.
+    """
+    host, port = settings.health_host, settings.health_port
     if not port:
         return None
     from adapters.health import HealthServer
@@ -286,6 +335,69 @@ def start_health_server(port: int, check: HealthCheck, stack: ExitStack, host: s
     return server.port
 
 
-def print_err(message: str) -> None:
-    """A line for the operator on stderr."""
-    print(message, file=sys.stderr, flush=True)
+# --- the commands' other ports ---------------------------------------------------------------------
+
+
+def file_ports(
+    settings: WorkerSettings,
+    requests: Path,
+    events: IO[str],
+    dead_letters: IO[str],
+    rows_path: str | None,
+) -> tuple[MessageSource, EventPublisher, RecordSink]:
+    """``run --input``: requests read from a JSON-lines file, events and dead letters written to streams.
+
+    Rows go to the ``rows_path`` JSON-lines file (or are only counted), whatever the Kusto settings.
+    """
+    from adapters.files import JsonLinesPublisher, JsonLinesSink, JsonLinesSource
+
+    source = JsonLinesSource(requests, dead_letter_stream=dead_letters)
+    sink = JsonLinesSink(Path(rows_path) if rows_path else None, max_age=settings.flush_max_age)
+    return source, JsonLinesPublisher(events), sink
+
+
+def assignment_counts(settings: WorkerSettings) -> Callable[[Tally], str]:
+    """``report --kusto``: what fills a tally from ``AssignmentEventsDedup()``, returning where it read.
+
+    The cluster is ``settings.kusto_query_uri`` (the caller checks it is set), the database
+    ``settings.kusto_database``. A query the cluster refuses raises the adapter's ``KustoQueryError``.
+    """
+    from adapters.kusto.query import fill_tally
+
+    query_uri, database = str(settings.kusto_query_uri), settings.kusto_database
+
+    def fill(tally: Tally) -> str:
+        fill_tally(query_uri, database, tally)
+        return f"Kusto {query_uri} database {database}"
+
+    return fill
+
+
+@contextmanager
+def local_broker(port: int = 0, host: str = "127.0.0.1", config: Path | None = None) -> Iterator[Any]:
+    """The embedded Service Bus broker, started on ``host:port`` and stopped on exit (``--local``, ``broker``).
+
+    ``config`` is an entities file in the official emulator's Config.json shape (a bad one is a
+    :class:`UsageError`); an ``OSError`` from listening is the caller's to name the flag in.
+    """
+    embedded = _embedded_broker()
+    try:
+        entities = embedded.BrokerConfig.load(config) if config else embedded.BrokerConfig.default()
+    except embedded.BrokerConfigError as exc:
+        raise UsageError(str(exc)) from None
+    broker = embedded.LocalBroker(entities, host=host, port=port).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _embedded_broker() -> ModuleType:
+    """The embedded broker's package; a one-line error where it is not installed (the image)."""
+    try:
+        return importlib.import_module("adapters.local.broker")
+    except ModuleNotFoundError as exc:
+        raise ConfigurationError(
+            f"--local needs the embedded broker (so does `broker`), which is development tooling and not installed"
+            f" here ({exc.name} is missing): from a source checkout, `make install` or `pip install -e '.[local]'`"
+        ) from None

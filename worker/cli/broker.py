@@ -7,17 +7,15 @@ import-time dependency on Azure SDKs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from worker import bootstrap
 from worker.cli.common import (
     EXIT_OK,
     ExitStatus,
@@ -29,56 +27,24 @@ from worker.cli.common import (
     port,
     servicebus_client,
 )
-from worker.domain.errors import ConfigurationError, UsageError
+from worker.domain.errors import UsageError
 from worker.service.signals import on_signals
-
-
-def _embedded() -> ModuleType:
-    """The embedded broker's package; a one-line error where it is not installed (the image)."""
-    try:
-        return importlib.import_module("adapters.local.broker")
-    except ModuleNotFoundError as exc:
-        raise ConfigurationError(
-            f"--local needs the embedded broker (so does `broker`), which is development tooling and not installed"
-            f" here ({exc.name} is missing): from a source checkout, `make install` or `pip install -e '.[local]'`"
-        ) from None
-
-
-@contextmanager
-def local_broker(port: int = 0) -> Iterator[Any]:
-    """The embedded broker on 127.0.0.1 for ``run --local``, stopped on exit."""
-    broker = _embedded().LocalBroker(None, port=port)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run the embedded broker in the foreground until SIGTERM (exit 0) or Ctrl-C (exit 130)."""
-    embedded = _embedded()
-    BrokerConfig, BrokerConfigError, LocalBroker = (
-        embedded.BrokerConfig,
-        embedded.BrokerConfigError,
-        embedded.LocalBroker,
-    )
-    try:
-        config = BrokerConfig.load(Path(args.config)) if args.config else BrokerConfig.default()
-    except BrokerConfigError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        broker = LocalBroker(config, host=args.host, port=args.port).start()
-    except OSError as exc:
-        raise listen_error(exc, f"{args.host}:{args.port}", "--port") from None
     stop = threading.Event()
-    try:
-        with on_signals(lambda received: stop.set()) as received:
-            print(broker.connection_string, flush=True)
-            while not stop.wait(0.5):  # a timed wait: the main thread runs signal handlers between waits
-                pass
-    finally:
-        broker.stop()
+    with ExitStack() as stack:
+        try:
+            broker = stack.enter_context(
+                bootstrap.local_broker(args.port, host=args.host, config=Path(args.config) if args.config else None)
+            )
+        except OSError as exc:
+            raise listen_error(exc, f"{args.host}:{args.port}", "--port") from None
+        received = stack.enter_context(on_signals(lambda signum: stop.set()))
+        print(broker.connection_string, flush=True)
+        while not stop.wait(0.5):  # a timed wait: the main thread runs signal handlers between waits
+            pass
     return ExitStatus.INTERRUPTED if signal.SIGINT in received else EXIT_OK
 
 

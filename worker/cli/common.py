@@ -18,8 +18,6 @@ from enum import IntEnum
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from pydantic import ValidationError
-
 from worker.domain.errors import ConfigurationError, DependencyRefused, TransientError, UsageError, WorkerError
 from worker.domain.moments import MOMENT_FORMS, MomentError, parse_moment
 
@@ -138,6 +136,11 @@ def _silence_stdout() -> None:
     # flush does not print a second BrokenPipeError.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
+
+
+def print_err(message: str) -> None:
+    """A line for the operator on stderr."""
+    print(message, file=sys.stderr, flush=True)
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -284,37 +287,15 @@ def read_utf8(path: Path) -> str:
 # --- settings and clients -----------------------------------------------------------------------
 
 
-def load_settings() -> Any:
-    """The worker settings from ``AB_WORKER_*``; a bad value is a :class:`ConfigurationError`."""
-    from worker.service.settings import WorkerSettings
-
-    try:
-        return WorkerSettings()
-    except ValidationError as exc:
-        raise ConfigurationError(settings_problem(exc)) from None
-
-
-def settings_problem(exc: ValidationError) -> str:
-    """One line per bad ``AB_WORKER_*`` variable."""
-    lines = []
-    for error in exc.errors(include_url=False, include_input=False):
-        name = "_".join(str(p) for p in error["loc"]).upper()
-        name = name if name.startswith("AB_WORKER_") else "AB_WORKER_" + name  # aliases carry the prefix
-        lines.append(f"environment variable {name}: {error['msg']}")
-    return "\n".join(lines)
-
-
 def servicebus_client() -> Any:
-    """A Service Bus client and the settings it came from; a usage error when none is configured."""
-    from worker import bootstrap as compose
+    """A Service Bus client and the settings it came from, from the composition root.
 
-    settings = load_settings()
-    if settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
-        raise UsageError(
-            "no Service Bus: set AB_WORKER_SERVICEBUS_CONNECTION_STRING (e.g. the one `ab-worker broker` prints) "
-            "or AB_WORKER_SERVICEBUS_NAMESPACE"
-        )
-    return compose.servicebus_client(settings), settings
+    A usage error when none is configured (:func:`worker.bootstrap.require_servicebus`).
+    """
+    from worker import bootstrap
+
+    settings = bootstrap.environment_settings()
+    return bootstrap.servicebus_client(settings), settings
 
 
 def servicebus_errors(what: str) -> Any:

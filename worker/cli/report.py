@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -31,10 +30,11 @@ from worker.domain.srm.report import (
     format_split,
     parse_row,
 )
+from worker.service.settings import WorkerSettings
 
 QUERY_URI_VARIABLE = "AB_WORKER_KUSTO_QUERY_URI"
 DATABASE_VARIABLE = "AB_WORKER_KUSTO_DATABASE"
-DEFAULT_DATABASE = "assignments"
+DEFAULT_DATABASE = WorkerSettings.model_fields["kusto_database"].default
 
 REPORT_EPILOG = f"""\
 Counts assignments per experiment and variant, drops duplicate EventIds (redeliveries),
@@ -126,20 +126,19 @@ def read_dead_letters(path: str, problems: list[str]) -> dict[str, int]:
 
 
 def _query_kusto(tally: Tally) -> str:
-    query_uri = os.environ.get(QUERY_URI_VARIABLE, "").strip()
-    if not query_uri:
+    from adapters.kusto.query import KustoQueryError
+    from worker import bootstrap
+
+    settings = bootstrap.environment_settings()
+    if not settings.kusto_query_uri:
         raise UsageError(
             f"--kusto needs the cluster's query URI in {QUERY_URI_VARIABLE}"
             " (e.g. https://mycluster.westeurope.kusto.windows.net)"
         )
-    database = os.environ.get(DATABASE_VARIABLE, "").strip() or DEFAULT_DATABASE
-    from adapters.kusto.query import KustoQueryError, fill_tally
-
     try:
-        fill_tally(query_uri, database, tally)
+        return bootstrap.assignment_counts(settings)(tally)
     except KustoQueryError as exc:
         raise UnreachableError(str(exc)) from None
-    return f"Kusto {query_uri} database {database}"
 
 
 # --- printing ---------------------------------------------------------------------------------------

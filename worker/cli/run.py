@@ -14,7 +14,6 @@ from typing import IO, Any
 from pydantic import SecretStr
 
 from worker import bootstrap as compose
-from worker.cli.broker import local_broker
 from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
@@ -24,15 +23,19 @@ from worker.cli.common import (
     formatter,
     integer,
     listen_error,
-    load_settings,
     open_output,
     port,
+    print_err,
 )
 from worker.domain.errors import UsageError
 from worker.domain.registry import ExperimentRegistry
-from worker.service.ports import EventPublisher, MessageSource, RecordSink
+from worker.service.ports import ExperimentSource
+from worker.service.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+#: What ``run`` offers instead of a configured Service Bus.
+ALTERNATIVES = ("--local for the embedded broker", "--input FILE")
 
 NEXT_STEPS = """
 next steps:
@@ -44,9 +47,7 @@ next steps:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pump: over a file (``--input``), the embedded broker (``--local``) or Service Bus."""
-    settings = load_settings()
-    if args.config:
-        settings.experiments_file = args.config
+    settings = compose.environment_settings().with_overrides(experiments_file=args.config, max_batch=args.max_batch)
     if args.rows:
         check_output(Path(args.rows))
     if args.processes > 1:
@@ -55,37 +56,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         compose.experiments(settings)  # refuse a missing or broken experiments file here, not in every child
         return run_supervised(args, settings, str(settings.experiments_file), args.processes)
     registry = compose.experiments(settings)
-    config = compose.pump_config(settings, args.max_batch)
     if args.input:
         if args.local or args.demo:
             raise UsageError("--input reads requests from a file; it cannot be combined with --local or --demo")
-        with ExitStack() as stack:
-            source, publisher, sink = _file_ports(args, stack, settings.flush_max_age)
-            pump = compose.bootstrap(
-                settings, registry=registry, source=source, publisher=publisher, sink=sink, config=config
-            )
-            with compose.stop_on_signals(pump, settings.drain_deadline) as received:
-                stats = pump.run(idle_exit=0.0)
-        return ExitStatus.INTERRUPTED if signal.SIGINT in received else _report_run(stats)
+        return _run_file(args, settings, registry)
     # The drain deadline also covers closing the clients and flushing telemetry: its guard is left last.
     with ExitStack() as guard, ExitStack() as stack:
         # An idle worker asks for the registry rarely: check the file on the interval all the same.
         stack.enter_context(registry.watching())
         if args.local:
             try:
-                broker = stack.enter_context(local_broker(args.broker_port))
+                broker = stack.enter_context(compose.local_broker(args.broker_port))
             except OSError as exc:
                 raise listen_error(exc, f"127.0.0.1:{args.broker_port}", "--broker-port") from None
-            settings.servicebus_connection_string = SecretStr(broker.connection_string)
-            compose.print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
-        elif settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
-            raise UsageError(
-                "no Service Bus: set AB_WORKER_SERVICEBUS_CONNECTION_STRING or AB_WORKER_SERVICEBUS_NAMESPACE, "
-                "or use --local for the embedded broker, or --input FILE"
-            )
-        tracer_provider, meter_provider = stack.enter_context(compose.telemetry(settings))
-        client = compose.servicebus_client(settings)
+            settings = settings.with_overrides(servicebus_connection_string=SecretStr(broker.connection_string))
+            print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
+        client = compose.servicebus_client(settings, ALTERNATIVES)
         stack.callback(client.close)
+        tracer_provider, meter_provider = stack.enter_context(compose.telemetry(settings))
         viewer = None
         if args.demo:
             viewer = _start_demo(settings, registry(), client, stack)
@@ -94,13 +82,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             registry=registry,
             client=client,
             rows_path=args.rows,
-            config=config,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
         )
         received = guard.enter_context(compose.stop_on_signals(pump, settings.drain_deadline))
-        compose.start_health_server(settings.health_port, pump.health, stack, host=settings.health_host)
-        compose.print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
+        compose.start_health_server(settings, pump.health, stack)
+        print_err(f"worker running on queue {settings.queue_name!r} → topic {settings.topic_name!r}")
         stats = pump.run(idle_exit=max(3.0, 2 * settings.max_wait) if args.drain else None)
         if viewer is not None:
             viewer.finish(stats, registry())
@@ -112,13 +99,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+def _run_file(args: argparse.Namespace, settings: WorkerSettings, registry: ExperimentSource) -> int:
+    """``run --input``: requests from a JSON-lines file, events to ``--output`` (or stdout)."""
+    requests = check_input(Path(args.input))
+    with ExitStack() as stack:
+        events: IO[str] = (
+            stack.enter_context(open_output(Path(args.output))) if args.output and args.output != "-" else sys.stdout
+        )
+        dead: IO[str] = stack.enter_context(open_output(Path(args.dead_letters))) if args.dead_letters else sys.stderr
+        source, publisher, sink = compose.file_ports(settings, requests, events, dead, args.rows)
+        pump = compose.bootstrap(settings, registry=registry, source=source, publisher=publisher, sink=sink)
+        with compose.stop_on_signals(pump, settings.drain_deadline) as received:
+            stats = pump.run(idle_exit=0.0)
+    return ExitStatus.INTERRUPTED if signal.SIGINT in received else _report_run(stats)
+
+
 def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack: ExitStack) -> Any:
     from adapters.servicebus import send_requests
     from worker.cli.demo import demo_requests
 
     bodies = demo_requests(registry)
     sent = send_requests(client, settings.queue_name, bodies)
-    compose.print_err(f"demo: published {sent} requests ({sent - 500} of them deliberately malformed or unknown)")
+    print_err(f"demo: published {sent} requests ({sent - 500} of them deliberately malformed or unknown)")
     viewer = _EventViewer(client, settings.topic_name)
     viewer.start()
     stack.callback(viewer.stop)
@@ -176,21 +178,6 @@ def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:
     if stats.abandoned or (dead and dead_letters_are_failures):
         return EXIT_PARTIAL
     return EXIT_OK
-
-
-def _file_ports(
-    args: argparse.Namespace, stack: ExitStack, max_age: float
-) -> tuple[MessageSource, EventPublisher, RecordSink]:
-    from adapters.files import JsonLinesPublisher, JsonLinesSink, JsonLinesSource
-
-    source_path = check_input(Path(args.input))
-    events_out: IO[str] = (
-        stack.enter_context(open_output(Path(args.output))) if args.output and args.output != "-" else sys.stdout
-    )
-    dead_out: IO[str] = stack.enter_context(open_output(Path(args.dead_letters))) if args.dead_letters else sys.stderr
-    source = JsonLinesSource(source_path, dead_letter_stream=dead_out)
-    sink = JsonLinesSink(Path(args.rows) if args.rows else None, max_age=max_age)
-    return source, JsonLinesPublisher(events_out), sink
 
 
 def processes(text: str) -> int:

@@ -15,8 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from worker import bootstrap
-from worker.cli.broker import local_broker
-from worker.cli.common import EXIT_OK, EXIT_PARTIAL
+from worker.cli.common import EXIT_OK, EXIT_PARTIAL, print_err
 from worker.domain.errors import UsageError
 from worker.service.settings import WorkerSettings
 from worker.service.signals import on_signals
@@ -50,14 +49,11 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
     with ExitStack() as stack:
         env = dict(os.environ)
         if args.local:
-            broker = stack.enter_context(local_broker(args.broker_port))
+            broker = stack.enter_context(bootstrap.local_broker(args.broker_port))
             env["AB_WORKER_SERVICEBUS_CONNECTION_STRING"] = broker.connection_string
-            bootstrap.print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
-        elif settings.servicebus_connection_string is None and settings.servicebus_namespace is None:
-            raise UsageError(
-                "no Service Bus: set AB_WORKER_SERVICEBUS_CONNECTION_STRING or AB_WORKER_SERVICEBUS_NAMESPACE, "
-                "or use --local for the embedded broker"
-            )
+            print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
+        else:
+            bootstrap.require_servicebus(settings, ("--local for the embedded broker",))
         rows = args.rows
 
         def child_args(index: int) -> list[str]:
@@ -73,8 +69,8 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
             )
         )
         stack.enter_context(on_signals(lambda received: supervisor.stop()))
-        bootstrap.start_health_server(settings.health_port, supervisor.health, stack, host=settings.health_host)
-        bootstrap.print_err(
+        bootstrap.start_health_server(settings, supervisor.health, stack)
+        print_err(
             f"supervising {processes} worker processes on queue {settings.queue_name!r} → topic {settings.topic_name!r}"
         )
         code = supervisor.run()

@@ -6,7 +6,7 @@ them. Secrets are ``SecretStr`` so they never print in reprs, logs or errors.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -18,8 +18,9 @@ class WorkerSettings(BaseSettings):
     """Configuration of ``ab-worker run``; ``docs/configuration.md`` is generated from these fields."""
 
     # An empty variable (`AB_WORKER_X=` in a compose file or a shell) means "not set", not "set to nothing".
+    # Frozen: a command's flags make a new object (with_overrides), so no code sees settings change under it.
     model_config = SettingsConfigDict(
-        env_prefix="AB_WORKER_", extra="ignore", case_sensitive=False, env_ignore_empty=True
+        env_prefix="AB_WORKER_", extra="ignore", case_sensitive=False, env_ignore_empty=True, frozen=True
     )
 
     experiments_file: str | None = Field(default=None, description="Experiments file, YAML or JSON (or `--config`).")
@@ -137,6 +138,10 @@ class WorkerSettings(BaseSettings):
     )
     kusto_database: str = Field(default="assignments", description="Kusto database (ingestion and `report --kusto`).")
     kusto_table: str = Field(default="AssignmentEvents", description="Kusto table.")
+    kusto_query_uri: str | None = Field(
+        default=None,
+        description="Kusto query endpoint (`https://<cluster>.<region>.kusto.windows.net`) `report --kusto` reads.",
+    )
     kusto_mode: Literal["queued", "streaming"] = Field(
         default="queued", description="Ingestion: `queued` (the production default) or `streaming`."
     )
@@ -186,6 +191,17 @@ class WorkerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level; `--log-level`, before or after the command, wins."
     )
+
+    def with_overrides(self, **changes: Any) -> Self:
+        """A copy with ``changes`` (command-line flags) over these values; a ``None`` change keeps the value.
+
+        The one way settings change: they are frozen. Flags are checked by their argument types, so the
+        copy is not validated again; a name that is not a setting is a ``TypeError``.
+        """
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise TypeError(f"not settings: {', '.join(unknown)}")
+        return self.model_copy(update={name: value for name, value in changes.items() if value is not None})
 
     @field_validator("log_level", mode="before")
     @classmethod
