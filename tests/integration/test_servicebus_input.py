@@ -18,10 +18,12 @@ from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from adapters.servicebus import ServiceBusAuth, create_client
+from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import event_id_for
-from worker.service.pump import Pump, PumpConfig
+from worker.service.pump import PumpConfig
+from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -92,11 +94,11 @@ def test_legal_amqp_shapes_never_crash_and_poison_is_dead_lettered_alone_on_the_
             sender.send_messages([message for message, _ in CASES.values()])
         worker_client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
         try:
-            pump = Pump(
-                ServiceBusSource(worker_client, QUEUE, prefetch=50),
-                ServiceBusPublisher(worker_client, TOPIC),
-                sink := MemorySink(max_rows=50),
-                lambda: REGISTRY,
+            pump = bootstrap(
+                WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC, prefetch=50),
+                registry=lambda: REGISTRY,
+                client=worker_client,
+                sink=(sink := MemorySink(max_rows=50)),
                 config=PumpConfig(max_batch=50, max_wait=2.0),
             )
             stats = pump.run(idle_exit=2.0)

@@ -17,14 +17,16 @@ from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode, ServiceBus
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client, send_requests
+from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, create_client, send_requests
+from worker.bootstrap import bootstrap
 from worker.cli import main
 from worker.cli.common import ExitStatus
 from worker.domain.errors import DeadLetterReason, PublishRejected, TransientError
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import event_id_for
 from worker.service.ports import OutboundEvent
-from worker.service.pump import Pump, PumpConfig
+from worker.service.pump import PumpConfig
+from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 
@@ -254,11 +256,11 @@ def test_requests_whose_replies_can_never_go_are_dead_lettered_alone(broker: Loc
     _set_reply_to_on_queue(broker, replies)
     client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
     try:
-        pump = Pump(
-            ServiceBusSource(client, QUEUE, prefetch=20),
-            ServiceBusPublisher(client, TOPIC, requests_queue=QUEUE),
-            MemorySink(max_rows=50),
-            lambda: REGISTRY,
+        pump = bootstrap(
+            WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC, prefetch=20),
+            registry=lambda: REGISTRY,
+            client=client,
+            sink=MemorySink(max_rows=50),
             config=PumpConfig(max_batch=20, max_wait=2.0, min_backoff=0.05, max_backoff=0.2),
         )
         stats = pump.run(idle_exit=2.0)
