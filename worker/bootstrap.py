@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from worker.domain import registry as model
 from worker.domain.errors import ConfigurationError, UsageError
-from worker.domain.srm.report import Tally
+from worker.domain.srm.tally import Tally
 from worker.service.observe import Logging, PumpObserver, Telemetry
 from worker.service.ports import EventPublisher, ExperimentSource, MessageSource, RecordSink
 from worker.service.pump import Pump, PumpConfig

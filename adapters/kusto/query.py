@@ -14,7 +14,7 @@ from typing import Any
 
 from worker.domain.errors import TransientError, WorkerError
 from worker.domain.moments import as_utc, utc_iso
-from worker.domain.srm.report import ReportInputError, Tally, Window, parse_split
+from worker.domain.srm.tally import ReportInputError, Tally, Window, parse_split
 
 #: The view that drops redelivered rows (same EventId); owned by deploy/kusto/functions.kql.
 DEDUP_VIEW = "AssignmentEventsDedup()"

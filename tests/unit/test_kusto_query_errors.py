@@ -9,7 +9,7 @@ from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 
 from adapters.kusto.query import query_rows
 from worker.domain.errors import TransientError
-from worker.domain.srm.report import Window
+from worker.domain.srm.tally import Window
 
 
 class FailingClient:

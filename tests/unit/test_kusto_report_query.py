@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from adapters.kusto.query import KustoQueryError, add_rows, assignment_query
-from worker.domain.srm.report import Tally, Window, build_report
+from worker.domain.srm.report import build_report
+from worker.domain.srm.tally import Tally, Window
 
 SINCE = datetime(2025, 11, 23, 9, 0, tzinfo=UTC)
 UNTIL = datetime(2025, 11, 24, 9, 0, tzinfo=UTC)

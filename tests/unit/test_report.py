@@ -13,18 +13,9 @@ from schemas.models import AssignmentRecord
 from tests.synthetic_rows import START, make_rows, monitoring_rows, record
 from worker.cli.render.html import render_html
 from worker.domain.moments import MomentError, parse_moment
-from worker.domain.srm.report import (
-    GroupResult,
-    Report,
-    ReportInputError,
-    Tally,
-    Window,
-    build_report,
-    format_p,
-    parse_row,
-    parse_split,
-    report_from_rows,
-)
+from worker.domain.srm.format import format_p
+from worker.domain.srm.report import GroupResult, Report, build_report, report_from_rows
+from worker.domain.srm.tally import ReportInputError, Tally, Window, parse_row, parse_split
 
 NOW = datetime(2025, 11, 23, 18, 0, tzinfo=UTC)
 HALF = {"A": 0.5, "B": 0.5}

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 import pytest
 
 from worker.domain.assignment import VariantTable, assign_variants
-from worker.domain.srm.report import Tally, assigned_shares, build_report
+from worker.domain.srm.report import assigned_shares, build_report
+from worker.domain.srm.tally import Tally
 
 SPLIT = {"A": 0.5, "B": 0.49}  # sums to 0.99: accepted by validate_split
 WHEN = datetime(2026, 1, 1, 12, tzinfo=UTC)

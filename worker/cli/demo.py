@@ -7,7 +7,7 @@ import random
 from collections import Counter
 
 from worker.domain.registry import ExperimentRegistry
-from worker.domain.srm.report import format_p
+from worker.domain.srm.format import format_p
 from worker.domain.srm.stats import StatsInputError, srm_test
 
 CAMPAIGNS = ("winter_2026", "spring_launch", "retention_q1")

@@ -19,17 +19,9 @@ from typing import IO, Any
 from worker.cli.common import ExitStatus, UnreachableError, check_output, formatter, integer, moment
 from worker.domain.errors import UsageError
 from worker.domain.moments import utc_iso
-from worker.domain.srm.report import (
-    GroupResult,
-    Report,
-    ReportInputError,
-    Tally,
-    Window,
-    build_report,
-    format_p,
-    format_split,
-    parse_row,
-)
+from worker.domain.srm.format import format_p, format_split
+from worker.domain.srm.report import GroupResult, Report, build_report
+from worker.domain.srm.tally import ReportInputError, Tally, Window, parse_row
 from worker.service.settings import WorkerSettings
 
 QUERY_URI_VARIABLE = "AB_WORKER_KUSTO_QUERY_URI"

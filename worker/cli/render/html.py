@@ -12,7 +12,8 @@ from datetime import datetime
 from html import escape
 
 from worker.domain.moments import utc_iso
-from worker.domain.srm.report import GroupResult, Report, Series, format_p, format_split
+from worker.domain.srm.format import format_p, format_split
+from worker.domain.srm.report import GroupResult, Report, Series
 
 #: Distinguishable on white and for the common colour-vision deficiencies (Okabe–Ito, then greys).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#999999")
