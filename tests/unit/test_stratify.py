@@ -16,19 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import cohort_cases, cohort_reference
-from worker.domain.cohort.stratify import (
-    ASSIGNMENT_METHOD,
-    Arm,
-    BalanceTable,
-    Cell,
-    CohortAssignment,
-    CohortInputError,
-    CohortRecord,
-    Member,
-    apportion,
-    order_by_digest,
-    stratify,
-)
+from worker.domain.cohort.arms import Arm, apportion
+from worker.domain.cohort.balance import BalanceTable, Cell
+from worker.domain.cohort.errors import CohortInputError
+from worker.domain.cohort.members import Member
+from worker.domain.cohort.records import ASSIGNMENT_METHOD, CohortRecord
+from worker.domain.cohort.stratify import CohortAssignment, order_by_digest, stratify
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cohort_250.csv"
 COHORT_CASES = json.loads(cohort_cases.CASES_PATH.read_text(encoding="utf-8"))["cases"]

@@ -15,7 +15,7 @@ from schemas import AssignmentRequest
 from schemas.generate import HERE
 from schemas.text import refused_character
 from worker import ABAssignmentAgent
-from worker.domain.cohort.stratify import value_problem
+from worker.domain.cohort.members import value_problem
 from worker.domain.registry import ExperimentRegistry
 from worker.service.batch import assign_file
 

@@ -23,19 +23,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from worker.cli.common import ExitStatus, check_output, formatter, integer, report_error
-from worker.domain.cohort.stratify import (
-    DEFAULT_MIN_PER_CELL,
-    DEFAULT_SEED,
-    DEFAULT_TOLERANCE,
-    RECORD_FIELDS,
-    Arm,
-    BalanceReport,
-    CohortAssignment,
-    CohortInputError,
-    has_bad_characters,
-    stratify_columns,
-    value_problem,
-)
+from worker.domain.cohort.arms import Arm
+from worker.domain.cohort.balance import DEFAULT_MIN_PER_CELL, DEFAULT_TOLERANCE, BalanceReport
+from worker.domain.cohort.errors import CohortInputError
+from worker.domain.cohort.members import has_bad_characters, value_problem
+from worker.domain.cohort.records import RECORD_FIELDS
+from worker.domain.cohort.stratify import DEFAULT_SEED, CohortAssignment, stratify_columns
 from worker.domain.errors import UsageError
 from worker.domain.srm.stats import ExperimentPlan, StatsInputError, plan_experiment
 from worker.service.batch import has_formula_cell, spreadsheet_safe

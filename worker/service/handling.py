@@ -231,7 +231,9 @@ def assign_cohort(
     The report holds a segment × arm table, so many segments times many arms can outgrow a broker
     message: that is checked here, before anything is published, and refused as ``EventTooLarge``.
     """
-    from worker.domain.cohort.stratify import Arm, CohortInputError, stratify_columns
+    from worker.domain.cohort.arms import Arm
+    from worker.domain.cohort.errors import CohortInputError
+    from worker.domain.cohort.stratify import stratify_columns
 
     if len(request.members) > max_members:
         raise PermanentError(
