@@ -19,7 +19,7 @@ import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
-from worker.cli.cohort import read_cohort_csv, write_assignments, write_report
+from worker.cli.cohort_files import read_cohort, write_assignments, write_report
 from worker.domain.cohort.stratify import stratify_columns
 
 ARMS = ["control", "treatment_1", "treatment_2", "treatment_3"]
@@ -41,7 +41,7 @@ def run(folder: Path, source: Path) -> dict[str, float]:
     """One read → stratify → write pass; seconds per phase."""
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    cohort = read_cohort_csv(source, "customer_id", "segment")
+    cohort = read_cohort(source, "csv", "customer_id", "segment")
     seconds["read"] = time.perf_counter() - start
     mark = time.perf_counter()
     result = stratify_columns(

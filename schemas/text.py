@@ -51,7 +51,7 @@ def character_problem(text: str) -> str | None:
     match = refused_character(text)
     if match is None:
         return None
-    return f"must not contain control, invisible or bidi characters (found {_found(match)})"
+    return f"must not contain control, invisible or bidi characters (found {located(match)})"
 
 
 #: Lone surrogates alone, for free text (request context, variant metadata): anything else may be
@@ -66,11 +66,15 @@ def surrogate_problem(text: str) -> str | None:
     match = None if text.isprintable() else _SURROGATE.search(text)
     if match is None:
         return None
-    return f"holds a lone surrogate ({_found(match)}), which has no UTF-8 encoding"
+    return f"holds a lone surrogate ({located(match)}), which has no UTF-8 encoding"
 
 
-def _found(match: re.Match[str]) -> str:
-    # Named by code point and position, never echoed raw: the text may be on its way to a log line.
+def located(match: re.Match[str]) -> str:
+    """A refused character named by code point and position (``U+202E at index 3``), never echoed raw.
+
+    The text may be on its way to a log line or a terminal, and may be long: every message about a
+    refused character names it this way.
+    """
     return f"U+{ord(match.group()):04X} at index {match.start()}"
 
 

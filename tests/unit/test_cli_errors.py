@@ -101,7 +101,7 @@ MATRIX: list[tuple[list[str], dict[str, str], int, str]] = [
     ),
     # stratify and plan
     (["stratify", "{missing}", *STRATIFY[2:], "--out", "o.csv"], {}, USAGE, "missing.csv: cannot read"),
-    (["stratify", "latin1.csv", *STRATIFY[2:], "--out", "o.csv"], {}, USAGE, "not valid UTF-8"),
+    (["stratify", "latin1.csv", *STRATIFY[2:], "--out", "o.csv"], {}, USAGE, "not UTF-8"),
     ([*STRATIFY, "--out", "{dir}"], {}, USAGE, "folder: is a directory"),
     ([*STRATIFY, "--out", "{no_dir}"], {}, USAGE, "no-such-folder/out.csv: cannot write"),
     ([*STRATIFY, "--out", "{under_file}"], {}, USAGE, "a-file/out.csv: cannot write"),

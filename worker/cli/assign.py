@@ -54,31 +54,29 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def _assign_file(args: argparse.Namespace, experiment: Any) -> int:
-    from worker.service.batch import assign_file, decoded_lines, detect_format
+    from worker.service.batch import BadRow, assign_file, detect_format
+    from worker.service.inputfile import Problem, decoded_lines
 
     source = Path(args.input)
     check_input(source)
     in_format = detect_format(source, args.format)
     out_path = check_output(Path(args.output)) if args.output and args.output != "-" else None
     out_format = args.output_format or (detect_format(out_path, None) if out_path else "jsonl")
-    bad: list[Any] = []
+    bad: list[Problem] = []
     with ExitStack() as stack:
         binary = stack.enter_context(source.open("rb"))
         out: IO[str] = stack.enter_context(open_output(out_path)) if out_path else sys.stdout
         progress = _progress_bar(stack, binary, source)
-        try:
-            result = assign_file(
-                decoded_lines(binary, bad),
-                out,
-                experiment,
-                in_format=in_format,
-                out_format=out_format,
-                source=str(source),
-                progress=progress,
-            )
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    result.bad_rows[:0] = bad
+        result = assign_file(
+            decoded_lines(binary, bad),
+            out,
+            experiment,
+            in_format=in_format,
+            out_format=out_format,
+            source=str(source),
+            progress=progress,
+        )
+    result.bad_rows[:0] = [BadRow(line, problem) for line, problem in bad]
     for row in sorted(result.bad_rows, key=lambda r: r.line):
         print(f"{source}: line {row.line}: skipped: {row.problem}", file=sys.stderr)
     summary = ", ".join(f"{v}={n}" for v, n in sorted(result.counts.items()))

@@ -11,12 +11,12 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TextIO
 
 from worker.domain.errors import ConfigurationError, DependencyRefused, TransientError, UsageError, WorkerError
 from worker.domain.moments import MOMENT_FORMS, MomentError, parse_moment
@@ -271,6 +271,35 @@ def open_output(path: Path, mode: str = "w") -> Iterator[IO[str]]:
         raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
     with stream:
         yield stream
+
+
+def write_files(outputs: Sequence[tuple[Path, Callable[[TextIO], object]]]) -> None:
+    """Write every output to a temporary file beside it, then move them all into place.
+
+    Every path is checked before anything is written, and a failure while writing leaves no output
+    at all (not the first file without the second); errors name the user's path, never the
+    temporary one.
+    """
+    for path, _ in outputs:
+        check_output(path)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in outputs:
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            staged.append((temporary, path))
+            try:
+                with temporary.open("w", encoding="utf-8", newline="") as stream:
+                    write(stream)
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        for temporary, path in staged:
+            try:
+                os.replace(temporary, path)
+            except OSError as exc:
+                raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
 
 
 def read_utf8(path: Path) -> str:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from worker.cli.common import ExitStatus, UnreachableError, check_output, formatter, integer, moment
+from worker.cli.common import ExitStatus, UnreachableError, check_output, formatter, integer, moment, write_files
 from worker.domain.errors import UsageError
 from worker.domain.moments import utc_iso
 from worker.domain.srm.format import format_p, format_split
@@ -189,13 +189,7 @@ def _print_problems(problems: Sequence[str], limit: int) -> None:
 def _write_html(path: Path, report: Report, source: str) -> None:
     from worker.cli.render.html import render_html
 
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        temporary.write_text(render_html(report, source=source), encoding="utf-8")
-        temporary.replace(path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    write_files([(path, lambda stream: stream.write(render_html(report, source=source)))])
 
 
 # --- the command ------------------------------------------------------------------------------------

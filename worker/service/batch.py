@@ -1,6 +1,7 @@
 """Assigning a whole file of users: the same batch path the benchmark measures.
 
-Reads JSON lines or CSV (a ``user_id`` column, optionally ``segment``), assigns in chunks with
+Reads JSON lines or CSV (a ``user_id`` column, optionally ``segment``) with the one user-file reader
+(:mod:`worker.service.inputfile`), assigns in chunks with
 :func:`worker.domain.assignment.bucket_ints`, and streams JSON lines or CSV out. Bad rows are reported with
 their line number and skipped; they never stop the run.
 """
@@ -19,7 +20,9 @@ from typing import IO, Any
 from schemas.models import MAX_ID_CHARS
 from schemas.text import text_problem
 from worker.domain.assignment import BUCKETS, bucket_ints
+from worker.domain.errors import UsageError
 from worker.domain.registry import Experiment
+from worker.service.inputfile import InputFileError, Problem, read_table
 
 CHUNK_ROWS = 65_536
 OUTPUT_FIELDS = (
@@ -70,46 +73,22 @@ def detect_format(path: Path, explicit: str | None) -> str:
     return "csv" if path.suffix.lower() in {".csv", ".tsv"} else "jsonl"
 
 
-def read_rows(stream: Iterator[str], fmt: str, source: str, bad: list[BadRow]) -> Iterator[tuple[int, Any, Any]]:
-    """Yield ``(line, user_id, segment)``; unparseable rows go to ``bad``."""
-    if fmt == "csv":
-        reader = csv.reader(stream)
-        header = next(reader, None)
-        if header is None:
-            return
-        columns = [c.strip().lstrip("\ufeff") for c in header]
-        if "user_id" not in columns:
-            raise ValueError(f"{source}: line 1: CSV header has no 'user_id' column (columns: {columns})")
-        user_at = columns.index("user_id")
-        segment_at = columns.index("segment") if "segment" in columns else None
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if len(row) <= user_at:
-                bad.append(BadRow(line, f"row has {len(row)} fields; 'user_id' is field {user_at + 1}"))
-                continue
-            segment = row[segment_at] if segment_at is not None and segment_at < len(row) else None
-            yield line, row[user_at], segment or None
-        return
-    for line, text in enumerate(stream, start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            bad.append(BadRow(line, f"not JSON: {getattr(exc, 'msg', 'nested too deeply')}"))
-            continue
-        if not isinstance(obj, dict):
-            bad.append(BadRow(line, f"expected a JSON object, got {type(obj).__name__}"))
-            continue
-        if "user_id" not in obj:
-            bad.append(BadRow(line, "missing field 'user_id'"))
-            continue
-        segment = obj.get("segment")
-        if segment is None and isinstance(obj.get("context"), dict):
-            segment = obj["context"].get("segment")
-        yield line, obj["user_id"], segment if isinstance(segment, str) and segment else None
+def read_rows(stream: Iterable[str], fmt: str, source: str, bad: list[BadRow]) -> Iterator[tuple[int, Any, Any]]:
+    """Yield ``(line, user_id, segment)`` (a JSON line's segment may be in its ``context``); bad rows go to ``bad``.
+
+    The file is read by the one user-file reader (:mod:`worker.service.inputfile`); a CSV header
+    without ``user_id`` is a :class:`UsageError` naming ``source``.
+    """
+    problems: list[Problem] = []
+    columns = ("user_id", "segment", "context")
+    try:
+        for line, (user, given, context) in read_table(stream, fmt, columns, problems, required=1):
+            segment = context.get("segment") if given is None and isinstance(context, dict) else given
+            yield line, user, segment if isinstance(segment, str) and segment else None
+    except InputFileError as exc:
+        raise UsageError(f"{source}: line {exc.line}: {exc.message}") from None
+    finally:
+        bad.extend(BadRow(line, message) for line, message in problems)
 
 
 #: First characters that make a spreadsheet read a CSV cell as a formula (OWASP "CSV injection").
@@ -153,7 +132,7 @@ class _Writer:
 
 
 def assign_file(
-    stream: Iterator[str],
+    stream: Iterable[str],
     out: IO[str],
     experiment: Experiment,
     *,
@@ -210,19 +189,3 @@ def _flush_chunk(
     result.assigned += len(rows)
     if progress is not None:
         progress(len(rows))
-
-
-def decoded_lines(binary: IO[bytes], bad: list[BadRow]) -> Iterator[str]:
-    """UTF-8 lines of a file; a line that is not UTF-8 is reported and replaced by a blank line.
-
-    Decoding line by line (instead of a text wrapper) keeps one bad byte from ending the run and
-    lets the report name the line.
-    """
-    for number, raw in enumerate(binary, start=1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            bad.append(BadRow(number, f"not UTF-8 ({exc.reason} at byte {exc.start})"))
-            yield "\n"
-            continue
-        yield text.removeprefix("\ufeff") if number == 1 else text

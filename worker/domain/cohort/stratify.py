@@ -214,8 +214,10 @@ def stratify_columns(
     problems += arm_problems(arm_list)
     if len(member_ids) != len(segments):
         problems.append(f"{len(member_ids)} member ids but {len(segments)} segments")
+    elif not member_ids:
+        problems.append("no members: the cohort is empty")
     else:
-        problems += member_problems(member_ids, segments)
+        problems += [f"members[{position}]: {problem}" for position, problem in member_problems(member_ids, segments)]
     moment = _timestamp(assigned_at, problems)
     if problems:
         raise CohortInputError(problems)
