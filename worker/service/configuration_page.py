@@ -32,12 +32,6 @@ printed or sent as telemetry. A value the table does not accept is an error nami
 |---|---|---|---|
 """
 
-#: Read by one command, outside the worker's settings (a test checks the names against the code).
-OUTSIDE_THE_MODEL = """
-`ab-worker report --kusto` also reads `AB_WORKER_KUSTO_QUERY_URI`, the Kusto cluster URI to query
-(`https://<cluster>.<region>.kusto.windows.net`), and `AB_WORKER_KUSTO_DATABASE` above.
-"""
-
 
 def variables(name: str, field: FieldInfo) -> list[str]:
     """The environment variables that set field ``name``: its aliases, else ``AB_WORKER_<NAME>``."""
@@ -98,7 +92,7 @@ def row(name: str, field: FieldInfo) -> str:
 def render() -> str:
     """The whole page, as committed in ``docs/configuration.md``."""
     rows = [row(name, field) for name, field in WorkerSettings.model_fields.items()]
-    return INTRO + "\n".join(rows) + "\n" + OUTSIDE_THE_MODEL
+    return INTRO + "\n".join(rows) + "\n"
 
 
 def main() -> int:
