@@ -2,7 +2,10 @@
 
 :func:`bootstrap` builds a ready :class:`~worker.service.pump.Pump` from the settings; every port can
 be overridden (cosmicpython's ``bootstrap(start_orm=..., uow=...)`` shape), which is how the command
-line, the integration tests and the benchmarks all build their pumps. It sits beside the layers it
+line, the integration tests and the benchmarks all build their pumps. The other functions build what
+each command needs from the same settings (:func:`environment_settings`, the Service Bus client, the
+file ports of ``run --input``, the report's Kusto query, the embedded broker), and
+:class:`ExperimentRegistry` is the public registry with ``load(path)``. It sits beside the layers it
 wires, not inside one of them (as cosmicpython's ``bootstrap.py`` sits outside ``service_layer/``):
 the command line imports it; it imports the adapters, the service and the domain; none of those
 imports it (the layers contract in ``pyproject.toml``). Nothing connects, reads the environment or
@@ -91,7 +94,7 @@ def bootstrap(
     """A ready pump: each port given is used as is, each one missing is built from ``settings``.
 
     ``settings`` defaults to the defaults (the environment is read only by the caller, with
-    ``WorkerSettings()``). The registry reloads ``settings.experiments_file``; source and publisher
+    :func:`environment_settings`). The registry reloads ``settings.experiments_file``; source and publisher
     are Service Bus on ``client`` (built from the settings when not given, and then closed with the
     pump); the sink is Kusto when configured, else the ``rows_path`` JSON-lines file. ``config``
     replaces the tuning the settings give (:func:`pump_config`).
@@ -152,6 +155,9 @@ def liveness(settings: WorkerSettings) -> Liveness:
     return Liveness(try_timeout=settings.servicebus_try_timeout, probe_after=settings.servicebus_probe_after)
 
 
+# --- experiments ----------------------------------------------------------------------------------
+
+
 def experiments(settings: WorkerSettings) -> ReloadingRegistry:
     """The registry of ``settings.experiments_file``, reloaded when the file changes (call it for the current one)."""
     from adapters.experiments import ReloadingRegistry
@@ -176,6 +182,9 @@ class ExperimentRegistry(model.ExperimentRegistry):
         from adapters.experiments import read_document
 
         return cls.from_dict(read_document(Path(path)), str(path))
+
+
+# --- the pump's ports and tuning ------------------------------------------------------------------
 
 
 def pump_config(settings: WorkerSettings) -> PumpConfig:
@@ -335,7 +344,7 @@ def start_health_server(settings: WorkerSettings, check: HealthCheck, stack: Exi
     return server.port
 
 
-# --- the commands' other ports ---------------------------------------------------------------------
+# --- the commands' other ports --------------------------------------------------------------------
 
 
 def file_ports(
