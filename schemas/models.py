@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema
 
+from schemas.instants import INSTANT_PATTERN, datetime_of_instant, instant_of, instant_problem
 from schemas.text import REFUSED_CLASS, SURROGATE_CLASS, character_problem, surrogate_problem, text_problem
 
 SCHEMA_VERSION = "1.0"
@@ -443,12 +444,165 @@ class CohortReportEvent(BaseModel):
 
 
 Ratio = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+#: A share of users in [0, 1] (coverage, a holdout's share, a layer range's ends): a JSON number,
+#: never a boolean or a numeric string (unlike the split's ratios, which keep today's leniency).
+Share = Annotated[float, Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)]
+#: Layer and holdout ids, and their salts: short ids under the one text rule.
+GroupId = Annotated[str, StringConstraints(min_length=1, max_length=256), AllowedText()]
+Status = Literal["draft", "running", "stopped", "launched"]
+EXPERIMENTS_SCHEMA_ID = f"{SCHEMA_BASE_URI}experiments.schema.json"
+#: Targeting conditions nest at most this deep (each ``$and``, ``$or`` or ``$not`` is one level).
+MAX_CONDITION_DEPTH = 8
+#: Overrides per experiment: QA accounts, not a population (use targeting for one).
+MAX_OVERRIDES = 10_000
+#: Versions (``docs/allocation.md`` §2.7) are at most this long.
+MAX_VERSION_CHARS = 256
+_NUMBER_PART = r"(0|[1-9][0-9]*)"
+_PRERELEASE_PART = r"(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+#: A semantic version as the contract reads it: 1–3 core numbers, optional pre-release and build.
+VERSION_PATTERN = (
+    rf"^{_NUMBER_PART}(\.{_NUMBER_PART}){{0,2}}(-{_PRERELEASE_PART}(\.{_PRERELEASE_PART})*)?"
+    r"(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
+)
+#: Python's ``$`` matches before a final newline; this keeps such strings out in every dialect.
+_NO_NEWLINE: dict[str, Any] = {"not": {"pattern": "\n"}}
+
+
+class Instant:
+    """A time of the contract (``schemas/instants.py``): an RFC 3339 string with a zone, or an aware
+    ``datetime`` as YAML reads an unquoted one. Normalised to UTC and floored to the microsecond; naive
+    times, bare dates and numbers are refused."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(_to_instant)
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "format": "date-time", "pattern": INSTANT_PATTERN, **_NO_NEWLINE}
+
+
+def _to_instant(value: Any) -> datetime:
+    problem = instant_problem(value)
+    micros = instant_of(value)
+    if problem or micros is None:
+        raise ValueError(problem or "is not a time")
+    return datetime_of_instant(micros)
+
+
+class ConditionSchema:
+    """A targeting condition: any JSON object here (YAML times included); ``worker.domain.allocation``
+    compiles it at load and reports every error. The JSON Schema states its whole grammar."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.dict_schema(core_schema.str_schema(), core_schema.any_schema())
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"$ref": f"{EXPERIMENTS_SCHEMA_ID}#/$defs/Condition0"}
+
+
+def condition_definitions() -> dict[str, JsonSchemaValue]:
+    """``$defs`` for targeting conditions: one ``Condition{n}`` per nesting level (JSON Schema has no depth keyword)."""
+
+    def ref(name: str) -> JsonSchemaValue:
+        return {"$ref": f"{EXPERIMENTS_SCHEMA_ID}#/$defs/{name}"}
+
+    text: JsonSchemaValue = {"type": "string", "maxLength": MAX_CONTEXT_STRING_CHARS, **CONTEXT_STRING}
+    scalar: JsonSchemaValue = {"anyOf": [text, {"type": "number"}, {"type": "boolean"}]}
+    scalars: JsonSchemaValue = {"type": "array", "minItems": 1, "items": ref("ConditionScalar")}
+    time: JsonSchemaValue = {"type": "string", "pattern": INSTANT_PATTERN, **_NO_NEWLINE}
+    ordered: JsonSchemaValue = {"anyOf": [{"type": "number"}, time]}
+    version: JsonSchemaValue = {
+        "type": "string",
+        "maxLength": MAX_VERSION_CHARS,
+        "pattern": VERSION_PATTERN,
+        **_NO_NEWLINE,
+    }
+    operators: dict[str, JsonSchemaValue] = {
+        "$eq": ref("ConditionScalar"),
+        "$ne": ref("ConditionScalar"),
+        "$in": scalars,
+        "$nin": scalars,
+        **{op: ordered for op in ("$gt", "$gte", "$lt", "$lte")},
+        "$exists": {"type": "boolean"},
+        **{op: version for op in ("$veq", "$vgt", "$vgte", "$vlt", "$vlte")},
+    }
+    definitions: dict[str, JsonSchemaValue] = {
+        "ConditionScalar": scalar,
+        "ConditionOperators": {
+            "type": "object",
+            "minProperties": 1,
+            "properties": operators,
+            "additionalProperties": False,
+        },
+    }
+    attribute_test = {"anyOf": [ref("ConditionScalar"), ref("ConditionOperators")]}
+    for level in range(MAX_CONDITION_DEPTH + 1):
+        properties: dict[str, JsonSchemaValue] = {}
+        if level < MAX_CONDITION_DEPTH:
+            inner = ref(f"Condition{level + 1}")
+            properties = {
+                "$and": {"type": "array", "minItems": 1, "items": inner},
+                "$or": {"type": "array", "minItems": 1, "items": inner},
+                "$not": inner,
+            }
+        definitions[f"Condition{level}"] = {
+            "type": "object",
+            "description": "Every key must match: $and/$or/$not, or an attribute name with a value or operators.",
+            "propertyNames": {"minLength": 1, **CONTEXT_STRING},
+            "properties": properties,
+            "patternProperties": {"^[^$]": attribute_test},
+            "additionalProperties": False,
+        }
+    return definitions
+
+
+class Layer(BaseModel):
+    """A layer: experiments in one layer take disjoint slices of it, so they never share a user."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: GroupId = Field(description="Layer id that experiments name in layer.id.")
+    salt: GroupId | None = Field(default=None, description="Salt of the layer hash; default the id.")
+
+
+class Holdout(BaseModel):
+    """A holdout: a share of all users held out of every experiment that lists it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: GroupId = Field(description="Holdout id that experiments list in holdouts.")
+    salt: GroupId | None = Field(default=None, description="Salt of the holdout hash; default the id.")
+    share: Share = Field(description="Share of users held out, in [0, 1].")
+
+
+class LayerSlot(BaseModel):
+    """An experiment's slice of a layer: users whose layer hash is in [lo, hi)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: GroupId = Field(description="A layer declared in the file's layers.")
+    range: tuple[Share, Share] = Field(description="[lo, hi] with 0 <= lo < hi <= 1; the slice is lo <= hash < hi.")
+
+    @field_validator("range")
+    @classmethod
+    def _not_empty(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"must be [lo, hi] with lo < hi, got [{value[0]!r}, {value[1]!r}]")
+        return value
 
 
 class ExperimentConfig(BaseModel):
-    """One experiment in the registry file."""
+    """One experiment in the registry file (allocation fields: ``docs/allocation.md``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"allOf": [
+        {"if": {"properties": {"status": {"const": "launched"}}, "required": ["status"]},
+         "then": {"required": ["launched"]}},
+        {"if": {"required": ["launched"]},
+         "then": {"properties": {"status": {"const": "launched"}}, "required": ["status"]}},
+    ]})  # fmt: skip
 
     id: Identifier = Field(description="Experiment id that requests name.")
     version: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
@@ -464,6 +618,41 @@ class ExperimentConfig(BaseModel):
         description="Optional split override per segment (segment-specific assignment).",
     )
     description: str = Field(default="", max_length=2000, description="Free text for humans.")
+    control: VariantId | None = Field(
+        default=None,
+        description=(
+            "Variant served to users not in the experiment; default the variant named control if the split "
+            "has one, else the first variant id in sorted order."
+        ),
+    )
+    status: Status = Field(
+        default="running",
+        description="draft (overrides only), running, stopped (everyone control), launched (everyone `launched`).",
+    )
+    launched: VariantId | None = Field(
+        default=None, description="The variant everyone gets; required with status launched, refused otherwise."
+    )
+    start_at: Annotated[datetime, Instant()] | None = Field(
+        default=None, description="First instant of the experiment (inclusive), with a zone: 2026-12-01T00:00:00Z."
+    )
+    end_at: Annotated[datetime, Instant()] | None = Field(
+        default=None, description="End of the experiment (exclusive), with a zone; later than start_at."
+    )
+    coverage: Share = Field(default=1.0, description="Share of eligible users exposed, in [0, 1]; default 1.")
+    layer: LayerSlot | None = Field(default=None, description="The experiment's slice of a layer.")
+    holdouts: list[GroupId] = Field(
+        default_factory=list,
+        description="Holdouts that hold users out of this experiment.",
+        json_schema_extra={"uniqueItems": True},
+    )
+    targeting: Annotated[dict[str, Any], ConditionSchema()] | None = Field(
+        default=None, description="Condition on the request's context and segment (docs/allocation.md §2.5)."
+    )
+    overrides: dict[Identifier, VariantId] = Field(
+        default_factory=dict,
+        description="User id → variant, for QA accounts, while the status is draft or running.",
+        json_schema_extra={"maxProperties": MAX_OVERRIDES},
+    )
 
     @field_validator("variants")
     @classmethod
@@ -475,12 +664,28 @@ class ExperimentConfig(BaseModel):
             raise ValueError(problem)
         return value
 
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_bounded(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_OVERRIDES:
+            raise ValueError(f"has {len(value)} entries; the limit is {MAX_OVERRIDES} (use targeting for populations)")
+        return value
+
 
 class ExperimentFile(BaseModel):
-    """The registry file: a list of experiments."""
+    """The registry file: layers, holdouts and a list of experiments."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    layers: list[Layer] = Field(default_factory=list, description="Layers (mutual exclusion); ids must be unique.")
+    holdouts: list[Holdout] = Field(default_factory=list, description="Holdouts; ids must be unique.")
     experiments: list[ExperimentConfig] = Field(
         min_length=1, description="Configured experiments (at least one); ids must be unique."
     )
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The schema with the targeting grammar's ``$defs`` (pydantic replaces ``$defs`` after ``json_schema_extra``)."""
+        schema = super().model_json_schema(*args, **kwargs)
+        schema.setdefault("$defs", {}).update(condition_definitions())
+        return schema
