@@ -41,7 +41,7 @@ def parse_instant(text: str) -> int | None:
     if match is None:
         return None
     year, month, day, hour, minute, second = (int(match[i]) for i in range(1, 7))
-    if year < 1 or hour > 23 or minute > 59 or second > 59:  # noqa: PLR2004 - the clock's own limits
+    if year < 1 or hour > 23 or minute > 59 or second > 59:
         return None
     try:
         days = date(year, month, day).toordinal() - _EPOCH_DAY
@@ -50,7 +50,7 @@ def parse_instant(text: str) -> int | None:
     offset = 0
     if match[8] is not None:
         offset_hours, offset_minutes = int(match[9]), int(match[10])
-        if offset_hours > 23 or offset_minutes > 59:  # noqa: PLR2004
+        if offset_hours > 23 or offset_minutes > 59:
             return None
         offset = (offset_hours * 60 + offset_minutes) * 60 * (1 if match[8] == "+" else -1)
     fraction = int(((match[7] or "") + "000000")[:6])

@@ -525,9 +525,9 @@ def condition_definitions() -> dict[str, JsonSchemaValue]:
         "$ne": ref("ConditionScalar"),
         "$in": scalars,
         "$nin": scalars,
-        **{op: ordered for op in ("$gt", "$gte", "$lt", "$lte")},
+        **dict.fromkeys(("$gt", "$gte", "$lt", "$lte"), ordered),
         "$exists": {"type": "boolean"},
-        **{op: version for op in ("$veq", "$vgt", "$vgte", "$vlt", "$vlte")},
+        **dict.fromkeys(("$veq", "$vgt", "$vgte", "$vlt", "$vlte"), version),
     }
     definitions: dict[str, JsonSchemaValue] = {
         "ConditionScalar": scalar,
@@ -685,7 +685,7 @@ class ExperimentFile(BaseModel):
 
     @classmethod
     def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The schema with the targeting grammar's ``$defs`` (pydantic replaces ``$defs`` after ``json_schema_extra``)."""
+        """The schema with the targeting grammar's ``$defs`` (pydantic replaces ``$defs`` after json_schema_extra)."""
         schema = super().model_json_schema(*args, **kwargs)
         schema.setdefault("$defs", {}).update(condition_definitions())
         return schema
