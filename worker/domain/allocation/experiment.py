@@ -1,0 +1,368 @@
+"""One experiment compiled for allocation: the ordered steps of ``docs/allocation.md`` §2.3.
+
+Each step is a small object called with ``(user_id, segment, context, at, trace)`` that returns a
+:class:`Decision` or ``None`` ("go on"); the first decision ends the walk. :meth:`AllocatedExperiment.decide`
+runs the walk with no trace; :meth:`AllocatedExperiment.explain` runs the very same steps with a list
+that each appends a :class:`StepRecord` to, so an explanation can never disagree with a decision.
+
+Only the steps an experiment uses are compiled into its walk, so an experiment with none of the
+allocation fields is the bucket step alone: the seed rule, bit for bit.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from worker.domain.allocation.conditions import CompiledCondition, attribute_value, kind_of
+from worker.domain.assignment import BUCKETS, VariantTable, _digest, _first_word, _integer_cutoff, _md5
+
+
+class Reason(StrEnum):
+    """Why a user got their variant; ``bucketed`` is the only reason with ``in_experiment`` true."""
+
+    OVERRIDE = "override"
+    DRAFT = "draft"
+    STOPPED = "stopped"
+    LAUNCHED = "launched"
+    NOT_STARTED = "not_started"
+    ENDED = "ended"
+    TARGETING = "targeting"
+    HOLDOUT = "holdout"
+    LAYER = "layer"
+    COVERAGE = "coverage"
+    BUCKETED = "bucketed"
+
+
+#: The steps in the order they are tried (§2.3).
+STEP_ORDER = ("override", "status", "schedule", "targeting", "holdout", "layer", "coverage", "bucket")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one request gets: the variant served, whether the user counts, and why.
+
+    ``hash_value`` (the variant hash, 6 places) and ``threshold`` (the variant's ``[lower, upper)``)
+    are set only when ``reason`` is ``bucketed``: no variant hash decided any other answer.
+    """
+
+    variant_id: str
+    in_experiment: bool
+    reason: Reason
+    hash_value: float | None = None
+    threshold: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One step of an explanation. ``outcome``: ``decided``, ``go on``, ``not configured`` or ``not reached``."""
+
+    step: str
+    outcome: str
+    detail: str
+    hash_input: str | None = None
+    hash_value: float | None = None
+    threshold: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """The decision walk, recorded: every step in order, then the decision."""
+
+    experiment_id: str
+    config_version: str
+    decision: Decision
+    steps: tuple[StepRecord, ...]
+
+
+DECIDED, GO_ON, NOT_CONFIGURED, NOT_REACHED = "decided", "go on", "not configured", "not reached"
+
+Trace = list[StepRecord] | None
+
+
+class Step(Protocol):
+    """A step of the walk: a decision, or ``None`` to go on. Appends what it did to ``trace`` when given one."""
+
+    name: str
+
+    def __call__(
+        self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace
+    ) -> Decision | None: ...
+
+
+def hash_int(key: str) -> int:
+    """``h_int`` of §2.1: the first four MD5 bytes of the UTF-8 key, big-endian, modulo 1,000,000."""
+    return _first_word(_digest(_md5(key.encode())))[0] % BUCKETS
+
+
+def _below(cutoff_of: float) -> str:
+    return f"< {cutoff_of!r}"
+
+
+class OverrideStep:
+    """Step 1: a user named in ``overrides`` gets that variant (compiled only in draft or running)."""
+
+    name = "override"
+    __slots__ = ("decisions",)
+
+    def __init__(self, overrides: Mapping[str, str]) -> None:
+        self.decisions = {user: Decision(variant, False, Reason.OVERRIDE) for user, variant in overrides.items()}
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+        decision = self.decisions.get(user_id)
+        if trace is not None:
+            detail = f"overridden to {decision.variant_id!r}" if decision else "user not in overrides"
+            trace.append(StepRecord(self.name, DECIDED if decision else GO_ON, detail))
+        return decision
+
+
+class StatusStep:
+    """Step 2: draft and stopped serve control, launched serves the launched variant (compiled unless running)."""
+
+    name = "status"
+    __slots__ = ("decision", "status")
+
+    def __init__(self, status: str, decision: Decision) -> None:
+        self.status = status
+        self.decision = decision
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+        if trace is not None:
+            trace.append(StepRecord(self.name, DECIDED, f"status {self.status}: {self.decision.variant_id!r}"))
+        return self.decision
+
+
+class ScheduleStep:
+    """Step 3: before ``start_at`` (inclusive) → not_started; at or after ``end_at`` (exclusive) → ended."""
+
+    name = "schedule"
+    __slots__ = ("end", "ended", "not_started", "start")
+
+    def __init__(self, start: datetime | None, end: datetime | None, control: str) -> None:
+        self.start, self.end = start, end
+        self.not_started = Decision(control, False, Reason.NOT_STARTED)
+        self.ended = Decision(control, False, Reason.ENDED)
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+        decision = None
+        if self.start is not None and at < self.start:
+            decision = self.not_started
+        elif self.end is not None and at >= self.end:
+            decision = self.ended
+        if trace is not None:
+            window = f"[{_iso(self.start) or '-∞'}, {_iso(self.end) or '∞'})"
+            verdict = decision.reason.value if decision else "within the window"
+            trace.append(
+                StepRecord(self.name, DECIDED if decision else GO_ON, f"at {_iso(at)}: {verdict}", None, None, window)
+            )
+        return decision
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+class TargetingStep:
+    """Step 4: the targeting condition must match the request's context and segment."""
+
+    name = "targeting"
+    __slots__ = ("condition", "decision", "matches")
+
+    def __init__(self, condition: CompiledCondition, control: str) -> None:
+        self.condition = condition
+        self.matches = condition.matches
+        self.decision = Decision(control, False, Reason.TARGETING)
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+        matched = self.matches(context, segment)
+        if trace is not None:
+            trace.append(StepRecord(self.name, GO_ON if matched else DECIDED, self._describe(context, segment)))
+        return None if matched else self.decision
+
+    def _describe(self, context: Any, segment: str | None) -> str:
+        # Which clause held, and whether its attribute was missing or of which kind: never its value.
+        parts = []
+        for clause in self.condition.clauses:
+            verdict = "match" if clause.matches(context, segment) else "no match"
+            seen = (
+                "" if clause.attribute is None else f" ({kind_of(attribute_value(context, segment, clause.attribute))})"
+            )
+            parts.append(f"{clause.label}: {verdict}{seen}")
+        return "; ".join(parts) or "empty condition: everyone matches"
+
+
+class HoldoutStep:
+    """Step 5: held out iff ``H(holdout:{salt}:{user}) < share`` for a listed holdout, in listed order."""
+
+    name = "holdout"
+    __slots__ = ("decision", "holdouts")
+
+    def __init__(self, holdouts: list[tuple[str, str, float]], control: str) -> None:
+        #: (holdout id, key prefix, share, integer cutoff) per listed holdout.
+        self.holdouts = tuple((hid, f"holdout:{salt}:", share, _integer_cutoff(share)) for hid, salt, share in holdouts)
+        self.decision = Decision(control, False, Reason.HOLDOUT)
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+        for holdout_id, prefix, share, cutoff in self.holdouts:
+            value = hash_int(prefix + user_id)
+            held = value < cutoff
+            if trace is not None:
+                detail = f"holdout {holdout_id!r}: " + ("held out" if held else "not held out")
+                trace.append(
+                    StepRecord(
+                        self.name, DECIDED if held else GO_ON, detail, prefix + user_id, value / BUCKETS, _below(share)
+                    )
+                )
+            if held:
+                return self.decision
+        return None
+
+
+class LayerStep:
+    """Step 6: in iff ``lo <= H(layer:{salt}:{user}) < hi``."""
+
+    name = "layer"
+    __slots__ = ("decision", "high", "layer_id", "low", "prefix", "range")
+
+    def __init__(self, layer_id: str, salt: str, low: float, high: float, control: str) -> None:
+        self.layer_id = layer_id
+        self.prefix = f"layer:{salt}:"
+        self.range = (low, high)
+        # lo <= m / 1e6 iff m >= cutoff(lo): the same float comparisons, on integers.
+        self.low, self.high = _integer_cutoff(low), _integer_cutoff(high)
+        self.decision = Decision(control, False, Reason.LAYER)
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+        value = hash_int(self.prefix + user_id)
+        inside = self.low <= value < self.high
+        if trace is not None:
+            detail = f"layer {self.layer_id!r}: " + ("inside the range" if inside else "outside the range")
+            threshold = f"[{self.range[0]!r}, {self.range[1]!r})"
+            trace.append(
+                StepRecord(
+                    self.name, GO_ON if inside else DECIDED, detail, self.prefix + user_id, value / BUCKETS, threshold
+                )
+            )
+        return None if inside else self.decision
+
+
+class CoverageStep:
+    """Step 7: exposed iff ``H(coverage:{seed}:{experiment}:{user}) < coverage`` (compiled when coverage < 1)."""
+
+    name = "coverage"
+    __slots__ = ("coverage", "cutoff", "decision", "prefix")
+
+    def __init__(self, seed: str, experiment_id: str, coverage: float, control: str) -> None:
+        self.prefix = f"coverage:{seed}:{experiment_id}:"
+        self.coverage = coverage
+        self.cutoff = _integer_cutoff(coverage)
+        self.decision = Decision(control, False, Reason.COVERAGE)
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+        value = hash_int(self.prefix + user_id)
+        exposed = value < self.cutoff
+        if trace is not None:
+            detail = "exposed" if exposed else "not exposed"
+            trace.append(
+                StepRecord(
+                    self.name,
+                    GO_ON if exposed else DECIDED,
+                    detail,
+                    self.prefix + user_id,
+                    value / BUCKETS,
+                    _below(self.coverage),
+                )
+            )
+        return None if exposed else self.decision
+
+
+class BucketStep:
+    """Step 8: the seed rule, unchanged — the segment's split when it has one, else the experiment's."""
+
+    name = "bucket"
+    __slots__ = ("prefix", "segment_tables", "table")
+
+    def __init__(
+        self, seed: str, experiment_id: str, table: VariantTable, segment_tables: Mapping[str, VariantTable]
+    ) -> None:
+        self.prefix = f"{seed}:{experiment_id}:"
+        self.table = table
+        self.segment_tables = dict(segment_tables)
+
+    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision:
+        # value / 1e6 is the double the seed computes (and equals round(value / 1e6, 6)).
+        value = _first_word(_digest(_md5((self.prefix + user_id).encode())))[0] % BUCKETS / BUCKETS
+        table = self.table if segment is None else self.segment_tables.get(segment, self.table)
+        variant_id, threshold = table.picks[bisect_right(table.bounds, value)]
+        decision = Decision(variant_id, True, Reason.BUCKETED, value, threshold)
+        if trace is not None:
+            split = "segment split" if table is not self.table else "split"
+            detail = f"{split}: {variant_id!r}"
+            trace.append(
+                StepRecord(
+                    self.name, DECIDED, detail, self.prefix + user_id, value, f"[{threshold[0]!r}, {threshold[1]!r})"
+                )
+            )
+        return decision
+
+
+def walk(
+    steps: tuple[Step, ...], user_id: str, segment: str | None, context: Any, at: datetime, *, trace: Trace = None
+) -> Decision:
+    """The one walk: each step in order until one decides (the last, the bucket step, always does)."""
+    for step in steps:
+        decision = step(user_id, segment, context, at, trace)
+        if decision is not None:
+            return decision
+    raise AssertionError("the bucket step always decides")  # pragma: no cover
+
+
+@dataclass(frozen=True, slots=True)
+class AllocatedExperiment:
+    """An experiment compiled for allocation. Build it with :func:`worker.domain.allocation.compile_file`."""
+
+    experiment_id: str
+    version: str
+    control: str
+    config_version: str
+    steps: tuple[Step, ...]
+    #: Why each step this experiment does not compile is absent, for explanations.
+    absent: Mapping[str, str]
+    #: ``D`` of §2.8 (the effective values that decide assignments), digested into ``config_version``.
+    document: Mapping[str, Any]
+
+    def decide(self, user_id: str, segment: str | None, context: Any, at: datetime) -> Decision:
+        """The decision for one request (§2.3). ``at`` is the request's enqueued time, timezone-aware.
+
+        ``user_id`` must already satisfy the id rule (the request schema's); ``context`` is the
+        request's context mapping or ``None``; ``segment`` its effective segment. Never raises for
+        any context; raises ``ValueError`` for a naive ``at`` (a programming error, not bad input).
+        """
+        if at.tzinfo is None:
+            raise ValueError("the decision time must be timezone-aware (UTC)")
+        return walk(self.steps, user_id, segment, context, at)
+
+    def explain(self, user_id: str, segment: str | None, context: Any, at: datetime) -> Explanation:
+        """:meth:`decide`, recorded: the same steps, each appending what it computed and decided."""
+        if at.tzinfo is None:
+            raise ValueError("the decision time must be timezone-aware (UTC)")
+        trace: list[StepRecord] = []
+        decision = walk(self.steps, user_id, segment, context, at, trace=trace)
+        return Explanation(self.experiment_id, self.config_version, decision, self._complete(trace))
+
+    def _complete(self, trace: list[StepRecord]) -> tuple[StepRecord, ...]:
+        """Every step in :data:`STEP_ORDER`: those run as recorded, the others absent or not reached."""
+        ran = {record.step for record in trace}
+        records: list[StepRecord] = []
+        for name in STEP_ORDER:
+            if name in ran:
+                records.extend(record for record in trace if record.step == name)
+            elif name in self.absent:
+                records.append(StepRecord(name, NOT_CONFIGURED, self.absent[name]))
+            else:
+                records.append(StepRecord(name, NOT_REACHED, "an earlier step decided"))
+        return tuple(records)
