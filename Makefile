@@ -62,6 +62,7 @@ schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
 	$(BIN)/python -m tests.conformance_cases
 	$(BIN)/python -m tests.cohort_cases
+	$(BIN)/python -m tests.allocation_cases
 
 ## The manual's generated page: docs/configuration.md from the settings model (a test fails when it is stale).
 docs: $(STAMP)
