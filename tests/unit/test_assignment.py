@@ -266,7 +266,7 @@ def test_batch_path_empty_input():
 @pytest.mark.parametrize(
     "bad",
     [
-        *("", None, 123, b"U1", "x" * 1025),
+        *("", None, 123, 0, 1.5, b"U1", bytearray(b"U1"), ["U1"], "x" * 1025),
         *("a\x00b", "esc\x1b[31m", "nel\x85", "rlo\u202e", "zw\u200b", "ls\u2028", "lone\ud800"),
     ],
 )
