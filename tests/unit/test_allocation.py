@@ -280,9 +280,16 @@ def test_explain_records_every_step_in_order_and_never_a_context_value():
     for user in ("u1", "u2", "u3", "u4", "qa-1"):
         explanation = experiment.explain(user, "vip", context, AT)
         assert explanation.decision == experiment.decide(user, "vip", context, AT)
-        assert [record.step for record in explanation.steps] == list(
-            ("override", "status", "schedule", "targeting", "holdout", "layer", "coverage", "bucket")
-        )
+        assert [record.step for record in explanation.steps] == [
+            "override",
+            "status",
+            "schedule",
+            "targeting",
+            "holdout",
+            "layer",
+            "coverage",
+            "bucket",
+        ]
         text = json.dumps([record.detail for record in explanation.steps])
         assert "secret-plan-value" not in text
         assert "2026-01-01" not in text
