@@ -439,3 +439,24 @@ def test_unchanged_experiments_report_nothing():
     assert [(change.kind, change.moved_share, change.refused) for change in report.experiments] == [
         ("unchanged", 0.0, False)
     ]
+
+
+def test_files_without_the_new_fields_validate_and_compile_to_the_seed_rule():
+    """The demo file (no allocation fields) validates as before and compiles to bucket-only walks."""
+    document = yaml.safe_load(
+        (cases.CASES_PATH.parent.parent / "deploy" / "experiments.yaml").read_text(encoding="utf-8")
+    )
+    parsed = ExperimentFile.model_validate(document)
+    assert parsed.layers == []
+    assert parsed.holdouts == []
+    for config in parsed.experiments:
+        assert (config.status, config.coverage, config.layer, config.holdouts, config.targeting, config.overrides) == (
+            "running",
+            1.0,
+            None,
+            [],
+            None,
+            {},
+        )
+    compiled = compile_file(parsed, "deploy/experiments.yaml")
+    assert {tuple(step.name for step in experiment.steps) for experiment in compiled} == {("bucket",)}
