@@ -440,6 +440,8 @@ INVALID_CONDITIONS: list[tuple[Any, list[str]]] = [
     ({"$not": [{"a": 1}]}, ["targeting.$not"]),
     ({"$and": [{"a": {"$bad": 1}}, {"b": {"$gt": "x"}}]}, ["targeting.$and.0.a.$bad", "targeting.$and.1.b.$gt"]),
     ({"a": "x" * 1025}, ["targeting.a"]),
+    ({"": 1}, ["targeting."]),
+    ({"x" * 1025: 1}, ["targeting." + "x" * 70]),  # the path is cut at 80 characters
     (
         {"$not": {"$not": {"$not": {"$not": {"$not": {"$not": {"$not": {"$not": {"$not": {"a": 1}}}}}}}}}},
         ["targeting.$not.$not.$not.$not.$not.$not.$not.$not.$not"],

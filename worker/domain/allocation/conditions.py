@@ -179,8 +179,8 @@ class _Compiler:
         return Clause(_label(key, canonical), None, combined), canonical
 
     def attribute(self, name: str, value: Any, path: str) -> tuple[Clause, Any] | None:
-        if len(name) > MAX_CONTEXT_STRING_CHARS:
-            self.problem(path[:80], f"attribute names are at most {MAX_CONTEXT_STRING_CHARS} characters")
+        if not 0 < len(name) <= MAX_CONTEXT_STRING_CHARS:
+            self.problem(path[:80], f"attribute names are 1 to {MAX_CONTEXT_STRING_CHARS} characters")
             return None
         if surrogate_problem(name):
             self.problem(path, f"attribute name {surrogate_problem(name)}")
