@@ -2,7 +2,11 @@
 
 The query runs over the deduplicated view ``AssignmentEventsDedup()`` (deploy/kusto) and summarises
 on the server, so what crosses the network is one row per experiment × segment × variant × split ×
-hour, not one per assignment. User input (experiment id, times) travels as declared query
+hour × (in the experiment, reason, configuration version), not one per assignment. The view reads a
+row ingested before the allocation columns existed (null ``InExperiment``, empty ``Reason``) as in the
+experiment with the reason ``(before allocation)``; :func:`add_rows` reads nulls the same way, so an
+older view gives the same counts. Rows outside the experiment come back too, to be shown by reason;
+the tally keeps them out of the SRM test. User input (experiment id, times) travels as declared query
 parameters, never spliced into the query text.
 """
 
@@ -14,10 +18,13 @@ from typing import Any
 
 from worker.domain.errors import TransientError, WorkerError
 from worker.domain.moments import as_utc, utc_iso
-from worker.domain.srm.tally import ReportInputError, Tally, Window, parse_split
+from worker.domain.srm.tally import ReportInputError, Tally, Window, in_experiment_of, parse_split, reason_of
 
 #: The view that drops redelivered rows (same EventId); owned by deploy/kusto/functions.kql.
 DEDUP_VIEW = "AssignmentEventsDedup()"
+
+#: The columns allocation (issue 18) added to the table, which the query groups by.
+ALLOCATION_COLUMNS = ("InExperiment", "Reason", "ConfigVersion")
 
 
 class KustoQueryError(WorkerError):
@@ -45,8 +52,9 @@ def assignment_query(window: Window) -> tuple[str, dict[str, str]]:
     lines += [
         DEDUP_VIEW,
         *filters,
-        "| summarize Assignments = count(), LastSeen = max(AssignedAt)",
-        "    by ExperimentId, Segment, VariantId, Split = tostring(SplitRatio), Hour = bin(AssignedAt, 1h)",
+        "| summarize Assignments = count(), FirstSeen = min(AssignedAt), LastSeen = max(AssignedAt)",
+        "    by ExperimentId, Segment, VariantId, Split = tostring(SplitRatio), Hour = bin(AssignedAt, 1h),",
+        "    InExperiment, Reason, ConfigVersion",
     ]
     return "\n".join(lines), parameters
 
@@ -63,6 +71,10 @@ def add_rows(tally: Tally, rows: Iterable[Mapping[str, Any]]) -> None:
                 _moment(row["Hour"]),
                 count=int(row["Assignments"]),
                 last_seen=_moment(row["LastSeen"]),
+                first_seen=_moment(row["FirstSeen"]),
+                in_experiment=in_experiment_of(row["InExperiment"]),
+                reason=reason_of(row["Reason"]),
+                config_version=str(row["ConfigVersion"] or ""),
             )
         except (KeyError, TypeError, ValueError, ReportInputError) as exc:
             raise KustoQueryError(f"Kusto result row {number} is not what the report expects: {exc}") from None
@@ -105,11 +117,21 @@ def query_rows(client: Any, database: str, window: Window) -> Iterator[dict[str,
     try:
         response = client.execute_query(database, text, properties)
     except KustoError as exc:
-        raise KustoQueryError(f"Kusto query on database {database!r} failed: {exc}") from exc
+        raise KustoQueryError(f"Kusto query on database {database!r} failed: {exc}{_schema_hint(exc)}") from exc
     except AzureError as exc:  # unreachable cluster, rejected credential: azure.core's errors
         raise TransientError(f"Kusto query on database {database!r} failed: {type(exc).__name__}: {exc}") from None
     for row in response.primary_results[0]:
         yield dict(row.to_dict())
+
+
+def _schema_hint(error: Exception) -> str:
+    """Point at deploy/kusto when the cluster lacks the allocation columns (a database not yet updated)."""
+    if any(column in str(error) for column in ALLOCATION_COLUMNS):
+        return (
+            " (the database predates the allocation columns: apply deploy/kusto/table.kql, mapping.kql and"
+            " functions.kql; docs/operations.md, Kusto)"
+        )
+    return ""
 
 
 def fill_tally(query_uri: str, database: str, tally: Tally) -> None:

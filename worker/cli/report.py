@@ -20,7 +20,7 @@ from worker.cli.common import ExitStatus, UnreachableError, check_output, format
 from worker.domain.errors import UsageError
 from worker.domain.moments import utc_iso
 from worker.domain.srm.format import format_p, format_split
-from worker.domain.srm.report import GroupResult, Report, build_report
+from worker.domain.srm.report import GroupResult, Report, build_report, describe_outside
 from worker.domain.srm.tally import ReportInputError, Tally, Window, parse_row
 from worker.service.settings import WorkerSettings
 
@@ -35,6 +35,13 @@ with Pearson's chi-square: p < 0.001 is a sample ratio mismatch (SRM), printed a
 "SRM! p=...". An SRM means assignment or logging is broken: do not read the results.
 Rows that carry different splits (segment overrides, a changed configuration) are each
 expected under their own split; a note lists the splits seen and the most recent.
+
+Only assignments in the experiment (InExperiment) are tested. Users who were served a
+variant without being in it (override, draft, stopped, launched, not_started, ended,
+targeting, holdout, layer, coverage) are listed per experiment by reason and variant,
+never counted; an experiment with no in-experiment rows says "nothing to test". Rows
+written before allocation (no InExperiment/Reason) count as in the experiment, with the
+reason "(before allocation)".
 
 sources:
   --rows FILE ...   JSON-lines files of AssignmentEvents rows, as `ab-worker run --rows`
@@ -143,6 +150,8 @@ def render_group(group: GroupResult) -> list[str]:
     if group.p_value is not None and not group.flagged:
         details.append(format_p(group.p_value))
     lines = [f"{group.label}  n={group.total:,}  {group.verdict}" + (f"  ({', '.join(details)})" if details else "")]
+    if not group.variants:
+        return lines + [f"  note: {note}" for note in group.notes]
     header = ("variant", "target", "expected", "observed", "share")
     body = [
         (v.variant, f"{v.expected_share:.1%}", f"{v.expected:,.1f}", f"{v.observed:,}", f"{v.observed_share:.1%}")
@@ -156,25 +165,44 @@ def render_group(group: GroupResult) -> list[str]:
     return lines
 
 
+def render_not_counted(report: Report) -> list[str]:
+    """Per experiment, the assignments served outside it, by reason and variant (nothing when there are none)."""
+    outside = [allocation for allocation in report.allocations if allocation.not_counted]
+    if not outside:
+        return []
+    lines = ["Served but not in the experiment (not tested), by reason and variant:"]
+    lines += [f"  {a.experiment}  {a.not_counted:,}: {describe_outside(a)}" for a in outside]
+    return [*lines, ""]
+
+
 def render_report(report: Report) -> list[str]:
     """The whole report as terminal text, ending with the verdict line."""
-    lines = [
-        f"{report.counted:,} assignments counted from {report.rows_read:,} rows"
-        f" ({report.duplicates:,} duplicate EventIds dropped, {report.excluded:,} outside the filters)",
-        "",
-    ]
+    lines = [report.counts_text, ""]
     for group in report.groups:
         lines += [*render_group(group), ""]
+    lines += render_not_counted(report)
     lines += list(report.notes)
     flagged = report.flagged
+    untested = report.untested
     if flagged:
         names = "; ".join(
             f"{g.label} ({format_p(g.p_value or 0.0)}, split {format_split(g.latest_split)})" for g in flagged
         )
         lines.append(f"SAMPLE RATIO MISMATCH in {len(flagged)} of {len(report.groups)}: {names}")
+    elif report.groups and len(untested) == len(report.groups):
+        lines.append(f"Nothing tested: no group has in-experiment assignments to test ({_labels(untested)}).")
+    elif untested:
+        lines.append(
+            f"No sample ratio mismatch in the {len(report.groups) - len(untested)} tested (chi-square, every"
+            f" p >= {report.threshold:g}); not tested: {_labels(untested)}."
+        )
     elif report.groups:
         lines.append(f"No sample ratio mismatch (chi-square, every p >= {report.threshold:g}).")
     return lines
+
+
+def _labels(groups: Sequence[GroupResult]) -> str:
+    return ", ".join(group.label for group in groups)
 
 
 def _print_problems(problems: Sequence[str], limit: int) -> None:

@@ -14,6 +14,7 @@ from html import escape
 from worker.domain.moments import utc_iso
 from worker.domain.srm.format import format_p, format_split
 from worker.domain.srm.report import GroupResult, Report, Series
+from worker.domain.srm.tally import BEFORE_ALLOCATION
 
 #: Distinguishable on white and for the common colour-vision deficiencies (Okabe–Ito, then greys).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#999999")
@@ -30,6 +31,7 @@ h3 { font-size: 16px; margin: 0 0 8px; }
 .banner { margin: 12px 0 0; padding: 12px 16px; border-radius: 6px; font-weight: 600; }
 .banner.srm { background: #ffebe9; color: #a40e26; border: 2px solid #cf222e; font-size: 17px; }
 .banner.ok { background: #dafbe1; color: #116329; border: 1px solid #4ac26b; }
+.banner.untested { background: #fff8c5; color: #6f4e00; border: 1px solid #d4a72c; }
 .card { background: #fff; border: 1px solid #d8dde3; border-radius: 8px; padding: 16px; margin: 0 0 16px; }
 .card.flagged { border: 2px solid #cf222e; }
 .charts { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
@@ -40,6 +42,7 @@ th { background: #eef1f4; font-weight: 600; }
 td.verdict { font-weight: 700; text-align: left; }
 tr.srm-flag td { background: #fff0ef; }
 tr.srm-flag td.verdict { color: #cf222e; }
+tr.not-counted td { color: #57606a; background: #f6f7f9; }
 td.verdict.ok { color: #116329; }
 .note { color: #57606a; font-size: 13px; margin: 6px 0 0; }
 .legend span { display: inline-block; margin-right: 14px; }
@@ -63,6 +66,7 @@ def render_html(report: Report, *, source: str = "") -> str:
         _header(report, source),
         "<main>",
         _srm_section(report),
+        _reasons_section(report),
         _experiments_section(report),
         _dead_letters_section(report),
         "</main></body></html>",
@@ -78,10 +82,7 @@ def _header(report: Report, source: str) -> str:
         f"until {utc_iso(window.until)}" if window.until else "",
         "by segment" if report.by_segment else "",
     ]
-    counts = (
-        f"{report.counted:,} assignments counted from {report.rows_read:,} rows"
-        f" ({report.duplicates:,} duplicate EventIds dropped, {report.excluded:,} outside the filters)"
-    )
+    counts = escape(report.counts_text)
     return (
         "<header><h1>Assignment report</h1>"
         f'<div class="meta">Generated {utc_iso(report.generated_at)}'
@@ -100,6 +101,18 @@ def _banner(report: Report) -> str:
         )
     if not report.groups:
         return '<div class="banner ok">No assignments matched the filters.</div>'
+    untested = report.untested
+    if len(untested) == len(report.groups):
+        return (
+            '<div class="banner untested">Nothing tested: no experiment has in-experiment assignments to test'
+            f" ({escape(', '.join(g.label for g in untested))}).</div>"
+        )
+    if untested:
+        return (
+            f'<div class="banner ok">No sample ratio mismatch in the {len(report.groups) - len(untested)} tested'
+            f" (chi-square, p &ge; {report.threshold:g}); not tested: {escape(', '.join(g.label for g in untested))}."
+            "</div>"
+        )
     return (
         f'<div class="banner ok">No sample ratio mismatch: every split is consistent with its configuration'
         f" (chi-square, p &ge; {report.threshold:g}).</div>"
@@ -124,13 +137,53 @@ def _srm_section(report: Report) -> str:
         '<h2>Sample-ratio mismatch</h2><table id="srm-table"><thead>'
         f"{head}</thead><tbody>{body}</tbody></table>{notes}"
         f'<p class="note">Pearson chi-square of observed counts against the configured split; flagged when p &lt;'
-        f" {report.threshold:g}. Rows are deduplicated by EventId.</p>"
+        f" {report.threshold:g}. Rows are deduplicated by EventId. Only assignments in the experiment are counted;"
+        " the others are listed by reason below.</p>"
+    )
+
+
+# --- assignments by reason ------------------------------------------------------------------------
+
+
+def _reasons_section(report: Report) -> str:
+    """Every experiment's rows by reason: counted (in the experiment) or served outside it, per variant."""
+    heading = "<h2>Assignments by reason</h2>"
+    if not report.allocations:
+        return ""
+    head = (
+        '<tr><th class="text">experiment</th><th class="text">reason</th><th class="text">counted</th>'
+        '<th>assignments</th><th class="text">variants served</th></tr>'
+    )
+    rows = []
+    for allocation in report.allocations:
+        for r in allocation.reasons:
+            variants = ", ".join(f"{variant} {n:,}" for variant, n in r.variants)
+            rows.append(
+                f'<tr class="{"counted" if r.in_experiment else "not-counted"}"'
+                f' data-experiment="{escape(allocation.experiment)}" data-reason="{escape(r.reason)}">'
+                f'<td class="text">{escape(allocation.experiment)}</td><td class="text">{escape(r.reason)}</td>'
+                f'<td class="text">{"yes" if r.in_experiment else "no"}</td><td>{r.total:,}</td>'
+                f'<td class="text">{escape(variants)}</td></tr>'
+            )
+    return (
+        f'{heading}<table id="reasons-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+        '<p class="note">Overridden, draft, stopped, launched, scheduled-out, targeted-out, held-out, other-layer'
+        " and not-yet-ramped users are served a variant but are not in the experiment: the SRM test never counts"
+        f" them. {escape(BEFORE_ALLOCATION)}: rows written before allocation, counted as in the experiment.</p>"
     )
 
 
 def _srm_rows(group: GroupResult) -> str:
     css = "srm-flag" if group.flagged else ""
     verdict_css = "verdict" if group.flagged else "verdict ok"
+    if not group.variants:
+        # Nothing in the experiment to test: one row that says so (the note below says why).
+        return (
+            f'<tr class="untested" data-experiment="{escape(group.label)}" data-verdict="{escape(group.verdict)}">'
+            f'<td class="text">{escape(group.label)}<br><small>n=0</small></td>'
+            '<td class="text" colspan="7">no in-experiment assignments to test</td>'
+            f'<td class="verdict">{escape(group.verdict)}</td></tr>'
+        )
     rows = []
     for index, v in enumerate(group.variants):
         first = index == 0

@@ -18,6 +18,12 @@ overrides, or a configuration change mid-experiment — it is still the exact ex
 assignment rule worked", where testing every row against the most recent split would flag a
 healthy experiment whose split was merely changed. A note names the splits seen and the most recent
 one.
+
+Only assignments **in** the experiment are tested (``InExperiment``; a row written before allocation
+counts as in it). Users who were overridden, launched, held out, targeted away and so on were served a
+variant but are not part of the comparison: counting 500 QA users forced onto one arm would flag a
+healthy experiment. They are reported beside it, per experiment and reason (:class:`Allocation`), and
+an experiment whose rows are all outside it gets a group that says so instead of vanishing.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from worker.domain.assignment import VariantTable
 from worker.domain.moments import utc_iso
 from worker.domain.srm.format import format_p, format_split
 from worker.domain.srm.stats import SRM_THRESHOLD, StatsInputError, srm_test
-from worker.domain.srm.tally import Split, Tally, Window, tally_rows
+from worker.domain.srm.tally import BEFORE_ALLOCATION, Seen, Split, Tally, Window, tally_rows
 
 # --- the report -----------------------------------------------------------------------------------
 
@@ -82,6 +88,58 @@ class GroupResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasonCount:
+    """Rows of one experiment decided for one reason: counted in the test (``in_experiment``) or not."""
+
+    reason: str
+    in_experiment: bool
+    total: int
+    #: Rows per variant served, in variant order.
+    variants: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """Counted rows of one experiment decided under one ``config_version`` (``""``: before allocation)."""
+
+    config_version: str
+    rows: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+
+    @property
+    def label(self) -> str:
+        """The digest, or :data:`~worker.domain.srm.tally.BEFORE_ALLOCATION` for rows without one."""
+        return self.config_version or BEFORE_ALLOCATION
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """One experiment's rows in the window by reason, and the configurations that decided the counted ones."""
+
+    experiment: str
+    #: Counted reasons first, then the others, each by descending rows.
+    reasons: tuple[ReasonCount, ...]
+    #: In order of first appearance.
+    configurations: tuple[Configuration, ...]
+
+    @property
+    def counted(self) -> int:
+        """Rows in the experiment (what the SRM test reads)."""
+        return sum(r.total for r in self.reasons if r.in_experiment)
+
+    @property
+    def not_counted(self) -> int:
+        """Rows served outside the experiment (never tested)."""
+        return sum(r.total for r in self.reasons if not r.in_experiment)
+
+    @property
+    def outside(self) -> tuple[ReasonCount, ...]:
+        """The reasons that kept rows out of the experiment."""
+        return tuple(r for r in self.reasons if not r.in_experiment)
+
+
+@dataclass(frozen=True, slots=True)
 class Series:
     """Assignments of one experiment per variant per UTC hour, every hour from first to last."""
 
@@ -106,6 +164,8 @@ class Report:
     dead_letters: dict[str, int] | None = None
     threshold: float = SRM_THRESHOLD
     notes: tuple[str, ...] = field(default=())
+    #: Per experiment: rows by reason, counted or not, and the configurations behind the counted ones.
+    allocations: tuple[Allocation, ...] = ()
 
     @property
     def flagged(self) -> tuple[GroupResult, ...]:
@@ -113,9 +173,28 @@ class Report:
         return tuple(group for group in self.groups if group.flagged)
 
     @property
+    def untested(self) -> tuple[GroupResult, ...]:
+        """The groups with nothing to test (every row outside the experiment, or no usable split)."""
+        return tuple(group for group in self.groups if group.p_value is None)
+
+    @property
     def counted(self) -> int:
-        """Assignments counted (after deduplication and filters)."""
+        """Assignments counted (in the experiment, after deduplication and filters)."""
         return sum(group.total for group in self.groups)
+
+    @property
+    def not_counted(self) -> int:
+        """Assignments in the window served outside their experiment (not tested)."""
+        return sum(allocation.not_counted for allocation in self.allocations)
+
+    @property
+    def counts_text(self) -> str:
+        """``N assignments counted from M rows (…)``: what was read, left out of the test, dropped and filtered."""
+        outside = f"{self.not_counted:,} not in the experiment, " if self.not_counted else ""
+        return (
+            f"{self.counted:,} assignments counted from {self.rows_read:,} rows"
+            f" ({outside}{self.duplicates:,} duplicate EventIds dropped, {self.excluded:,} outside the filters)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: times as ISO 8601 UTC text, splits as objects."""
@@ -131,6 +210,7 @@ class Report:
             "duplicates_dropped": self.duplicates,
             "excluded_by_filters": self.excluded,
             "assignments_counted": self.counted,
+            "not_in_experiment": self.not_counted,
             "srm_threshold": self.threshold,
             "srm_flagged": [group.label for group in self.flagged],
             "groups": [_group_dict(group) for group in self.groups],
@@ -143,8 +223,30 @@ class Report:
                 for s in self.series
             ],
             "dead_letters": self.dead_letters,
+            "experiments": [_allocation_dict(allocation) for allocation in self.allocations],
             "notes": list(self.notes),
         }
+
+
+def _allocation_dict(allocation: Allocation) -> dict[str, Any]:
+    return {
+        "experiment": allocation.experiment,
+        "in_experiment": allocation.counted,
+        "not_in_experiment": allocation.not_counted,
+        "reasons": [
+            {"reason": r.reason, "in_experiment": r.in_experiment, "assignments": r.total, "variants": dict(r.variants)}
+            for r in allocation.reasons
+        ],
+        "config_versions": [
+            {
+                "config_version": c.config_version or None,
+                "assignments": c.rows,
+                "first_seen": None if c.first_seen is None else utc_iso(c.first_seen),
+                "last_seen": None if c.last_seen is None else utc_iso(c.last_seen),
+            }
+            for c in allocation.configurations
+        ],
+    }
 
 
 def _group_dict(group: GroupResult) -> dict[str, Any]:
@@ -212,12 +314,21 @@ def build_report(
     for (experiment, segment, variant, split, hour), count, last_seen in tally.cells():
         groups[(experiment, segment if by_segment else None)].add(variant, split, count, last_seen)
         hourly[experiment][variant][hour] += count
+    allocations = _allocations(tally)
+    tested = {experiment for experiment, _ in groups}
     results = tuple(
-        _test_group(experiment, segment, group, threshold)
-        for (experiment, segment), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or ""))
+        sorted(
+            [
+                *(_test_group(experiment, segment, group, threshold) for (experiment, segment), group in groups.items()),
+                *(_nothing_to_test(a) for a in allocations if a.experiment not in tested),
+            ],
+            key=lambda group: (group.experiment, group.segment or ""),
+        )
     )
     series = tuple(_series(experiment, hourly[experiment]) for experiment in sorted(hourly))
     notes = () if results else ("no assignments matched the filters",)
+    for allocation in allocations:
+        notes += tuple(_configuration_notes(allocation))
     return Report(
         generated_at=generated_at,
         window=tally.window,
@@ -230,7 +341,64 @@ def build_report(
         dead_letters=None if dead_letters is None else dict(sorted(dead_letters.items())),
         threshold=threshold,
         notes=notes,
+        allocations=allocations,
     )
+
+
+def _allocations(tally: Tally) -> tuple[Allocation, ...]:
+    reasons: dict[str, list[ReasonCount]] = defaultdict(list)
+    for (experiment, inside, reason), variants in tally.reasons.items():
+        counts = tuple(sorted((variant, n) for variant, n in variants.items() if n))
+        if counts:
+            reasons[experiment].append(ReasonCount(reason, inside, sum(n for _, n in counts), counts))
+    return tuple(
+        Allocation(
+            experiment,
+            tuple(sorted(reasons[experiment], key=lambda r: (not r.in_experiment, -r.total, r.reason))),
+            _configurations(tally.configurations.get(experiment, {})),
+        )
+        for experiment in sorted(reasons)
+    )
+
+
+def _configurations(seen: Mapping[str, Seen]) -> tuple[Configuration, ...]:
+    epoch = datetime.min.replace(tzinfo=UTC)
+    found = [Configuration(version, s.count, s.first, s.last) for version, s in seen.items() if s.count]
+    return tuple(sorted(found, key=lambda c: (c.first_seen or epoch, c.config_version)))
+
+
+def _configuration_notes(allocation: Allocation) -> list[str]:
+    """A note when the counted rows of one experiment were decided under more than one configuration."""
+    if len(allocation.configurations) < 2:
+        return []
+    spans = "; ".join(
+        f"{c.label} ({c.rows:,} rows"
+        + (f", {utc_iso(c.first_seen)} to {utc_iso(c.last_seen)}" if c.first_seen and c.last_seen else "")
+        + ")"
+        for c in allocation.configurations
+    )
+    return [
+        f"{allocation.experiment}: the counted rows were decided under {len(allocation.configurations)} configurations"
+        f" (config_version): {spans}. A ramp, a lifecycle change or new overrides each change it; check that the"
+        " change was meant before reading results across it."
+    ]
+
+
+def describe_outside(allocation: Allocation) -> str:
+    """``500 override (B 500); 20 stopped (A 20)``: the rows kept out of the experiment, by reason and variant."""
+    return "; ".join(
+        f"{r.total:,} {r.reason} ({', '.join(f'{variant} {n:,}' for variant, n in r.variants)})"
+        for r in allocation.outside
+    )
+
+
+def _nothing_to_test(allocation: Allocation) -> GroupResult:
+    """The group of an experiment whose rows in the window are all outside it: said, not silently dropped."""
+    note = (
+        f"nothing to test: all {allocation.not_counted:,} assignments are outside the experiment"
+        f" ({describe_outside(allocation)}); only in-experiment assignments are tested"
+    )
+    return GroupResult(allocation.experiment, None, 0, (), None, 0, None, False, (), (note,))
 
 
 def report_from_rows(
