@@ -23,8 +23,13 @@ def make_rows(
     segment: str = "",
     start: datetime = START,
     hours: int = 6,
+    reason: str | None = "bucketed",
+    config_version: str = "cfg-1",
 ) -> list[dict[str, Any]]:
-    """Exactly ``counts[variant]`` rows per variant, interleaved and spread evenly over ``hours`` hours."""
+    """Exactly ``counts[variant]`` rows per variant, interleaved and spread evenly over ``hours`` hours.
+
+    ``reason`` and ``config_version`` as :func:`record` takes them (``None``: rows from before allocation).
+    """
     order = [variant for variant, n in counts.items() for _ in range(n)]
     # Interleave deterministically so every hour sees every variant (a stride walk over the list).
     total = len(order)
@@ -32,15 +37,37 @@ def make_rows(
     interleaved = [order[(i * stride) % total] for i in range(total)]
     step = timedelta(hours=hours) / max(total, 1)
     return [
-        record(experiment, variant, split, start + step * i, segment=segment, user=f"{experiment}-{segment}-{i}")
+        record(
+            experiment,
+            variant,
+            split,
+            start + step * i,
+            segment=segment,
+            user=f"{experiment}-{segment}-{i}" if reason == "bucketed" else f"{experiment}-{segment}-{reason}-{i}",
+            reason=reason,
+            config_version=config_version,
+        )
         for i, variant in enumerate(interleaved)
     ]
 
 
 def record(
-    experiment: str, variant: str, split: Mapping[str, float], at: datetime, *, segment: str = "", user: str
+    experiment: str,
+    variant: str,
+    split: Mapping[str, float],
+    at: datetime,
+    *,
+    segment: str = "",
+    user: str,
+    reason: str | None = "bucketed",
+    config_version: str = "cfg-1",
 ) -> dict[str, Any]:
-    """One row with every ``AssignmentRecord`` column (in column order), its ``EventId`` derived from the user."""
+    """One row with every ``AssignmentEvents`` column (in column order), its ``EventId`` derived from the user.
+
+    The row carries allocation's ``InExperiment`` (true for ``bucketed`` and ``stratified`` only),
+    ``Reason`` and ``ConfigVersion``, as the worker writes them, with ``HashValue`` null unless the reason
+    is ``bucketed``; with ``reason=None`` it is a row as written before allocation (none of the three).
+    """
     values = {
         "EventId": str(uuid.uuid5(_NAMESPACE, f"{experiment}:{user}")),
         "AssignedAt": at.isoformat().replace("+00:00", "Z"),
@@ -59,9 +86,26 @@ def record(
         "CorrelationId": user,
         "SchemaVersion": "1.0",
     }
+    if reason is not None:
+        inside = reason in IN_EXPERIMENT_REASONS
+        values |= {"InExperiment": inside, "Reason": reason, "ConfigVersion": config_version}
+        values["HashValue"] = 0.5 if reason == "bucketed" else None
     # Columns added to the table later get empty values, so the rows keep the table's exact shape.
     empty = {"string": "", "dynamic": {}}
-    return {name: values.get(name, empty.get(kind)) for name, kind in AssignmentRecord.kusto_columns()}
+    row = {name: values.get(name, empty.get(kind)) for name, kind in AssignmentRecord.kusto_columns()}
+    return row | {name: values[name] for name in ALLOCATION_COLUMNS if name in values}
+
+
+#: The columns allocation (issue 18) added to every row; a row written before it has none of them.
+ALLOCATION_COLUMNS = ("InExperiment", "Reason", "ConfigVersion")
+
+#: The reasons that put a user in the experiment (docs/allocation.md); every other reason is served, not counted.
+IN_EXPERIMENT_REASONS = frozenset({"bucketed", "stratified"})
+
+
+def without_allocation(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` as written before allocation: no ``InExperiment``, ``Reason`` or ``ConfigVersion``."""
+    return {name: value for name, value in row.items() if name not in ALLOCATION_COLUMNS}
 
 
 def monitoring_rows() -> list[dict[str, Any]]:

@@ -3,22 +3,28 @@ Azurite and the stand-in, and the pump end to end, including an outage and its r
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from adapters.kusto.sink import MAPPING_NAME, KustoSink, RetryPolicy, kusto_sink
+from adapters.kusto.sink import MAPPING_NAME, KustoSink, RetryPolicy, connection_builder, kusto_sink
 from adapters.local.standins.kusto import KustoStandIn
 from adapters.memory import MemoryPublisher, MemorySource
 from schemas.models import AssignmentRecord
+from tests.kusto_artifacts import ALLOCATION_COLUMNS, expected_columns
+from tests.synthetic_rows import START, without_allocation
+from tests.synthetic_rows import record as synthetic_row
 from tests.waiting import wait_for
 from worker.bootstrap import bootstrap
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
+from worker.domain.srm.tally import BEFORE_ALLOCATION, tally_rows
 from worker.service.handling import event_id_for
 from worker.service.ports import Delivery
 from worker.service.pump import Pump, PumpConfig
@@ -53,6 +59,11 @@ def record(i: int) -> AssignmentRecord:
         ExperimentArm="",
         CohortId="",
     )
+
+
+def as_ingested(row: AssignmentRecord) -> dict[str, Any]:
+    """What the deployed mapping makes of ``row``: its JSON, with null in every mapped column it lacks."""
+    return {name: None for name, _ in expected_columns()} | row.model_dump(mode="json")
 
 
 @pytest.fixture
@@ -91,7 +102,7 @@ def test_streaming_flush_ingests_every_column_through_the_mapping(
 
     streaming_sink.flush()
 
-    assert kusto.rows(TABLE) == [r.model_dump(mode="json") for r in records]
+    assert kusto.rows(TABLE) == [as_ingested(r) for r in records]
     (ingestion,) = kusto.ingestions
     assert (ingestion.path, ingestion.database, ingestion.table, ingestion.mapping) == (
         "streaming",
@@ -103,6 +114,34 @@ def test_streaming_flush_ingests_every_column_through_the_mapping(
     assert request.headers["content-encoding"] == "gzip"
     assert "streamFormat=multijson" in request.path
     assert streaming_sink.buffered == 0
+
+
+def test_rows_from_before_allocation_still_ingest_and_count_as_in_the_experiment(kusto: KustoStandIn) -> None:
+    """Through the deployed mapping, a row file written before allocation (no InExperiment, Reason,
+    ConfigVersion) still ingests with the real SDK, with nulls in those columns (a missing JSON path is
+    null), and the report reads such a row as in the experiment; a new row keeps its reason."""
+    from azure.kusto.data.data_format import DataFormat
+    from azure.kusto.ingest import IngestionProperties, KustoStreamingIngestClient, StreamDescriptor
+
+    split = {"A": 0.5, "B": 0.5}
+    old = without_allocation(synthetic_row("exp", "A", split, START, user="u-old"))
+    new = synthetic_row("exp", "B", split, START, user="u-new", reason="override")
+    payload = "".join(json.dumps(row) + "\n" for row in (old, new)).encode()
+    properties = IngestionProperties(
+        database=DATABASE, table=TABLE, data_format=DataFormat.MULTIJSON, ingestion_mapping_reference=MAPPING_NAME
+    )
+    client = KustoStreamingIngestClient(connection_builder(kusto.cluster_uri))
+    try:
+        client.ingest_from_stream(StreamDescriptor(io.BytesIO(payload), size=len(payload)), properties)
+    finally:
+        client.close()
+
+    ingested_old, ingested_new = kusto.rows(TABLE)
+    assert [ingested_old[name] for name, _ in ALLOCATION_COLUMNS] == [None, None, None]
+    assert [ingested_new[name] for name, _ in ALLOCATION_COLUMNS] == [False, "override", "cfg-1"]
+    tally = tally_rows([ingested_old, ingested_new])
+    assert tally.counted == 1
+    assert dict(tally.reasons) == {("exp", True, BEFORE_ALLOCATION): {"A": 1}, ("exp", False, "override"): {"B": 1}}
 
 
 def test_due_by_size_and_by_age(kusto: KustoStandIn) -> None:
@@ -197,7 +236,7 @@ def test_queued_ingestion_through_azurite(kusto_queued: KustoStandIn) -> None:
 
     assert kusto_queued.wait_for_rows(40, timeout=10), kusto_queued.errors
     assert sorted(kusto_queued.rows(), key=lambda r: r["EventId"]) == sorted(
-        (r.model_dump(mode="json") for r in records), key=lambda r: r["EventId"]
+        (as_ingested(r) for r in records), key=lambda r: r["EventId"]
     )
     assert {i.path for i in kusto_queued.ingestions} == {"queued"}
     assert {i.mapping for i in kusto_queued.ingestions} == {MAPPING_NAME}

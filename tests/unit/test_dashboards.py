@@ -18,7 +18,9 @@ from typing import Any
 import pytest
 from scipy.stats import chi2
 
-from schemas.models import AssignmentRecord
+from tests.kusto_artifacts import functions, table_columns
+from worker.domain.srm.report import assigned_shares
+from worker.domain.srm.tally import BEFORE_ALLOCATION
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "deploy" / "dashboards"
@@ -27,8 +29,10 @@ ALERTS = DASHBOARDS / "alerts.json"
 FUNCTIONS = ROOT / "deploy" / "kusto" / "functions.kql"
 OBSERVE = ROOT / "worker" / "service" / "observe.py"
 
-RECORD_COLUMNS = {name for name, _ in AssignmentRecord.kusto_columns()}
-KUSTO_FUNCTIONS = {"AssignmentEvents", "AssignmentEventsDedup", "AssignmentSrm"}
+#: The table's columns as deployed (tests/unit/test_kusto_schema.py holds them to AssignmentRecord).
+RECORD_COLUMNS = {name for name, _ in table_columns()}
+#: The table and every function deploy/kusto/functions.kql defines.
+KUSTO_FUNCTIONS = {"AssignmentEvents", *functions()}
 APP_INSIGHTS_TABLES = {"customMetrics", "requests"}
 PIPE_OPERATORS = {
     "where", "summarize", "extend", "project", "project-away", "order", "sort", "join", "mv-expand",
@@ -144,12 +148,9 @@ def defined_names(code: str) -> set[str]:
     return assigned | set(re.findall(r"\blet\s+(\w+)", code))
 
 
-def srm_function_columns() -> set[str]:
-    """Columns AssignmentSrm() returns, read from its final ``project`` in deploy/kusto/functions.kql."""
-    text = strip_kql(FUNCTIONS.read_text(encoding="utf-8"))
-    body = text[text.index("AssignmentSrm(") :]
-    project = body[body.rindex("| project") + len("| project") : body.index("| order", body.rindex("| project"))]
-    return {part.split("=")[0].strip() for part in project.split(",")}
+def function_columns() -> set[str]:
+    """Columns the functions of deploy/kusto/functions.kql return beyond the table's (their final ``project``)."""
+    return {column for function in functions().values() for column in function.output_columns()}
 
 
 def worker_telemetry() -> tuple[set[str], set[str]]:
@@ -200,7 +201,7 @@ def test_every_capitalised_name_is_a_column_a_function_or_defined(where: str, so
     code = code_of(query)
     known = defined_names(code) | KUSTO_FUNCTIONS
     if source == "kusto":
-        known |= RECORD_COLUMNS | srm_function_columns()
+        known |= RECORD_COLUMNS | function_columns()
     for name in set(re.findall(r"(?<![\w.-])([A-Z]\w*)", code)):
         assert name in known, f"{where}: {name!r} is neither an AssignmentRecord column nor defined in the query"
 
@@ -211,13 +212,120 @@ def test_every_capitalised_name_is_a_column_a_function_or_defined(where: str, so
     ids=[q[0] for q in QUERIES if q[1] == "kusto"],
 )
 def test_kusto_queries_read_the_deduplicated_assignments(where: str, source: str, query: str) -> None:
-    """Kusto queries read AssignmentEventsDedup()/AssignmentSrm(), or dedup by EventId inline (cross-service)."""
+    """Kusto queries read AssignmentEventsDedup()/AssignmentEventsInExperiment()/AssignmentSrm(), or dedup by
+    EventId inline (cross-service)."""
     code = code_of(query)
     assert (
         "AssignmentEventsDedup()" in code
+        or "AssignmentEventsInExperiment()" in code
         or "AssignmentSrm(" in code
         or ("AssignmentEvents" in code and "arg_max(AssignedAt, *) by EventId" in code)
     ), where
+
+
+#: The panels and rules that count assignments (series, shares, SRM): in-experiment rows only.
+COUNTING = [
+    "workbook item assignments-over-time",
+    "workbook item shares",
+    "workbook item srm-overview",
+    "workbook item srm-detail",
+    "alert ab-worker-sample-ratio-mismatch",
+]
+#: The panels that show every row on purpose, split by whether it is counted.
+BY_REASON = ["workbook item reasons", "workbook item config-versions"]
+
+
+@pytest.mark.parametrize("where", COUNTING)
+def test_counting_queries_read_in_experiment_rows_only(where: str) -> None:
+    """Series, shares and SRM count only assignments in the experiment: through AssignmentEventsInExperiment()
+    or AssignmentSrm(), or (the cross-service alert) filtering InExperiment with null as true; never the
+    whole deduplicated view."""
+    code = code_of({w: q for w, _, q in QUERIES}[where])
+    if "adx(" in code:
+        assert re.search(
+            r"\| summarize arg_max\(AssignedAt, \*\) by EventId\s+\| where coalesce\(InExperiment, true\)", code
+        )
+    else:
+        assert "AssignmentEventsInExperiment()" in code or "AssignmentSrm(" in code, where
+        assert "AssignmentEventsDedup()" not in code, where
+
+
+@pytest.mark.parametrize("where", BY_REASON)
+def test_the_panels_of_every_row_split_them_by_reason_or_configuration(where: str) -> None:
+    """The panels that read every row say which are counted: by Reason and InExperiment, or by ConfigVersion."""
+    code = code_of({w: q for w, _, q in QUERIES}[where])
+    assert "AssignmentEventsDedup()" in code
+    assert re.search(r"by ExperimentId, (Reason, InExperiment|ExperimentVersion, ConfigVersion)", code), where
+
+
+def test_every_kusto_query_is_either_counting_or_by_reason() -> None:
+    """A new Kusto panel has to be put in one of the two lists above (and so checked by one of the tests)."""
+    kusto = {where for where, source, _ in QUERIES if source == "kusto"}
+    assert kusto - {"workbook parameter Experiment"} == set(COUNTING) | set(BY_REASON)
+
+
+def test_the_views_count_null_in_experiment_as_true_and_label_old_rows() -> None:
+    """AssignmentEventsDedup() reads a row ingested before allocation (null InExperiment, empty Reason) as in
+    the experiment with the report's own label; AssignmentEventsInExperiment() keeps exactly those in it."""
+    dedup = functions()["AssignmentEventsDedup"].body
+    assert "InExperiment = coalesce(InExperiment, true)" in dedup
+    assert f"Reason = iff(isempty(Reason), '{BEFORE_ALLOCATION}', Reason)" in dedup
+    assert code_of(functions()["AssignmentEventsInExperiment"].body).split() == (
+        ["{", "AssignmentEventsDedup()", "|", "where", "InExperiment", "}"]
+    )
+    srm = code_of(functions()["AssignmentSrm"].body)
+    assert "AssignmentEventsInExperiment()" in srm
+    assert "AssignmentEventsDedup()" not in srm
+
+
+# --- expected shares: the rule's, not the ratios as written -----------------------------------------
+
+
+def _kql_shares(split: dict[str, float]) -> dict[str, float]:
+    """AssignmentSplitShares' formula for one split, evaluated as written in functions.kql: Below and Above
+    from strcmp order (ordinal, as the rule's sorted()), then its ExpectedShare expression."""
+    body = functions()["AssignmentSplitShares"].body
+    (expression,) = re.findall(r"extend ExpectedShare = (.+)", body)
+    scope = {"iff": lambda test, then, otherwise: then if test else otherwise, "min_of": min}
+    shares = {}
+    for variant, ratio in split.items():
+        below = sum(r for other, r in split.items() if other < variant)
+        above = sum(1 for other in split if other > variant)
+        shares[variant] = eval(expression, scope, {"Below": below, "Above": above, "Ratio": ratio})
+    return shares
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {"A": 0.5, "B": 0.5},
+        {"A": 0.5, "B": 0.49},  # sums to 0.99: B takes the leftover
+        {"A": 0.6, "B": 0.41},  # sums to 1.01: B is cut short
+        {"control": 0.34, "blue": 0.33, "Green": 0.33},
+        {"A": 0.3, "B": 0.3, "C": 0.39},
+        {"A": 0.1, "B": 0.2, "C": 0.7},
+        {"b": 0.25, "B": 0.25, "a": 0.25, "ä": 0.24},
+    ],
+)
+def test_split_shares_agree_with_the_rule(split: dict[str, float]) -> None:
+    """The KQL's expected shares equal the report's assigned_shares (the bucket ranges) to within one bucket
+    in a million: a split summing to 0.99 expects half per arm, not the ratios as written."""
+    expected = dict(assigned_shares(tuple(sorted(split.items()))))
+    assert _kql_shares(split) == pytest.approx(expected, abs=1.1e-6)
+
+
+def test_the_alert_computes_split_shares_as_the_function_does() -> None:
+    """The alert runs cross-service and cannot call AssignmentSplitShares(); its inline copy is the same KQL."""
+
+    def steps(text: str) -> list[str]:
+        code = strip_kql(text)
+        start = code.index("| distinct Split")
+        end = code.index("| project Split, VariantId, ExpectedShare") + len("| project Split, VariantId, ExpectedShare")
+        return re.sub(r"let shares = arms|arms\s*(?=\| join)", "", code[start:end]).split()
+
+    (alert,) = [q for w, _, q in QUERIES if w == "alert ab-worker-sample-ratio-mismatch"]
+    assert steps(alert) == steps(functions()["AssignmentSplitShares"].body)
+    assert "ExpectedShare = todouble(Share[1])" not in alert
 
 
 @pytest.mark.parametrize(
@@ -254,6 +362,15 @@ def test_workbook_covers_every_panel_the_operators_need() -> None:
     assert "ab.processing.duration" in queries["workbook item latency-metric"]
     assert "ab.lock_lost" in queries["workbook item lock-lost-redelivery"]
     assert "delivery_count" in queries["workbook item lock-lost-redelivery"]
+    assert "Reason, InExperiment" in queries["workbook item reasons"]
+    assert "ConfigVersionsInRange = dcount(ConfigVersion)" in queries["workbook item config-versions"]
+    assert "ConfigVersions" in queries["workbook item srm-detail"]
+
+
+def test_srm_detail_says_when_there_is_nothing_to_test() -> None:
+    """An experiment with no in-experiment rows in the window gets a message, not an empty grid."""
+    (detail,) = [item for item in workbook()["items"] if item["name"] == "srm-detail"]
+    assert "nothing to test" in detail["content"]["noDataMessage"]
 
 
 def test_workbook_parameters_are_declared_and_item_names_unique() -> None:

@@ -6,20 +6,49 @@ from datetime import UTC, datetime
 
 import pytest
 
-from adapters.kusto.query import KustoQueryError, add_rows, assignment_query
+from adapters.kusto.query import KustoQueryError, add_rows, assignment_query, query_rows
+from tests.kusto_artifacts import functions
 from worker.domain.srm.report import build_report
-from worker.domain.srm.tally import Tally, Window
+from worker.domain.srm.tally import BEFORE_ALLOCATION, Tally, Window
 
 SINCE = datetime(2025, 11, 23, 9, 0, tzinfo=UTC)
 UNTIL = datetime(2025, 11, 24, 9, 0, tzinfo=UTC)
 
 
 def test_query_without_filters_summarises_the_dedup_view() -> None:
-    """No filters: no declared parameters; the dedup view summarised per experiment, segment, variant, split, hour."""
+    """No filters: no declared parameters; the dedup view summarised per experiment, segment, variant, split,
+    hour, and whether the rows are in the experiment, why, and under which configuration."""
     text, parameters = assignment_query(Window())
     assert parameters == {}
     assert text.splitlines()[0] == "AssignmentEventsDedup()"
-    assert "by ExperimentId, Segment, VariantId, Split = tostring(SplitRatio), Hour = bin(AssignedAt, 1h)" in text
+    assert " ".join(text.split()).endswith(
+        "| summarize Assignments = count(), FirstSeen = min(AssignedAt), LastSeen = max(AssignedAt)"
+        " by ExperimentId, Segment, VariantId, Split = tostring(SplitRatio), Hour = bin(AssignedAt, 1h),"
+        " InExperiment, Reason, ConfigVersion"
+    )
+
+
+def test_the_query_reads_the_view_that_labels_rows_from_before_allocation() -> None:
+    """The query groups by InExperiment and Reason from AssignmentEventsDedup(), which functions.kql defines to
+    read a row ingested before allocation (null InExperiment) as in the experiment: the stand-in cannot run
+    KQL, so this holds the query and the function to each other by text."""
+    text, _ = assignment_query(Window())
+    dedup = functions()["AssignmentEventsDedup"]
+    assert text.startswith(f"{dedup.name}()")
+    assert "InExperiment = coalesce(InExperiment, true)" in dedup.body
+    assert f"iff(isempty(Reason), '{BEFORE_ALLOCATION}', Reason)" in dedup.body
+
+
+def test_a_database_without_the_allocation_columns_gets_a_hint() -> None:
+    """A cluster whose table predates allocation refuses the query naming a column: the error says what to apply."""
+    from azure.kusto.data.exceptions import KustoServiceError
+
+    class Refusing:
+        def execute_query(self, *_: object) -> None:
+            raise KustoServiceError("Semantic error: 'summarize' operator: Failed to resolve column 'InExperiment'")
+
+    with pytest.raises(KustoQueryError, match=r"apply deploy/kusto/table\.kql, mapping\.kql and functions\.kql"):
+        list(query_rows(Refusing(), "assignments", Window()))
 
 
 def test_filters_are_declared_parameters_never_query_text() -> None:
@@ -38,7 +67,8 @@ def test_filters_are_declared_parameters_never_query_text() -> None:
 
 
 def test_summarised_rows_are_counted_into_the_tally() -> None:
-    """Each result row adds its count to its cell; the split arrives as tostring() text."""
+    """Each result row adds its count to its cell; the split arrives as tostring() text; rows outside the
+    experiment are read (rows_read) and listed by reason, never counted into the test."""
     tally = Tally()
     add_rows(
         tally,
@@ -49,15 +79,29 @@ def test_summarised_rows_are_counted_into_the_tally() -> None:
                 "VariantId": variant,
                 "Split": '{"A":0.5,"B":0.5}',
                 "Hour": SINCE,
+                "InExperiment": inside,
+                "Reason": reason,
+                "ConfigVersion": "0123456789abcdef",
                 "Assignments": count,
+                "FirstSeen": "2025-11-23T09:00:00Z",
                 "LastSeen": "2025-11-23T09:59:00Z",
             }
-            for variant, count in (("A", 360), ("B", 240))
+            for variant, count, inside, reason in (
+                ("A", 360, True, "bucketed"),
+                ("B", 240, True, "bucketed"),
+                ("B", 500, False, "override"),
+            )
         ],
     )
-    (group,) = build_report(tally, generated_at=UNTIL).groups
+    report = build_report(tally, generated_at=UNTIL)
+    (group,) = report.groups
     assert group.chi2 == pytest.approx(24.0)
-    assert tally.rows_read == 600
+    assert tally.rows_read == 1100
+    assert report.not_counted == 500
+    (allocation,) = report.allocations
+    (configuration,) = allocation.configurations
+    assert (configuration.config_version, configuration.rows) == ("0123456789abcdef", 600)
+    assert configuration.first_seen == SINCE
 
 
 def test_a_malformed_result_row_is_an_error_naming_the_row() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.synthetic_rows import make_rows, monitoring_rows, write_jsonl
+from tests.synthetic_rows import make_rows, monitoring_rows, without_allocation, write_jsonl
 from worker.cli import main
 from worker.cli.common import ExitStatus
 
@@ -161,6 +161,33 @@ def test_html_and_dead_letters(balanced: Path, tmp_path: Path, capsys: pytest.Ca
     assert ">UnknownExperiment<" in text
     assert f"wrote {page}" in capsys.readouterr().err
     assert not list(page.parent.glob(".*.tmp"))
+
+
+def test_rows_outside_the_experiment_are_listed_not_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rows file from the allocating worker: overrides beside bucketed rows are listed by reason and variant,
+    not tested (exit 0, where counting them would be an SRM); old rows in the same file are counted; a bad
+    InExperiment is a skipped line named by file, line and column; the HTML page has the reasons table."""
+    rows = [
+        *make_rows("exp", {"A": 505, "B": 495}, HALF),
+        *make_rows("exp", {"B": 500}, HALF, reason="override"),
+        *[without_allocation(row) for row in make_rows("exp_old", {"A": 50, "B": 50}, HALF)],
+    ]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    path.write_text(path.read_text() + json.dumps({**rows[0], "EventId": "bad", "InExperiment": "yes"}) + "\n")
+    page = tmp_path / "report.html"
+    assert report("--rows", path, "--html", page) == ExitStatus.PARTIAL
+    captured = capsys.readouterr()
+    assert f"skipped {path}:1601: column InExperiment must be true, false or null, got 'yes'" in captured.err
+    out = captured.out
+    assert out.startswith("1,100 assignments counted from 1,600 rows (500 not in the experiment,")
+    assert "exp  n=1,000  OK" in out
+    assert "exp_old  n=100  OK" in out
+    assert (
+        "Served but not in the experiment (not tested), by reason and variant:\n  exp  500: 500 override (B 500)\n"
+        in out
+    )
+    assert 'data-reason="override"' in page.read_text()
+    assert "(before allocation)" in page.read_text()
 
 
 @pytest.mark.parametrize(

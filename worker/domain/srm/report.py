@@ -319,16 +319,19 @@ def build_report(
     results = tuple(
         sorted(
             [
-                *(_test_group(experiment, segment, group, threshold) for (experiment, segment), group in groups.items()),
+                *(
+                    _test_group(experiment, segment, group, threshold)
+                    for (experiment, segment), group in groups.items()
+                ),
                 *(_nothing_to_test(a) for a in allocations if a.experiment not in tested),
             ],
             key=lambda group: (group.experiment, group.segment or ""),
         )
     )
     series = tuple(_series(experiment, hourly[experiment]) for experiment in sorted(hourly))
-    notes = () if results else ("no assignments matched the filters",)
+    notes = [] if results else ["no assignments matched the filters"]
     for allocation in allocations:
-        notes += tuple(_configuration_notes(allocation))
+        notes += _configuration_notes(allocation)
     return Report(
         generated_at=generated_at,
         window=tally.window,
@@ -340,7 +343,7 @@ def build_report(
         series=series,
         dead_letters=None if dead_letters is None else dict(sorted(dead_letters.items())),
         threshold=threshold,
-        notes=notes,
+        notes=tuple(notes),
         allocations=allocations,
     )
 

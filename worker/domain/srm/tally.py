@@ -144,7 +144,9 @@ def reason_of(value: Any) -> str:
     if value is None or value == "":
         return BEFORE_ALLOCATION
     if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
-        raise ReportInputError(f"column Reason must be a reason of at most {MAX_REASON_CHARS} characters, got {value!r}")
+        raise ReportInputError(
+            f"column Reason must be a reason of at most {MAX_REASON_CHARS} characters, got {value!r}"
+        )
     return value
 
 
