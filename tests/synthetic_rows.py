@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from schemas.models import AssignmentRecord
+from tests.kusto_artifacts import ALLOCATION_COLUMNS as ALLOCATION_KUSTO_COLUMNS
+from tests.kusto_artifacts import expected_columns
 
 START = datetime(2025, 11, 23, 9, 0, tzinfo=UTC)
 _NAMESPACE = uuid.UUID("6f1c1d1e-2f0b-4a55-9c1e-5a8f0d3b7a11")
@@ -62,7 +63,7 @@ def record(
     reason: str | None = "bucketed",
     config_version: str = "cfg-1",
 ) -> dict[str, Any]:
-    """One row with every ``AssignmentEvents`` column (in column order), its ``EventId`` derived from the user.
+    """One row with every ``AssignmentEvents`` column, in table order; its ``EventId`` derives from the user.
 
     The row carries allocation's ``InExperiment`` (true for ``bucketed`` and ``stratified`` only),
     ``Reason`` and ``ConfigVersion``, as the worker writes them, with ``HashValue`` null unless the reason
@@ -90,14 +91,18 @@ def record(
         inside = reason in IN_EXPERIMENT_REASONS
         values |= {"InExperiment": inside, "Reason": reason, "ConfigVersion": config_version}
         values["HashValue"] = 0.5 if reason == "bucketed" else None
-    # Columns added to the table later get empty values, so the rows keep the table's exact shape.
+    # Columns added to the table later get empty values, so the rows keep the table's exact shape
+    # (allocation's three only when the row has them: a row from before allocation has none).
     empty = {"string": "", "dynamic": {}}
-    row = {name: values.get(name, empty.get(kind)) for name, kind in AssignmentRecord.kusto_columns()}
-    return row | {name: values[name] for name in ALLOCATION_COLUMNS if name in values}
+    return {
+        name: values.get(name, empty.get(kind))
+        for name, kind in expected_columns()
+        if name in values or name not in ALLOCATION_COLUMNS
+    }
 
 
 #: The columns allocation (issue 18) added to every row; a row written before it has none of them.
-ALLOCATION_COLUMNS = ("InExperiment", "Reason", "ConfigVersion")
+ALLOCATION_COLUMNS = tuple(name for name, _ in ALLOCATION_KUSTO_COLUMNS)
 
 #: The reasons that put a user in the experiment (docs/allocation.md); every other reason is served, not counted.
 IN_EXPERIMENT_REASONS = frozenset({"bucketed", "stratified"})

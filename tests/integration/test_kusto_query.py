@@ -188,7 +188,7 @@ def test_kusto_report_counts_in_experiment_rows_only(
     assert "exp_old  n=200  OK" in out
     assert "exp_launched  n=0  n/a" in out
     assert "  exp  500: 500 override (B 500)" in out
-    assert "not tested: exp_launched." in out
+    assert "not tested: exp_launched (see the notes)." in out
 
     assert main(["report", "--kusto", "--json"]) == ExitStatus.OK
     document = json.loads(capsys.readouterr().out)

@@ -128,7 +128,8 @@ def test_an_experiment_with_every_row_outside_it_says_nothing_was_tested() -> No
     lines = render_report(report)
     assert "exp_launched  n=0  n/a" in lines
     assert lines[-1] == (
-        "No sample ratio mismatch in the 1 tested (chi-square, every p >= 0.001); not tested: exp_launched."
+        "No sample ratio mismatch in the 1 tested (chi-square, every p >= 0.001); not tested: exp_launched"
+        " (see the notes)."
     )
 
 
@@ -140,7 +141,7 @@ def test_a_report_with_nothing_in_any_experiment_says_nothing_was_tested() -> No
         "0 assignments counted from 500 rows (500 not in the experiment, 0 duplicate EventIds dropped,"
         " 0 outside the filters)"
     )
-    assert lines[-1] == "Nothing tested: no group has in-experiment assignments to test (exp)."
+    assert lines[-1] == "Nothing tested: no group had anything to test (exp; see the notes)."
     assert not any("No sample ratio mismatch" in line for line in lines)
 
 
@@ -336,5 +337,5 @@ def test_html_says_when_an_experiment_has_nothing_to_test() -> None:
     )
     assert '<tr class="untested" data-experiment="exp_launched" data-verdict="n/a">' in page
     assert "no in-experiment assignments to test" in page
-    assert "Nothing tested: no experiment has in-experiment assignments to test (exp_launched)." in page
+    assert "Nothing tested: no group had anything to test (exp_launched; see the notes below the table)." in page
     assert "nothing to test: all 30 assignments are outside the experiment (30 launched (B 30))" in page

@@ -190,11 +190,11 @@ def render_report(report: Report) -> list[str]:
         )
         lines.append(f"SAMPLE RATIO MISMATCH in {len(flagged)} of {len(report.groups)}: {names}")
     elif report.groups and len(untested) == len(report.groups):
-        lines.append(f"Nothing tested: no group has in-experiment assignments to test ({_labels(untested)}).")
+        lines.append(f"Nothing tested: no group had anything to test ({_labels(untested)}; see the notes).")
     elif untested:
         lines.append(
             f"No sample ratio mismatch in the {len(report.groups) - len(untested)} tested (chi-square, every"
-            f" p >= {report.threshold:g}); not tested: {_labels(untested)}."
+            f" p >= {report.threshold:g}); not tested: {_labels(untested)} (see the notes)."
         )
     elif report.groups:
         lines.append(f"No sample ratio mismatch (chi-square, every p >= {report.threshold:g}).")

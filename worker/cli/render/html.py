@@ -104,13 +104,14 @@ def _banner(report: Report) -> str:
     untested = report.untested
     if len(untested) == len(report.groups):
         return (
-            '<div class="banner untested">Nothing tested: no experiment has in-experiment assignments to test'
-            f" ({escape(', '.join(g.label for g in untested))}).</div>"
+            '<div class="banner untested">Nothing tested: no group had anything to test'
+            f" ({escape(', '.join(g.label for g in untested))}; see the notes below the table).</div>"
         )
     if untested:
         return (
             f'<div class="banner ok">No sample ratio mismatch in the {len(report.groups) - len(untested)} tested'
-            f" (chi-square, p &ge; {report.threshold:g}); not tested: {escape(', '.join(g.label for g in untested))}."
+            f" (chi-square, p &ge; {report.threshold:g}); not tested: {escape(', '.join(g.label for g in untested))}"
+            " (see the notes below the table)."
             "</div>"
         )
     return (
