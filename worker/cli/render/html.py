@@ -219,7 +219,9 @@ def _experiments_section(report: Report) -> str:
             f"<h3>{escape(series.experiment)}</h3>{_legend(colours)}"
             f'<div class="charts">{timeseries_chart(series, colours)}<div>{bars}</div></div></section>'
         )
-    return "<h2>In-experiment assignments per experiment and variant</h2>" + ("".join(cards) or '<p class="note">No data.</p>')
+    return "<h2>In-experiment assignments per experiment and variant</h2>" + (
+        "".join(cards) or '<p class="note">No data.</p>'
+    )
 
 
 def _legend(colours: dict[str, str]) -> str:
