@@ -22,6 +22,7 @@ from typing import IO, Any
 from adapters.rowbuffer import BufferedRows
 from adapters.settlement import complete_each
 from worker.domain.errors import ConfigurationError, TransientError
+from worker.domain.plural import counted
 from worker.service.ports import Delivery, OutboundEvent
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class JsonLinesSink(BufferedRows):
             except OSError as exc:
                 self.failed_flushes += 1
                 raise TransientError(
-                    f"rows file {self.path}: cannot write {len(buffered)} rows ({exc.strerror or exc})"
+                    f"rows file {self.path}: cannot write {counted(len(buffered), 'row')} ({exc.strerror or exc})"
                 ) from None
         self.rows_written += len(buffered)
 

@@ -56,6 +56,7 @@ from typing import Any, Literal, Protocol
 from adapters.rowbuffer import BufferedRows
 from schemas.models import AssignmentRecord
 from worker.domain.errors import ConfigurationError, TransientError
+from worker.domain.plural import counted
 from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,8 @@ class KustoSink(BufferedRows):
                 )
         assert last is not None
         raise TransientError(
-            f"Kusto ingestion of {row_count} rows into {self.database}.{self.table} failed after "
-            f"{self.retry.attempts} attempts: {_describe(last)}"
+            f"Kusto ingestion of {counted(row_count, 'row')} into {self.database}.{self.table} failed after "
+            f"{counted(self.retry.attempts, 'attempt')}: {_describe(last)}"
         ) from None
 
     def _ingest_once(self, payload: bytes) -> None:

@@ -113,7 +113,7 @@ def test_csv_without_user_id_column(tmp_path, capsys):
     source = tmp_path / "users.csv"
     source.write_text("customer,segment\nU1,a\n", encoding="utf-8")
     assert main(["assign", "--experiment", "e", "--input", str(source)]) == 2
-    assert "missing column(s) 'user_id'" in capsys.readouterr().err
+    assert "missing column 'user_id'" in capsys.readouterr().err
 
 
 def test_validate_config_ok_and_broken(tmp_path, capsys):

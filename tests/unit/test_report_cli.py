@@ -69,7 +69,7 @@ def test_bad_lines_are_named_by_file_and_line_skipped_and_exit_1(
     assert f"skipped {bad}:3: not a JSON line" in captured.err
     assert f"skipped {bad}:5: column AssignedAt must be an ISO 8601 time, got 'later'" in captured.err
     assert f"skipped {bad}:7: a row must be a JSON object, got list" in captured.err
-    assert "3 malformed line(s) skipped" in captured.err
+    assert "3 malformed lines skipped" in captured.err
     assert "298 assignments counted from 298 rows" in captured.out
 
 

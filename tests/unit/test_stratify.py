@@ -377,7 +377,7 @@ def test_every_member_problem_is_listed() -> None:
     assert "members[3]: member id: empty" in problems
     assert "members[4]: segment: empty" in problems
     assert len(problems) == 4
-    assert str(caught.value).startswith("4 problem(s)")
+    assert str(caught.value).startswith("4 problems")
 
 
 @pytest.mark.parametrize(

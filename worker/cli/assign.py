@@ -13,6 +13,7 @@ from typing import IO, Any
 from worker.bootstrap import ExperimentRegistry
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL, check_input, check_output, formatter, open_output, parse_split
 from worker.domain.errors import PermanentError, UsageError
+from worker.domain.plural import counted
 
 
 def _registry_for(args: argparse.Namespace) -> ExperimentRegistry:
@@ -81,7 +82,7 @@ def _assign_file(args: argparse.Namespace, experiment: Any) -> int:
         print(f"{source}: line {row.line}: skipped: {row.problem}", file=sys.stderr)
     summary = ", ".join(f"{v}={n}" for v, n in sorted(result.counts.items()))
     print(
-        f"assigned {result.assigned} rows ({summary or 'none'}); skipped {len(result.bad_rows)}",
+        f"assigned {counted(result.assigned, 'row')} ({summary or 'none'}); skipped {len(result.bad_rows)}",
         file=sys.stderr,
     )
     return EXIT_PARTIAL if result.bad_rows else EXIT_OK
@@ -105,7 +106,7 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
         segments = f", {len(config.segments)} segment overrides" if config.segments else ""
         split = ", ".join(f"{k}={v}" for k, v in sorted(config.split.items()))
         print(f"ok  {config.id} v{config.version} seed={config.seed!r} split {split}{segments}")
-    print(f"{args.file}: {len(registry)} experiments, all valid")
+    print(f"{args.file}: {counted(len(registry), 'experiment')}, {'valid' if len(registry) == 1 else 'all valid'}")
     return EXIT_OK
 
 

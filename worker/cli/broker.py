@@ -28,6 +28,7 @@ from worker.cli.common import (
     servicebus_client,
 )
 from worker.domain.errors import UsageError
+from worker.domain.plural import counted
 from worker.service.signals import on_signals
 
 
@@ -79,7 +80,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     with client:
         sent = send_requests(client, queue, bodies, message_ids=message_ids, properties=properties)
     replies = f"; replies to {args.reply_to!r}" if args.reply_to else ""
-    print(f"published {sent} requests to {queue!r}{replies}", file=sys.stderr)
+    print(f"published {counted(sent, 'request')} to {queue!r}{replies}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -26,6 +26,7 @@ from worker.domain.cohort.balance import DEFAULT_MIN_PER_CELL, DEFAULT_TOLERANCE
 from worker.domain.cohort.errors import CohortInputError
 from worker.domain.cohort.stratify import DEFAULT_SEED, stratify_columns
 from worker.domain.errors import UsageError
+from worker.domain.plural import counted
 from worker.domain.srm.stats import ExperimentPlan, StatsInputError, plan_experiment
 
 STRATIFY_EPILOG = """\
@@ -100,7 +101,7 @@ def build_arms(args: argparse.Namespace) -> list[Arm]:
         weights, weight_problems = _parse_weights(args.weights)
         problems += weight_problems
         if len(weights) != len(arm_ids):
-            problems.append(f"--weights: {len(weights)} weights for {len(arm_ids)} arms")
+            problems.append(f"--weights: {counted(len(weights), 'weight')} for {counted(len(arm_ids), 'arm')}")
     if problems:
         raise CohortInputError(problems)
     variants = read_arm_variants(args.arm_variants, arm_ids) if args.arm_variants else {}
@@ -126,7 +127,7 @@ def _print_problems(error: CohortInputError, limit: int) -> None:
     if len(error.problems) == 1:
         report_error("stratify", f"{error.problems[0]} (nothing was written)")
         return
-    lines = [f"{len(error.problems)} problem(s) with the input; nothing was written"]
+    lines = [f"{counted(len(error.problems), 'problem')} with the input; nothing was written"]
     lines += [f"  {problem}" for problem in error.problems[:limit]]
     if len(error.problems) > limit:
         lines.append(f"  … and {len(error.problems) - limit} more (raise --max-errors)")
@@ -188,8 +189,8 @@ def run_stratify(args: argparse.Namespace) -> int:
     report = assignment.report
     print(
         f"Experiment {assignment.experiment_id!r}, seed {assignment.seed!r}:"
-        f" {report.table.total} members in {len(report.table.segments)} segment(s),"
-        f" {len(arms)} arm(s)"
+        f" {counted(report.table.total, 'member')} in {counted(len(report.table.segments), 'segment')},"
+        f" {counted(len(arms), 'arm')}"
     )
     print("\n".join(render_table(report)))
     print()

@@ -20,6 +20,7 @@ from typing import IO, Any, NoReturn, TextIO
 
 from worker.domain.errors import ConfigurationError, DependencyRefused, TransientError, UsageError, WorkerError
 from worker.domain.moments import MOMENT_FORMS, MomentError, parse_moment
+from worker.domain.plural import counted
 
 log = logging.getLogger("ab_worker")
 
@@ -96,7 +97,7 @@ def invoke(command: str, func: Callable[[], int]) -> int:
 def report_error(command: str, message: str) -> None:
     """``ab-worker <command>: error: <message>``; a message of several problems lists them below."""
     lines = [line for line in message.strip().splitlines() if line.strip()] or ["failed"]
-    head = lines[0] if len(lines) == 1 else f"{len(lines)} problems:"
+    head = lines[0] if len(lines) == 1 else f"{counted(len(lines), 'problem')}:"
     body = [] if len(lines) == 1 else [f"  {line}" for line in lines]
     print("\n".join([f"ab-worker {command}: error: {head}", *body]), file=sys.stderr, flush=True)
 

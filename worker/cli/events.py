@@ -12,6 +12,7 @@ from typing import Any
 
 from worker.cli.common import EXIT_OK, formatter, integer, positive_number, servicebus_client
 from worker.cli.dlq import json_line, printable
+from worker.domain.plural import counted
 
 #: The subscription ``events tail`` reads unless told otherwise (the default broker and Config.json have it).
 DEFAULT_SUBSCRIPTION = "all"
@@ -40,7 +41,7 @@ def cmd_events_tail(args: argparse.Namespace) -> int:
         for event in events:
             print(_json(event) if as_json else _line(event), flush=True)
             shown += 1
-    print(f"read {shown} events from {where}", file=sys.stderr)
+    print(f"read {counted(shown, 'event')} from {where}", file=sys.stderr)
     return EXIT_OK
 
 

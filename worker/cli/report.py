@@ -19,6 +19,7 @@ from typing import IO, Any
 from worker.cli.common import ExitStatus, UnreachableError, check_output, formatter, integer, moment, write_files
 from worker.domain.errors import UsageError
 from worker.domain.moments import utc_iso
+from worker.domain.plural import counted
 from worker.domain.srm.format import format_p, format_split
 from worker.domain.srm.report import GroupResult, Report, build_report, describe_outside
 from worker.domain.srm.tally import ReportInputError, Tally, Window, parse_row
@@ -211,7 +212,7 @@ def _print_problems(problems: Sequence[str], limit: int) -> None:
     if len(problems) > limit:
         print(f"… and {len(problems) - limit} more skipped lines (raise --max-errors)", file=sys.stderr)
     if problems:
-        print(f"{len(problems)} malformed line(s) skipped", file=sys.stderr)
+        print(f"{counted(len(problems), 'malformed line')} skipped", file=sys.stderr)
 
 
 def _write_html(path: Path, report: Report, source: str) -> None:

@@ -28,6 +28,7 @@ from worker.cli.common import (
     print_err,
 )
 from worker.domain.errors import UsageError
+from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
 from worker.service.ports import ExperimentSource
 from worker.service.settings import WorkerSettings
@@ -120,7 +121,7 @@ def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack:
 
     bodies = demo_requests(registry)
     sent = send_requests(client, settings.queue_name, bodies)
-    print_err(f"demo: published {sent} requests ({sent - 500} of them deliberately malformed or unknown)")
+    print_err(f"demo: published {counted(sent, 'request')} ({sent - 500} of them deliberately malformed or unknown)")
     viewer = _EventViewer(client, settings.topic_name)
     viewer.start()
     stack.callback(viewer.stop)
@@ -162,7 +163,7 @@ class _EventViewer:
         from worker.cli.demo import summary_table
 
         self._tail.stop(drain_seconds=1.0)
-        print(f"\n{self._tail.received} events read back from subscription 'all'\n", flush=True)
+        print(f"\n{counted(self._tail.received, 'event')} read back from subscription 'all'\n", flush=True)
         print(summary_table(stats.assignments, stats.dead_letters, registry), flush=True)
 
 
@@ -170,7 +171,7 @@ def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:
     dead = sum(stats.dead_letters.values())
     reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(stats.dead_letters.items()))
     print(
-        f"processed {stats.received} requests: {stats.completed} assigned, {dead} dead-lettered"
+        f"processed {counted(stats.received, 'request')}: {stats.completed} assigned, {dead} dead-lettered"
         + (f" ({reasons})" if dead else "")
         + (f", {stats.abandoned} not settled" if stats.abandoned else ""),
         file=sys.stderr,

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
+from worker.domain.plural import counted
+
 #: Descriptions go into broker properties, logs and telemetry: bound them so one huge bad value
 #: cannot bloat every place it is copied to.
 MAX_DESCRIPTION_CHARS = 1024
@@ -100,4 +102,6 @@ class PublishRejected(WorkerError):
 
     def __init__(self, rejected: Mapping[str, PermanentError]) -> None:
         self.rejected = dict(rejected)
-        super().__init__(f"{len(self.rejected)} event(s) refused: " + "; ".join(str(e) for e in self.rejected.values()))
+        super().__init__(
+            f"{counted(len(self.rejected), 'event')} refused: " + "; ".join(str(e) for e in self.rejected.values())
+        )

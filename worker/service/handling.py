@@ -26,6 +26,7 @@ from schemas.models import (
 )
 from worker.domain.assignment import BUCKETS, bucket_int
 from worker.domain.errors import DeadLetterReason, DecodeError, PermanentError
+from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
 from worker.service.ports import Delivery, OutboundEvent
 
@@ -144,7 +145,7 @@ def assign(
         raise PermanentError(
             DeadLetterReason.UNKNOWN_EXPERIMENT,
             f"experiment_id {_short_repr(request.experiment_id)} is not configured "
-            f"({len(registry)} experiments in {registry.source})",
+            f"({counted(len(registry), 'experiment')} in {registry.source})",
         )
     segment = request.effective_segment()
     table = experiment.table_for(segment)
@@ -238,7 +239,7 @@ def assign_cohort(
     if len(request.members) > max_members:
         raise PermanentError(
             DeadLetterReason.COHORT_TOO_LARGE,
-            f"cohort has {len(request.members)} members; the limit is {max_members} per message "
+            f"cohort has {counted(len(request.members), 'member')}; the limit is {max_members} per message "
             "(split it, or use `ab-worker stratify` for files)",
         )
     _check_report_fits(request, max_event_bytes)
@@ -332,7 +333,7 @@ def _report_too_large(
     segments = len({m.segment for m in request.members})
     return PermanentError(
         DeadLetterReason.EVENT_TOO_LARGE,
-        f"the cohort report event would be {'at least ' if bound else ''}{size} bytes ({segments} segments × "
-        f"{len(request.arms)} arms); the limit is {max_event_bytes} bytes per message: split the cohort, or use "
-        "fewer segments or arms",
+        f"the cohort report event would be {'at least ' if bound else ''}{size} bytes"
+        f" ({counted(segments, 'segment')} × {counted(len(request.arms), 'arm')}); the limit is {max_event_bytes}"
+        " bytes per message: split the cohort, or use fewer segments or arms",
     )

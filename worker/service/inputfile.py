@@ -119,7 +119,8 @@ def _csv_rows(
     names = [name.strip() for name in header]
     missing = [name for name in columns[:needed] if name not in names]
     if missing:
-        raise InputFileError(1, f"missing column(s) {', '.join(map(repr, missing))}; the header has {names}")
+        column = "column" if len(missing) == 1 else "columns"
+        raise InputFileError(1, f"missing {column} {', '.join(map(repr, missing))}; the header has {names}")
     slots = [names.index(name) if name in names else None for name in columns]
     width = max((slot for slot in slots[:needed] if slot is not None), default=-1) + 1
     pick, full = _whole_row_picker(slots)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from worker.domain.cohort.balance import BalanceReport
+from worker.domain.plural import counted
 from worker.domain.srm.stats import ExperimentPlan
 
 
@@ -43,8 +44,9 @@ def render_plan(plan: ExperimentPlan) -> list[str]:
         if plan.bonferroni
         else f"no multiple-comparison correction (--bonferroni tests each at alpha/{treatments})"
     )
+    compared = "the treatment" if treatments == 1 else f"each of {counted(treatments, 'treatment')}"
     lines = [
-        f"Two-sided two-proportion z-test, each of {treatments} treatment(s) against control;",
+        f"Two-sided two-proportion z-test, {compared} against control;",
         f"alpha {plan.alpha:g}, {correction}; power {plan.power:g}.",
         "Normal approximation, pooled variance under H0 and unpooled under H1 (Fleiss);",
         "the MDE solves that equation exactly.",
@@ -71,6 +73,6 @@ def render_plan(plan: ExperimentPlan) -> list[str]:
     lines.append(f"For a {plan.lift:.1%} relative lift ({p1:.2%} -> {plan.lift_rate:.2%}) at power {plan.power:g}:")
     lines.append(
         f"  sample size: {plan.sample_size_for_lift:,} per arm,"
-        f" {plan.sample_size_for_lift * plan.arms:,} across {plan.arms} arms"
+        f" {plan.sample_size_for_lift * plan.arms:,} across {counted(plan.arms, 'arm')}"
     )
     return lines

@@ -11,6 +11,7 @@ from fractions import Fraction
 from typing import Any
 
 from worker.domain.cohort.records import CohortRecord
+from worker.domain.plural import counted
 
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_MIN_PER_CELL = 5
@@ -147,7 +148,8 @@ def _check_arm_shares(table: BalanceTable, target_shares: Mapping[str, Fraction]
     bad = [cell for cell in cells if abs(share(cell.arm) - target_shares[cell.arm]) > limit]
     band = f"±{float(tolerance) * 100:g} pp"
     if bad:
-        detail = f"{len(bad)} arm(s) outside {band} of their target share: {_named(bad, describe)}"
+        their = "its" if len(bad) == 1 else "their"
+        detail = f"{counted(len(bad), 'arm')} outside {band} of {their} target share: {_named(bad, describe)}"
     else:
         detail = f"every arm within {band} of its target share: {_named(cells, describe)}"
     return BalanceCheck("arm_share_within_tolerance", not bad, detail, tuple(bad))
@@ -160,9 +162,9 @@ def _cells(table: BalanceTable) -> list[Cell]:
 def _check_representation(table: BalanceTable) -> BalanceCheck:
     empty = [cell for cell in _cells(table) if cell.count == 0]
     if empty:
-        detail = f"{len(empty)} segment × arm cell(s) empty: {_named(empty, Cell.label)}"
+        detail = f"{counted(len(empty), 'segment × arm cell')} empty: {_named(empty, Cell.label)}"
     else:
-        detail = f"all {len(table.segments)} segment(s) represented in all {len(table.arms)} arm(s)"
+        detail = f"all {counted(len(table.segments), 'segment')} represented in all {counted(len(table.arms), 'arm')}"
     return BalanceCheck("segments_in_every_arm", not empty, detail, tuple(empty))
 
 
@@ -175,13 +177,13 @@ def _check_min_per_cell(table: BalanceTable, min_per_cell: int) -> BalanceCheck:
 
     if small:
         detail = (
-            f"{len(small)} cell(s) below the minimum of {min_per_cell} members per segment per"
+            f"{counted(len(small), 'cell')} below the minimum of {counted(min_per_cell, 'member')} per segment per"
             f" arm: {_named(small, describe)}"
         )
     else:
         smallest = min(cells, key=lambda cell: cell.count, default=None)
         least = f" (smallest: {describe(smallest)})" if smallest else ""
-        detail = f"every segment × arm cell has at least {min_per_cell} members{least}"
+        detail = f"every segment × arm cell has at least {counted(min_per_cell, 'member')}{least}"
     return BalanceCheck("min_members_per_cell", not small, detail, tuple(small))
 
 

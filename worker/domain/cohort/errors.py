@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from worker.domain.errors import WorkerError
+from worker.domain.plural import counted
 
 #: Problems shown in an error message; :attr:`CohortInputError.problems` keeps all of them.
 MAX_SHOWN_PROBLEMS = 50
@@ -19,4 +20,4 @@ class CohortInputError(WorkerError, ValueError):
         hidden = len(self.problems) - MAX_SHOWN_PROBLEMS
         if hidden > 0:
             shown += f"\n  … and {hidden} more"
-        super().__init__(f"{len(self.problems)} problem(s) with the cohort input:\n{shown}")
+        super().__init__(f"{counted(len(self.problems), 'problem')} with the cohort input:\n{shown}")

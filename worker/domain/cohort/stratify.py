@@ -58,6 +58,7 @@ from worker.domain.cohort.errors import CohortInputError
 from worker.domain.cohort.members import MemberLike, member_problems, split_members, value_problem
 from worker.domain.cohort.records import ASSIGNMENT_METHOD, CohortRecords
 from worker.domain.moments import utc_iso
+from worker.domain.plural import counted
 
 DEFAULT_SEED = 42
 
@@ -213,7 +214,7 @@ def stratify_columns(
     problems = _settings_problems(experiment_id, seed, tolerance, min_per_cell)
     problems += arm_problems(arm_list)
     if len(member_ids) != len(segments):
-        problems.append(f"{len(member_ids)} member ids but {len(segments)} segments")
+        problems.append(f"{counted(len(member_ids), 'member id')} but {counted(len(segments), 'segment')}")
     elif not member_ids:
         problems.append("no members: the cohort is empty")
     else:

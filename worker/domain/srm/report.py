@@ -37,6 +37,7 @@ from typing import Any
 
 from worker.domain.assignment import VariantTable
 from worker.domain.moments import utc_iso
+from worker.domain.plural import counted
 from worker.domain.srm.format import format_p, format_split
 from worker.domain.srm.stats import SRM_THRESHOLD, StatsInputError, srm_test
 from worker.domain.srm.tally import BEFORE_ALLOCATION, Seen, Split, Tally, Window, tally_rows
@@ -192,7 +193,8 @@ class Report:
         """``N assignments counted from M rows (…)``: what was read, left out of the test, dropped and filtered."""
         outside = f"{self.not_counted:,} not in the experiment, " if self.not_counted else ""
         return (
-            f"{self.counted:,} assignments counted from {self.rows_read:,} rows"
+            f"{counted(self.counted, 'assignment', thousands=True)} counted"
+            f" from {counted(self.rows_read, 'row', thousands=True)}"
             f" ({outside}{self.duplicates:,} duplicate EventIds dropped, {self.excluded:,} outside the filters)"
         )
 
@@ -423,7 +425,9 @@ def _latest_split(group: _Group) -> Split:
 def _split_notes(group: _Group, latest: Split) -> list[str]:
     if len(group.splits) < 2:
         return []
-    seen = "; ".join(f"{format_split(split)} ({rows} rows)" for split, (rows, _) in sorted(group.splits.items()))
+    seen = "; ".join(
+        f"{format_split(split)} ({counted(rows, 'row')})" for split, (rows, _) in sorted(group.splits.items())
+    )
     return [
         f"{len(group.splits)} different splits in these rows (segment overrides or a configuration change): {seen}."
         f" Most recent: {format_split(latest)}. Expected counts weight each row by the split it was assigned"
@@ -449,7 +453,10 @@ def _test_group(experiment: str, segment: str | None, group: _Group, threshold: 
     stray = [v.variant for v in variants if v.observed and v.expected == 0.0]
     if stray:
         # A row assigned to a variant its own split gives no share: no chi-square needed to call that broken.
-        notes.append(f"variant(s) {', '.join(stray)} observed but given no share by the split")
+        notes.append(
+            f"{'variant' if len(stray) == 1 else 'variants'} {', '.join(stray)} observed"
+            " but given no share by the split"
+        )
         return GroupResult(experiment, segment, total, variants, None, len(arms) - 1, 0.0, True, latest, tuple(notes))
     testable = {v.variant: v for v in variants if v.expected > 0.0}
     try:
