@@ -3,13 +3,15 @@
 Each stand-in subclasses :class:`HttpStandIn` and implements :meth:`HttpStandIn.handle`. The
 switches act on every request: ``fail_with(status)`` answers with an error, ``slow(seconds)`` delays
 the answer, ``down()`` closes the listening socket (connections are refused, as for a host that is
-gone) and ``recover()`` undoes all three, re-binding the same port.
+gone) and ``recover()`` undoes all three, re-binding the same port and sending the answers held.
+A client that leaves before its answer is written is counted (``undelivered``), not printed.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import sys
 import threading
 import time
 import zlib
@@ -53,10 +55,23 @@ def decode_body(raw: bytes, encoding: str | None) -> bytes:
     return raw
 
 
+#: What a socket raises when the client went away before the answer was written.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     standin: HttpStandIn
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that stops waiting (its read timeout, a test that is done) is normal for an HTTP
+        # server: count it instead of printing socketserver's traceback into the test output.
+        error = sys.exc_info()[1]
+        if isinstance(error, CLIENT_GONE):
+            self.standin.client_gone()
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -111,7 +126,11 @@ class HttpStandIn:
         self._changed = threading.Condition(self._lock)
         self._failure_status: int | None = None
         self._delay = 0.0
+        #: Set by :meth:`recover` (and :meth:`stop`): answers held by :meth:`slow` go out at once.
+        self._released = threading.Event()
         self.requests: list[Request] = []
+        #: Answers not delivered because the client had gone (closed or reset its connection).
+        self.undelivered = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -126,7 +145,8 @@ class HttpStandIn:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket (idempotent)."""
+        """Stop serving and close the socket (idempotent); answers held by :meth:`slow` go out now."""
+        self._released.set()
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -160,7 +180,8 @@ class HttpStandIn:
         self._failure_status = status
 
     def slow(self, seconds: float) -> None:
-        """Delay every answer by ``seconds`` until :meth:`recover`."""
+        """Delay every answer by ``seconds``, or until :meth:`recover` releases the ones held."""
+        self._released.clear()
         self._delay = seconds
 
     def down(self) -> None:
@@ -171,6 +192,7 @@ class HttpStandIn:
         """Undo :meth:`fail_with`, :meth:`slow` and :meth:`down` (re-binding the same port)."""
         self._failure_status = None
         self._delay = 0.0
+        self._released.set()
         if self._server is None and self._port is not None:
             self.start()
 
@@ -181,7 +203,7 @@ class HttpStandIn:
         with self._changed:
             self.requests.append(request)
         if self._delay:
-            time.sleep(self._delay)
+            self._released.wait(self._delay)
         if self._failure_status is not None:
             return Response.json(self._failure_status, {"error": {"code": "ServiceUnavailable", "@permanent": False}})
         try:
@@ -207,6 +229,12 @@ class HttpStandIn:
                 # Re-check at least every 50 ms: background loops change state outside dispatch too.
                 self._changed.wait(min(remaining, 0.05))
         return True
+
+    def client_gone(self) -> None:
+        """An answer could not be written: the client had closed its connection."""
+        with self._changed:
+            self.undelivered += 1
+            self._changed.notify_all()
 
     def _notify(self) -> None:
         with self._changed:
