@@ -169,3 +169,26 @@ def test_rendered_dom_has_sized_charts_and_the_srm_flag(report_html: Path, tmp_p
             # A polyline is a line: a flat one has zero height but must have width.
             assert width > 0, (chart["kind"], tag)
             assert height > 0 or tag == "polyline", (chart["kind"], tag)
+
+
+def test_a_report_of_one_hour_renders_a_sized_bar_per_variant(tmp_path: Path) -> None:
+    """All rows in one hour (what `make run` writes): every chart shape has a size; bars stand as tall as their counts."""
+    rows = [row for row in monitoring_rows() if row["ExperimentId"] == "exp_skewed"]
+    for row in rows:
+        row["AssignedAt"] = "2025-11-23T09:30:00Z"
+    source = write_jsonl(tmp_path / "rows.jsonl", rows)
+    page = tmp_path / "report.html"
+    assert main(["report", "--rows", str(source), "--html", str(page)]) == ExitStatus.SRM
+    probe = tmp_path / "probe.html"
+    text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page.read_text(encoding="utf-8"))
+    probe.write_text(text.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    result = chromium(tmp_path / "profile", "--dump-dom", probe.as_uri())
+    match = re.search(r'<pre id="probe">(.*?)</pre>', result.stdout, re.DOTALL)
+    assert match, f"the probe script did not run: {result.stderr[-2000:]}"
+    (chart,) = [chart for chart in json.loads(html.unescape(match.group(1))) if chart["kind"] == "timeseries"]
+    assert chart["shapes"], "the hourly chart has nothing drawn"
+    for tag, width, height in chart["shapes"]:
+        assert width > 0 and height > 0, f"a {tag} of {width}×{height} is invisible"
+    heights = [height for tag, _, height in chart["shapes"] if tag == "rect"]
+    assert len(heights) == 2
+    assert heights[1] / heights[0] == pytest.approx(240 / 360, rel=0.02), "exp_skewed: A 360, B 240"

@@ -325,3 +325,20 @@ def test_page_is_self_contained() -> None:
     assert "@import" not in page
     assert "url(" not in page
     assert "default-src 'none'" in page
+
+
+def test_html_draws_a_single_hour_as_a_bar_per_variant() -> None:
+    """All rows in one hour (a demo run): a bar per variant, as tall as its count, and the hour named once."""
+    rows = make_rows("exp_demo", {"A": 59, "B": 86}, HALF, hours=0)
+    page = render_html(report_from_rows(rows, generated_at=NOW))
+    (chart,) = re.findall(r'<svg class="timeseries".*?</svg>', page)
+    bars = {
+        variant: (int(count), float(height))
+        for variant, count, height in re.findall(
+            r'class="hour-bar" data-variant="([^"]+)" data-count="(\d+)"[^>]*height="([\d.]+)"', chart
+        )
+    }
+    assert {variant: count for variant, (count, _) in bars.items()} == {"A": 59, "B": 86}
+    assert bars["A"][1] / bars["B"][1] == pytest.approx(59 / 86, rel=0.01)
+    assert "<polyline" not in chart, "a line over one hour is a single point"
+    assert "all assignments in one hour: 2025-11-23 09:00 (UTC)" in chart

@@ -230,7 +230,9 @@ def _legend(colours: dict[str, str]) -> str:
 
 
 def timeseries_chart(series: Series, colours: dict[str, str], *, width: int = 620, height: int = 240) -> str:
-    """Assignments per UTC hour, one line per variant, as an inline SVG."""
+    """Assignments per UTC hour, one line per variant, as an inline SVG (one bar per variant for a single hour)."""
+    if len(series.hours) == 1:
+        return _one_hour_chart(series, colours, width=width, height=height)
     left, right, top, bottom = 48, 12, 12, 36
     plot_w, plot_h = width - left - right, height - top - bottom
     peak = max((max(counts) for counts in series.counts.values() if counts), default=0) or 1
@@ -263,6 +265,36 @@ def timeseries_chart(series: Series, colours: dict[str, str], *, width: int = 62
             shapes += [f'<circle cx="{x(i):.1f}" cy="{y(c):.1f}" r="3" fill="{colour}"/>' for i, c in enumerate(counts)]
     title = f"Assignments per hour, {series.experiment}"
     return _svg("timeseries", title, width, height, shapes)
+
+
+def _one_hour_chart(series: Series, colours: dict[str, str], *, width: int, height: int) -> str:
+    """Every assignment in one hour (a demo run, a short window): a bar per variant with its count.
+
+    A line needs two hours; drawn over one it is a single point, and the hour would label both ends of the axis.
+    """
+    left, right, top, bottom = 48, 12, 24, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    totals = {variant: counts[0] for variant, counts in series.counts.items()}
+    peak = max(totals.values(), default=0) or 1
+    slot = plot_w / max(len(totals), 1)
+    bar_w = min(64.0, slot * 0.6)
+    hour = _hour_label(series.hours[0])
+    shapes = [
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#8c959f"/>',
+        f'<text x="{left + plot_w / 2}" y="{height - 4}" text-anchor="middle">'
+        f"all assignments in one hour: {escape(hour)} (UTC)</text>",
+    ]
+    for index, (variant, count) in enumerate(totals.items()):
+        middle = left + slot * (index + 0.5)
+        bar_h = max(plot_h * count / peak, 1.0)
+        shapes += [
+            f'<rect class="hour-bar" data-variant="{escape(variant)}" data-count="{count}" x="{middle - bar_w / 2:.1f}"'
+            f' y="{top + plot_h - bar_h:.1f}" width="{bar_w:.1f}" height="{bar_h:.1f}" fill="{colours[variant]}"/>',
+            f'<text class="label" x="{middle:.1f}" y="{top + plot_h - bar_h - 6:.1f}"'
+            f' text-anchor="middle">{count:,}</text>',
+            f'<text x="{middle:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{escape(_clip(variant))}</text>',
+        ]
+    return _svg("timeseries", f"Assignments in the hour {hour} UTC, {series.experiment}", width, height, shapes)
 
 
 def share_bars(group: GroupResult, colours: dict[str, str], *, width: int = 520) -> str:
