@@ -73,7 +73,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from opentelemetry import metrics, trace
 
@@ -161,8 +161,11 @@ def configure_telemetry(
     sampling_ratio: float | None = None,
     offline_storage_dir: str | None = None,
     logger_names: Sequence[str] = PROJECT_LOGGERS,
+    console_out: IO[str] | None = None,
 ) -> Telemetry:
     """Build the providers for ``mode`` (see the module docs for what each mode does and turns off).
+
+    ``console_out`` is where ``console`` writes (default: the current standard output).
 
     ``appinsights`` needs a connection string (argument or ``APPLICATIONINSIGHTS_CONNECTION_STRING``)
     and may be called once per process. Raises :class:`~worker.domain.errors.ConfigurationError` for an
@@ -171,7 +174,7 @@ def configure_telemetry(
     if mode == "none":
         return Telemetry("none", trace.NoOpTracerProvider(), metrics.NoOpMeterProvider())
     if mode == "console":
-        return _console(service_name, export_interval_s)
+        return _console(service_name, export_interval_s, console_out or sys.stdout)
     if mode == "appinsights":
         return _appinsights(
             connection_string,
@@ -191,7 +194,7 @@ def _resource(service_name: str) -> Any:
     return Resource.create({SERVICE_NAME: service_name})
 
 
-def _console(service_name: str, export_interval_s: float) -> Telemetry:
+def _console(service_name: str, export_interval_s: float, out: IO[str]) -> Telemetry:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
     from opentelemetry.sdk.trace import TracerProvider
@@ -199,11 +202,11 @@ def _console(service_name: str, export_interval_s: float) -> Telemetry:
 
     resource = _resource(service_name)
     tracer_provider = TracerProvider(resource=resource)
-    # The exporters' default ``out`` is bound to sys.stdout at import time; pass the current one so
-    # output follows any redirection made since (and tests' captured streams).
-    tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stdout)))
+    # The exporters' default ``out`` is bound to sys.stdout at import time; the caller passes the current
+    # stream, so output follows any redirection made since (and tests' captured streams).
+    tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=out)))
     reader = PeriodicExportingMetricReader(
-        ConsoleMetricExporter(out=sys.stdout), export_interval_millis=max(1.0, export_interval_s * 1000)
+        ConsoleMetricExporter(out=out), export_interval_millis=max(1.0, export_interval_s * 1000)
     )
     meter_provider = MeterProvider(metric_readers=[reader], resource=resource)
     return Telemetry(

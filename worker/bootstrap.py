@@ -298,8 +298,13 @@ def record_sink(settings: WorkerSettings, rows_path: str | None) -> RecordSink:
 
 
 @contextmanager
-def telemetry(settings: WorkerSettings) -> Iterator[tuple[TracerProvider | None, MeterProvider | None]]:
-    """(tracer provider, meter provider) for the chosen telemetry mode; flushed and shut down on exit."""
+def telemetry(
+    settings: WorkerSettings, console_out: IO[str] | None = None
+) -> Iterator[tuple[TracerProvider | None, MeterProvider | None]]:
+    """(tracer provider, meter provider) for the chosen telemetry mode; flushed and shut down on exit.
+
+    ``console_out``: where the ``console`` mode writes (standard output unless given).
+    """
     mode = settings.telemetry
     connection = settings.applicationinsights_connection_string
     if mode == "none" and connection is not None:
@@ -313,6 +318,7 @@ def telemetry(settings: WorkerSettings) -> Iterator[tuple[TracerProvider | None,
         mode,
         connection.get_secret_value() if connection else None,
         sampling_ratio=settings.telemetry_sampling_ratio,
+        console_out=console_out,
     )
     try:
         yield handle.tracer_provider, handle.meter_provider

@@ -172,7 +172,7 @@ def test_rendered_dom_has_sized_charts_and_the_srm_flag(report_html: Path, tmp_p
 
 
 def test_a_report_of_one_hour_renders_a_sized_bar_per_variant(tmp_path: Path) -> None:
-    """All rows in one hour (what `make run` writes): every chart shape has a size; bars stand as tall as their counts."""
+    """All rows in one hour (as `make run` writes them): every chart shape has a size; bars as tall as their counts."""
     rows = [row for row in monitoring_rows() if row["ExperimentId"] == "exp_skewed"]
     for row in rows:
         row["AssignedAt"] = "2025-11-23T09:30:00Z"
@@ -188,7 +188,8 @@ def test_a_report_of_one_hour_renders_a_sized_bar_per_variant(tmp_path: Path) ->
     (chart,) = [chart for chart in json.loads(html.unescape(match.group(1))) if chart["kind"] == "timeseries"]
     assert chart["shapes"], "the hourly chart has nothing drawn"
     for tag, width, height in chart["shapes"]:
-        assert width > 0 and height > 0, f"a {tag} of {width}×{height} is invisible"
+        assert width > 0, f"a {tag} of {width}×{height} is invisible"
+        assert height > 0, f"a {tag} of {width}×{height} is invisible"
     heights = [height for tag, _, height in chart["shapes"] if tag == "rect"]
     assert len(heights) == 2
     assert heights[1] / heights[0] == pytest.approx(240 / 360, rel=0.02), "exp_skewed: A 360, B 240"

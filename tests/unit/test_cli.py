@@ -148,6 +148,22 @@ def test_run_processes_a_request_file(tmp_path, capsys):
     assert "1 assigned, 1 dead-lettered" in capsys.readouterr().err
 
 
+def test_run_input_prints_console_spans_beside_the_events(tmp_path, capsys, monkeypatch):
+    """AB_WORKER_TELEMETRY=console with run --input: a span per request on stderr; stdout stays events only."""
+    monkeypatch.setenv("AB_WORKER_TELEMETRY", "console")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(
+        '{"user_id": "U123", "experiment_id": "exp_001"}\n{"user_id": "U9", "experiment_id": "exp_001"}\n',
+        encoding="utf-8",
+    )
+    assert main(["run", "--config", CONFIG, "--input", str(requests)]) == 0
+    out, err = capsys.readouterr()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [event["user_id"] for event in events] == ["U123", "U9"]
+    assert err.count('"name": "assignment-requests process"') == 2, err
+    assert err.count('"name": "assignment-events publish"') >= 1, err
+
+
 def test_run_without_experiments_is_a_usage_error(capsys, monkeypatch):
     """run with no registry says how to give one."""
     monkeypatch.delenv("AB_WORKER_EXPERIMENTS_FILE", raising=False)

@@ -109,7 +109,17 @@ def _run_file(args: argparse.Namespace, settings: WorkerSettings, registry: Expe
         )
         dead: IO[str] = stack.enter_context(open_output(Path(args.dead_letters))) if args.dead_letters else sys.stderr
         source, publisher, sink = compose.file_ports(settings, requests, events, dead, args.rows)
-        pump = compose.bootstrap(settings, registry=registry, source=source, publisher=publisher, sink=sink)
+        # Standard output may be the events stream: console telemetry goes to standard error here.
+        tracer_provider, meter_provider = stack.enter_context(compose.telemetry(settings, console_out=sys.stderr))
+        pump = compose.bootstrap(
+            settings,
+            registry=registry,
+            source=source,
+            publisher=publisher,
+            sink=sink,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
         with compose.stop_on_signals(pump, settings.drain_deadline) as received:
             stats = pump.run(idle_exit=0.0)
     return ExitStatus.INTERRUPTED if signal.SIGINT in received else _report_run(stats)
