@@ -186,3 +186,53 @@ def test_help_everywhere(command):
     )
     assert result.returncode == 0
     assert "usage: " in result.stdout
+
+
+def test_assign_unknown_experiment_lists_the_configured_ones(capsys):
+    """A typo in --experiment names every experiment the file has, as report does."""
+    assert main(["assign", "--experiment", "exp_01", "--config", CONFIG, "--user", "U1"]) == 2
+    err = capsys.readouterr().err
+    assert "experiment 'exp_01' is not in" in err
+    assert "exp_001, exp_personalization_001, exp_tone_abcd" in err
+
+
+def test_assign_segment_without_a_split_of_its_own_is_refused_with_the_segments(capsys):
+    """--segment hi_intent (for high_intent) stops with status 2 and lists the segments, instead of the default split."""
+    argv = ["assign", "--experiment", "exp_personalization_001", "--config", CONFIG, "--user", "U1"]
+    assert main([*argv, "--segment", "hi_intent"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "--segment 'hi_intent' is not one of exp_personalization_001's segments (high_intent, low_intent)" in err
+    assert "leave --segment out for the experiment's default split" in err
+    assert main([*argv, "--segment", "high_intent"]) == 0
+    assert json.loads(capsys.readouterr().out)["segment"] == "high_intent"
+
+
+def test_assign_segment_of_an_experiment_without_segment_splits_is_accepted(capsys):
+    """With one split for everyone a segment cannot pick the wrong one: it is recorded, as on the queue."""
+    assert main(["assign", "--experiment", "exp_001", "--config", CONFIG, "--user", "U123", "--segment", "vip"]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert (event["variant_id"], event["segment"]) == ("A", "vip")
+
+
+def test_assign_file_notes_rows_whose_segment_has_no_split(tmp_path, capsys):
+    """Rows with another segment get the default split, as on the queue; a note counts them per segment."""
+    source = tmp_path / "users.csv"
+    source.write_text("user_id,segment\nU1,high_intent\nU2,standard\nU3,hi_intent\nU4,standard\n", encoding="utf-8")
+    assert main(["assign", "--experiment", "exp_personalization_001", "--config", CONFIG, "--input", str(source)]) == 0
+    err = capsys.readouterr().err
+    assert "assigned 4 rows" in err
+    assert "note: 3 rows had a segment with no split of its own (hi_intent 1, standard 2)" in err
+    assert "exp_personalization_001's segments: high_intent, low_intent" in err
+
+
+def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
+    """'assigned 1 row', '1 experiment, valid': never '1 rows' or '1 experiments'."""
+    source = tmp_path / "users.csv"
+    source.write_text("user_id\nU1\n", encoding="utf-8")
+    assert main(["assign", "--experiment", "exp_001", "--input", str(source)]) == 0
+    assert "assigned 1 row (" in capsys.readouterr().err
+    single = tmp_path / "one.yaml"
+    single.write_text("experiments:\n  - id: e1\n    split: {A: 0.5, B: 0.5}\n", encoding="utf-8")
+    assert main(["validate-config", str(single)]) == 0
+    assert f"{single}: 1 experiment, valid" in capsys.readouterr().out

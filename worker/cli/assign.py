@@ -14,6 +14,7 @@ from worker.bootstrap import ExperimentRegistry
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL, check_input, check_output, formatter, open_output, parse_split
 from worker.domain.errors import PermanentError, UsageError
 from worker.domain.plural import counted
+from worker.domain.registry import Experiment
 
 
 def _registry_for(args: argparse.Namespace) -> ExperimentRegistry:
@@ -25,16 +26,45 @@ def _registry_for(args: argparse.Namespace) -> ExperimentRegistry:
     return ExperimentRegistry.single(args.experiment, split, seed=args.seed or "echovoice")
 
 
+def _experiment(registry: ExperimentRegistry, experiment_id: str) -> Experiment:
+    """The experiment; a usage error listing the configured ones when it is not there (a typo, say)."""
+    experiment = registry.get(experiment_id)
+    if experiment is None:
+        configured = ", ".join(sorted(e.config.id for e in registry)) or "none"
+        raise UsageError(
+            f"experiment {experiment_id!r} is not in {registry.source}; the experiments there: {configured}"
+        )
+    return experiment
+
+
+def check_segment(experiment: Experiment, segment: str | None) -> None:
+    """A usage error when ``segment`` has no split of its own in an experiment whose splits vary by segment.
+
+    On the queue such a segment is legitimate and gets the experiment's split. Typed on the command
+    line it is far more likely a typo (``hi_intent`` for ``high_intent``) that would print an
+    assignment from the wrong split without a word. An experiment without per-segment splits gives
+    every segment its one split, so any segment is accepted there.
+    """
+    segments = experiment.config.segments
+    if segment is None or not segments or segment in segments:
+        return
+    raise UsageError(
+        f"--segment {segment!r} is not one of {experiment.config.id}'s segments ({', '.join(sorted(segments))});"
+        " leave --segment out for the experiment's default split"
+    )
+
+
 def cmd_assign(args: argparse.Namespace) -> int:
     """Assign one user (prints the event) or every row of ``--input`` (streams results)."""
     registry = _registry_for(args)
-    experiment = registry.get(args.experiment)
-    if experiment is None:
-        raise UsageError(f"experiment {args.experiment!r} is not in {registry.source}")
+    experiment = _experiment(registry, args.experiment)
     if args.input:
+        if args.segment:
+            raise UsageError("--segment is for one --user; with --input each row's segment column is used")
         return _assign_file(args, experiment)
     if not args.user:
         raise UsageError("give --user USER_ID, or --input FILE to assign every row of a file")
+    check_segment(experiment, args.segment)
     from worker.service.handling import handle
     from worker.service.ports import Delivery
 
@@ -54,7 +84,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _assign_file(args: argparse.Namespace, experiment: Any) -> int:
+def _assign_file(args: argparse.Namespace, experiment: Experiment) -> int:
     from worker.service.batch import BadRow, assign_file, detect_format
     from worker.service.inputfile import Problem, decoded_lines
 
@@ -85,6 +115,15 @@ def _assign_file(args: argparse.Namespace, experiment: Any) -> int:
         f"assigned {counted(result.assigned, 'row')} ({summary or 'none'}); skipped {len(result.bad_rows)}",
         file=sys.stderr,
     )
+    if result.unsplit_segments:
+        # Legitimate (they get the experiment's split, as on the queue), but a typo in a segment column looks the same.
+        seen = ", ".join(f"{segment} {n}" for segment, n in sorted(result.unsplit_segments.items()))
+        print(
+            f"note: {counted(result.unsplit_segments.total(), 'row')} had a segment with no split of its own ({seen});"
+            f" they got the experiment's split. {experiment.config.id}'s segments:"
+            f" {', '.join(sorted(experiment.config.segments))}",
+            file=sys.stderr,
+        )
     return EXIT_PARTIAL if result.bad_rows else EXIT_OK
 
 
@@ -123,13 +162,23 @@ def add_commands(commands: Any) -> None:
             "  ab-worker assign --experiment exp_001 --user U456 --split A=0.7,B=0.3\n"
             "  ab-worker assign --experiment exp_001 --config deploy/experiments.yaml --user U123\n"
             "  ab-worker assign --experiment exp_001 --input users.csv --output assigned.csv\n\n"
-            "--input takes JSON lines or CSV with a user_id column (and optionally segment).\n"
+            "  ab-worker assign --experiment exp_personalization_001 --config deploy/experiments.yaml \\\n"
+            "      --user U123 --segment high_intent\n\n"
+            "--segment must name one of the experiment's per-segment splits, or the command stops with\n"
+            "status 2 and lists them: a typo would otherwise print an assignment from the default split.\n"
+            "(On the queue any other segment is legitimate and gets the experiment's split: leave out\n"
+            "--segment for that assignment.) An experiment without per-segment splits takes any segment.\n"
+            "--input takes JSON lines or CSV with a user_id column (and optionally segment); rows whose\n"
+            "segment has no split of its own get the experiment's split, counted in a note on stderr.\n"
             "Bad rows are reported with their line number and skipped; exit status 1 when any were."
         ),
     )
     assign.add_argument("--experiment", required=True, help="experiment id")
     assign.add_argument("--user", help="user id to assign (prints the event JSON)")
-    assign.add_argument("--segment", help="segment, for experiments with per-segment splits")
+    assign.add_argument(
+        "--segment",
+        help="segment, for experiments with per-segment splits (it must be one of them: see below)",
+    )
     assign.add_argument("--split", help="variant shares, e.g. A=0.5,B=0.5 (default); not with --config")
     assign.add_argument("--seed", help="hash seed (default echovoice); not with --config")
     assign.add_argument("--config", help="experiments file to take the split, seed and version from")

@@ -51,6 +51,8 @@ class BatchResult:
     assigned: int = 0
     bad_rows: list[BadRow] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    #: Rows per segment that has no split of its own in an experiment whose splits vary by segment.
+    unsplit_segments: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -173,6 +175,7 @@ def _flush_chunk(
     buckets = bucket_ints(config.seed, config.id, chunk.users)
     default = experiment.table
     if experiment.segment_tables and any(chunk.segments):
+        result.unsplit_segments.update(s for s in chunk.segments if s and s not in experiment.segment_tables)
         tables = [experiment.table_for(s) for s in chunk.segments]
         variants = [t.variant_for(b) for t, b in zip(tables, buckets.tolist(), strict=True)]
     else:
