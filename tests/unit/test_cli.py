@@ -197,7 +197,7 @@ def test_assign_unknown_experiment_lists_the_configured_ones(capsys):
 
 
 def test_assign_segment_without_a_split_of_its_own_is_refused_with_the_segments(capsys):
-    """--segment hi_intent (for high_intent) stops with status 2 and lists the segments, instead of the default split."""
+    """--segment hi_intent (for high_intent) stops with status 2, listing the segments, not the default split."""
     argv = ["assign", "--experiment", "exp_personalization_001", "--config", CONFIG, "--user", "U1"]
     assert main([*argv, "--segment", "hi_intent"]) == 2
     out, err = capsys.readouterr()

@@ -21,7 +21,8 @@ from worker.bootstrap import bootstrap, stop_on_signals
 from worker.domain.errors import PermanentError, TransientError
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import event_id_for
-from worker.service.pump import Disposition, PumpConfig, settled, settlement_for
+from worker.service.observe import OutageLimit
+from worker.service.pump import Disposition, Pump, PumpConfig, settled, settlement_for
 
 REGISTRY = ExperimentRegistry.from_dict(
     {
@@ -221,6 +222,56 @@ def test_receive_failure_backs_off_and_recovers():
     stats = _pump(source, min_backoff=0.001).run(idle_exit=0)
     assert stats.receive_failures == 3
     assert [d.message_id for d in source.completed] == ["m1"]
+
+
+class _DownSource(MemorySource):
+    """A broker whose receives fail (``False`` in ``answers``) after ``attempt_seconds`` on the test's clock."""
+
+    def __init__(self, clock: list[float], attempt_seconds: float, answers: list[bool] | None = None) -> None:
+        super().__init__()
+        self.clock, self.attempt_seconds, self.answers, self.attempts = clock, attempt_seconds, answers, 0
+
+    def receive(self, max_messages, max_wait):
+        self.attempts += 1
+        if self.answers is not None and (not self.answers or self.answers.pop(0)):
+            return super().receive(max_messages, max_wait)
+        self.clock[0] += self.attempt_seconds
+        raise TransientError("receive failed: Connection refused")
+
+
+def _draining(source: _DownSource, limit_seconds: float) -> tuple[Pump, OutageLimit]:
+    limit = OutageLimit(limit_seconds, lambda: pump.stop(), clock=lambda: source.clock[0])  # noqa: PLW0108
+    pump = bootstrap(
+        source=source,
+        publisher=MemoryPublisher(),
+        sink=MemorySink(),
+        registry=lambda: REGISTRY,
+        config=PumpConfig(min_backoff=0.001, max_backoff=0.001, max_batch=1),
+        observers=[limit],
+    )
+    return pump, limit
+
+
+def test_outage_limit_stops_a_drain_at_the_first_failure_past_the_limit():
+    """A drain against a broker that stays down ends at the first failure past the limit, naming it and why."""
+    source = _DownSource([0.0], attempt_seconds=7.0)
+    pump, limit = _draining(source, 30.0)
+    pump.run(idle_exit=3.0)
+    assert limit.outage is not None
+    assert (limit.outage.dependency, limit.outage.error) == ("broker", "receive failed: Connection refused")
+    # Failures at 7, 14, 21, 28, 35, 42 s: the first one 30 s after the first failure is the one at 42 s.
+    assert (source.attempts, limit.outage.seconds) == (6, 35.0)
+
+
+def test_outage_limit_forgets_an_outage_that_ended():
+    """Failures separated by successful receives do not add up: a drain that keeps reconnecting drains."""
+    source = _DownSource([0.0], attempt_seconds=20.0, answers=[False, True, False, True, False, True])
+    for user in ("U1", "U2", "U3"):
+        source.send(_request(user), message_id=user)
+    pump, limit = _draining(source, 30.0)
+    stats = pump.run(idle_exit=0)
+    assert limit.outage is None
+    assert (stats.receive_failures, stats.completed) == (3, 3)
 
 
 def test_lost_lock_is_counted_not_fatal():

@@ -18,6 +18,7 @@ from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     ExitStatus,
+    UnreachableError,
     check_input,
     check_output,
     formatter,
@@ -30,6 +31,7 @@ from worker.cli.common import (
 from worker.domain.errors import UsageError
 from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
+from worker.service.observe import OutageLimit
 from worker.service.ports import ExperimentSource
 from worker.service.settings import WorkerSettings
 
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 #: What ``run`` offers instead of a configured Service Bus.
 ALTERNATIVES = ("--local for the embedded broker", "--input FILE")
+
+#: ``run --drain`` ends with status 5 once a dependency has failed for this many Service Bus try
+#: timeouts (``AB_WORKER_SERVICEBUS_TRY_TIMEOUT``) since its first failure: a drain is a job that must end.
+DRAIN_GIVE_UP_TRIES = 3
 
 NEXT_STEPS = """
 next steps:
@@ -78,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         viewer = None
         if args.demo:
             viewer = _start_demo(settings, registry(), client, stack)
+        # A lambda: the pump it stops is built next, with the limit among its observers.
+        limit = OutageLimit(DRAIN_GIVE_UP_TRIES * settings.servicebus_try_timeout, lambda: pump.stop())  # noqa: PLW0108
         pump = compose.bootstrap(
             settings,
             registry=registry,
@@ -85,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows_path=args.rows,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
+            observers=[limit] if args.drain else [],
         )
         received = guard.enter_context(compose.stop_on_signals(pump, settings.drain_deadline))
         compose.start_health_server(settings, pump.health, stack)
@@ -95,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if signal.SIGINT in received:
         return ExitStatus.INTERRUPTED
     status = _report_run(stats, dead_letters_are_failures=False)
+    if limit.outage is not None:
+        raise UnreachableError(_gave_up(limit))
     if viewer is not None:
         print(NEXT_STEPS.format(rows=args.rows or "out/rows.jsonl"), flush=True)
     return status
@@ -175,6 +186,17 @@ class _EventViewer:
         self._tail.stop(drain_seconds=1.0)
         print(f"\n{counted(self._tail.received, 'event')} read back from subscription 'all'\n", flush=True)
         print(summary_table(stats.assignments, stats.dead_letters, registry), flush=True)
+
+
+def _gave_up(limit: OutageLimit) -> str:
+    """Why ``run --drain`` ended early: what was down, for how long, the bound, and the last error."""
+    assert limit.outage is not None
+    outage = limit.outage
+    return (
+        f"the {outage.dependency} could not be reached: every attempt failed for {outage.seconds:.0f} s, and --drain"
+        f" gives up after {limit.limit:g} s ({DRAIN_GIVE_UP_TRIES} x AB_WORKER_SERVICEBUS_TRY_TIMEOUT); last error:"
+        f" {outage.error}"
+    )
 
 
 def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:

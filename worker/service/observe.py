@@ -161,6 +161,44 @@ class Counting(PumpObserver):
             self.stats.downstream_retries += 1
 
 
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """A dependency that stayed down past an :class:`OutageLimit`: which one, for how long, its last error."""
+
+    dependency: str
+    seconds: float
+    error: str
+
+
+class OutageLimit(PumpObserver):
+    """Stops the pump once a dependency has been failing for ``limit`` seconds without a success (``run --drain``).
+
+    A long-running worker waits out any outage, holding what it has. A drain is a job that must end:
+    a broker (or topic, or Kusto) it cannot reach ends it, and :attr:`outage` says why. The limit is
+    checked at each failed attempt, counted from the first failure, and the pump is stopped there
+    (its backoff wait is cut short), so the run ends at the end of the first attempt that fails after
+    the limit; each attempt is bounded by the adapter's own timeouts.
+    """
+
+    def __init__(self, limit: float, stop: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._stop = stop
+        self._clock = clock
+        self._failing_since: dict[str, float] = {}
+        #: Set when the limit stopped the pump.
+        self.outage: Outage | None = None
+
+    def on_backoff(self, dependency: str, error: BaseException, attempt: int) -> None:
+        now = self._clock()
+        since = self._failing_since.setdefault(dependency, now)
+        if self.outage is None and now - since >= self.limit:
+            self.outage = Outage(dependency, now - since, str(error))
+            self._stop()
+
+    def on_recovered(self, dependency: str) -> None:
+        self._failing_since.pop(dependency, None)
+
+
 class Logging(PumpObserver):
     """The pump's log lines: outages once when they start and when they end, lost locks, handler bugs,
     and one INFO line per dead-lettered request (reason, message id, experiment).
