@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install run test lint checkov unit bench bench-worker lock schemas docs clean
+.PHONY: install run broker test lint checkov unit bench bench-worker lock schemas docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,22 @@ $(CHECKOV_STAMP): requirements-checkov.lock
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-checkov.lock
 	touch $(CHECKOV_STAMP)
 
-## The product's main job.
+## The product's main job: the demo. Each run starts its own out/rows.jsonl and out/dead-letters.jsonl (rows
+## appended run after run would add up to a sample-ratio mismatch in the report). It runs on the broker of
+## `make broker` when its connection string is exported here (the embedded broker's carries
+## UseDevelopmentEmulator=true, so a real namespace is never sent demo requests), else on its own.
+OUT ?= out
+BROKER_PORT ?= 5672
+DEMO_BROKER = $(if $(findstring UseDevelopmentEmulator=true,$(AB_WORKER_SERVICEBUS_CONNECTION_STRING)),,--local)
 run: $(STAMP)
-	mkdir -p out
+	mkdir -p $(OUT)
+	rm -f $(OUT)/rows.jsonl $(OUT)/dead-letters.jsonl
 	AB_WORKER_CONTEXT_ALLOW_LIST=campaign $(BIN)/ab-worker run --config deploy/experiments.yaml \
-		--local --demo --drain --rows out/rows.jsonl
+		$(DEMO_BROKER) --demo --drain --rows $(OUT)/rows.jsonl --dead-letters $(OUT)/dead-letters.jsonl
+
+## The embedded broker in the foreground, kept up for the tour: it prints the lines to paste in another terminal.
+broker: $(STAMP)
+	@$(BIN)/ab-worker broker --port $(BROKER_PORT)
 
 ## Lint, type-check and the whole default test suite (unit + integration tiers).
 test: lint

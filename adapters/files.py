@@ -23,6 +23,8 @@ from adapters.rowbuffer import BufferedRows
 from adapters.settlement import complete_each
 from worker.domain.errors import ConfigurationError, TransientError
 from worker.domain.plural import counted
+from worker.service.handling import Handled
+from worker.service.observe import Disposition, PumpObserver, Settlement
 from worker.service.ports import Delivery, OutboundEvent
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,35 @@ def dead_letter_record(delivery: Delivery, reason: str, description: str) -> dic
         "dead_letter_error_description": description,
         **body_fields(delivery.body),
     }
+
+
+class DeadLetterCopies(PumpObserver):
+    """Each request the broker took as a dead letter, also written to a JSON-lines stream in ``dlq export``'s shape.
+
+    ``run --dead-letters FILE`` on a broker: the dead-letter queue keeps the messages (replay them
+    from there); the file is this run's copy, for ``report --dead-letters`` and for reading without a
+    broker. A line is written once the broker has accepted the dead-lettering: a refused settlement
+    is redelivered, not copied. A failed write is logged once and never stops the pump.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self.written = 0
+        self._failed = False
+
+    def on_settled(self, delivery: Delivery, settlement: Settlement, handled: Handled | None) -> None:
+        if settlement.disposition is not Disposition.DEAD_LETTER:
+            return
+        record = dead_letter_record(delivery, settlement.reason, settlement.description)
+        try:
+            self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._stream.flush()
+        except OSError as exc:
+            if not self._failed:
+                log.warning("Dead-letter copies are no longer written (%s); the dead-letter queue has them all", exc)
+            self._failed = True
+            return
+        self.written += 1
 
 
 class JsonLinesPublisher:

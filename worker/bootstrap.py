@@ -371,6 +371,13 @@ def file_ports(
     return source, JsonLinesPublisher(events), sink
 
 
+def dead_letter_copies(stream: IO[str]) -> PumpObserver:
+    """``run --dead-letters`` on a broker: each request dead-lettered is also written to ``stream`` as a JSON line."""
+    from adapters.files import DeadLetterCopies
+
+    return DeadLetterCopies(stream)
+
+
 def assignment_counts(settings: WorkerSettings) -> Callable[[Tally], str]:
     """``report --kusto``: what fills a tally from ``AssignmentEventsDedup()``, returning where it read.
 

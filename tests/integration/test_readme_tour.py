@@ -28,7 +28,7 @@ def tour_lines() -> list[str]:
     section = readme[readme.index("## A short tour") :]
     section = section[: section.index("\n## ", 1)]
     lines = [line for block in re.findall(r"```bash\n(.*?)```", section, re.S) for line in block.splitlines()]
-    assert shlex.split(lines[0], comments=True) == ["ab-worker", "broker"]
+    assert shlex.split(lines[0], comments=True) == ["make", "broker"]
     return [line for line in lines[1:] if line.strip()]
 
 
@@ -52,6 +52,7 @@ def test_the_readme_tour_runs_as_written(
 ) -> None:
     """U123 gets A of exp_001, exp_new's request is dead-lettered, configured, replayed and assigned."""
     outputs: list[tuple[list[str], str]] = []
+    errors: list[tuple[list[str], str]] = []
     for line in tour_lines():
         argv = shlex.split(line, comments=True)
         if argv[0] == "export":
@@ -61,6 +62,7 @@ def test_the_readme_tour_runs_as_written(
             out, err = capsys.readouterr()
             assert status == ExitStatus.OK, f"{line}: {err}"
             outputs.append((argv[1:], out))
+            errors.append((argv[1:], err))
         else:
             subprocess.run(["bash", "-c", line], cwd=tmp_path, check=True)
 
@@ -71,5 +73,7 @@ def test_the_readme_tour_runs_as_written(
     ]
     (summary,) = [out for argv, out in outputs if argv[:2] == ["dlq", "peek"]]
     assert re.search(r"^\s*1\s+UnknownExperiment$", summary, re.M), summary
+    published = [err for argv, err in errors if argv[0] == "publish"]
+    assert published == ["published 1 request to 'assignment-requests'\n"] * 2
     counts = broker.message_counts("assignment-requests")
     assert (counts["active"], counts["dead_letter"]) == (0, 0)

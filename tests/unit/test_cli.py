@@ -236,3 +236,16 @@ def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
     single.write_text("experiments:\n  - id: e1\n    split: {A: 0.5, B: 0.5}\n", encoding="utf-8")
     assert main(["validate-config", str(single)]) == 0
     assert f"{single}: 1 experiment, valid" in capsys.readouterr().out
+
+
+def test_run_rows_says_when_it_appends_to_rows_from_before(tmp_path, capsys):
+    """--rows appends: the first run says nothing of it, the second says the file held rows (a report counts both)."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"user_id": "U123", "experiment_id": "exp_001"}\n', encoding="utf-8")
+    rows = tmp_path / "rows.jsonl"
+    argv = ["run", "--config", CONFIG, "--input", str(requests), "--output", str(tmp_path / "events.jsonl")]
+    assert main([*argv, "--rows", str(rows)]) == 0
+    assert "appended" not in capsys.readouterr().err
+    assert main([*argv, "--rows", str(rows)]) == 0
+    assert f"rows appended to {rows}, which held rows from before" in capsys.readouterr().err
+    assert len(rows.read_text(encoding="utf-8").splitlines()) == 2

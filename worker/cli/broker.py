@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import threading
@@ -19,12 +20,15 @@ from worker import bootstrap
 from worker.cli.common import (
     EXIT_OK,
     ExitStatus,
+    activation_hint,
     broker_id,
     check_input,
     formatter,
     integer,
     listen_error,
     port,
+    print_err,
+    runnable_program,
     servicebus_client,
 )
 from worker.domain.errors import UsageError
@@ -44,9 +48,25 @@ def cmd_broker(args: argparse.Namespace) -> int:
             raise listen_error(exc, f"{args.host}:{args.port}", "--port") from None
         received = stack.enter_context(on_signals(lambda signum: stop.set()))
         print(broker.connection_string, flush=True)
+        print_err(how_to_use(broker.connection_string))
         while not stop.wait(0.5):  # a timed wait: the main thread runs signal handlers between waits
             pass
     return ExitStatus.INTERRUPTED if signal.SIGINT in received else EXIT_OK
+
+
+def how_to_use(connection_string: str) -> str:
+    """The lines to paste in another terminal to use this broker (on stderr: stdout is the string alone)."""
+    hint = activation_hint() if runnable_program() != "ab-worker" else None
+    paste = [hint] if hint else []
+    paste.append(f"export AB_WORKER_SERVICEBUS_CONNECTION_STRING={shlex.quote(connection_string)}")
+    return "\n".join(
+        [
+            "embedded Service Bus broker running (Ctrl-C stops it). To use it, paste in another terminal:",
+            *(f"  {line}" for line in paste),
+            "Then every ab-worker command there talks to this broker, and `make run` runs its demo here,",
+            "so the demo's dead letters stay for `ab-worker dlq peek` and `dlq replay`.",
+        ]
+    )
 
 
 # -- publish --------------------------------------------------------------------------------------
@@ -121,7 +141,10 @@ def add_commands(commands: Any) -> None:
         "broker",
         help="run the embedded Service Bus broker (AMQP on 127.0.0.1)",
         formatter_class=formatter,
-        description="Run the embedded Service Bus stand-in in the foreground and print its connection string.",
+        description=(
+            "Run the embedded Service Bus stand-in in the foreground: its connection string on stdout,\n"
+            "and on stderr the lines to paste in another terminal to use it."
+        ),
         epilog=(
             "examples:\n"
             "  ab-worker broker --port 5672\n"

@@ -10,7 +10,10 @@ import argparse
 import errno
 import logging
 import os
+import shlex
+import shutil
 import sys
+import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -137,6 +140,34 @@ def _silence_stdout() -> None:
     # flush does not print a second BrokenPipeError.
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
+
+
+def runnable_program() -> str:
+    """``ab-worker`` as this shell can run it: the bare name when PATH finds this installation, else a path.
+
+    After ``make run`` the command is in ``.venv/bin``, which is on PATH only once the environment is
+    activated; a hint that prints a bare ``ab-worker`` would then fail with "command not found".
+    """
+    script = Path(sysconfig.get_path("scripts")) / "ab-worker"
+    found = shutil.which("ab-worker")
+    if found is not None and script.exists() and Path(found).resolve() == script.resolve():
+        return "ab-worker"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m worker"
+    return shlex.quote(_relative_to_cwd(script))
+
+
+def activation_hint() -> str | None:
+    """``source .venv/bin/activate`` for this installation's virtual environment, when it has one."""
+    activate = Path(sysconfig.get_path("scripts")) / "activate"
+    return f"source {shlex.quote(_relative_to_cwd(activate))}" if activate.exists() else None
+
+
+def _relative_to_cwd(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def print_err(message: str) -> None:

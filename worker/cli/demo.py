@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 from collections import Counter
+from pathlib import Path
 
+from worker.cli.common import activation_hint, runnable_program
+from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
 from worker.domain.srm.format import format_p
 from worker.domain.srm.stats import StatsInputError, srm_test
@@ -79,3 +83,30 @@ def _srm_verdict(counts: dict[str, int], split: dict[str, float]) -> str:
     if result.flagged:
         return f"SRM! {format_p(result.p_value)}: not the configured split"
     return f"{format_p(result.p_value)}: no mismatch (SRM is p < 0.001)"
+
+
+def next_steps(rows: str | None, dead_letters: str | None, dead: int, *, broker_kept: bool) -> str:
+    """What to run after the demo, each line runnable as printed in this shell (``ab-worker`` or its path).
+
+    ``broker_kept``: the demo ran on a broker that stays up (``make broker``), so the dead-letter
+    commands have something to talk to; after ``--local`` they would not, and the text says how to keep one.
+    """
+    program = runnable_program()
+    on_path = program == "ab-worker"
+    hint = activation_hint()
+    lines = ["", "next steps:" if on_path or hint is None else f"next steps (`{hint}` puts ab-worker on your PATH):"]
+    if rows:
+        report = f"{program} report --rows {shlex.quote(rows)}"
+        html = shlex.quote(str(Path(rows).with_name("report.html")))
+        dead_letter_panel = f" --dead-letters {shlex.quote(dead_letters)}" if dead_letters else ""
+        lines += [f"  {report}", f"  {report} --html {html}{dead_letter_panel}"]
+    if broker_kept:
+        lines += [f"  {program} dlq peek --summary", f"  {program} dlq replay --reason UnknownExperiment --dry-run"]
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"The embedded broker stopped with this run, and its {counted(dead, 'dead letter')} with it. To keep a broker",
+        "for `ab-worker dlq peek` and `dlq replay`: run `make broker` in another terminal, paste here the",
+        "lines it prints, then `make run` again (or this command without --local).",
+    ]
+    return "\n".join(lines)

@@ -57,7 +57,7 @@ examples:
   ab-worker report --rows out/rows.jsonl
   ab-worker report --rows out/rows.jsonl --by segment --experiment exp_personalization_001
   ab-worker report --rows day1.jsonl day2.jsonl --since 2025-11-23T00:00:00Z --until 2025-11-24
-  ab-worker report --rows out/rows.jsonl --html report.html --dead-letters out/dead-letters.jsonl
+  ab-worker report --rows out/rows.jsonl --html out/report.html --dead-letters out/dead-letters.jsonl
   {QUERY_URI_VARIABLE}=https://mycluster.westeurope.kusto.windows.net \\
       ab-worker report --kusto --since 24h --json
 

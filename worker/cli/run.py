@@ -9,7 +9,7 @@ import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
@@ -31,9 +31,12 @@ from worker.cli.common import (
 from worker.domain.errors import UsageError
 from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
-from worker.service.observe import OutageLimit
+from worker.service.observe import OutageLimit, PumpObserver
 from worker.service.ports import ExperimentSource
 from worker.service.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from adapters.experiments import ReloadingRegistry
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +47,15 @@ ALTERNATIVES = ("--local for the embedded broker", "--input FILE")
 #: timeouts (``AB_WORKER_SERVICEBUS_TRY_TIMEOUT``) since its first failure: a drain is a job that must end.
 DRAIN_GIVE_UP_TRIES = 3
 
-NEXT_STEPS = """
-next steps:
-  ab-worker report --rows {rows}
-  ab-worker report --rows {rows} --html report.html
-  ab-worker dlq peek   # on a broker that stays up: start `ab-worker broker`, then export
-                       # the string it prints as AB_WORKER_SERVICEBUS_CONNECTION_STRING"""
-
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pump: over a file (``--input``), the embedded broker (``--local``) or Service Bus."""
     settings = compose.environment_settings().with_overrides(experiments_file=args.config, max_batch=args.max_batch)
-    if args.rows:
-        check_output(Path(args.rows))
+    for output in (args.rows, args.dead_letters):
+        if output:
+            check_output(Path(output))
+    # Before anything is appended: --rows adds to what is there, and says so when something was.
+    rows_held = bool(args.rows) and _holds_data(Path(args.rows))
     if args.processes > 1:
         from worker.cli.supervise import run_supervised
 
@@ -66,26 +65,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.input:
         if args.local or args.demo:
             raise UsageError("--input reads requests from a file; it cannot be combined with --local or --demo")
-        return _run_file(args, settings, registry)
+        return _run_file(args, settings, registry, rows_held)
+    return _run_broker(args, settings, registry, rows_held)
+
+
+def _run_broker(
+    args: argparse.Namespace, settings: WorkerSettings, registry: ReloadingRegistry, rows_held: bool
+) -> int:
+    """``run`` on Service Bus or the embedded broker (``--local``), with the demo (``--demo``) if asked."""
     # The drain deadline also covers closing the clients and flushing telemetry: its guard is left last.
     with ExitStack() as guard, ExitStack() as stack:
         # An idle worker asks for the registry rarely: check the file on the interval all the same.
         stack.enter_context(registry.watching())
         if args.local:
-            try:
-                broker = stack.enter_context(compose.local_broker(args.broker_port))
-            except OSError as exc:
-                raise listen_error(exc, f"127.0.0.1:{args.broker_port}", "--broker-port") from None
-            settings = settings.with_overrides(servicebus_connection_string=SecretStr(broker.connection_string))
-            print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
+            settings = _start_local_broker(args, settings, stack)
         client = compose.servicebus_client(settings, ALTERNATIVES)
         stack.callback(client.close)
         tracer_provider, meter_provider = stack.enter_context(compose.telemetry(settings))
-        viewer = None
-        if args.demo:
-            viewer = _start_demo(settings, registry(), client, stack)
+        viewer = _start_demo(settings, registry(), client, stack) if args.demo else None
         # A lambda: the pump it stops is built next, with the limit among its observers.
         limit = OutageLimit(DRAIN_GIVE_UP_TRIES * settings.servicebus_try_timeout, lambda: pump.stop())  # noqa: PLW0108
+        observers: list[PumpObserver] = [limit] if args.drain else []
+        if args.dead_letters:
+            observers.append(compose.dead_letter_copies(stack.enter_context(open_output(Path(args.dead_letters)))))
         pump = compose.bootstrap(
             settings,
             registry=registry,
@@ -93,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows_path=args.rows,
             tracer_provider=tracer_provider,
             meter_provider=meter_provider,
-            observers=[limit] if args.drain else [],
+            observers=observers,
         )
         received = guard.enter_context(compose.stop_on_signals(pump, settings.drain_deadline))
         compose.start_health_server(settings, pump.health, stack)
@@ -106,12 +108,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     status = _report_run(stats, dead_letters_are_failures=False)
     if limit.outage is not None:
         raise UnreachableError(_gave_up(limit))
+    if rows_held:
+        _say_rows_appended(args.rows)
     if viewer is not None:
-        print(NEXT_STEPS.format(rows=args.rows or "out/rows.jsonl"), flush=True)
+        from worker.cli.demo import next_steps
+
+        dead = sum(stats.dead_letters.values())
+        print(next_steps(args.rows, args.dead_letters, dead, broker_kept=not args.local), flush=True)
     return status
 
 
-def _run_file(args: argparse.Namespace, settings: WorkerSettings, registry: ExperimentSource) -> int:
+def _start_local_broker(args: argparse.Namespace, settings: WorkerSettings, stack: ExitStack) -> WorkerSettings:
+    """``--local``: the embedded broker, stopped with ``stack``; the settings that point at it."""
+    try:
+        broker = stack.enter_context(compose.local_broker(args.broker_port))
+    except OSError as exc:
+        raise listen_error(exc, f"127.0.0.1:{args.broker_port}", "--broker-port") from None
+    print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
+    return settings.with_overrides(servicebus_connection_string=SecretStr(broker.connection_string))
+
+
+def _say_rows_appended(rows: str) -> None:
+    print_err(f"rows appended to {rows}, which held rows from before: a report over it counts those too")
+
+
+def _holds_data(path: Path) -> bool:
+    """Whether ``path`` is a file with something in it (``--rows`` appends to it)."""
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _run_file(args: argparse.Namespace, settings: WorkerSettings, registry: ExperimentSource, rows_held: bool) -> int:
     """``run --input``: requests from a JSON-lines file, events to ``--output`` (or stdout)."""
     requests = check_input(Path(args.input))
     with ExitStack() as stack:
@@ -133,7 +162,12 @@ def _run_file(args: argparse.Namespace, settings: WorkerSettings, registry: Expe
         )
         with compose.stop_on_signals(pump, settings.drain_deadline) as received:
             stats = pump.run(idle_exit=0.0)
-    return ExitStatus.INTERRUPTED if signal.SIGINT in received else _report_run(stats)
+    if signal.SIGINT in received:
+        return ExitStatus.INTERRUPTED
+    status = _report_run(stats)
+    if rows_held:
+        _say_rows_appended(args.rows)
+    return status
 
 
 def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack: ExitStack) -> Any:
@@ -252,8 +286,17 @@ def add_commands(commands: Any) -> None:
     run.add_argument("--drain", action="store_true", help="exit once the queue has stayed empty for a few seconds")
     run.add_argument("--input", help="JSON-lines file of requests (instead of a broker)")
     run.add_argument("--output", help="where events go with --input (default stdout)")
-    run.add_argument("--rows", help="append Kusto-shaped rows to this JSON-lines file (when Kusto is not configured)")
-    run.add_argument("--dead-letters", help="with --input: write dead-lettered requests here (default stderr)")
+    run.add_argument(
+        "--rows",
+        help="append Kusto-shaped rows to this JSON-lines file (when Kusto is not configured); it says when\n"
+        "the file held rows from before",
+    )
+    run.add_argument(
+        "--dead-letters",
+        metavar="FILE",
+        help="write each dead-lettered request to FILE (replaced), as dlq export does; with --input the\n"
+        "default is stderr, on a broker the dead-letter queue keeps them too",
+    )
     run.add_argument("--max-batch", type=integer(1, 5000), help="messages per batch (AB_WORKER_MAX_BATCH, default 100)")
     run.add_argument(
         "--processes",

@@ -3,7 +3,7 @@
 The children are ordinary ``ab-worker run`` processes against the same Service Bus (with ``--local``,
 the embedded broker this process starts), each with its own connection. With ``--rows FILE`` child
 ``i`` writes ``FILE`` with ``-i`` before the suffix (``rows-1.jsonl``, ``rows-2.jsonl``): one writer
-per file, and ``ab-worker report --rows`` takes them all.
+per file, and ``ab-worker report --rows`` takes them all. ``--dead-letters FILE`` is split the same way.
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
             print_err(f"embedded Service Bus broker listening on 127.0.0.1:{broker.port}")
         else:
             bootstrap.require_servicebus(settings, ("--local for the embedded broker",))
-        rows = args.rows
+        rows, dead_letters = args.rows, args.dead_letters
 
         def child_args(index: int) -> list[str]:
-            return ["--rows", child_rows(rows, index)] if rows else []
+            own = [("--rows", rows), ("--dead-letters", dead_letters)]
+            return [arg for flag, path in own if path for arg in (flag, child_rows(path, index))]
 
         supervisor = Supervisor(
             SupervisorConfig(
