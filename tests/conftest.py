@@ -26,6 +26,9 @@ LONGEST_FIRST = (
     "tests/integration/test_secrets.py::test_worker_against_a_closed_port_leaks_nothing_and_stops_on_sigterm",
     "tests/integration/test_worker_servicebus.py::test_unknown_experiment_hot_reload_then_replay",
     "tests/integration/test_secrets.py::test_worker_run_at_debug_with_telemetry_leaks_nothing",
+    "tests/integration/test_newcomer.py::test_two_make_runs_leave_one_runs_files_and_next_steps_that_run_as_printed",
+    "tests/integration/test_drain_unreachable.py::test_a_port_that_never_speaks_ends_the_drain_with_status_5",
+    "tests/integration/test_newcomer.py::test_make_broker_keeps_the_demo_and_its_dead_letters_for_the_operator_commands",
 )
 
 

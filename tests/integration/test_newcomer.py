@@ -16,7 +16,6 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,26 +72,19 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@dataclass
-class DemoRuns:
-    """Two `make run` in a row in one checkout: the second one's output."""
+def test_two_make_runs_leave_one_runs_files_and_next_steps_that_run_as_printed(checkout: Path) -> None:
+    """`make run` twice, as a newcomer trying things does (one test: a shared fixture would run once per xdist process).
 
-    checkout: Path
-    output: str
-
-
-@pytest.fixture(scope="module")
-def two_demo_runs(checkout: Path) -> DemoRuns:
-    """`make run`, then `make run` again, as a newcomer trying things does."""
+    1. Each run starts its own files: 500 rows, not 1,000 (by the third run the suggested report said SRM),
+       and the 4 dead letters the documented ``report --dead-letters out/dead-letters.jsonl`` reads.
+    2. Every "next steps" line runs as printed in a shell that never activated .venv.
+    3. After a run on its own broker, no dead-letter command is suggested against a broker that is gone;
+       the text says how to keep one (`make broker`).
+    """
     for _ in range(2):
         result = make(checkout, "run", newcomer_env())
         assert result.returncode == 0, result.stderr[-3000:]
-    return DemoRuns(checkout, result.stdout)
-
-
-def test_each_make_run_starts_its_own_rows_and_dead_letters_files(two_demo_runs: DemoRuns) -> None:
-    """After two runs the files hold one run: 500 rows (1,000 would read as an SRM by the third) and 4 dead letters."""
-    out = two_demo_runs.checkout / "out"
+    out = checkout / "out"
     rows = (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 500
     assert len({json.loads(row)["EventId"] for row in rows}) == 500
@@ -103,24 +95,18 @@ def test_each_make_run_starts_its_own_rows_and_dead_letters_files(two_demo_runs:
         "UnknownExperiment": 1,
     }
 
-
-def test_the_suggested_commands_run_as_printed_without_activating(two_demo_runs: DemoRuns) -> None:
-    """Every "next steps" line runs as shown in a shell that never activated .venv; the HTML has the dead letters."""
-    steps = next_steps(two_demo_runs.output)
+    steps = next_steps(result.stdout)
     assert any("--dead-letters out/dead-letters.jsonl" in step for step in steps), steps
     for step in steps:
-        result = run_as_printed(step, two_demo_runs.checkout, newcomer_env())
-        assert result.returncode == 0, f"{step}: {result.stderr[-2000:]}"
-    page = (two_demo_runs.checkout / "out" / "report.html").read_text(encoding="utf-8")
+        done = run_as_printed(step, checkout, newcomer_env())
+        assert done.returncode == 0, f"{step}: {done.stderr[-2000:]}"
+    page = (out / "report.html").read_text(encoding="utf-8")
     assert 'class="deadletters"' in page
     assert "UnknownExperiment" in page
 
-
-def test_after_a_local_run_the_demo_says_its_broker_is_gone_and_how_to_keep_one(two_demo_runs: DemoRuns) -> None:
-    """The dead-letter commands are not suggested against a broker that no longer exists; `make broker` is."""
-    assert not any(" dlq " in step for step in next_steps(two_demo_runs.output))
-    assert "The embedded broker stopped with this run, and its 4 dead letters with it" in two_demo_runs.output
-    assert "`make broker`" in two_demo_runs.output
+    assert not any(" dlq " in step for step in steps)
+    assert "The embedded broker stopped with this run, and its 4 dead letters with it" in result.stdout
+    assert "`make broker`" in result.stdout
 
 
 @pytest.fixture
