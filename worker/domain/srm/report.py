@@ -377,7 +377,7 @@ def _configuration_notes(allocation: Allocation) -> list[str]:
     if len(allocation.configurations) < 2:
         return []
     spans = "; ".join(
-        f"{c.label} ({c.rows:,} rows"
+        f"{c.label} ({counted(c.rows, 'row', thousands=True)}"
         + (f", {utc_iso(c.first_seen)} to {utc_iso(c.last_seen)}" if c.first_seen and c.last_seen else "")
         + ")"
         for c in allocation.configurations
@@ -399,8 +399,13 @@ def describe_outside(allocation: Allocation) -> str:
 
 def _nothing_to_test(allocation: Allocation) -> GroupResult:
     """The group of an experiment whose rows in the window are all outside it: said, not silently dropped."""
+    outside = (
+        "the one assignment is"
+        if allocation.not_counted == 1
+        else f"all {counted(allocation.not_counted, 'assignment', thousands=True)} are"
+    )
     note = (
-        f"nothing to test: all {allocation.not_counted:,} assignments are outside the experiment"
+        f"nothing to test: {outside} outside the experiment"
         f" ({describe_outside(allocation)}); only in-experiment assignments are tested"
     )
     return GroupResult(allocation.experiment, None, 0, (), None, 0, None, False, (), (note,))
