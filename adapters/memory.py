@@ -113,12 +113,15 @@ class MemoryPublisher:
     ``failures_left`` / ``fail`` make publishes raise a transient error (nothing accepted);
     ``reject`` names events to refuse for good: ``{message_id: PermanentError}``. A publish holding
     any of them accepts the others and raises ``PublishRejected``, as a real publisher must.
+    ``reject_reply`` names events the topic accepts (they are in ``published``) but whose reply is
+    refused for good, as a missing ``reply_to`` queue is: ``PublishRejected.reached_topic`` names them.
     """
 
     published: list[OutboundEvent] = field(default_factory=list)
     failures_left: int = 0
     fail: Callable[[Sequence[OutboundEvent]], bool] | None = None
     reject: dict[str, PermanentError] = field(default_factory=dict)
+    reject_reply: dict[str, PermanentError] = field(default_factory=dict)
     rejected: list[OutboundEvent] = field(default_factory=list)
     calls: int = 0
     closed: bool = False
@@ -130,10 +133,15 @@ class MemoryPublisher:
             self.failures_left = max(0, self.failures_left - 1)
             raise TransientError("event topic unavailable (fake)")
         refused = {e.message_id: self.reject[e.message_id] for e in events if e.message_id in self.reject}
+        reply_refused = {
+            e.message_id: self.reject_reply[e.message_id]
+            for e in events
+            if e.message_id in self.reject_reply and e.message_id not in refused
+        }
         self.published.extend(e for e in events if e.message_id not in refused)
-        if refused:
-            self.rejected.extend(e for e in events if e.message_id in refused)
-            raise PublishRejected(refused)
+        if refused or reply_refused:
+            self.rejected.extend(e for e in events if e.message_id in refused or e.message_id in reply_refused)
+            raise PublishRejected({**refused, **reply_refused}, reached_topic=reply_refused)
 
     def close(self) -> None:
         """Mark closed."""

@@ -35,12 +35,22 @@ from azure.servicebus import (
     ServiceBusReceiver,
     ServiceBusSubQueue,
 )
-from azure.servicebus.exceptions import MessageSizeExceededError, ServiceBusError
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageSizeExceededError,
+    OperationTimeoutError,
+    ServiceBusCommunicationError,
+    ServiceBusConnectionError,
+    ServiceBusError,
+    ServiceBusServerBusyError,
+)
 
 from adapters.files import body_fields
 from adapters.servicebus import LockKeeper, message_body
-from worker.domain.errors import DeadLetterReason
-from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID
+from adapters.servicebus.settle import on_current_link, stamp_link
+from worker.domain.errors import DeadLetterReason, PermanentError, TransientError
+from worker.service.handling import REPLAY_ORIGINAL_ENQUEUED_TIME, REPLAY_ORIGINAL_MESSAGE_ID, original_enqueued_time
+from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -299,17 +309,110 @@ class ReplayFilter:
         return not (self.until and (when is None or when > self.until))
 
 
-def browse(client: ServiceBusClient, entity: Entity, *, dead_letter: bool = True) -> Iterator[DeadLetter]:
-    """Every message of the DLQ (or the entity itself), in sequence order, without changing any."""
-    with entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter) as receiver:
-        sequence = 0
-        while True:
-            batch = receiver.peek_messages(max_message_count=_PAGE, sequence_number=sequence)
-            if not batch:
-                return
-            for message in batch:
-                yield DeadLetter.from_message(message)
-            sequence = max(m.sequence_number or 0 for m in batch) + 1
+# -- riding out dropped connections --------------------------------------------------------------
+
+
+class ConnectionDropped(Exception):
+    """The connection under a receiver or sender dropped mid-operation: reconnect and go on."""
+
+
+def is_dropped(exc: BaseException) -> bool:
+    """True for what the SDK raises when a connection breaks under a call (after its own retries).
+
+    A handler the SDK shut down after a connection error raises a plain ``ValueError`` ("the handler
+    has already been shutdown"); ``AttributeError``/``TypeError`` come from a handler torn down
+    under a concurrent call (the lock keeper's renewals). ``MessageAlreadySettled`` and
+    ``MessageSizeExceededError`` are value errors too, but about a message, not the connection.
+    """
+    if isinstance(exc, MessageAlreadySettled | MessageSizeExceededError):
+        return False
+    return isinstance(
+        exc,
+        ConnectionDropped
+        | ServiceBusConnectionError
+        | ServiceBusCommunicationError
+        | OperationTimeoutError
+        | ServiceBusServerBusyError
+        | OSError
+        | ValueError
+        | AttributeError
+        | TypeError,
+    )
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How many reconnects in a row, without any progress between them, before a command gives up.
+
+    Waits ``first`` seconds before the first reconnect, doubling up to ``most``; any message
+    received or settled in between starts the count again, so a run makes its way through
+    connections that keep dropping as long as each one gets something done.
+    """
+
+    attempts: int = 6
+    first: float = 0.5
+    most: float = 8.0
+
+    def wait(self, failures: int) -> None:
+        """Sleep before reconnect number ``failures`` (1-based)."""
+        time.sleep(min(self.most, self.first * 2 ** max(0, failures - 1)))
+
+    def exhausted(self, failures: int) -> bool:
+        """True once ``failures`` reconnects in a row got nothing done."""
+        return failures > self.attempts
+
+
+def _gave_up(what: str, failures: int, exc: BaseException) -> TransientError:
+    return TransientError(
+        f"{what}: the connection dropped {failures} times in a row without getting anything done; "
+        f"last: {type(exc).__name__}: {redact(str(exc))}"
+    )
+
+
+def _close_quietly(handler: Any) -> None:
+    try:
+        handler.close()
+    except Exception as exc:  # a handler on a broken connection may fail to close; it is dropped anyway
+        log.debug("Ignoring error while closing a broken handler: %s", redact(str(exc)))
+
+
+def browse(
+    client: ServiceBusClient, entity: Entity, *, dead_letter: bool = True, patience: Patience = Patience()
+) -> Iterator[DeadLetter]:
+    """Every message of the DLQ (or the entity itself), in sequence order, without changing any.
+
+    Peeking is by sequence number, so a dropped connection is ridden out by reconnecting and going
+    on from the next sequence number: nothing is seen twice or missed.
+    """
+    for page in _pages(client, entity, dead_letter=dead_letter, patience=patience):
+        for message in page:
+            yield DeadLetter.from_message(message)
+
+
+def _pages(
+    client: ServiceBusClient, entity: Entity, *, dead_letter: bool, patience: Patience
+) -> Iterator[list[ServiceBusReceivedMessage]]:
+    sequence, failures = 0, 0
+    while True:
+        receiver = entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
+        try:
+            while True:
+                page = receiver.peek_messages(max_message_count=_PAGE, sequence_number=sequence)
+                if not page:
+                    return
+                failures = 0
+                sequence = max(m.sequence_number or 0 for m in page) + 1
+                yield page
+        except Exception as exc:
+            if not is_dropped(exc):
+                raise
+            failures += 1
+            if patience.exhausted(failures):
+                raise _gave_up(f"browsing {entity}", failures, exc) from None
+            log.info("Connection dropped while browsing %s (%s); reconnecting", entity, redact(str(exc)))
+            patience.wait(failures)
+        finally:
+            _close_quietly(receiver)
 
 
 def peek(client: ServiceBusClient, entity: Entity, limit: int | None = None) -> list[DeadLetter]:
@@ -348,15 +451,43 @@ def original_message_id(letter: DeadLetter, entity: Entity) -> str:
     return letter.message_id or f"{entity}#{letter.sequence_number}"
 
 
+def original_decision_time(letter: DeadLetter) -> datetime | None:
+    """The time a copy of ``letter`` is decided at: the original's enqueued time, kept across replays.
+
+    A letter that is itself a replayed copy carries it already; one whose carried value the worker
+    would not believe was never decided with it (the worker dead-letters such a request before
+    publishing anything), so its own enqueued time decides instead. ``None`` for an exported letter
+    without an enqueued time: the copy is then decided when it is enqueued.
+    """
+    carried = letter.application_properties.get(REPLAY_ORIGINAL_ENQUEUED_TIME)
+    if carried is not None:
+        try:
+            return original_enqueued_time(carried, letter.enqueued_time)
+        except PermanentError:
+            pass
+    return letter.enqueued_time
+
+
 def replay_message(
     letter: DeadLetter, entity: Entity, now: datetime | None = None, *, kind: str = "replay"
 ) -> ServiceBusMessage:
-    """The resubmitted copy: same body, properties and addressing, plus replay metadata; a new id."""
+    """The resubmitted copy: same body, properties and addressing, plus replay metadata; a new id.
+
+    The metadata includes the original's message id and enqueued time, from which the worker
+    derives the event id and the decision time: a copy's events are byte-identical to the original's.
+    """
     count = letter.replay_count + 1
     original = original_message_id(letter, entity)
     properties: dict[str | bytes, Any] = dict(letter.application_properties.items())
     properties[REPLAY_COUNT] = count
     properties[REPLAY_ORIGINAL_MESSAGE_ID] = original
+    decided = original_decision_time(letter)
+    if decided is not None:
+        # A hand-written export may give a time without an offset: it is UTC, as everything here is.
+        utc = decided.astimezone(UTC) if decided.tzinfo else decided.replace(tzinfo=UTC)
+        properties[REPLAY_ORIGINAL_ENQUEUED_TIME] = utc.isoformat()
+    else:
+        properties.pop(REPLAY_ORIGINAL_ENQUEUED_TIME, None)
     properties[REPLAY_ORIGINAL_REASON] = letter.reason
     properties[REPLAY_ORIGINAL_DESCRIPTION] = letter.description[:512]
     properties[REPLAYED_AT] = (now or datetime.now(UTC)).isoformat()
@@ -396,6 +527,7 @@ SKIP_TOO_MANY = "replayed --max-replays times already"
 SKIP_LIMIT = "over --limit (left for a later run)"
 SKIP_NOT_RECEIVED = "not received: settled meanwhile or locked by another receiver"
 SKIP_LOCK_LOST = "lock lost before it could be settled; still there"
+SKIP_DROPPED = "the connection kept dropping before it was done; run again to finish (nothing is lost or sent twice)"
 
 
 @dataclass
@@ -407,6 +539,8 @@ class Selection:
     matched: list[DeadLetter] = field(default_factory=list)
     targets: list[DeadLetter] = field(default_factory=list)
     skipped: list[tuple[DeadLetter, str]] = field(default_factory=list)
+    #: The message id of every letter browsed: a replay's copy that was dead-lettered again is here.
+    message_ids: set[str] = field(default_factory=set)
 
     @property
     def not_matching(self) -> int:
@@ -422,12 +556,15 @@ def select(
     max_replays: int | None = None,
     limit: int | None = None,
     dead_letter: bool = True,
+    patience: Patience = Patience(),
 ) -> Selection:
     """Browse the whole DLQ and decide which letters to act on (never capped silently)."""
     found = Selection()
-    for letter in browse(client, entity, dead_letter=dead_letter):
+    for letter in browse(client, entity, dead_letter=dead_letter, patience=patience):
         found.scanned += 1
         found.reasons[letter.reason] += 1
+        if letter.message_id:
+            found.message_ids.add(letter.message_id)
         if not selection.matches(letter):
             continue
         found.matched.append(letter)
@@ -449,8 +586,23 @@ def select(
 
 # -- acting: receive, hold what is not ours, release at the end -----------------------------------
 
-#: Settles one received target; returns ``None`` when done, or why it was skipped.
+#: Settles one received target; returns ``None`` when done, or why it was skipped. It raises
+#: :class:`TryAgain` to be given the message again when it comes back (its lock was lost after the
+#: action was half done), and whatever the SDK raised when the connection dropped (see :func:`is_dropped`).
 Action = Callable[[ServiceBusReceiver, ServiceBusReceivedMessage], str | None]
+
+#: Times one target may come back after a lost lock before it is reported skipped.
+_TRIES = 3
+#: Seconds a lock is assumed to last until one was seen (Service Bus's default lock duration).
+_DEFAULT_LOCK = 60.0
+
+
+class TryAgain(Exception):
+    """The action could not finish (lock lost after its copy was sent): act again when the message comes back."""
+
+
+class SettlementCut(ConnectionDropped):
+    """The connection dropped during a settlement: the broker may or may not have applied it."""
 
 
 @dataclass
@@ -462,6 +614,12 @@ class Outcome:
     skipped: list[tuple[DeadLetter, str]] = field(default_factory=list)
     released: int = 0
     cancelled: bool = False
+    #: Connections that dropped under the command and were replaced.
+    reconnects: int = 0
+    #: Messages held on a connection that dropped: nobody can release them, their locks run out.
+    lapsed: int = 0
+    #: Replay only: dead letters completed without sending, their copy being there already.
+    already_there: int = 0
 
     @property
     def replayed(self) -> list[DeadLetter]:
@@ -476,7 +634,14 @@ class Outcome:
 
 @dataclass
 class _HoldingScan:
-    """Receives until every target was reached, holding (under renewed locks) whatever it passes."""
+    """Receives until every target was reached, holding (under renewed locks) whatever it passes.
+
+    One scan outlives the connections under it: :meth:`run` goes over one receiver and raises what
+    the SDK raised when its connection drops, leaving the targets not yet settled pending for the
+    next receiver. Messages it held or was acting on stay locked by the dropped link until their
+    locks run out (nothing can settle them now: a settlement names a delivery id of that link), so
+    the next run keeps looking until those locks have lapsed before it calls a target not received.
+    """
 
     act: Action
     outcome: Outcome
@@ -485,40 +650,127 @@ class _HoldingScan:
     interval: float = 0.0
     on_progress: Callable[[DeadLetter, str], None] | None = None
     held: dict[int, ServiceBusReceivedMessage] = field(default_factory=dict)
+    #: Receive calls and settlements that went through: a reconnect after progress is not a failure in a row.
+    progress: int = 0
+    batch: int = 100
+    #: Receive calls in a row that found nothing.
+    misses: int = 0
+    #: Until when (monotonic) targets locked by a dropped link may still come back.
+    stranded_until: float = 0.0
+    #: The longest lock seen, in seconds (how long a dropped link's locks can last).
+    lock_seconds: float | None = None
+    tries: Counter[int] = field(default_factory=Counter)
+    #: Targets whose settlement was cut off by a drop: if one is gone when the scan ends, it was applied.
+    cut: set[int] = field(default_factory=set)
 
     def run(self, receiver: ServiceBusReceiver, max_wait: float) -> None:
-        """Receive batches until no target is pending, or twice nothing more can be received."""
-        misses = 0
+        """Receive batches until no target is pending, or nothing more can come; then release what it held."""
         undecided: dict[int, ServiceBusReceivedMessage] = {}
+        link: _LinkMark | None = None  # the link is opened by the first receive
         try:
-            while self.pending and misses < _EMPTY_ROUNDS:
+            while self.pending and (self.misses < _EMPTY_ROUNDS or time.monotonic() < self.stranded_until):
                 batch = receiver.receive_messages(
-                    max_message_count=min(100, max(len(self.pending), 10)), max_wait_time=max_wait
+                    max_message_count=min(self.batch, max(len(self.pending), 10)), max_wait_time=max_wait
                 )
+                self.progress += 1
+                if link is not None and not link.current(receiver):
+                    # The SDK replaced a dropped link inside the call: what the old one had locked
+                    # comes back only when those locks run out.
+                    self._strand(could_have_locked=self.misses == 0)
+                    link = None
+                link = link or _LinkMark.on(receiver)
                 # An empty batch means everything receivable is held: a pending target was settled
                 # or is locked elsewhere. A second empty round guards against a spurious one.
-                misses = 0 if batch else misses + 1
+                self.misses = 0 if batch else self.misses + 1
+                stamp_link(receiver, batch)
                 self.keeper.hold(receiver, batch)
+                self._note_locks(batch)
                 # Until decided, a message is released if the run ends early (a refused copy raises):
                 # a retry can then take it at once instead of waiting out its lock.
                 undecided = {m.sequence_number or 0: m for m in batch}
                 for message in batch:
                     self._take(receiver, message)
                     undecided.pop(message.sequence_number or 0)
-        finally:
-            self.outcome.released = _release(receiver, self.keeper, {**undecided, **self.held})
-        self.outcome.skipped.extend((letter, SKIP_NOT_RECEIVED) for letter in self.pending.values())
+        except Exception as exc:
+            if is_dropped(exc):
+                self._dropped({**undecided, **self.held})
+            else:
+                self.outcome.released += _release(receiver, self.keeper, {**undecided, **self.held})
+                self.held.clear()
+            raise
+        self.outcome.released += _release(receiver, self.keeper, self.held)
+        self.held.clear()
+        for seq, letter in self.pending.items():
+            if seq in self.cut and _gone(receiver, seq):
+                self.outcome.done.append(letter)  # the settlement the drop cut off had gone through
+            else:
+                self.outcome.skipped.append((letter, SKIP_NOT_RECEIVED))
+        self.pending.clear()
+
+    def give_up(self) -> None:
+        """Report every target still pending as skipped: the connection kept dropping."""
+        self.outcome.skipped.extend((letter, SKIP_DROPPED) for letter in self.pending.values())
+        self.pending.clear()
+
+    def _dropped(self, locked: Mapping[int, ServiceBusReceivedMessage]) -> None:
+        for message in locked.values():
+            self.keeper.release(message)
+        self.outcome.lapsed += sum(1 for seq in locked if seq not in self.pending)
+        self.held.clear()
+        self._strand(could_have_locked=self.misses == 0 or any(seq in self.pending for seq in locked))
+
+    def _strand(self, *, could_have_locked: bool) -> None:
+        """A link dropped: take smaller batches, and wait for the targets it may have locked.
+
+        Those come back when their locks run out. A link whose last receive found nothing cannot
+        have been handed a target since (there was none to hand), so a connection that keeps
+        dropping while the scan waits does not make it wait for ever.
+        """
+        self.outcome.reconnects += 1
+        # A smaller batch has a better chance of arriving whole on a connection that keeps dropping.
+        self.batch = max(1, self.batch // 2)
+        if could_have_locked:
+            lock = self.lock_seconds if self.lock_seconds is not None else _DEFAULT_LOCK
+            self.stranded_until = time.monotonic() + lock + 1.0
+
+    def _note_locks(self, batch: Sequence[ServiceBusReceivedMessage]) -> None:
+        now = datetime.now(UTC)
+        for message in batch:
+            until = message.locked_until_utc
+            if until is not None:
+                self.lock_seconds = max(self.lock_seconds or 0.0, (until - now).total_seconds())
 
     def _take(self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> None:
         seq = message.sequence_number or 0
-        if self.pending.pop(seq, None) is None:
+        target = self.pending.pop(seq, None)
+        if target is None:
             # Not ours (or a copy that came back meanwhile): keep it locked so it cannot come
             # round again, and release it at the end.
             self.held[seq] = message
             return
         letter = DeadLetter.from_message(message)
-        why = _settle_target(self.act, receiver, message)
+        try:
+            why = _settle_target(self.act, receiver, message)
+        except TryAgain as again:
+            # Its lock was lost — or the settlement went through and only its answer was lost (a
+            # retried settlement then finds no lock): it is back in the entity or gone, and the scan
+            # tells which when it ends.
+            self.keeper.release(message)
+            self.cut.add(seq)
+            self.tries[seq] += 1
+            if self.tries[seq] < _TRIES:
+                self.pending[seq] = target  # back with a new lock, at once: the old one is gone
+                return
+            why = str(again)
+        except Exception as exc:
+            if is_dropped(exc):
+                self.pending[seq] = target
+                if isinstance(exc, SettlementCut):
+                    self.cut.add(seq)
+            raise
         self.keeper.release(message)
+        self.cut.discard(seq)
+        self.progress += 1
         if why is None:
             self.outcome.done.append(letter)
         else:
@@ -528,6 +780,19 @@ class _HoldingScan:
             self.on_progress(letter, why or "done")
         if self.interval:
             time.sleep(self.interval)
+
+
+class _LinkMark:
+    """Stamped with the link a receiver is on, to notice when the SDK replaces it inside a call."""
+
+    @classmethod
+    def on(cls, receiver: ServiceBusReceiver) -> _LinkMark:
+        mark = cls()
+        stamp_link(receiver, [mark])
+        return mark
+
+    def current(self, receiver: ServiceBusReceiver) -> bool:
+        return on_current_link(receiver, self)
 
 
 def _act_on_targets(
@@ -542,12 +807,31 @@ def _act_on_targets(
     on_progress: Callable[[DeadLetter, str], None] | None = None,
     max_wait: float = 2.0,
     keeper: LockKeeper | None = None,
+    patience: Patience = Patience(),
 ) -> None:
+    """Act on every target, over as many receivers as dropped connections need."""
     pending = {letter.sequence_number: letter for letter in found.targets}
     scan = _HoldingScan(act, outcome, keeper or LockKeeper(), pending, 1.0 / rate if rate else 0.0, on_progress)
+    failures = 0
     try:
-        with entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter) as receiver:
-            scan.run(receiver, max_wait)
+        while True:
+            before = scan.progress
+            receiver = entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
+            try:
+                scan.run(receiver, max_wait)
+                return
+            except Exception as exc:
+                if not is_dropped(exc):
+                    raise
+                failures = 1 if scan.progress > before else failures + 1
+                log.info("Connection dropped under %s (%s); reconnecting", entity, redact(str(exc)))
+                if patience.exhausted(failures):
+                    log.warning("Giving up on %s: %s", entity, _gave_up("acting", failures, exc))
+                    scan.give_up()
+                    return
+                patience.wait(failures)
+            finally:
+                _close_quietly(receiver)
     finally:
         if keeper is None:
             scan.keeper.close()
@@ -564,6 +848,8 @@ def _release(receiver: ServiceBusReceiver, keeper: LockKeeper, held: Mapping[int
     released = 0
     for message in held.values():
         keeper.release(message)
+        if not on_current_link(receiver, message):
+            continue  # its link is gone: its lock runs out by itself
         try:
             receiver.abandon_message(message)
             released += 1
@@ -573,16 +859,33 @@ def _release(receiver: ServiceBusReceiver, keeper: LockKeeper, held: Mapping[int
     return released
 
 
-def _complete_after(action: Callable[[], None], receiver: ServiceBusReceiver, message: Any) -> str | None:
-    action()
+def _settle(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, how: Callable[[], None]) -> None:
+    """Settle ``message`` on its own link; :class:`TryAgain` when its lock was lost, the SDK's error on a drop.
+
+    A message whose link the SDK replaced (a renewal reopens a dropped receiver) is never settled by
+    its delivery id on the new link, where that id names another message: that counts as a drop.
+    """
+    if not on_current_link(receiver, message):
+        raise ConnectionDropped("the link the message arrived on was replaced")
     try:
-        receiver.complete_message(message)
-    except ServiceBusError:
-        return (
-            "copy sent, but the dead letter could not be completed (lock lost) and stays; a later replay "
-            "sends the same message id, which duplicate detection drops"
-        )
-    return None
+        how()
+    except Exception as exc:
+        if is_dropped(exc):
+            raise SettlementCut(f"{type(exc).__name__}: {redact(str(exc))}") from exc
+        if isinstance(exc, ServiceBusError | MessageAlreadySettled):
+            raise TryAgain(f"{SKIP_LOCK_LOST} ({type(exc).__name__})") from None
+        raise
+
+
+def _gone(receiver: ServiceBusReceiver, sequence_number: int) -> bool:
+    """True when no message with ``sequence_number`` is left in the receiver's entity (a peek, no lock)."""
+    try:
+        found = receiver.peek_messages(max_message_count=1, sequence_number=sequence_number)
+    except Exception as exc:
+        if is_dropped(exc):
+            return False  # not known: reported not received, and a later run looks again
+        raise
+    return not found or found[0].sequence_number != sequence_number
 
 
 # -- the commands ---------------------------------------------------------------------------------
@@ -601,6 +904,60 @@ def _go_ahead(found: Selection, outcome: Outcome, dry_run: bool, confirm: Callab
     return True
 
 
+class _Copies:
+    """Sends each dead letter's copy at most once, whatever drops, and knows the copies already out.
+
+    A copy's id is a function of the dead letter (:func:`replay_message_id`), so a copy already on
+    the entity (sent by an interrupted run whose completion of the dead letter was lost), one that
+    came back into the dead-letter queue (dead-lettered again meanwhile), or one sent earlier in this
+    run (before a dropped connection) is recognised by its id and not sent again.
+    """
+
+    def __init__(self, client: ServiceBusClient, entity: Entity, out: set[str]) -> None:
+        self._client = client
+        self._entity = entity
+        self.out = out
+        self._sender: Any = None
+
+    def send(self, copy: ServiceBusMessage) -> bool:
+        """Send ``copy`` unless a copy with its id is out already; True when it was sent now."""
+        if copy.message_id in self.out:
+            return False
+        if self._sender is None:
+            self._sender = _target_sender(self._client, self._entity)
+        try:
+            self._sender.send_messages(copy)
+        except Exception as exc:
+            if is_dropped(exc):
+                # Perhaps accepted, perhaps not: the next attempt sends the same id again, which
+                # duplicate detection drops if the first one went through.
+                self.close()
+            raise
+        self.out.add(str(copy.message_id))
+        return True
+
+    def close(self) -> None:
+        """Close the sender (a new one is opened for the next copy)."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            _close_quietly(sender)
+
+
+def copies_out(client: ServiceBusClient, entity: Entity, patience: Patience = Patience()) -> set[str]:
+    """The message ids of replayed copies waiting on ``entity`` (for a subscription: on it, not its topic)."""
+    return {
+        str(message.message_id)
+        for page in _pages(client, entity, dead_letter=False, patience=patience)
+        for message in page
+        if message.message_id is not None and _is_copy(message)
+    }
+
+
+def _is_copy(message: ServiceBusReceivedMessage) -> bool:
+    keys = (message.application_properties or {}).keys()
+    return REPLAY_ORIGINAL_MESSAGE_ID in keys or REPLAY_ORIGINAL_MESSAGE_ID.encode() in keys
+
+
 def replay(
     client: ServiceBusClient,
     entity: Entity,
@@ -614,18 +971,27 @@ def replay(
     confirm: Callable[[Selection], bool] | None = None,
     max_wait: float = 2.0,
     keeper: LockKeeper | None = None,
+    patience: Patience = Patience(),
 ) -> Outcome:
-    """Move matching dead letters back to their entity: resubmit, then complete the DLQ copy."""
-    found = select(client, entity, selection, max_replays=max_replays, limit=limit)
+    """Move matching dead letters back to their entity: resubmit, then complete the DLQ copy.
+
+    Idempotent: the same dead letter always gets the same copy id, and a copy already on the entity,
+    back in the dead-letter queue or sent earlier in the run is not sent again (its dead letter is
+    just completed). Connections that drop are replaced and the run goes on (see :class:`Patience`).
+    """
+    found = select(client, entity, selection, max_replays=max_replays, limit=limit, patience=patience)
     outcome = Outcome(found, skipped=list(found.skipped))
     if not _go_ahead(found, outcome, dry_run, confirm):
         return outcome
-    with _target_sender(client, entity) as sender:
+    copies = _Copies(client, entity, copies_out(client, entity, patience) | found.message_ids)
 
-        def resubmit(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-            copy = replay_message(DeadLetter.from_message(message), entity)
-            return _complete_after(lambda: sender.send_messages(copy), receiver, message)
+    def resubmit(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
+        if not copies.send(replay_message(DeadLetter.from_message(message), entity)):
+            outcome.already_there += 1
+        _settle(receiver, message, lambda: receiver.complete_message(message))
+        return None
 
+    try:
         _act_on_targets(
             client,
             entity,
@@ -636,7 +1002,10 @@ def replay(
             on_progress=on_progress,
             max_wait=max_wait,
             keeper=keeper,
+            patience=patience,
         )
+    finally:
+        copies.close()
     return outcome
 
 
@@ -649,21 +1018,19 @@ def purge(
     dry_run: bool = False,
     confirm: Callable[[Selection], bool] | None = None,
     max_wait: float = 2.0,
+    patience: Patience = Patience(),
 ) -> Outcome:
     """Delete matching dead letters for good (complete them in the DLQ)."""
-    found = select(client, entity, selection, limit=limit)
+    found = select(client, entity, selection, limit=limit, patience=patience)
     outcome = Outcome(found, skipped=list(found.skipped))
     if not _go_ahead(found, outcome, dry_run, confirm):
         return outcome
 
     def delete(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-        try:
-            receiver.complete_message(message)
-        except ServiceBusError:
-            return SKIP_LOCK_LOST
+        _settle(receiver, message, lambda: receiver.complete_message(message))
         return None
 
-    _act_on_targets(client, entity, found, outcome, delete, max_wait=max_wait)
+    _act_on_targets(client, entity, found, outcome, delete, max_wait=max_wait, patience=patience)
     return outcome
 
 
@@ -676,10 +1043,11 @@ def dead_letter_active(
     reason: str = OPERATOR_REASON,
     description: str = "",
     max_wait: float = 2.0,
+    patience: Patience = Patience(),
 ) -> Outcome:
     """Move chosen active messages (by message id or sequence number) to the dead-letter queue."""
     found = Selection()
-    for letter in browse(client, entity, dead_letter=False):
+    for letter in browse(client, entity, dead_letter=False, patience=patience):
         found.scanned += 1
         if (message_id is not None and letter.message_id == message_id) or (
             sequence_number is not None and letter.sequence_number == sequence_number
@@ -691,24 +1059,50 @@ def dead_letter_active(
         return outcome
 
     def move(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-        try:
-            receiver.dead_letter_message(message, reason=reason, error_description=description)
-        except ServiceBusError:
-            return SKIP_LOCK_LOST
+        _settle(
+            receiver,
+            message,
+            lambda: receiver.dead_letter_message(message, reason=reason, error_description=description),
+        )
         return None
 
-    _act_on_targets(client, entity, found, outcome, move, dead_letter=False, max_wait=max_wait)
+    _act_on_targets(client, entity, found, outcome, move, dead_letter=False, max_wait=max_wait, patience=patience)
     return outcome
 
 
 def replay_from_file(
-    client: ServiceBusClient, entity: Entity, letters: Sequence[DeadLetter], *, rate: float | None = None
+    client: ServiceBusClient,
+    entity: Entity,
+    letters: Sequence[DeadLetter],
+    *,
+    rate: float | None = None,
+    patience: Patience = Patience(),
 ) -> int:
-    """Resubmit exported (possibly hand-repaired) dead letters; returns how many were sent."""
+    """Resubmit exported (possibly hand-repaired) dead letters; returns how many were sent.
+
+    A copy already waiting on the entity (a re-run of the same file) is not sent again; a dropped
+    connection is replaced and the same copy sent again (duplicate detection drops a second one).
+    """
     interval = 1.0 / rate if rate else 0.0
-    with _target_sender(client, entity) as sender:
+    copies = _Copies(client, entity, copies_out(client, entity, patience))
+    sent = 0
+    try:
         for letter in letters:
-            sender.send_messages(replay_message(letter, entity, kind="file-replay"))
+            copy = replay_message(letter, entity, kind="file-replay")
+            failures = 0
+            while True:
+                try:
+                    sent += copies.send(copy)
+                    break
+                except Exception as exc:
+                    if not is_dropped(exc):
+                        raise
+                    failures += 1
+                    if patience.exhausted(failures):
+                        raise _gave_up(f"sending to {entity}", failures, exc) from None
+                    patience.wait(failures)
             if interval:
                 time.sleep(interval)
-    return len(letters)
+    finally:
+        copies.close()
+    return sent

@@ -5,7 +5,8 @@ Failures are classified here (see :mod:`adapters.servicebus.errors`). A transien
 already accepted are remembered and not sent again on the retry. A failure that is permanent for
 one event — its reply entity is missing, forbidden, badly addressed or the requests queue itself,
 or the event is larger than the entity takes — raises :class:`~worker.domain.errors.PublishRejected`
-naming those events, after every other event was accepted.
+naming those events, after every other event was accepted, and saying which of them the topic had
+already accepted (a reply refused after its event went out).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class ServiceBusPublisher:
         except TransientError:
             self._reset()
             raise
+        reached = {m for m in rejected if (self.topic_name, m) in self._accepted}
         self._accepted.clear()
         if rejected:
-            raise PublishRejected(rejected)
+            raise PublishRejected(rejected, reached_topic=reached)
 
     def reply_entity(self, reply_to: str) -> str:
         """The entity a ``reply_to`` names (a bare name or ``sb://namespace/entity``); PermanentError if unusable."""

@@ -248,6 +248,20 @@ def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> i
             f"  {_n(outcome.released)} other dead letters were held during the scan and released (delivery count +1)",
             file=sys.stderr,
         )
+    if outcome.reconnects:
+        lapsed = (
+            f"; {_n(outcome.lapsed)} other dead letters held on them come back when their locks run out "
+            "(delivery count +1)"
+            if outcome.lapsed
+            else ""
+        )
+        print(f"  rode out {_n(outcome.reconnects)} dropped connections{lapsed}", file=sys.stderr)
+    if outcome.already_there:
+        print(
+            f"  {_n(outcome.already_there)} of them had their copy out already (an interrupted run's): "
+            "completed without sending another",
+            file=sys.stderr,
+        )
     failed = [x for x in outcome.skipped if x[1] != SKIP_LIMIT]
     return EXIT_PARTIAL if failed else EXIT_OK
 
@@ -355,7 +369,10 @@ def _replay_file(args: argparse.Namespace) -> int:
             sent = len(letters)
         else:
             sent = replay_from_file(client, _entity(args, settings), letters, rate=args.rate)
-    print(f"{'would resubmit' if args.dry_run else 'resubmitted'} {sent} messages from {path}", file=sys.stderr)
+    waiting = f"; {len(letters) - sent} were on the queue already (not sent again)" if sent < len(letters) else ""
+    print(
+        f"{'would resubmit' if args.dry_run else 'resubmitted'} {sent} messages from {path}{waiting}", file=sys.stderr
+    )
     return EXIT_OK
 
 
@@ -476,11 +493,19 @@ def _add_dlq(commands: Any) -> None:
         help="resubmit dead letters to their entity",
         formatter_class=formatter,
         description=(
-            "Resubmit dead-lettered requests. Each copy is sent first and the dead letter completed only\n"
-            "after the broker accepted it, so an interruption never loses a message (it may duplicate one,\n"
-            "which is harmless: assignment is deterministic and event ids are too). The copy has a new,\n"
-            "deterministic message id (so duplicate detection keeps it) and records the original in\n"
-            "ab_replay_original_message_id. Without a filter, pass --all (a terminal asks instead)."
+            "Resubmit dead-lettered requests. Each copy is sent first and its dead letter completed only\n"
+            "after the broker accepted it: an interruption never loses a message. A copy carries the\n"
+            "original's message id and enqueued time (ab_replay_original_message_id,\n"
+            "ab_replay_original_enqueued_time), so its events have the original's ids and byte-identical\n"
+            "bodies: a repeated event is a true duplicate, which the topic's duplicate detection and\n"
+            "Kusto's dedup view drop. A dropped connection is replaced and the run goes on. A dead letter\n"
+            "always gets the same copy id, and a copy already out (waiting on the queue, back in the\n"
+            "dead-letter queue, or sent earlier in the run) is not sent again, so a re-run after an\n"
+            "interruption adds no copies; a copy whose send was cut off is sent again under the same id,\n"
+            "for the queue's duplicate detection to drop. The one way a request is processed twice: a run\n"
+            "cut between sending a copy and completing its dead letter, re-run after the duplicate-\n"
+            "detection window, once a worker has completed that copy (identical events and rows again).\n"
+            "Without a filter, pass --all (a terminal asks instead)."
         ),
         epilog=(
             "examples:\n"
@@ -489,7 +514,8 @@ def _add_dlq(commands: Any) -> None:
             "  ab-worker dlq replay --all\n"
             "  ab-worker dlq replay --from repaired.jsonl\n\n"
             f"{_FILTER_HELP}.\n"
-            "Exit status 1 when some matching dead letters were skipped (each reason is printed)."
+            "Exit status 1 when some matching dead letters were skipped (each reason is printed), among\n"
+            "them when the connection kept dropping without anything getting done: run it again."
         ),
     )
     _entity_flags(replay)

@@ -11,7 +11,7 @@ Errors split two ways, and the pump settles a message by which side its error is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from enum import StrEnum
 
 from worker.domain.plural import counted
@@ -97,11 +97,14 @@ class PublishRejected(WorkerError):
     Raised by ``EventPublisher.publish`` when an event can never be delivered (its reply entity does
     not exist or may not be sent to, or it is larger than the entity accepts). ``rejected`` maps the
     refused events' ``message_id`` to the :class:`PermanentError` that dead-letters their request.
-    The pump dead-letters those requests alone and never publishes the accepted events again.
+    ``reached_topic`` names the refused events the topic had accepted before the refusal (a reply
+    that failed after its event went out): subscribers have them, so the pump records their rows
+    before it dead-letters the request. The pump never publishes the accepted events again.
     """
 
-    def __init__(self, rejected: Mapping[str, PermanentError]) -> None:
+    def __init__(self, rejected: Mapping[str, PermanentError], reached_topic: Collection[str] = ()) -> None:
         self.rejected = dict(rejected)
+        self.reached_topic = frozenset(reached_topic) & self.rejected.keys()
         super().__init__(
             f"{counted(len(self.rejected), 'event')} refused: " + "; ".join(str(e) for e in self.rejected.values())
         )

@@ -1,7 +1,8 @@
 """Turning one request message into its assignment event: decode → validate → look up → assign.
 
 Pure functions of the message, the registry and the settings: no I/O, so a redelivered message
-always yields the same event (same ``event_id``, same content).
+always yields the same event (same ``event_id``, same content), and so does a replayed copy: it
+carries the original's message id and enqueued time (:func:`request_identity`, :func:`decision_time`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,60 @@ DEFAULT_MAX_EVENT_BYTES = 192 * 1024
 #: it otherwise), but its events keep the original's ids, so a replay never duplicates an event
 #: that was already accepted.
 REPLAY_ORIGINAL_MESSAGE_ID = "ab_replay_original_message_id"
+
+#: Application property ``dlq replay`` sets on a resubmitted copy: the enqueued time of the request as
+#: first published (ISO 8601 with its UTC offset), kept across replays of replays. A copy is decided
+#: at that time, so its events are byte-identical to the original's: ``assigned_at`` (and, once
+#: allocation has time windows, whether the request falls in them) must not depend on when an
+#: operator replayed it.
+REPLAY_ORIGINAL_ENQUEUED_TIME = "ab_replay_original_enqueued_time"
+
+#: Longest value of :data:`REPLAY_ORIGINAL_ENQUEUED_TIME` worth parsing (``2026-11-24T08:15:02.123000+00:00``
+#: is 32 characters); anything longer is refused unread.
+_MAX_TIME_TEXT = 64
+
+
+def decision_time(delivery: Delivery) -> datetime:
+    """The time this request is decided at: a replayed copy's original enqueued time, else its own.
+
+    The property is publisher-controllable (any sender may set it), so it is believed only when it is
+    a well-formed, zone-qualified ISO 8601 time no later than this delivery's own enqueued time (a
+    copy is always enqueued after its original): otherwise the request is dead-lettered as
+    ``SchemaValidationFailed`` naming the property, rather than decided at a time it chose or quietly
+    at another one. A source without enqueued times (files, fakes) decides at the current time.
+    """
+    enqueued = delivery.enqueued_time
+    if REPLAY_ORIGINAL_ENQUEUED_TIME in delivery.application_properties:
+        return original_enqueued_time(delivery.application_properties[REPLAY_ORIGINAL_ENQUEUED_TIME], enqueued)
+    return enqueued or datetime.now(UTC)
+
+
+def original_enqueued_time(value: object, enqueued: datetime | None = None) -> datetime:
+    """Read :data:`REPLAY_ORIGINAL_ENQUEUED_TIME` (in UTC); :class:`PermanentError` when it cannot be believed.
+
+    ``enqueued`` is the carrying message's own enqueued time, the latest the original can have been.
+    """
+
+    def refused(problem: str) -> PermanentError:
+        return PermanentError(
+            DeadLetterReason.SCHEMA_VALIDATION_FAILED,
+            f"application property {REPLAY_ORIGINAL_ENQUEUED_TIME}: {problem} (got {_short_repr(value)})",
+        )
+
+    if not isinstance(value, str):
+        raise refused(f"must be an ISO 8601 time as text, not {type(value).__name__}")
+    if len(value) > _MAX_TIME_TEXT:
+        raise refused(f"is {len(value)} characters; an ISO 8601 time has at most {_MAX_TIME_TEXT}")
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise refused("is not an ISO 8601 time") from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise refused("has no UTC offset (write it as ...+00:00 or ...Z)")
+    when = when.astimezone(UTC)
+    if enqueued is not None and when > (enqueued if enqueued.tzinfo else enqueued.replace(tzinfo=UTC)):
+        raise refused(f"is later than this message's own enqueued time {enqueued.isoformat()}")
+    return when
 
 
 def request_identity(delivery: Delivery) -> str:
@@ -172,7 +227,7 @@ def assign(
         split_ratio=dict(experiment.split_for(segment)),
         variant_metadata=experiment.metadata_for(variant_id),
         context=allowed_context(request.context, context_allow_list),
-        assigned_at=delivery.enqueued_time or datetime.now(UTC),
+        assigned_at=decision_time(delivery),
     )
 
 
@@ -243,7 +298,7 @@ def assign_cohort(
             "(split it, or use `ab-worker stratify` for files)",
         )
     _check_report_fits(request, max_event_bytes)
-    assigned_at = delivery.enqueued_time or datetime.now(UTC)
+    assigned_at = decision_time(delivery)
     arms = [Arm(a.id, a.weight, a.variants_by_segment) for a in request.arms]
     try:
         result = stratify_columns(

@@ -3,9 +3,10 @@
 Settlement comes last. A message is completed only after its event was published and its row was
 flushed; a crash anywhere before that means redelivery, never loss. A bad message is dead-lettered
 on its own and never fails or delays the rest of its batch; so is a request whose event the
-publisher refused for good (:class:`PublishRejected`). During a downstream failure the affected
-messages are held (their locks renewed) and retried with backoff while receiving pauses, so an
-outage burns no delivery counts; nothing is dead-lettered for it.
+publisher refused for good (:class:`PublishRejected`). An event that reached the topic always gets
+its row: when only the reply was refused, the request is dead-lettered after its row was flushed.
+During a downstream failure the affected messages are held (their locks renewed) and retried with
+backoff while receiving pauses, so an outage burns no delivery counts; nothing is dead-lettered for it.
 
 Publishing overlaps settling: a batch's events go out on one publisher thread while the pump
 thread flushes and settles the batches before it, so the round trip to the topic and the one that
@@ -105,6 +106,15 @@ class _InFlight:
     handled: Handled
     #: The broker messages for its events, serialised once: an outage retries the same messages.
     outbound: Sequence[OutboundEvent]
+    #: Why the request is dead-lettered although some of its events reached the topic (its reply was
+    #: refused for good): it is settled so only after those events' rows were flushed.
+    refusal: PermanentError | None = None
+    #: Its events the topic never accepted: they get no row.
+    unpublished: frozenset[str] = frozenset()
+
+    def records(self) -> list[AssignmentRecord]:
+        """The rows of its events that reached the topic."""
+        return [AssignmentRecord.from_event(e) for e in self.handled.events if e.event_id not in self.unpublished]
 
 
 @dataclass(slots=True)
@@ -113,7 +123,7 @@ class _Publishing:
 
     flights: Sequence[_InFlight]
     outbound: Sequence[Sequence[OutboundEvent]]
-    attempt: Future[dict[str, PermanentError]]
+    attempt: Future[PublishRejected | None]
 
 
 class Pump:
@@ -284,14 +294,14 @@ class Pump:
         attempt = self._publisher_thread.submit(self._publish_attempt, [m for ms in outbound for m in ms])
         self._publishing = _Publishing(flights, outbound, attempt)
 
-    def _publish_attempt(self, messages: Sequence[OutboundEvent]) -> dict[str, PermanentError]:
-        """One publish, on the publisher thread: the events refused for good (the rest was accepted)."""
+    def _publish_attempt(self, messages: Sequence[OutboundEvent]) -> PublishRejected | None:
+        """One publish, on the publisher thread: the events refused for good, if any (the rest was accepted)."""
         try:
             with self.observer.publishing(messages):
                 self.publisher.publish(messages)
         except PublishRejected as exc:
-            return dict(exc.rejected)
-        return {}
+            return exc
+        return None
 
     def _finish_publish(self) -> None:
         """Wait for the batch on the publisher thread, retry it through an outage, then record and hold it."""
@@ -300,36 +310,48 @@ class Pump:
             return
         messages = [m for ms in publishing.outbound for m in ms]
         attempts = [publishing.attempt]
-        rejected: dict[str, PermanentError] = {}
+        refused = PublishRejected({})
 
         def attempt() -> None:
+            nonlocal refused
             if not attempts:
                 attempts.append(self._publisher_thread.submit(self._publish_attempt, messages))
             # Raises what the publisher raised: a transient failure is retried, a bug ends the pump.
             # The rest was accepted: never publish it again, whatever happens to the refused ones.
-            rejected.update(attempts.pop().result())
+            refused = attempts.pop().result() or refused
 
         published = self._retry_until_stopped("event topic", attempt)
-        accepted = self._accepted(publishing, rejected) if published else publishing.flights
+        accepted = self._accepted(publishing, refused) if published else publishing.flights
         if not published or self._given_up("record sink"):
             # Stopping mid-outage (the sink failed while this batch published): release it at once.
             for flight in accepted:
                 self._settle(flight.delivery, Stopping(), flight.handled)
             return
-        records = [AssignmentRecord.from_event(e) for f in accepted for e in f.handled.events]
+        records = [record for flight in accepted for record in flight.records()]
         if records:
             self.sink.add(records)
         self._pending.extend(accepted)
         self._pending_records.extend(records)
 
-    def _accepted(self, publishing: _Publishing, rejected: dict[str, PermanentError]) -> list[_InFlight]:
-        """The flights whose events were all accepted; the others are dead-lettered with their refusal."""
+    def _accepted(self, publishing: _Publishing, refused: PublishRejected) -> list[_InFlight]:
+        """The flights with an event on the topic, to record; the others are dead-lettered with their refusal now.
+
+        A flight whose reply was refused after its event reached the topic is among them, marked with
+        its refusal: subscribers have that event, so its row is recorded before it is dead-lettered,
+        and a replay later publishes the same event again (same id, same body) with a second row that
+        the topic's duplicate detection and Kusto's dedup view drop.
+        """
+        rejected = refused.rejected
         if not rejected:
             return list(publishing.flights)
         accepted = []
         for flight, its in zip(publishing.flights, publishing.outbound, strict=True):
             refusal = next((rejected[m.message_id] for m in its if m.message_id in rejected), None)
+            unpublished = frozenset(m.message_id for m in its if m.message_id in rejected) - refused.reached_topic
             if refusal is None:
+                accepted.append(flight)
+            elif len(unpublished) < len(its):
+                flight.refusal, flight.unpublished = refusal, unpublished
                 accepted.append(flight)
             else:
                 self._settle(flight.delivery, refusal, flight.handled)
@@ -354,10 +376,12 @@ class Pump:
             for flight in pending:
                 self._settle(flight.delivery, Stopping(), flight.handled)
             return
-        lost = self.source.complete_batch([f.delivery for f in pending])
+        lost = self.source.complete_batch([f.delivery for f in pending if f.refusal is None])
         lost_ids = {id(d) for d in lost}
         for flight in pending:
-            if id(flight.delivery) in lost_ids:
+            if flight.refusal is not None:
+                self._settle(flight.delivery, flight.refusal, flight.handled)
+            elif id(flight.delivery) in lost_ids:
                 self._report(flight.delivery, settlement_for(SettlementLostError("lock lost or already settled")), None)
             else:
                 self._report(flight.delivery, settlement_for(flight.handled), flight.handled)
