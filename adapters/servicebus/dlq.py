@@ -392,12 +392,12 @@ def browse(
 def _pages(
     client: ServiceBusClient, entity: Entity, *, dead_letter: bool, patience: Patience
 ) -> Iterator[list[ServiceBusReceivedMessage]]:
-    sequence, failures = 0, 0
+    sequence, failures, size = 0, 0, _PAGE
     while True:
         receiver = entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
         try:
             while True:
-                page = receiver.peek_messages(max_message_count=_PAGE, sequence_number=sequence)
+                page = receiver.peek_messages(max_message_count=size, sequence_number=sequence)
                 if not page:
                     return
                 failures = 0
@@ -410,6 +410,8 @@ def _pages(
             if patience.exhausted(failures):
                 raise _gave_up(f"browsing {entity}", failures, exc) from None
             log.info("Connection dropped while browsing %s (%s); reconnecting", entity, redact(str(exc)))
+            # A smaller page has a better chance of arriving whole on a connection that keeps dropping.
+            size = max(10, size // 2)
             patience.wait(failures)
         finally:
             _close_quietly(receiver)
