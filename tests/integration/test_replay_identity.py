@@ -13,7 +13,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceiveMode, ServiceBusSubQueue
+from azure.servicebus import (
+    ServiceBusClient,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiveMode,
+    ServiceBusSubQueue,
+)
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
@@ -83,9 +89,11 @@ def _publish(broker: LocalBroker, messages: list[ServiceBusMessage]) -> None:
         sender.send_messages(messages)
 
 
-def _drain(broker: LocalBroker, entity: str, count: int, sub_queue: ServiceBusSubQueue | None = None) -> list:
+def _drain(
+    broker: LocalBroker, entity: str, count: int, sub_queue: ServiceBusSubQueue | None = None
+) -> list[ServiceBusReceivedMessage]:
     """Take ``count`` messages off a queue (or the topic's subscription 'all')."""
-    got: list = []
+    got: list[ServiceBusReceivedMessage] = []
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         mode = ServiceBusReceiveMode.RECEIVE_AND_DELETE
         receiver = (
@@ -183,7 +191,7 @@ def test_the_original_time_property_is_believed_only_when_it_can_be_true(broker:
     assert stats.completed == 2
     assert sorted((row.UserId, row.AssignedAt) for row in sink.rows) == [("U-binary", past), ("U-good", past)]
     dead = {
-        str(m.message_id): (m.dead_letter_reason, m.dead_letter_error_description)
+        str(m.message_id): (m.dead_letter_reason, str(m.dead_letter_error_description))
         for m in _drain(broker, QUEUE, len(values) - 2, ServiceBusSubQueue.DEAD_LETTER)
     }
     assert set(dead) == set(values) - {"good", "binary"}
