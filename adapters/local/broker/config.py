@@ -117,10 +117,21 @@ class BrokerConfig:
         """The entities the assignment worker uses: its request queue, event topic and a reply queue.
 
         The same entity names as ``deploy/servicebus-emulator/Config.json`` (a test holds them equal).
+        The requests queue detects duplicates over Service Bus's default window (10 minutes), as every
+        deployment does: a publisher's retried send, or ``dlq replay``'s second copy of one dead letter,
+        is dropped.
         """
         return cls(
             queues=(
-                QueueConfig(DEFAULT_QUEUE, EntityProperties(max_delivery_count=10, lock_duration=30.0)),
+                QueueConfig(
+                    DEFAULT_QUEUE,
+                    EntityProperties(
+                        max_delivery_count=10,
+                        lock_duration=30.0,
+                        requires_duplicate_detection=True,
+                        duplicate_detection_window=600.0,
+                    ),
+                ),
                 QueueConfig(DEFAULT_REPLY_QUEUE, EntityProperties(lock_duration=30.0)),
             ),
             topics=(
