@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import textwrap
@@ -37,9 +39,10 @@ CHILD = textwrap.dedent(
 
     class Probe(BaseHTTPRequestHandler):
         def do_GET(self):
-            ready = mode != "unready"
-            ok = self.path == "/healthz" or ready
-            body = json.dumps({"detail": "ok" if ready else "event topic down: test"}).encode()
+            ready = mode not in ("unready", "dead")
+            ok = (self.path == "/healthz" and mode != "dead") or ready
+            detail = "pump loop stuck for 130 s" if mode == "dead" else "event topic down: test"
+            body = json.dumps({"detail": "ok" if ready else detail}).encode()
             self.send_response(200 if ok else 503)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -73,7 +76,7 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., tuple[Supervisor, thread
     started: list[tuple[Supervisor, threading.Thread]] = []
 
     def start(
-        mode: str, processes: int = 2, drain_deadline: float = 10.0
+        mode: str, processes: int = 2, drain_deadline: float = 10.0, liveness_timeout: float = 120.0
     ) -> tuple[Supervisor, threading.Thread, list[int]]:
         config = SupervisorConfig(
             processes=processes,
@@ -83,6 +86,7 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., tuple[Supervisor, thread
             min_backoff=0.2,
             max_backoff=0.4,
             child_env=lambda index: {"CHILD_INDEX": str(index)},
+            liveness_timeout=liveness_timeout,
         )
         supervisor = Supervisor(config)
         result: list[int] = []
@@ -93,6 +97,10 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., tuple[Supervisor, thread
 
     yield start
     for supervisor, thread in started:
+        for child in supervisor.children:  # a test that failed with a child stopped must not wait on it
+            if child.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGCONT)
         supervisor.stop()
         thread.join(30)
 
@@ -188,3 +196,63 @@ def test_process_count_refuses_nonsense(text: str) -> None:
     """Zero, negative, huge and non-numeric counts are errors, not silently clamped."""
     with pytest.raises(ValueError, match=text):
         process_count(text)
+
+
+def _pid(supervisor: Supervisor, index: int) -> int | None:
+    process = supervisor.children[index - 1].process
+    return None if process is None else process.pid
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_child_fails_healthz_naming_it_and_is_replaced(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]],
+) -> None:
+    """SIGSTOP one child: within the liveness timeout /healthz fails naming it (it cannot drain while
+    stopped, so it stays failed until the drain deadline); let it run: it drains and is started again."""
+    supervisor, _, _ = supervise("serve", drain_deadline=300.0, liveness_timeout=3.0)
+    wait_for(lambda: supervisor.health()[1])
+    stopped = _pid(supervisor, 2)
+    assert stopped is not None
+    os.kill(stopped, signal.SIGSTOP)
+
+    wait_for(lambda: not supervisor.health()[0], timeout=60)
+
+    live, ready, detail = supervisor.health()
+    assert (live, ready) == (False, False)
+    assert "process 2: wedged: has not answered its probe for" in detail
+    assert "process 1" not in detail
+    os.kill(stopped, signal.SIGCONT)  # the SIGTERM it was sent is delivered now: it drains and exits
+    wait_for(lambda: _pid(supervisor, 2) not in (None, stopped) and supervisor.health()[1], timeout=60)
+    assert supervisor.health() == (True, True, "ok (2 processes)")
+    second = supervisor.children[1]
+    assert second.exit_codes[-1] == 0
+    assert second.replacements >= 1
+    assert supervisor.children[0].exit_codes == []
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_child_is_killed_at_the_drain_deadline_and_started_again(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]],
+) -> None:
+    """A wedged child that cannot act on SIGTERM is killed once the drain deadline has passed; a new one runs."""
+    supervisor, _, _ = supervise("serve", drain_deadline=0.5, liveness_timeout=3.0)
+    wait_for(lambda: supervisor.health()[1])
+    stopped = _pid(supervisor, 1)
+    assert stopped is not None
+    os.kill(stopped, signal.SIGSTOP)
+
+    wait_for(lambda: -signal.SIGKILL in supervisor.children[0].exit_codes, timeout=60)
+
+    wait_for(lambda: _pid(supervisor, 1) not in (None, stopped) and supervisor.health()[1], timeout=60)
+    assert supervisor.health() == (True, True, "ok (2 processes)")
+    assert supervisor.children[1].exit_codes == []
+
+
+def test_a_child_that_answers_it_is_not_live_is_replaced(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]], tmp_path: Path
+) -> None:
+    """A child whose own /healthz fails (its pump wedged) is replaced too, not left for the kubelet."""
+    supervisor, _, _ = supervise("dead", processes=1, drain_deadline=5.0)
+    wait_for(lambda: starts(tmp_path, 1) >= 2, timeout=60)
+    assert supervisor.children[0].replacements >= 1
+    assert 0 in supervisor.children[0].exit_codes

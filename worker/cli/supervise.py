@@ -66,6 +66,7 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
                 command=child_command(args, experiments_file),
                 env=env,
                 drain_deadline=settings.drain_deadline,
+                liveness_timeout=settings.liveness_timeout,
                 child_args=child_args,
             )
         )

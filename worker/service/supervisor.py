@@ -8,6 +8,11 @@ all of them, and drains all of them on SIGTERM within the drain deadline.
 Each child serves its own probes on a private 127.0.0.1 port; the supervisor polls them and
 aggregates: live while every child is live or waiting to be restarted (a crash is the supervisor's
 business, not the kubelet's), ready only while every child is ready.
+
+A child that is wedged — it does not answer its probe for the liveness timeout (stopped, or stuck
+so hard its probe thread cannot run), or it answers that it is not live — makes ``/healthz`` fail
+naming it, and is replaced: SIGTERM (a child that can still drain releases what it holds), SIGKILL
+once the drain deadline has passed, then started again like a crashed one.
 """
 
 from __future__ import annotations
@@ -64,6 +69,14 @@ class Child:
     exit_codes: list[int] = field(default_factory=list)
     #: (live, ready, detail) from the child's last probe.
     probe: tuple[bool, bool, str] = (True, False, "starting")
+    #: When (monotonic) the child last answered a probe, or was started.
+    answered: float = 0.0
+    #: When (monotonic) a wedged child being replaced is killed if it has not exited; 0 when not.
+    kill_at: float = 0.0
+    #: Times this child was replaced for being wedged.
+    replacements: int = 0
+    #: A replaced child that exited and is to be started again, whatever its exit status.
+    restart_now: bool = False
 
     @property
     def running(self) -> bool:
@@ -80,6 +93,9 @@ class SupervisorConfig:
     drain_deadline: float = 25.0
     min_backoff: float = 1.0
     max_backoff: float = 30.0
+    #: A child that has not answered its probe for this long (or says it is not live) is wedged and
+    #: replaced; the worker's own ``AB_WORKER_LIVENESS_TIMEOUT``.
+    liveness_timeout: float = 120.0
     #: Child ``i`` (1-based) gets these extra environment variables and arguments, e.g. its own rows file.
     child_env: Callable[[int], Mapping[str, str]] = lambda index: {}
     child_args: Callable[[int], Sequence[str]] = lambda index: ()
@@ -108,6 +124,7 @@ class Supervisor:
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()
                 self._start_due()
+                self._kill_overdue()
                 self._reap()
                 if all(self._finished(child) for child in self.children):
                     break
@@ -139,7 +156,7 @@ class Supervisor:
     # -- children ----------------------------------------------------------------------------
 
     def _finished(self, child: Child) -> bool:
-        return not child.running and bool(child.exit_codes) and child.exit_codes[-1] == 0
+        return not child.running and not child.restart_now and bool(child.exit_codes) and child.exit_codes[-1] == 0
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -156,7 +173,8 @@ class Supervisor:
         }
         command = [*self.config.command, *self.config.child_args(child.index)]
         child.process = subprocess.Popen(command, env=env)  # noqa: S603 - our own entry point
-        child.started = time.monotonic()
+        child.started = child.answered = time.monotonic()
+        child.kill_at, child.restart_now = 0.0, False
         with self._lock:
             child.probe = (True, False, "starting")
         log.info("process %d started (pid %d)", child.index, child.process.pid)
@@ -168,6 +186,14 @@ class Supervisor:
             code = child.process.returncode
             child.exit_codes.append(code)
             child.process = None
+            replaced, child.kill_at = child.kill_at > 0, 0.0
+            if replaced:
+                # Wedged, stopped by us: started again at once, whatever it exited with.
+                child.next_start, child.restart_now = time.monotonic(), True
+                with self._lock:
+                    child.probe = (True, False, f"replaced (was wedged); exited with {code}")
+                log.warning("process %d (wedged) exited with %d; starting it again", child.index, code)
+                continue
             if code == 0:
                 log.info("process %d finished", child.index)
                 continue
@@ -182,10 +208,37 @@ class Supervisor:
 
     def _poll_probes(self) -> None:
         for child in self.children:
-            if child.running:
-                probe = _probe(child.health_port, child.probe)
+            if not child.running or child.kill_at:
+                continue
+            probe = _probe(child.health_port)
+            now = time.monotonic()
+            if probe is not None:
+                child.answered = now
                 with self._lock:
                     child.probe = probe
+                if not probe[0]:
+                    self._replace(child, f"says it is not live: {probe[2]}")
+            elif now - child.answered >= self.config.liveness_timeout:
+                self._replace(child, f"has not answered its probe for {now - child.answered:.0f} s")
+
+    def _replace(self, child: Child, why: str) -> None:
+        """A wedged child: /healthz fails naming it until it is gone; SIGTERM now, SIGKILL at the drain deadline."""
+        assert child.process is not None
+        detail = f"wedged: {why}; replacing it"
+        with self._lock:
+            child.probe = (False, False, detail)
+        log.error("process %d (pid %d) %s", child.index, child.process.pid, detail)
+        child.replacements += 1
+        child.kill_at = time.monotonic() + self.config.drain_deadline
+        child.process.send_signal(signal.SIGTERM)
+
+    def _kill_overdue(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.kill_at and now >= child.kill_at and child.running:
+                assert child.process is not None
+                log.error("process %d did not stop within the drain deadline; killing it", child.index)
+                child.process.kill()
 
     def _drain(self) -> None:
         running = [c for c in self.children if c.running]
@@ -205,19 +258,26 @@ class Supervisor:
             child.process = None
 
 
-def _probe(port: int, last: tuple[bool, bool, str]) -> tuple[bool, bool, str]:
-    """The child's (live, ready, detail); a child that does not answer yet keeps its last state."""
+def _probe(port: int) -> tuple[bool, bool, str] | None:
+    """The child's (live, ready, detail), or None when it does not answer (in time)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=POLL_SECONDS) as answer:
             return True, True, str(json.load(answer).get("detail", "ok"))
     except urllib.error.HTTPError as refused:
-        detail = str(json.load(refused).get("detail", "unavailable"))
+        detail = _detail(refused, "unavailable")
     except (OSError, ValueError):
-        return last
+        return None
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=POLL_SECONDS):
             return True, False, detail
     except urllib.error.HTTPError:
         return False, False, detail
     except (OSError, ValueError):
-        return last
+        return None
+
+
+def _detail(answer: urllib.error.HTTPError, default: str) -> str:
+    try:
+        return str(json.load(answer).get("detail", default))
+    except (OSError, ValueError, AttributeError):
+        return default
