@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import urllib.error
@@ -113,3 +115,52 @@ def test_processes_refuse_input_and_demo(tmp_path: Path) -> None:
     assert len(lines) == 1, lines
     assert "--processes" in lines[0]
     assert "Traceback" not in worker.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_process_fails_healthz_naming_it_and_is_replaced_losing_nothing(tmp_path: Path) -> None:
+    """SIGSTOP one pump process (issue 16 §5): /healthz turns 503 naming it within the liveness timeout, not
+    "ok (2 processes)" for ever; it is sent SIGTERM, and once it can act on it, it drains and a new one starts."""
+    requests = Requests.make(1500)
+    with LocalBroker(broker_config("PT5S")) as broker:
+        requests.publish(broker.connection_string)
+        health = free_port()
+        env = worker_env(
+            broker.connection_string,
+            PREFETCH="0",
+            MAX_BATCH="50",
+            HEALTH_PORT=str(health),
+            LIVENESS_TIMEOUT="3",
+            DRAIN_DEADLINE="120",  # a stopped process cannot drain: /healthz stays 503 until it is let go
+        )
+        worker = WorkerProcess(tmp_path, "supervised", env, "--processes", "2", "--drain")
+        victim = 0
+        try:
+            wait_for(lambda: len(children(worker.proc.pid)) == 2, 30, "two pump processes")
+            wait_for(lambda: probe(health, "/readyz")[0] == 200, 60, "the supervisor's /readyz to be 200")
+            wait_for(busy(broker, 300), 60, "the processes to be mid-run")
+            first = children(worker.proc.pid)
+            victim = min(first)
+            os.kill(victim, signal.SIGSTOP)
+
+            wait_for(lambda: probe(health, "/healthz")[0] == 503, 60, "/healthz to fail for the stopped process")
+
+            status, detail = probe(health, "/healthz")
+            assert status == 503
+            assert re.search(r"process [12]: wedged: has not answered its probe for \d+ s; replacing it", detail)
+            os.kill(victim, signal.SIGCONT)  # it acts on the SIGTERM it was sent: drains and exits
+            assert worker.wait(150) == 0, worker.stderr[-3000:]
+        finally:
+            if victim:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGCONT)
+            worker.kill()
+        rows: dict[str, list[str]] = defaultdict(list)
+        for index in (1, 2):
+            found, broken = read_rows(tmp_path / f"rows-{index}.jsonl")
+            assert broken == []
+            for event_id, lines in found.items():
+                rows[event_id].extend(lines)
+        events = drain_events(broker.connection_string, broker)
+        assert_no_loss(requests, events, rows, broker)
+    assert re.search(r"process [12] \(wedged\) exited with 0; starting it again", worker.stderr), worker.stderr[-3000:]
