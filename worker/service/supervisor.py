@@ -217,7 +217,7 @@ class Supervisor:
                 with self._lock:
                     child.probe = probe
                 if not probe[0]:
-                    self._replace(child, f"says it is not live: {probe[2]}")
+                    self._replace(child, f"its own /healthz fails ({probe[2]})")
             elif now - child.answered >= self.config.liveness_timeout:
                 self._replace(child, f"has not answered its probe for {now - child.answered:.0f} s")
 
