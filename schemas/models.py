@@ -280,7 +280,11 @@ class AssignmentEvent(BaseModel):
         default_factory=dict, description="Only the allow-listed keys of the request's context."
     )
     assigned_at: datetime = Field(
-        description="UTC. The request's enqueued time when the source has one, so redeliveries agree."
+        description=(
+            "UTC. The time the request was decided at: its enqueued time when the source has one, or for a "
+            "copy replayed from the dead-letter queue the original's (ab_replay_original_enqueued_time), so "
+            "redeliveries and replays agree."
+        )
     )
 
 

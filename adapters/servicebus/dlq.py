@@ -10,7 +10,14 @@ dead letter twice, and raises another dead letter's delivery count at most once 
 Replay is loss-free by construction: each copy is sent first and the dead letter completed only
 after the broker accepted the copy. The copy carries a new, deterministic message id (the original
 id, the replay count and a digest of the body), so the entity's duplicate detection cannot drop it
-as a repeat of the original, while a second copy of the *same* replay (after a lost lock) is dropped.
+as a repeat of the original, while a second copy of the *same* replay (after a lost lock) is dropped;
+and it carries the original's message id and enqueued time, from which the worker derives its event
+ids and decision time, so a replayed request publishes the original's events byte for byte.
+
+Every command rides out dropped connections: it opens a new receiver (or sender) and goes on, and a
+message received on a link that dropped is never settled on another one (delivery ids are per link).
+Replay is idempotent across runs and interruptions: a copy already out (on the entity, back in the
+dead-letter queue, or sent earlier in the run) is recognised by its id and not sent again.
 """
 
 from __future__ import annotations
