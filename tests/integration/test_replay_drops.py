@@ -159,7 +159,7 @@ def test_a_rerun_after_an_interruption_sends_no_copy_that_is_already_out(
     assert max(on_queue.values()) == 1, {k: n for k, n in on_queue.items() if n > 1}
     err = capsys.readouterr().err
     assert "replayed 21 of 21" in err
-    assert "6 of them had their copy out already" in err
+    assert "6 of them had a copy out already" in err
 
 
 @pytest.mark.timeout(420)

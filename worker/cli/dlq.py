@@ -258,8 +258,8 @@ def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> i
         print(f"  rode out {_n(outcome.reconnects)} dropped connections{lapsed}", file=sys.stderr)
     if outcome.already_there:
         print(
-            f"  {_n(outcome.already_there)} of them had their copy out already (an interrupted run's): "
-            "completed without sending another",
+            f"  {_n(outcome.already_there)} of them had a copy out already (sent before a dropped connection, "
+            "or by an interrupted run): completed without sending another",
             file=sys.stderr,
         )
     failed = [x for x in outcome.skipped if x[1] != SKIP_LIMIT]
