@@ -26,13 +26,14 @@ import base64
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from azure.servicebus import (
     ServiceBusClient,
@@ -328,11 +329,15 @@ def is_dropped(exc: BaseException) -> bool:
 
     A handler the SDK shut down after a connection error raises a plain ``ValueError`` ("the handler
     has already been shutdown"); ``AttributeError``/``TypeError`` come from a handler torn down
-    under a concurrent call (the lock keeper's renewals). ``MessageAlreadySettled`` and
+    under a concurrent call (the lock keeper's renewals), bare or wrapped by the SDK in a plain
+    ``ServiceBusError`` ("Handler failed: …"). ``MessageAlreadySettled`` and
     ``MessageSizeExceededError`` are value errors too, but about a message, not the connection.
     """
     if isinstance(exc, MessageAlreadySettled | MessageSizeExceededError):
         return False
+    if type(exc) is ServiceBusError and isinstance(exc.inner_exception, AttributeError | TypeError | ValueError):
+        # The SDK's wrapper ("Handler failed: …") for a handler torn down under a concurrent call.
+        return True
     return isinstance(
         exc,
         ConnectionDropped
@@ -709,9 +714,13 @@ class _HoldingScan:
             raise
         self.outcome.released += _release(receiver, self.keeper, self.held)
         self.held.clear()
+
+    def finish(self, gone: Callable[[Sequence[int]], set[int]]) -> None:
+        """Account for the targets never reached: done if a cut-off settlement had gone through, else skipped."""
+        applied = gone([seq for seq in self.pending if seq in self.cut])
         for seq, letter in self.pending.items():
-            if seq in self.cut and _gone(receiver, seq):
-                self.outcome.done.append(letter)  # the settlement the drop cut off had gone through
+            if seq in applied:
+                self.outcome.done.append(letter)  # the settlement a drop cut off had gone through
             else:
                 self.outcome.skipped.append((letter, SKIP_NOT_RECEIVED))
         self.pending.clear()
@@ -791,6 +800,35 @@ class _HoldingScan:
             time.sleep(self.interval)
 
 
+class _OneCallAtATime:
+    """A receiver whose calls run one at a time, whichever thread makes them (the scan's, the lock keeper's).
+
+    The SDK's handlers are not thread-safe: a renewal reopening a handler the scan's receive was
+    tearing down after a dropped connection left it half built ("Handler failed: 'NoneType' object
+    has no attribute …"). A renewal now waits for a receive in progress (at most its ``max_wait``),
+    well inside any lock's duration.
+    """
+
+    def __init__(self, receiver: ServiceBusReceiver) -> None:
+        self._receiver = receiver
+        self._turn = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._receiver, name)
+        if name.startswith("_") or not callable(value):
+            return value
+
+        def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
+            with self._turn:
+                return value(*args, **kwargs)
+
+        return one_at_a_time
+
+
+def _one_call_at_a_time(receiver: ServiceBusReceiver) -> ServiceBusReceiver:
+    return cast(ServiceBusReceiver, _OneCallAtATime(receiver))
+
+
 class _LinkMark:
     """Stamped with the link a receiver is on, to notice when the SDK replaces it inside a call."""
 
@@ -825,9 +863,12 @@ def _act_on_targets(
     try:
         while True:
             before = scan.progress
-            receiver = entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
+            receiver = _one_call_at_a_time(
+                entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
+            )
             try:
                 scan.run(receiver, max_wait)
+                scan.finish(lambda seqs: _gone(client, entity, seqs, dead_letter=dead_letter, patience=patience))
                 return
             except Exception as exc:
                 if not is_dropped(exc):
@@ -886,15 +927,34 @@ def _settle(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, ho
         raise
 
 
-def _gone(receiver: ServiceBusReceiver, sequence_number: int) -> bool:
-    """True when no message with ``sequence_number`` is left in the receiver's entity (a peek, no lock)."""
-    try:
-        found = receiver.peek_messages(max_message_count=1, sequence_number=sequence_number)
-    except Exception as exc:
-        if is_dropped(exc):
-            return False  # not known: reported not received, and a later run looks again
-        raise
-    return not found or found[0].sequence_number != sequence_number
+def _gone(
+    client: ServiceBusClient, entity: Entity, sequence_numbers: Sequence[int], *, dead_letter: bool, patience: Patience
+) -> set[int]:
+    """Which of ``sequence_numbers`` no longer exist in the entity (peeked, no lock; over a fresh connection).
+
+    When the connection keeps dropping, those not known are assumed to be there: reported not
+    received, and a later run looks again.
+    """
+    gone: set[int] = set()
+    todo, failures = sorted(sequence_numbers), 0
+    while todo:
+        receiver = entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
+        try:
+            while todo:
+                found = receiver.peek_messages(max_message_count=1, sequence_number=todo[0])
+                if not found or found[0].sequence_number != todo[0]:
+                    gone.add(todo[0])
+                todo.pop(0)
+        except Exception as exc:
+            if not is_dropped(exc):
+                raise
+            failures += 1
+            if patience.exhausted(failures):
+                return gone
+            patience.wait(failures)
+        finally:
+            _close_quietly(receiver)
+    return gone
 
 
 # -- the commands ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from azure.servicebus.exceptions import (
     ServiceBusAuthorizationError,
     ServiceBusCommunicationError,
     ServiceBusConnectionError,
+    ServiceBusError,
     ServiceBusServerBusyError,
 )
 
@@ -35,6 +36,10 @@ EMULATOR_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "servicebus-e
         ServiceBusServerBusyError(message="busy"),
         ConnectionResetError(104, "Connection reset by peer"),
         AttributeError("'NoneType' object has no attribute 'create_receiver_link'"),
+        ServiceBusError(
+            message="Handler failed: 'NoneType' object has no attribute 'client_ready'.",
+            error=AttributeError("'NoneType' object has no attribute 'client_ready'"),
+        ),
     ],
 )
 def test_what_the_sdk_raises_when_a_connection_breaks_is_a_drop(error: BaseException) -> None:
@@ -50,6 +55,7 @@ def test_what_the_sdk_raises_when_a_connection_breaks_is_a_drop(error: BaseExcep
         MessageLockLostError(message="lock lost"),
         MessagingEntityNotFoundError(message="no such entity"),
         ServiceBusAuthorizationError(message="unauthorized"),
+        ServiceBusError(message="amqp:not-allowed"),
         KeyError("a bug"),
     ],
 )
