@@ -154,6 +154,10 @@ def test_a_stopped_process_fails_healthz_naming_it_and_is_replaced_losing_nothin
             if victim:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(victim, signal.SIGCONT)
+            if worker.proc.poll() is None:  # a failed test must not leave pump processes behind it
+                for pid in children(worker.proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             worker.kill()
         rows: dict[str, list[str]] = defaultdict(list)
         for index in (1, 2):
