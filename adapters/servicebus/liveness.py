@@ -27,7 +27,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,13 @@ class SilentConnectionError(Exception):
 
 
 class SilenceWatch:
-    """Tracks when the receiver's connection last proved alive, and checks it when that is too long ago."""
+    """Tracks when the receiver's connection last proved alive, and checks it when that is too long ago.
+
+    Anything the connection answers counts (a receive that brought messages, a link opened, a lock
+    renewal, a settlement), not only the peek: a management link busy answering other requests is
+    not a silent connection, so a peek that times out while something else on the connection was
+    answered is not taken for silence.
+    """
 
     def __init__(self, liveness: Liveness) -> None:
         self.liveness = liveness
@@ -65,11 +72,20 @@ class SilenceWatch:
         self.watchdog = Watchdog(repeat=liveness.try_timeout)
         self.probes = 0
         self.silences = 0
+        #: Peeks that failed while the connection answered something else: not silence.
+        self.crowded = 0
+        #: Wraps each peek (the source serialises every management request on its connection).
+        self.around: Callable[[Any], AbstractContextManager[object]] = lambda _: contextlib.nullcontext()
         self._heard = time.monotonic()
 
     def heard(self) -> None:
-        """The connection just answered (messages arrived, a link opened, a probe succeeded)."""
+        """The connection just answered (messages arrived, a link opened, a probe or a renewal succeeded)."""
         self._heard = time.monotonic()
+
+    @property
+    def last_heard(self) -> float:
+        """``time.monotonic()`` when the connection last answered."""
+        return self._heard
 
     def budget(self, wait: float = 0.0) -> float:
         """The longest an SDK call that waits ``wait`` seconds by design may take before it is aborted."""
@@ -82,11 +98,16 @@ class SilenceWatch:
     def check(self, receiver: ServiceBusReceiver) -> None:
         """Prove the connection alive with one peek (a management round trip), or raise SilentConnectionError."""
         self.probes += 1
+        started = time.monotonic()
         try:
-            with self.watchdog.deadline(self.budget(), receiver):
+            with self.around(receiver), self.watchdog.deadline(self.budget(), receiver):
                 receiver.peek_messages(max_message_count=1, timeout=self.liveness.try_timeout)
         except (ServiceBusError, ValueError, AttributeError, OSError) as exc:
             # ValueError/AttributeError: the SDK shut the handler down under us; the connection is gone either way.
+            if self._heard > started:
+                self.crowded += 1
+                log.info("Liveness peek failed while the connection answered other requests: %s", redact(str(exc)))
+                return
             self.silences += 1
             raise SilentConnectionError(
                 f"the connection did not answer a liveness check within {self.liveness.try_timeout:g}s: "

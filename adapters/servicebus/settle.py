@@ -80,8 +80,17 @@ class RangeSettlement:
             )
         return [d for d in deliveries if id(d) not in settled]
 
+    def turn_off(self, why: str) -> None:
+        """Settle one message per round trip from now on (logged once)."""
+        if self.enabled:
+            self.enabled = False
+            log.warning("Range settlement turned off: %s; completing one message per round trip from now on", why)
+
     def _settle_run(self, receiver: Any, run: list[Delivery]) -> bool:
         messages = [d.handle for d in run]
+        # Delivery ids are per link: every message of a range must be from the receiver's current link.
+        if any(on_current_link(receiver, m) is not True for m in messages):
+            return False
         now = datetime.now(UTC)
         if any(m._settled or (m.locked_until_utc is not None and m.locked_until_utc <= now) for m in messages):
             return False
@@ -100,30 +109,70 @@ class RangeSettlement:
         return True
 
 
-#: Each received message carries the receiver and the SDK handler (its AMQP link) it arrived on.
+#: Each received message carries the receiver and the identity of the AMQP link it arrived on.
 _LINK_ATTRIBUTE = "_ab_received_on"
+
+#: The stamp of a message whose link could not be told (an SDK whose internals moved).
+UNKNOWN_LINK = None
+
+_warned_unknown = False
+
+
+def link_identity(receiver: Any) -> tuple[Any, Any] | None:
+    """The objects that change when the SDK opens a new receive link: its handler and the handler's link.
+
+    None when the pinned SDK's internals (``receiver._handler._link``) are not there: the link
+    cannot be told, and the caller must not settle by delivery id (see :func:`on_current_link`).
+    A receiver whose handler was shut down (``_handler`` is None) has no link: ``(None, None)``.
+    """
+    try:
+        handler = receiver._handler
+        link = None if handler is None else handler._link
+    except AttributeError:
+        return UNKNOWN_LINK
+    return handler, link
 
 
 def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
     """Remember which link each message arrived on (the SDK reopens its handler, a new link, after errors)."""
-    link = (receiver, getattr(receiver, "_handler", None))
+    identity = link_identity(receiver)
+    stamp = None if identity is None else (receiver, *identity)
     for message in messages:
-        setattr(message, _LINK_ATTRIBUTE, link)
+        setattr(message, _LINK_ATTRIBUTE, stamp)
 
 
-def on_current_link(receiver: Any, message: Any) -> bool:
-    """True when ``message`` arrived on the link ``receiver`` is on now.
+def on_current_link(receiver: Any, message: Any) -> bool | None:
+    """True when ``message`` arrived on the link ``receiver`` is on now; None when that cannot be told.
 
     AMQP delivery ids are per link and start again at 0 on a new one: settling a message from an
     earlier link by its delivery id would settle whichever new message holds that id — completing a
-    request whose event was never published. Such a message's lock died with its link; the broker
-    redelivers it.
+    request whose event was never published. A message from a replaced link is settled by its lock
+    token over the management link instead (:mod:`adapters.servicebus.mgmt`).
+
+    Fails closed: when the SDK's link internals cannot be read (on the message's receipt or now) the
+    answer is None, never True, and the first such answer turns range settlement off with a WARNING
+    (:meth:`RangeSettlement.settle` checks it).
     """
     stamped = getattr(message, _LINK_ATTRIBUTE, None)
-    if stamped is None:
-        return True
-    seen_receiver, seen_handler = stamped
-    return bool(seen_receiver is receiver and seen_handler is getattr(receiver, "_handler", None))
+    identity = link_identity(receiver)
+    if stamped is None or identity is None:
+        _warn_unknown_link()
+        return None
+    seen_receiver, seen_handler, seen_link = stamped
+    handler, link = identity
+    if handler is None:
+        return False
+    return bool(seen_receiver is receiver and seen_handler is handler and seen_link is link)
+
+
+def _warn_unknown_link() -> None:
+    global _warned_unknown
+    if not _warned_unknown:
+        _warned_unknown = True
+        log.warning(
+            "Cannot tell which AMQP link a message arrived on: the Service Bus SDK's internals are not as "
+            "expected; range settlement is off and each message is settled through the SDK's own API"
+        )
 
 
 def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:

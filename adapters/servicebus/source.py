@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiveMode, ServiceBusReceiver
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
     MessageLockLostError,
+    MessageNotFoundError,
     ServiceBusError,
     SessionLockLostError,
 )
@@ -19,6 +22,13 @@ from azure.servicebus.exceptions import (
 from adapters.servicebus.convert import to_delivery
 from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError, connection_socket
 from adapters.servicebus.lock import LockKeeper
+from adapters.servicebus.mgmt import (
+    MAX_TOKENS_PER_REQUEST,
+    SdkSurfaceMissing,
+    renew_locks,
+    settle_by_lock_token,
+    top_up_management_credit,
+)
 from adapters.servicebus.settle import RangeSettlement, on_current_link, stamp_link
 from adapters.settlement import complete_each
 from worker.domain.errors import TransientError
@@ -39,6 +49,19 @@ MIN_READ_SLICE = 0.001
 #: already pushed on open credit cross a distant link, and they would stay locked until their lock expires.
 DRAIN_READ_SLICE = 0.2
 
+#: Management requests on one connection after which, when the SDK's link credit cannot be topped up
+#: (:func:`~adapters.servicebus.mgmt.top_up_management_credit`), the receiver is rebuilt: pyAMQP grants
+#: 10,000 and never more.
+MANAGEMENT_REQUESTS_PER_CONNECTION = 9000
+
+#: The SDK's settle methods and their names as management-link dispositions.
+_TOKEN_ACTIONS = {"complete_message": "complete", "abandon_message": "abandon", "dead_letter_message": "dead-letter"}
+
+#: What the SDK raises when the broker no longer holds a lock (or the message) for us.
+_LOCK_GONE = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled, MessageNotFoundError)
+
+_warned_read_slice = False
+
 
 def set_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
     """Set how long a receive waits for more messages after the first; False (with a WARNING) if it cannot.
@@ -54,9 +77,21 @@ def set_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
 
 
 def widen_read_slice(receiver: Any, seconds: float) -> bool:
-    """Make the receiver's socket reads wait up to ``seconds``; False without a socket to reach."""
+    """Make the receiver's socket reads wait up to ``seconds``; False without a socket to reach.
+
+    A receiver with a handler (or an SDK without the attribute) whose socket cannot be reached means
+    the SDK's internals moved: logged once, since a closing receiver then releases only what crossed
+    the link within two linger-short reads.
+    """
+    global _warned_read_slice
     sock = connection_socket(receiver)
     if sock is None:
+        if getattr(receiver, "_handler", receiver) is not None and not _warned_read_slice:
+            _warned_read_slice = True
+            log.warning(
+                "Socket read slice not widened on close: the Service Bus SDK's internals changed; messages "
+                "still crossing a distant link when the worker stops stay locked until their lock expires"
+            )
         return False
     with contextlib.suppress(OSError):
         sock.settimeout(seconds)
@@ -81,11 +116,31 @@ class ServiceBusSource:
         self._client = client
         self.queue_name = queue_name
         self.prefetch = prefetch
+        #: Renews held locks in bulk on the current connection, whatever link each message came on.
         self.locks = lock_keeper or LockKeeper()
+        self.locks.renew = self._renew
         #: Notices a silent (half-open) connection; see :mod:`adapters.servicebus.liveness`.
         self.watch = SilenceWatch(liveness or Liveness())
+        self.watch.around = self._management
         self._receiver: ServiceBusReceiver | None = None
+        #: True until the receiver returned from its first receive (that receive opens the link).
+        self._fresh = True
+        #: Guards making and dropping the receiver (the lock keeper may need one between receives).
+        self._receiver_lock = threading.RLock()
+        #: One management request at a time on the connection (renewals, liveness peeks, settlements
+        #: by lock token): the SDK's handler is not thread-safe.
+        self._management_lock = threading.Lock()
+        self._management_requests = 0
+        self._top_up = True
+        self._recycle = False
+        #: ``time.monotonic()`` of the last settlement by lock token that failed on the connection:
+        #: none is tried again until the connection has answered since (an outage must not cost a
+        #: connection attempt per held message).
+        self._token_failed_at: float | None = None
+        self._token_warned = False
         self.reconnects = 0
+        #: Messages settled by lock token over the management link (received on a replaced link).
+        self.settled_by_token = 0
         #: Seconds the first receive on a new link may take (it includes opening the link).
         self.link_open_wait = 10.0
         #: Settles consecutive completions with one AMQP disposition (see :meth:`complete_batch`).
@@ -100,19 +155,22 @@ class ServiceBusSource:
         self.window = window if linger is not None else 0.0
 
     def _get_receiver(self) -> ServiceBusReceiver:
-        if self._receiver is None:
-            self._receiver = self._client.get_queue_receiver(
-                self.queue_name,
-                receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
-                prefetch_count=self.prefetch,
-                socket_timeout=None if self.linger is None else max(MIN_READ_SLICE, self.linger),
-            )
-            if self.linger is not None:
-                set_linger(self._receiver, self.linger)
-        return self._receiver
+        with self._receiver_lock:
+            if self._receiver is None:
+                receiver = self._client.get_queue_receiver(
+                    self.queue_name,
+                    receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
+                    prefetch_count=self.prefetch,
+                    socket_timeout=None if self.linger is None else max(MIN_READ_SLICE, self.linger),
+                )
+                if self.linger is not None:
+                    set_linger(receiver, self.linger)
+                self._receiver, self._fresh, self._management_requests = receiver, True, 0
+            return self._receiver
 
     def _drop_receiver(self) -> None:
-        receiver, self._receiver = self._receiver, None
+        with self._receiver_lock:
+            receiver, self._receiver = self._receiver, None
         if receiver is not None:
             self.reconnects += 1
             try:
@@ -122,9 +180,13 @@ class ServiceBusSource:
 
     def receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
         """Up to ``max_messages`` deliveries; raises ``TransientError`` when the broker is unreachable."""
+        if self._recycle:
+            self._recycle = False
+            log.info("Rebuilding the receiver before its management link runs out of credit")
+            self._drop_receiver()
         try:
-            fresh = self._receiver is None
             receiver = self._get_receiver()
+            fresh = self._fresh
             # The SDK opens the link inside the first receive and counts that against max_wait_time; a
             # short wait would time the open out and rebuild the receiver forever.
             wait = max(max_wait, self.link_open_wait) if fresh else max_wait
@@ -134,6 +196,7 @@ class ServiceBusSource:
                 stamp_link(receiver, messages)
                 if messages and self.linger is not None:
                     messages = self._gather(receiver, messages, max_messages, self.linger)
+            self._fresh = False
             self._check_silence(receiver, heard=bool(messages) or fresh)
         except (ServiceBusError, SilentConnectionError) as exc:
             self._drop_receiver()
@@ -186,25 +249,119 @@ class ServiceBusSource:
             log.warning("Receiver connection is silent; rebuilding it: %s", exc)
             self._drop_receiver()
 
+    # -- management requests on the receiver's connection ------------------------------------
+
+    @contextlib.contextmanager
+    def _management(self, receiver: ServiceBusReceiver) -> Iterator[None]:
+        """One management request on ``receiver``'s connection: serialised, bounded, and counted as an answer."""
+        with self._management_lock, self.watch.watchdog.deadline(self.watch.budget(), receiver):
+            yield
+            self._management_requests += 1
+            if self._top_up:
+                try:
+                    top_up_management_credit(receiver)
+                except SdkSurfaceMissing as exc:
+                    self._top_up = False
+                    log.warning("%s; rebuilding the receiver every %d management requests", exc, MANAGEMENT_REQUESTS_PER_CONNECTION)
+            if not self._top_up and self._management_requests >= MANAGEMENT_REQUESTS_PER_CONNECTION:
+                self._recycle = True
+        self.watch.heard()
+
+    def _management_receiver(self) -> ServiceBusReceiver:
+        """The receiver to send a management request on: the current one, or a new one (not yet linked)."""
+        return self._get_receiver()
+
+    def _renew(self, _held_with: ServiceBusReceiver, messages: Sequence[ServiceBusReceivedMessage]) -> None:
+        """The lock keeper's renewal: one request for all ``messages``, on the current connection."""
+        receiver = self._management_receiver()
+        with self._management(receiver):
+            renew_locks(receiver, messages, timeout=self.watch.liveness.try_timeout)
+
+    def _settle_by_token(
+        self, messages: Sequence[ServiceBusReceivedMessage], action: str, **kwargs: Any
+    ) -> None:
+        """Settle by lock token over the management link (any link's messages); SettlementLostError if not."""
+        now = datetime.now(UTC)
+        for message in messages:
+            if message.lock_token is None:
+                raise SettlementLostError("already settled")
+            if message.locked_until_utc is not None and message.locked_until_utc <= now:
+                raise SettlementLostError("its lock expired; the broker redelivers it")
+        if self._token_failed_at is not None and self.watch.last_heard <= self._token_failed_at:
+            raise SettlementLostError("the connection failed and has not answered since; the broker redelivers it")
+        try:
+            receiver = self._management_receiver()
+            with self._management(receiver):
+                settle_by_lock_token(
+                    receiver,
+                    _TOKEN_ACTIONS[action],
+                    messages,
+                    reason=kwargs.get("reason"),
+                    description=kwargs.get("error_description"),
+                )
+        except SdkSurfaceMissing as exc:
+            if not self._token_warned:
+                self._token_warned = True
+                log.warning("%s; a message from a replaced link waits out its lock", exc)
+            raise SettlementLostError("cannot settle by lock token; the broker redelivers it") from None
+        except _LOCK_GONE as exc:
+            raise SettlementLostError(f"{type(exc).__name__}: {redact(str(exc))}") from None
+        except (ServiceBusError, ValueError, AttributeError, TypeError, OSError) as exc:
+            self._token_failed_at = time.monotonic()
+            raise SettlementLostError(f"settlement by lock token failed: {redact(str(exc))}") from None
+        self.settled_by_token += len(messages)
+
+    def _complete_by_token(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Complete messages from replaced links, many per request; returns those not completed."""
+        lost: list[Delivery] = []
+        for start in range(0, len(deliveries), MAX_TOKENS_PER_REQUEST):
+            group = list(deliveries[start : start + MAX_TOKENS_PER_REQUEST])
+            for delivery in group:
+                self.locks.release(delivery.handle)
+            try:
+                self._settle_by_token([d.handle for d in group], "complete_message")
+                continue
+            except SettlementLostError as exc:
+                if len(group) == 1:
+                    log.info("Message %s was not completed: %s", group[0].message_id, exc)
+                    lost.extend(group)
+                    continue
+            # One lock of the group is gone (or expired): each message reports its own outcome.
+            for delivery in group:
+                try:
+                    self._settle_by_token([delivery.handle], "complete_message")
+                except SettlementLostError as exc:
+                    log.info("Message %s was not completed: %s", delivery.message_id, exc)
+                    lost.append(delivery)
+        return lost
+
+    # -- settling -------------------------------------------------------------------------------
+
     def _settle(self, delivery: Delivery, action: str, **kwargs: Any) -> None:
         message: ServiceBusReceivedMessage = delivery.handle
         receiver = self._live_receiver()
         self.locks.release(message)
-        if receiver is None:
-            raise SettlementLostError("the receiver was rebuilt after a connection loss; the lock is gone")
-        if not on_current_link(receiver, message):
-            raise SettlementLostError("received on a link that has since been replaced; the broker redelivers it")
+        current = None if receiver is None else on_current_link(receiver, message)
+        if receiver is None or current is False:
+            # Received on a link that has since been replaced: its delivery id means nothing on the
+            # new one, its lock token still does while the lock holds.
+            self._settle_by_token([message], action, **kwargs)
+            return
+        if current is None:
+            self.ranges.turn_off("cannot tell which AMQP link a message arrived on")
         try:
             with self.watch.watchdog.deadline(self.watch.budget(), receiver):
                 getattr(receiver, action)(message, **kwargs)
-        except (MessageLockLostError, SessionLockLostError, MessageAlreadySettled) as exc:
+        except _LOCK_GONE as exc:
             raise SettlementLostError(f"{type(exc).__name__}: {redact(str(exc))}") from None
         except (ServiceBusError, ValueError, AttributeError) as exc:
             # ValueError: the SDK shut the handler down after a connection error ("Failed to complete
-            # the message as the handler has already been shutdown").
-            # The link broke under us: the lock dies with it and the broker will redeliver.
+            # the message as the handler has already been shutdown"). The link broke under us; the
+            # lock did not: settle by lock token on a new connection.
+            log.info("%s on the receive link failed (%s); settling by lock token", action, redact(str(exc)))
             self._drop_receiver()
-            raise SettlementLostError(f"{action} failed, connection lost: {redact(str(exc))}") from None
+            self._settle_by_token([message], action, **kwargs)
+            return
         self.watch.heard()
 
     def complete(self, delivery: Delivery) -> None:
@@ -212,32 +369,44 @@ class ServiceBusSource:
         self._settle(delivery, "complete_message")
 
     def complete_batch(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        """Complete many, each run of consecutive deliveries by one disposition if possible; returns those lost.
+        """Complete many; returns those whose lock was lost.
 
-        What :class:`~adapters.servicebus.settle.RangeSettlement` does not settle is completed one by
-        one, which is always correct.
+        Messages from the current link are completed a run of consecutive deliveries per disposition
+        (:class:`~adapters.servicebus.settle.RangeSettlement`) or else one by one, which is always
+        correct; messages from a link that has since been replaced, many per management request by
+        lock token.
         """
         receiver = self._live_receiver()
-        if receiver is None:
-            return complete_each(self.complete, deliveries)
-        failures, settlements = self.ranges.failures, self.ranges.settlements
-        # Only messages that came on the current link may share a range (delivery ids restart on a new
-        # one); the others are reported lost by ``complete`` below.
         current: list[Delivery] = []
         stale: list[Delivery] = []
+        unknown: list[Delivery] = []
         for delivery in deliveries:
-            (current if on_current_link(receiver, delivery.handle) else stale).append(delivery)
-        left = stale + self.ranges.settle(receiver, current)
-        if self.ranges.settlements > settlements:
-            self.watch.heard()
-        if self.ranges.failures > failures:
-            # On a silent connection each one-by-one completion would wait 60 s: check it first.
-            self._confirm_alive(receiver)
+            on = None if receiver is None else on_current_link(receiver, delivery.handle)
+            if receiver is None or on is False:
+                stale.append(delivery)
+            else:
+                (current if on else unknown).append(delivery)
+        if unknown:
+            self.ranges.turn_off("cannot tell which AMQP link a message arrived on")
+        left = current
+        if receiver is not None and current:
+            failures, settlements = self.ranges.failures, self.ranges.settlements
+            left = self.ranges.settle(receiver, current)
+            if self.ranges.settlements > settlements:
+                self.watch.heard()
+            if self.ranges.failures > failures:
+                # On a silent connection each one-by-one completion would wait 60 s: check it first.
+                self._confirm_alive(receiver)
         unsettled = {id(d) for d in left}
-        for delivery in deliveries:
+        for delivery in current:
             if id(delivery) not in unsettled:
                 self.locks.release(delivery.handle)
-        return complete_each(self.complete, left)
+        # A failed range may have cost the link: what is no longer on the current one goes by token.
+        receiver = self._receiver
+        still = [d for d in left if receiver is not None and on_current_link(receiver, d.handle) is True]
+        kept = {id(d) for d in still}
+        stale.extend(d for d in left if id(d) not in kept)
+        return complete_each(self.complete, still + unknown) + self._complete_by_token(stale)
 
     def dead_letter(self, delivery: Delivery, reason: str, description: str) -> None:
         """Dead-letter with ``DeadLetterReason`` and ``DeadLetterErrorDescription``."""

@@ -1,22 +1,29 @@
-"""Settling a message on a link it did not arrive on must never complete another message.
+"""Messages from a replaced link: never settled by delivery id on the new link, always by lock token.
 
 AMQP delivery ids are per link and start again at 0 on a new one. After a connection loss the
 source receives on a new link, so a message from the old link and a new message can carry the same
 delivery id: settling the old one by id on the new link would complete the new one, whose event was
 never published — a lost request. Found by test_broker_restart_mid_run_loses_nothing, intermittently.
+
+Service Bus settles a message of a non-session entity by its lock token over the management link
+whatever link it came on, while the lock holds (issue 16 §1): the old batch is completed, abandoned
+or dead-lettered that way instead of waiting out its lock and burning a delivery count. The broker
+runs with a max delivery count of 1, so a burned count shows as a dead letter.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 
 import pytest
-from azure.servicebus import ServiceBusClient
+from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from tests.waiting import wait_for
+from worker.service.ports import Delivery, SettlementLostError
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,7 +38,7 @@ CONFIG = {
         "Namespaces": [
             {
                 "Name": "links",
-                "Queues": [{"Name": QUEUE, "Properties": {"MaxDeliveryCount": 10, "LockDuration": "PT30S"}}],
+                "Queues": [{"Name": QUEUE, "Properties": {"MaxDeliveryCount": 1, "LockDuration": "PT30S"}}],
                 "Topics": [],
             }
         ]
@@ -51,9 +58,9 @@ def received(source: ServiceBusSource, count: int) -> list:
     return batch
 
 
-@pytest.mark.parametrize("how", ["range", "one_by_one"])
-def test_old_link_messages_are_not_settled_on_the_new_link(how: str) -> None:
-    """After a reconnect, completing the old batch reports it lost and leaves the new batch untouched."""
+@pytest.fixture
+def two_links() -> Iterator[tuple[LocalBroker, ServiceBusSource, list[Delivery], list[Delivery]]]:
+    """A source holding five messages from a dropped link and five from the link that replaced it."""
     with LocalBroker(BrokerConfig.from_dict(CONFIG)) as broker:
         with ServiceBusClient.from_connection_string(broker.connection_string) as client:
             bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": "e"}).encode() for i in range(10)]
@@ -65,21 +72,72 @@ def test_old_link_messages_are_not_settled_on_the_new_link(how: str) -> None:
             broker.drop_connections()
             new = received(source, 5)
             assert {d.message_id for d in old}.isdisjoint(d.message_id for d in new)
-            if how == "range":
-                lost = list(source.complete_batch(old))
-            else:
-                lost = []
-                for delivery in old:
-                    try:
-                        source.complete(delivery)
-                    except Exception:
-                        lost.append(delivery)
-            assert sorted(d.message_id for d in lost) == sorted(d.message_id for d in old)
-            # The new batch is still locked by us, not completed behind our back ...
-            assert broker.message_counts(QUEUE)["active"] == 10
-            # ... and completes normally.
-            assert list(source.complete_batch(new)) == []
-            wait_for(lambda: broker.message_counts(QUEUE)["active"] == 5, 10, "the old batch alone left")
+            yield broker, source, old, new
+        finally:
+            source.close()
+            sb.close()
+
+
+@pytest.mark.parametrize("how", ["range", "one_by_one"])
+def test_old_link_messages_are_completed_by_lock_token_and_the_new_link_is_untouched(
+    two_links: tuple[LocalBroker, ServiceBusSource, list[Delivery], list[Delivery]], how: str
+) -> None:
+    """After a reconnect the old batch completes (by lock token), the new batch stays locked, nothing burns a count."""
+    broker, source, old, new = two_links
+    if how == "range":
+        lost = list(source.complete_batch(old))
+    else:
+        lost = []
+        for delivery in old:
+            try:
+                source.complete(delivery)
+            except SettlementLostError:
+                lost.append(delivery)
+    assert lost == []
+    assert source.settled_by_token == 5
+    # The old batch is gone and the new one still locked by us, not completed behind our back ...
+    assert broker.message_counts(QUEUE) == {**broker.message_counts(QUEUE), "active": 5, "locked": 5, "dead_letter": 0}
+    # ... and completes normally, on its own link.
+    assert list(source.complete_batch(new)) == []
+    assert source.settled_by_token == 5
+    wait_for(lambda: broker.message_counts(QUEUE)["active"] == 0, 10, "the new batch completed")
+    assert broker.message_counts(QUEUE)["dead_letter"] == 0
+
+
+def test_old_link_messages_are_dead_lettered_by_lock_token_with_their_reason(
+    two_links: tuple[LocalBroker, ServiceBusSource, list[Delivery], list[Delivery]],
+) -> None:
+    """A poison message from a replaced link reaches the dead-letter queue with our reason, not MaxDeliveryCountExceeded."""
+    broker, source, old, _ = two_links
+    for delivery in old:
+        source.dead_letter(delivery, "SchemaValidationFailed", f"bad {delivery.message_id}")
+    with ServiceBusClient.from_connection_string(broker.connection_string) as client:
+        with client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
+            dead = dlq.peek_messages(max_message_count=10)
+    assert sorted((m.message_id, m.dead_letter_reason, m.dead_letter_error_description) for m in dead) == [
+        (d.message_id, "SchemaValidationFailed", f"bad {d.message_id}") for d in sorted(old, key=lambda d: d.message_id)
+    ]
+
+
+def test_old_link_messages_are_abandoned_by_lock_token_at_once() -> None:
+    """Abandoning a replaced link's message releases it now (one delivery counted), not after its 30 s lock."""
+    config = json.loads(json.dumps(CONFIG).replace('"MaxDeliveryCount": 1', '"MaxDeliveryCount": 10'))
+    with LocalBroker(BrokerConfig.from_dict(config)) as broker:
+        with ServiceBusClient.from_connection_string(broker.connection_string) as client:
+            bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": "e"}).encode() for i in range(5)]
+            send_requests(client, QUEUE, bodies, message_ids=[f"m{i}" for i in range(5)])
+        sb = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
+        source = ServiceBusSource(sb, QUEUE)
+        try:
+            old = received(source, 5)
+            broker.drop_connections()
+            for delivery in old:
+                source.abandon(delivery)
+            assert broker.message_counts(QUEUE)["locked"] == 0
+            again = received(source, 5)
+            assert sorted(d.message_id for d in again) == sorted(d.message_id for d in old)
+            assert {d.delivery_count for d in again} == {1}
+            assert list(source.complete_batch(again)) == []
         finally:
             source.close()
             sb.close()

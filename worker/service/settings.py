@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.service.handling import DEFAULT_MAX_BODY_BYTES
@@ -202,6 +203,35 @@ class WorkerSettings(BaseSettings):
         if unknown:
             raise TypeError(f"not settings: {', '.join(unknown)}")
         return self.model_copy(update={name: value for name, value in changes.items() if value is not None})
+
+    @property
+    def liveness_floor(self) -> float:
+        """The shortest liveness timeout that outlasts one turn of the pump during an outage (seconds).
+
+        A receive (``max_wait``), a link open (bounded by ``servicebus_try_timeout``) and one
+        dependency call (``kusto_flush_attempts`` x ``kusto_attempt_timeout``) may all fall in one
+        turn; a shorter timeout restarts healthy pods in the middle of an outage.
+        """
+        return self.max_wait + self.servicebus_try_timeout + self.kusto_flush_attempts * self.kusto_attempt_timeout
+
+    @model_validator(mode="after")
+    def _liveness_outlasts_one_turn(self) -> WorkerSettings:
+        floor = self.liveness_floor
+        if self.liveness_timeout >= floor:
+            return self
+        why = (
+            f"{self.liveness_timeout:g} s is below its floor of {floor:g} s: max_wait ({self.max_wait:g}) + a link "
+            f"open (servicebus_try_timeout, {self.servicebus_try_timeout:g}) + one dependency call "
+            f"(kusto_flush_attempts x kusto_attempt_timeout, {self.kusto_flush_attempts} x "
+            f"{self.kusto_attempt_timeout:g}); a shorter one restarts healthy pods during an outage"
+        )
+        # Raised against the field, so that the error names AB_WORKER_LIVENESS_TIMEOUT.
+        error = InitErrorDetails(
+            type=PydanticCustomError("liveness_floor", why),
+            loc=("liveness_timeout",),
+            input=self.liveness_timeout,
+        )
+        raise ValidationError.from_exception_data(type(self).__name__, [error])
 
     @field_validator("log_level", mode="before")
     @classmethod
