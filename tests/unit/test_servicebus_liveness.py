@@ -8,8 +8,9 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from azure.servicebus.exceptions import OperationTimeoutError
 
-from adapters.servicebus.liveness import Liveness, SilenceWatch, Watchdog, abort_connection
+from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError, Watchdog, abort_connection
 
 
 def sdk_shaped(sock: socket.socket | None) -> SimpleNamespace:
@@ -78,3 +79,28 @@ def test_silence_watch_is_due_only_after_quiet_for_probe_after() -> None:
     assert not watch.due()
     assert watch.budget(2.0) == 5.0
     watch.watchdog.close()
+
+
+class CrowdedReceiver:
+    """A receiver whose peek times out while another request on its connection (a renewal) is answered."""
+
+    def __init__(self, watch: SilenceWatch, answered_meanwhile: bool) -> None:
+        self.watch, self.answered_meanwhile = watch, answered_meanwhile
+
+    def peek_messages(self, max_message_count: int, timeout: float) -> list[object]:
+        if self.answered_meanwhile:
+            self.watch.heard()  # what the source does when a renewal on this connection succeeds
+        raise OperationTimeoutError(message="Operation timed out.")
+
+
+def test_a_peek_timing_out_while_the_connection_answers_other_requests_is_not_silence() -> None:
+    """Issue 16 §2: a management link busy answering renewals is alive; only a connection that answered nothing is silent."""
+    watch = SilenceWatch(Liveness(try_timeout=1.0, probe_after=0.1))
+    try:
+        watch.check(CrowdedReceiver(watch, answered_meanwhile=True))  # type: ignore[arg-type]
+        assert (watch.silences, watch.crowded) == (0, 1)
+        with pytest.raises(SilentConnectionError):
+            watch.check(CrowdedReceiver(watch, answered_meanwhile=False))  # type: ignore[arg-type]
+        assert watch.silences == 1
+    finally:
+        watch.watchdog.close()
