@@ -76,11 +76,11 @@ def test_four_thousand_five_second_locks_are_held_and_then_completed(broker: Loc
         counts = broker.message_counts(QUEUE)
         assert (counts["locked"], counts["dead_letter"]) == (4000, 0)
         assert source.locks.failures == 0
+        assert source.complete_batch(held) == []
+        assert broker.message_counts(QUEUE)["active"] == 0
         per_round = source.locks.requests / max(1, source.locks.rounds)
         print(f"\n[5 s locks x 4000] rounds={source.locks.rounds} requests/round={per_round:.1f}")
         assert per_round <= 10
-        assert source.complete_batch(held) == []
-        assert broker.message_counts(QUEUE)["active"] == 0
         assert source.watch.silences == 0
     finally:
         source.close()
@@ -106,7 +106,8 @@ def test_management_requests_keep_answering_past_the_sdks_link_credit(
         held = receive_all(source, 1)
         for _ in range(100):
             source.locks.renew_due()
-        assert (source.locks.renewals, source.locks.request_failures, source.locks.failures) == (100, 0, 0)
+        assert (source.locks.renewals, source.locks.failures) == (100, 0)
+        assert source.locks.request_failures == 0
         assert source.complete_batch(held) == []
     finally:
         source.close()
