@@ -29,7 +29,6 @@ MAX_TOKENS_PER_REQUEST = 500
 DISPOSITIONS = {"complete": "completed", "abandon": "abandoned", "dead-letter": "suspended"}
 
 
-
 class SdkSurfaceMissing(Exception):
     """The pinned SDK's private surface is not what this module expects (an SDK upgrade moved it)."""
 
@@ -70,7 +69,7 @@ def settle_by_lock_token(
     reason: str | None = None,
     description: str | None = None,
 ) -> None:
-    """Settle ``messages`` (``complete``, ``abandon`` or ``dead-letter``) by lock token over ``receiver``'s management link.
+    """Settle ``messages`` (``complete``, ``abandon``, ``dead-letter``) by lock token on the management link.
 
     Works for messages received on any link of the entity, while their locks hold. The request is
     bounded by the client's ``try_timeout`` and not retried. Raises what the SDK raises

@@ -115,7 +115,8 @@ _LINK_ATTRIBUTE = "_ab_received_on"
 #: The stamp of a message whose link could not be told (an SDK whose internals moved).
 UNKNOWN_LINK = None
 
-_warned_unknown = False
+#: Warnings given once per process.
+_warned: set[str] = set()
 
 
 def link_identity(receiver: Any) -> tuple[Any, Any] | None:
@@ -166,9 +167,8 @@ def on_current_link(receiver: Any, message: Any) -> bool | None:
 
 
 def _warn_unknown_link() -> None:
-    global _warned_unknown
-    if not _warned_unknown:
-        _warned_unknown = True
+    if "unknown link" not in _warned:
+        _warned.add("unknown link")
         log.warning(
             "Cannot tell which AMQP link a message arrived on: the Service Bus SDK's internals are not as "
             "expected; range settlement is off and each message is settled through the SDK's own API"

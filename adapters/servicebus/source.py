@@ -60,7 +60,8 @@ _TOKEN_ACTIONS = {"complete_message": "complete", "abandon_message": "abandon", 
 #: What the SDK raises when the broker no longer holds a lock (or the message) for us.
 _LOCK_GONE = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled, MessageNotFoundError)
 
-_warned_read_slice = False
+#: Warnings given once per process.
+_warned: set[str] = set()
 
 
 def set_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
@@ -83,11 +84,10 @@ def widen_read_slice(receiver: Any, seconds: float) -> bool:
     the SDK's internals moved: logged once, since a closing receiver then releases only what crossed
     the link within two linger-short reads.
     """
-    global _warned_read_slice
     sock = connection_socket(receiver)
     if sock is None:
-        if getattr(receiver, "_handler", receiver) is not None and not _warned_read_slice:
-            _warned_read_slice = True
+        if getattr(receiver, "_handler", receiver) is not None and "read slice" not in _warned:
+            _warned.add("read slice")
             log.warning(
                 "Socket read slice not widened on close: the Service Bus SDK's internals changed; messages "
                 "still crossing a distant link when the worker stops stay locked until their lock expires"
@@ -262,7 +262,11 @@ class ServiceBusSource:
                     top_up_management_credit(receiver)
                 except SdkSurfaceMissing as exc:
                     self._top_up = False
-                    log.warning("%s; rebuilding the receiver every %d management requests", exc, MANAGEMENT_REQUESTS_PER_CONNECTION)
+                    log.warning(
+                        "%s; rebuilding the receiver every %d management requests",
+                        exc,
+                        MANAGEMENT_REQUESTS_PER_CONNECTION,
+                    )
             if not self._top_up and self._management_requests >= MANAGEMENT_REQUESTS_PER_CONNECTION:
                 self._recycle = True
         self.watch.heard()
@@ -277,9 +281,7 @@ class ServiceBusSource:
         with self._management(receiver):
             renew_locks(receiver, messages, timeout=self.watch.liveness.try_timeout)
 
-    def _settle_by_token(
-        self, messages: Sequence[ServiceBusReceivedMessage], action: str, **kwargs: Any
-    ) -> None:
+    def _settle_by_token(self, messages: Sequence[ServiceBusReceivedMessage], action: str, **kwargs: Any) -> None:
         """Settle by lock token over the management link (any link's messages); SettlementLostError if not."""
         now = datetime.now(UTC)
         for message in messages:

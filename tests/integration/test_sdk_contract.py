@@ -42,11 +42,13 @@ CONFIG = {
 @pytest.fixture
 def receiver() -> Iterator[tuple[LocalBroker, ServiceBusReceiver]]:
     """A real SDK receiver (retries on) on the embedded broker holding four messages."""
-    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as broker:
-        with ServiceBusClient.from_connection_string(broker.connection_string, retry_total=3) as client:
-            send_requests(client, QUEUE, [json.dumps({"i": i}).encode() for i in range(4)], message_ids=list("abcd"))
-            with client.get_queue_receiver(QUEUE) as sdk_receiver:
-                yield broker, sdk_receiver
+    with (
+        LocalBroker(BrokerConfig.from_dict(CONFIG)) as broker,
+        ServiceBusClient.from_connection_string(broker.connection_string, retry_total=3) as client,
+    ):
+        send_requests(client, QUEUE, [json.dumps({"i": i}).encode() for i in range(4)], message_ids=list("abcd"))
+        with client.get_queue_receiver(QUEUE) as sdk_receiver:
+            yield broker, sdk_receiver
 
 
 def receive(receiver: ServiceBusReceiver, count: int) -> list:
@@ -68,7 +70,8 @@ def test_a_reconnect_replaces_the_handler_and_its_link(receiver: tuple[LocalBrok
     broker, sdk = receiver
     old = receive(sdk, 2)
     identity = link_identity(sdk)
-    assert identity is not None and all(part is not None for part in identity)
+    assert identity is not None
+    assert all(part is not None for part in identity)
     assert on_current_link(sdk, old[0]) is True
     broker.drop_connections()
     new = receive(sdk, 2)  # the SDK opens a new connection under the same receiver object

@@ -107,13 +107,15 @@ def test_old_link_messages_are_completed_by_lock_token_and_the_new_link_is_untou
 def test_old_link_messages_are_dead_lettered_by_lock_token_with_their_reason(
     two_links: tuple[LocalBroker, ServiceBusSource, list[Delivery], list[Delivery]],
 ) -> None:
-    """A poison message from a replaced link reaches the dead-letter queue with our reason, not MaxDeliveryCountExceeded."""
+    """A poison message from a replaced link is dead-lettered with our reason, not MaxDeliveryCountExceeded."""
     broker, source, old, _ = two_links
     for delivery in old:
         source.dead_letter(delivery, "SchemaValidationFailed", f"bad {delivery.message_id}")
-    with ServiceBusClient.from_connection_string(broker.connection_string) as client:
-        with client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
-            dead = dlq.peek_messages(max_message_count=10)
+    with (
+        ServiceBusClient.from_connection_string(broker.connection_string) as client,
+        client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq,
+    ):
+        dead = dlq.peek_messages(max_message_count=10)
     assert sorted((m.message_id, m.dead_letter_reason, m.dead_letter_error_description) for m in dead) == [
         (d.message_id, "SchemaValidationFailed", f"bad {d.message_id}") for d in sorted(old, key=lambda d: d.message_id)
     ]

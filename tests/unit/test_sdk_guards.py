@@ -28,7 +28,7 @@ def test_an_sdk_without_handler_internals_is_never_on_the_current_link(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without ``_handler`` both stamps would be None and ``None is None`` held: now unknown, with one WARNING."""
-    monkeypatch.setattr(settle_module, "_warned_unknown", False, raising=False)
+    monkeypatch.setattr(settle_module, "_warned", set())
     receiver = SimpleNamespace()  # an SDK that renamed _handler
     message = SimpleNamespace()
     stamp_link(receiver, [message])
@@ -41,7 +41,7 @@ def test_an_sdk_without_handler_internals_is_never_on_the_current_link(
 
 def test_a_handler_without_its_link_is_never_on_the_current_link(monkeypatch: pytest.MonkeyPatch) -> None:
     """The link object inside the handler is part of the identity: without it, unknown (never True)."""
-    monkeypatch.setattr(settle_module, "_warned_unknown", False, raising=False)
+    monkeypatch.setattr(settle_module, "_warned", set())
     receiver = SimpleNamespace(_handler=SimpleNamespace())  # a handler without _link
     message = SimpleNamespace()
     stamp_link(receiver, [message])
@@ -63,10 +63,12 @@ def test_a_link_reattached_in_place_is_a_different_link() -> None:
 
 def test_range_settlement_never_covers_a_message_from_an_unknown_link(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even if a caller hands it such messages, no disposition is sent for them by delivery id."""
-    monkeypatch.setattr(settle_module, "_warned_unknown", False, raising=False)
+    monkeypatch.setattr(settle_module, "_warned", set())
     sent: list[object] = []
     receiver = SimpleNamespace(_handler_moved=SimpleNamespace(settle_messages=lambda *a, **k: sent.append(a)))
-    messages = [SimpleNamespace(_delivery_id=i, _delivery_tag=b"t", _settled=False, locked_until_utc=None) for i in (1, 2)]
+    messages = [
+        SimpleNamespace(_delivery_id=i, _delivery_tag=b"t", _settled=False, locked_until_utc=None) for i in (1, 2)
+    ]
     stamp_link(receiver, messages)
     deliveries = [Delivery(body=b"", message_id=f"m{i}", handle=m) for i, m in enumerate(messages)]
     assert RangeSettlement().settle(receiver, deliveries) == deliveries
@@ -77,7 +79,7 @@ def test_widen_read_slice_warns_once_when_the_socket_path_moved(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connected receiver whose socket cannot be reached: one WARNING; a receiver without a handler: none."""
-    monkeypatch.setattr(source_module, "_warned_read_slice", False, raising=False)
+    monkeypatch.setattr(source_module, "_warned", set())
     with caplog.at_level(logging.WARNING):
         assert widen_read_slice(SimpleNamespace(_handler=None), 0.2) is False
         assert warnings_in(caplog) == []
@@ -97,4 +99,6 @@ def test_a_liveness_timeout_below_its_floor_is_refused_naming_the_floor() -> Non
     assert "below its floor of 26 s" in error["msg"]
     assert WorkerSettings(liveness_timeout=26).liveness_floor == 26.0
     # The floor follows the settings it is made of.
-    WorkerSettings(liveness_timeout=8, max_wait=1, servicebus_try_timeout=2, kusto_flush_attempts=1, kusto_attempt_timeout=5)
+    WorkerSettings(
+        liveness_timeout=8, max_wait=1, servicebus_try_timeout=2, kusto_flush_attempts=1, kusto_attempt_timeout=5
+    )

@@ -94,7 +94,7 @@ class CrowdedReceiver:
 
 
 def test_a_peek_timing_out_while_the_connection_answers_other_requests_is_not_silence() -> None:
-    """Issue 16 §2: a management link busy answering renewals is alive; only a connection that answered nothing is silent."""
+    """Issue 16 §2: a management link busy answering renewals is alive; a connection that answered nothing is silent."""
     watch = SilenceWatch(Liveness(try_timeout=1.0, probe_after=0.1))
     try:
         watch.check(CrowdedReceiver(watch, answered_meanwhile=True))  # type: ignore[arg-type]
