@@ -71,9 +71,9 @@ def settle_by_lock_token(
 ) -> None:
     """Settle ``messages`` (``complete``, ``abandon``, ``dead-letter``) by lock token on the management link.
 
-    Works for messages received on any link of the entity, while their locks hold. The request is
-    bounded by the client's ``try_timeout`` and not retried. Raises what the SDK raises
-    (``MessageLockLostError`` when a lock is gone), or :class:`SdkSurfaceMissing`.
+    Works for messages received on any link of the entity, while their locks hold. Each attempt is
+    bounded by the client's ``try_timeout`` and retried by its retry policy. Raises what the SDK
+    raises (``MessageLockLostError`` when a lock is gone), or :class:`SdkSurfaceMissing`.
     """
     details = None
     if action == "dead-letter":
@@ -85,7 +85,13 @@ def settle_by_lock_token(
             raise ValueError("a message without a lock token")
     except (AttributeError, ValueError) as exc:
         raise SdkSurfaceMissing("Settlement by lock token", exc) from None
-    settle(DISPOSITIONS[action], tokens, dead_letter_details=details)
+    try:
+        retrying = receiver._do_retryable_operation
+    except AttributeError as exc:
+        raise SdkSurfaceMissing("Settlement by lock token", exc) from None
+    # Through the SDK's retry loop, as its own settle methods go: it maps transport errors to
+    # ServiceBusError subclasses and reopens a dropped connection before the next attempt.
+    retrying(settle, settlement=DISPOSITIONS[action], lock_tokens=tokens, dead_letter_details=details)
     for message in messages:
         # As the SDK's own settle methods do: the message reads as settled (no lock, no token) from now on.
         message._settled = True

@@ -125,11 +125,11 @@ class ServiceBusSource:
         self._receiver: ServiceBusReceiver | None = None
         #: True until the receiver returned from its first receive (that receive opens the link).
         self._fresh = True
-        #: Guards making and dropping the receiver (the lock keeper may need one between receives).
+        #: One SDK call at a time on the receiver (receives, settlements, renewals, liveness peeks),
+        #: and making or dropping it: the SDK's handler is not thread-safe, and the lock keeper's
+        #: thread renews on it (and may open it) between the pump's calls. A renewal waits for at
+        #: most one receive.
         self._receiver_lock = threading.RLock()
-        #: One management request at a time on the connection (renewals, liveness peeks, settlements
-        #: by lock token): the SDK's handler is not thread-safe.
-        self._management_lock = threading.Lock()
         self._management_requests = 0
         self._top_up = True
         self._recycle = False
@@ -180,6 +180,10 @@ class ServiceBusSource:
 
     def receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
         """Up to ``max_messages`` deliveries; raises ``TransientError`` when the broker is unreachable."""
+        with self._receiver_lock:
+            return self._receive(max_messages, max_wait)
+
+    def _receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
         if self._recycle:
             self._recycle = False
             log.info("Rebuilding the receiver before its management link runs out of credit")
@@ -254,7 +258,7 @@ class ServiceBusSource:
     @contextlib.contextmanager
     def _management(self, receiver: ServiceBusReceiver) -> Iterator[None]:
         """One management request on ``receiver``'s connection: serialised, bounded, and counted as an answer."""
-        with self._management_lock, self.watch.watchdog.deadline(self.watch.budget(), receiver):
+        with self._receiver_lock, self.watch.watchdog.deadline(self.watch.budget(), receiver):
             yield
             self._management_requests += 1
             if self._top_up:
@@ -340,6 +344,10 @@ class ServiceBusSource:
     # -- settling -------------------------------------------------------------------------------
 
     def _settle(self, delivery: Delivery, action: str, **kwargs: Any) -> None:
+        with self._receiver_lock:
+            self._settle_locked(delivery, action, **kwargs)
+
+    def _settle_locked(self, delivery: Delivery, action: str, **kwargs: Any) -> None:
         message: ServiceBusReceivedMessage = delivery.handle
         receiver = self._live_receiver()
         self.locks.release(message)
@@ -378,6 +386,10 @@ class ServiceBusSource:
         correct; messages from a link that has since been replaced, many per management request by
         lock token.
         """
+        with self._receiver_lock:
+            return self._complete_batch(deliveries)
+
+    def _complete_batch(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         receiver = self._live_receiver()
         current: list[Delivery] = []
         stale: list[Delivery] = []
@@ -422,7 +434,8 @@ class ServiceBusSource:
         """Stop renewing locks and close the receiver."""
         self.locks.close()
         self.watch.watchdog.close()
-        receiver, self._receiver = self._receiver, None
+        with self._receiver_lock:
+            receiver, self._receiver = self._receiver, None
         if receiver is not None:
             if self.linger is not None:
                 widen_read_slice(receiver, max(DRAIN_READ_SLICE, self.linger))

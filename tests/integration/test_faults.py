@@ -475,9 +475,11 @@ def test_settling_on_a_handler_the_sdk_shut_down_is_a_lost_lock(clients: list[An
         # SDK shuts the receiver's handler down, while the source still holds that receiver.
         broker.stop()
         keeper.renew_due()
-        assert keeper.failures == len(deliveries)
+        # One renewal request for the batch failed on the connection; the locks stay held while
+        # they may still be alive (a new connection could settle them by lock token).
+        assert (keeper.request_failures, keeper.failures) == (1, 0)
         try:
-            with pytest.raises(SettlementLostError, match=r"shut|replaced"):
+            with pytest.raises(SettlementLostError, match=r"lock token"):
                 source.complete(deliveries[0])
         finally:
             source.close()
