@@ -112,7 +112,11 @@ def test_soak_connection_resets_with_max_delivery_count_one(tmp_path: Path) -> N
                 time.sleep(rnd.uniform(1.0, 4.0))  # a soak: resets land at random moments of the run
                 before = proxy.stats.resets
                 proxy.reset_after(rnd.randint(0, 4000))
-                wait_for(lambda: proxy.stats.resets > before or pump.stats.settled >= RESET_MESSAGES, 60, "a reset")
+                wait_for(
+                    lambda before=before: proxy.stats.resets > before or pump.stats.settled >= RESET_MESSAGES,
+                    60,
+                    "a reset",
+                )
                 proxy.pass_through()
                 landed += proxy.stats.resets > before
             wait_for(lambda: pump.stats.settled >= RESET_MESSAGES, 600, "the queue to drain")
