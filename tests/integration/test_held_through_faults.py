@@ -39,8 +39,8 @@ from tests.integration.test_faults import (
     read_rows,
 )
 from tests.waiting import wait_for
+from worker import bootstrap
 from worker.domain.registry import ExperimentRegistry
-from worker.service import bootstrap
 from worker.service.pump import Pump
 from worker.service.settings import WorkerSettings
 

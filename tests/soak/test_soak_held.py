@@ -42,8 +42,8 @@ from tests.integration.test_faults import (
 )
 from tests.integration.test_held_through_faults import HeldWorker
 from tests.waiting import wait_for
+from worker import bootstrap
 from worker.domain.registry import ExperimentRegistry
-from worker.service import bootstrap
 from worker.service.settings import WorkerSettings
 
 pytestmark = [

@@ -117,8 +117,10 @@ class WorkerSettings(BaseSettings):
         gt=0,
         description=(
             "`/healthz` fails when the pump loop has not turned for this long (wedged); backing off during an "
-            "outage counts as turning. Keep it above `AB_WORKER_MAX_WAIT`, a link open (~10 s) and the longest "
-            "dependency call (`AB_WORKER_KUSTO_FLUSH_ATTEMPTS` x `AB_WORKER_KUSTO_ATTEMPT_TIMEOUT`)."
+            "outage counts as turning. Refused at start-up below its floor: `AB_WORKER_MAX_WAIT` + a link open "
+            "(`AB_WORKER_SERVICEBUS_TRY_TIMEOUT`) + one dependency call (`AB_WORKER_KUSTO_FLUSH_ATTEMPTS` x "
+            "`AB_WORKER_KUSTO_ATTEMPT_TIMEOUT`), 26 s with the defaults: a shorter one restarts healthy pods "
+            "during an outage."
         ),
     )
     telemetry: Literal["appinsights", "console", "none"] = Field(
