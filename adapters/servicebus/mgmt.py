@@ -19,8 +19,13 @@ the credit in about three seconds.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from adapters.servicebus.settle import stamp_link
+
+log = logging.getLogger(__name__)
 
 #: Lock tokens per management request (renewal or settlement): a few KB on the wire.
 MAX_TOKENS_PER_REQUEST = 500
@@ -113,3 +118,38 @@ def top_up_management_credit(receiver: Any) -> None:
                 link.flow()
     except (AttributeError, TypeError) as exc:
         raise SdkSurfaceMissing("Management link credit top-up", exc) from None
+
+
+def keep_unreturned_on_failure(receiver: Any, taking: Callable[[], bool], keep: Callable[[list[Any]], None]) -> None:
+    """Take the messages the SDK buffered but never returned when it shuts a broken handler down.
+
+    A receive that a connection reset interrupts has messages the broker already delivered (and
+    locked) in the handler's buffer; the SDK's close would try to release them over the dead link,
+    fail, and leave their locks to lapse (one delivery counted each). Instead, while ``taking()``
+    (not during the caller's own close, whose release must stand), they are built as received
+    messages, stamped with the dying link, and handed to ``keep``: the caller processes them and
+    settles them by lock token. Wraps the receiver's ``_close_handler``; raises
+    :class:`SdkSurfaceMissing` when the SDK's internals are not as expected.
+    """
+    try:
+        close_handler = receiver._close_handler
+        build = receiver._build_received_message
+    except AttributeError as exc:
+        raise SdkSurfaceMissing("Keeping the messages of a broken receive", exc) from None
+
+    def close_and_keep() -> None:
+        if taking():
+            try:
+                buffered = receiver._handler._received_messages
+                taken = []
+                while not buffered.empty():
+                    taken.append(buffered.get_nowait())
+                if taken:
+                    messages = [build(item) for item in taken]
+                    stamp_link(receiver, messages)
+                    keep(messages)
+            except Exception as exc:  # the SDK's own close must run whatever this meets
+                log.warning("Could not keep the messages of a broken receive (%s: %s)", type(exc).__name__, exc)
+        close_handler()
+
+    receiver._close_handler = close_and_keep

@@ -25,6 +25,7 @@ from adapters.servicebus.lock import LockKeeper
 from adapters.servicebus.mgmt import (
     MAX_TOKENS_PER_REQUEST,
     SdkSurfaceMissing,
+    keep_unreturned_on_failure,
     renew_locks,
     settle_by_lock_token,
     top_up_management_credit,
@@ -141,6 +142,11 @@ class ServiceBusSource:
         self.reconnects = 0
         #: Messages settled by lock token over the management link (received on a replaced link).
         self.settled_by_token = 0
+        #: Messages a broken receive had already taken delivery of, returned by the next receive.
+        self._kept: list[ServiceBusReceivedMessage] = []
+        self.kept_from_broken_receives = 0
+        #: True while this source closes a receiver itself (the SDK then releases what it buffered).
+        self._closing = False
         #: Seconds the first receive on a new link may take (it includes opening the link).
         self.link_open_wait = 10.0
         #: Settles consecutive completions with one AMQP disposition (see :meth:`complete_batch`).
@@ -165,18 +171,33 @@ class ServiceBusSource:
                 )
                 if self.linger is not None:
                     set_linger(receiver, self.linger)
+                try:
+                    keep_unreturned_on_failure(receiver, lambda: not self._closing, self._keep)
+                except SdkSurfaceMissing as exc:
+                    if "keep" not in _warned:
+                        _warned.add("keep")
+                        log.warning("%s; a connection reset during a receive leaves its messages locked", exc)
                 self._receiver, self._fresh, self._management_requests = receiver, True, 0
             return self._receiver
 
     def _drop_receiver(self) -> None:
         with self._receiver_lock:
             receiver, self._receiver = self._receiver, None
-        if receiver is not None:
-            self.reconnects += 1
-            try:
-                receiver.close()
-            except Exception as exc:  # closing a broken link may fail in many ways; none matter
-                log.debug("Ignoring error while closing a broken receiver: %s", redact(str(exc)))
+            if receiver is not None:
+                self.reconnects += 1
+                self._closing = True
+                try:
+                    receiver.close()
+                except Exception as exc:  # closing a broken link may fail in many ways; none matter
+                    log.debug("Ignoring error while closing a broken receiver: %s", redact(str(exc)))
+                finally:
+                    self._closing = False
+
+    def _keep(self, messages: list[ServiceBusReceivedMessage]) -> None:
+        """Messages delivered to a receive that broke: the next receive returns them (settled by lock token)."""
+        log.info("Keeping %d messages a broken receive had already taken delivery of", len(messages))
+        self._kept.extend(messages)
+        self.kept_from_broken_receives += len(messages)
 
     def receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
         """Up to ``max_messages`` deliveries; raises ``TransientError`` when the broker is unreachable."""
@@ -184,6 +205,10 @@ class ServiceBusSource:
             return self._receive(max_messages, max_wait)
 
     def _receive(self, max_messages: int, max_wait: float) -> Sequence[Delivery]:
+        if self._kept:
+            kept, self._kept = self._kept[:max_messages], self._kept[max_messages:]
+            self.locks.hold(self._receiver or self._get_receiver(), kept)
+            return [to_delivery(m) for m in kept]
         if self._recycle:
             self._recycle = False
             log.info("Rebuilding the receiver before its management link runs out of credit")
@@ -436,7 +461,11 @@ class ServiceBusSource:
         self.watch.watchdog.close()
         with self._receiver_lock:
             receiver, self._receiver = self._receiver, None
-        if receiver is not None:
-            if self.linger is not None:
-                widen_read_slice(receiver, max(DRAIN_READ_SLICE, self.linger))
-            receiver.close()
+            if receiver is not None:
+                if self.linger is not None:
+                    widen_read_slice(receiver, max(DRAIN_READ_SLICE, self.linger))
+                self._closing = True
+                try:
+                    receiver.close()
+                finally:
+                    self._closing = False

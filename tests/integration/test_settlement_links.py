@@ -21,8 +21,10 @@ import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
 
 from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.local.faultproxy import FaultProxy
 from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from tests.waiting import wait_for
+from worker.domain.errors import TransientError
 from worker.service.ports import Delivery, SettlementLostError
 
 pytestmark = [
@@ -140,6 +142,44 @@ def test_old_link_messages_are_abandoned_by_lock_token_at_once() -> None:
             assert sorted(d.message_id for d in again) == sorted(d.message_id for d in old)
             assert {d.delivery_count for d in again} == {1}
             assert list(source.complete_batch(again)) == []
+        finally:
+            source.close()
+            sb.close()
+
+
+@pytest.mark.timeout(120)
+def test_messages_a_reset_receive_had_taken_delivery_of_are_kept_and_completed() -> None:
+    """A reset mid-receive: what the SDK had buffered is returned next and completed by lock token, not left to lapse.
+
+    The proxy resets the connection 4,000 bytes into a 150-message receive: some transfers have
+    arrived (locked for us by the broker) when the receive fails, the rest were on the wire and are
+    lost with it (those only the broker can release, when their lock lapses). Max delivery count 1:
+    a kept message left to lapse would be a dead letter.
+    """
+    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as broker, FaultProxy(broker.port) as proxy:
+        with ServiceBusClient.from_connection_string(broker.connection_string) as client:
+            bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": "e"}).encode() for i in range(200)]
+            send_requests(client, QUEUE, bodies, message_ids=[f"m{i}" for i in range(200)])
+        auth = ServiceBusAuth(connection_string=proxy.connection_string(broker.connection_string))
+        sb = create_client(auth, retry_total=1)
+        source = ServiceBusSource(sb, QUEUE)
+        try:
+            first = received(source, 1)  # opens the link
+            assert list(source.complete_batch(first)) == []
+            proxy.reset_after(4000)
+            with pytest.raises(TransientError):
+                source.receive(150, 5.0)
+            proxy.pass_through()
+            kept_count = getattr(source, "kept_from_broken_receives", 0)
+            assert kept_count > 0, "the reset left nothing buffered in the SDK"
+            kept = source.receive(150, 1.0)
+            assert len(kept) == kept_count
+            before = broker.message_counts(QUEUE)
+            assert list(source.complete_batch(kept)) == []
+            assert source.settled_by_token == kept_count
+            after = broker.message_counts(QUEUE)
+            assert (after["active"], after["locked"]) == (before["active"] - kept_count, before["locked"] - kept_count)
+            assert after["dead_letter"] == 0
         finally:
             source.close()
             sb.close()
