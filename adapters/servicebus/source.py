@@ -196,6 +196,9 @@ class ServiceBusSource:
     def _keep(self, messages: list[ServiceBusReceivedMessage]) -> None:
         """Messages delivered to a receive that broke: the next receive returns them (settled by lock token)."""
         log.info("Keeping %d messages a broken receive had already taken delivery of", len(messages))
+        if self._receiver is not None:
+            # Renewed from now on: the pump may be holding a batch and not receive for a while.
+            self.locks.hold(self._receiver, messages)
         self._kept.extend(messages)
         self.kept_from_broken_receives += len(messages)
 
