@@ -12,6 +12,7 @@ the caller completes those messages one by one, which is always correct.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -135,9 +136,18 @@ def link_identity(receiver: Any) -> tuple[Any, Any] | None:
 
 
 def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
-    """Remember which link each message arrived on (the SDK reopens its handler, a new link, after errors)."""
+    """Remember which link each message arrived on (the SDK reopens its handler, a new link, after errors).
+
+    By weak reference: a message must not keep a dead connection (and its socket) alive; a link that
+    was collected is not the current one.
+    """
     identity = link_identity(receiver)
-    stamp = None if identity is None else (receiver, *identity)
+    stamp = None
+    if identity is not None:
+        try:
+            stamp = tuple(None if part is None else weakref.ref(part) for part in (receiver, *identity))
+        except TypeError:  # an SDK whose objects take no weak reference: the link cannot be told
+            stamp = None
     for message in messages:
         setattr(message, _LINK_ATTRIBUTE, stamp)
 
@@ -159,11 +169,11 @@ def on_current_link(receiver: Any, message: Any) -> bool | None:
     if stamped is None or identity is None:
         _warn_unknown_link()
         return None
-    seen_receiver, seen_handler, seen_link = stamped
     handler, link = identity
     if handler is None:
         return False
-    return bool(seen_receiver is receiver and seen_handler is handler and seen_link is link)
+    seen = [None if ref is None else ref() for ref in stamped]
+    return bool(seen[0] is receiver and seen[1] is handler and seen[2] is link)
 
 
 def _warn_unknown_link() -> None:

@@ -20,6 +20,13 @@ from worker.service.ports import Delivery
 from worker.service.settings import WorkerSettings
 
 
+class Obj:
+    """An SDK-shaped object that, like the SDK's own, takes weak references."""
+
+    def __init__(self, **attributes: object) -> None:
+        self.__dict__.update(attributes)
+
+
 def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -50,15 +57,24 @@ def test_a_handler_without_its_link_is_never_on_the_current_link(monkeypatch: py
 
 def test_a_link_reattached_in_place_is_a_different_link() -> None:
     """Same receiver and handler, a new link object: the old message is not on the current link."""
-    handler = SimpleNamespace(_link=object())
-    receiver = SimpleNamespace(_handler=handler)
-    old, new = SimpleNamespace(), SimpleNamespace()
+    handler = Obj(_link=Obj())
+    receiver = Obj(_handler=handler)
+    old, new = Obj(), Obj()
     stamp_link(receiver, [old])
-    handler._link = object()
+    handler._link = Obj()
     stamp_link(receiver, [new])
     assert (on_current_link(receiver, old), on_current_link(receiver, new)) == (False, True)
-    handler_gone = SimpleNamespace(_handler=None)
+    handler_gone = Obj(_handler=None)
     assert on_current_link(handler_gone, new) is False
+
+
+def test_a_stamp_does_not_keep_the_link_alive() -> None:
+    """A message holds its link weakly (a dead connection must not outlive it); a collected link is not current."""
+    receiver = Obj(_handler=Obj(_link=Obj()))
+    message = Obj()
+    stamp_link(receiver, [message])
+    receiver._handler = Obj(_link=Obj())  # the old handler is collected now
+    assert on_current_link(receiver, message) is False
 
 
 def test_range_settlement_never_covers_a_message_from_an_unknown_link(monkeypatch: pytest.MonkeyPatch) -> None:
