@@ -839,7 +839,8 @@ class _LinkMark:
         return mark
 
     def current(self, receiver: ServiceBusReceiver) -> bool:
-        return on_current_link(receiver, self)
+        # Unknown (the SDK's link internals moved) counts as replaced: fail closed.
+        return on_current_link(receiver, self) is True
 
 
 def _act_on_targets(
