@@ -21,18 +21,19 @@ Failures: each attempt has a deadline (``attempt_timeout``), kept two ways. The 
 (streaming ingestion, and the management commands queued ingestion starts with) get it as their real
 connect and read timeouts: the SDK's own are minutes long (10 min for streaming plus 30 s slack, 1 h
 for management) and cannot be set per call, so :func:`cap_transport_timeouts` wraps the transport of
-the SDK's HTTP session (the one place this module reaches into SDK internals; if the SDK changes
-shape it logs a WARNING and the sink carries on with the second way alone). And each attempt runs in
-a helper thread the caller waits on for the deadline: that also bounds what the transport cannot,
-such as the storage upload of queued ingestion. At most one attempt thread exists per sink: while an
-abandoned attempt is still waiting for an answer, no new one starts (the flush fails fast as
-transient instead), so a hung endpoint cannot pile up threads. An abandoned attempt that later
-succeeds makes its rows arrive twice, which the EventId dedup view absorbs. Attempts are retried with
-exponential backoff and full jitter up to ``attempts`` times; then :meth:`KustoSink.flush` raises
-:class:`~worker.domain.errors.TransientError` and drops the buffer, as the ``RecordSink`` contract says, so
-the pump abandons (or keeps holding) those messages and they come back: rows are never silently lost.
-SDK exceptions are translated here and their text goes through :func:`worker.service.redaction.redact`
-(storage errors carry SAS URLs).
+the SDK's HTTP sessions (which only the SDK's private attributes reach, in
+:mod:`adapters.kusto.internals`: if the SDK changes shape its guard logs a WARNING and the sink
+carries on with the second way alone). And each attempt runs in a helper thread the caller waits on
+for the deadline: that also bounds what the transport cannot, such as the storage upload of queued
+ingestion. At most one attempt thread exists per sink: while an abandoned attempt is still waiting
+for an answer, no new one starts (the flush fails fast as transient instead), so a hung endpoint
+cannot pile up threads. An abandoned attempt that later succeeds makes its rows arrive twice, which
+the EventId dedup view absorbs. Attempts are retried with exponential backoff and full jitter up to
+``attempts`` times; then :meth:`KustoSink.flush` raises
+:class:`~worker.domain.errors.TransientError` and drops the buffer, as the ``RecordSink`` contract
+says, so the pump abandons (or keeps holding) those messages and they come back: rows are never
+silently lost. SDK exceptions are translated here and their text goes through
+:func:`worker.service.redaction.redact` (storage errors carry SAS URLs).
 
 Authentication: ``https://`` endpoints use AAD through an azure-identity credential
 (``DefaultAzureCredential`` — workload or managed identity in production — unless one is given).
@@ -53,6 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from adapters.kusto.internals import http_sessions
 from adapters.rowbuffer import BufferedRows
 from schemas.models import AssignmentRecord
 from worker.domain.errors import ConfigurationError, TransientError
@@ -354,35 +356,16 @@ def _cap(value: Any, seconds: float) -> float:
     return seconds if value is None else min(float(value), seconds)
 
 
-def _http_sessions(client: Any) -> list[Any]:
-    """The ``requests`` sessions behind an azure-kusto-ingest client (SDK internals, 6.x layout)."""
-    owners = [getattr(client, "_kusto_client", None)]
-    manager = getattr(client, "_resource_manager", None)
-    owners.append(getattr(manager, "_kusto_client", None))
-    return [owner._session for owner in owners if owner is not None and hasattr(owner, "_session")]
-
-
 def cap_transport_timeouts(client: Any, seconds: float) -> int:
     """Give the SDK's HTTP calls real connect/read timeouts of ``seconds``; returns the sessions capped.
 
-    Every access to SDK internals is here, guarded: on any surprise it logs a WARNING and returns 0,
-    and attempts stay bounded by the sink's helper thread alone.
+    0 when the SDK's sessions cannot be reached (the ``transport timeouts`` guard of
+    :mod:`adapters.kusto.internals` said so): attempts stay bounded by the sink's helper thread alone.
     """
-    try:
-        import requests
-
-        capped = 0
-        for session in _http_sessions(client):
-            if not isinstance(session, requests.Session):
-                continue
-            for prefix in ("http://", "https://"):
-                adapter = session.get_adapter(prefix)
-                if not isinstance(adapter, _DeadlineAdapter):
-                    session.mount(prefix, _DeadlineAdapter(adapter, seconds))  # type: ignore[arg-type]
-            capped += 1
-    except Exception as exc:
-        log.warning("Kusto SDK transport timeouts not set (%s); attempts are bounded by the sink's deadline", exc)
-        return 0
-    if capped == 0:
-        log.warning("Kusto SDK layout not recognised: transport timeouts not set; attempts are bounded by the deadline")
-    return capped
+    sessions = http_sessions(client)
+    for session in sessions:
+        for prefix in ("http://", "https://"):
+            adapter = session.get_adapter(prefix)
+            if not isinstance(adapter, _DeadlineAdapter):
+                session.mount(prefix, _DeadlineAdapter(adapter, seconds))  # type: ignore[arg-type]
+    return len(sessions)

@@ -13,9 +13,9 @@ The SDK's connection idle timeout is not reachable through its public API. What 
    the connection alive: :class:`SilenceWatch` asks for it when the receiver has been quiet for
    ``probe_after`` seconds and before settling on a receiver not heard from for that long;
 3. a :class:`Watchdog` that shuts down the socket under any SDK call outliving its deadline, so
-   the blocked call fails like a dropped connection would. This is the one place that reaches into
-   the SDK's private attributes (:func:`abort_connection`); if they move, it logs a warning and the
-   bounds of 1 and 2 remain.
+   the blocked call fails like a dropped connection would. The socket is private to the SDK
+   (:func:`adapters.servicebus.internals.connection_socket`); if it moves, that guard logs a
+   WARNING and the bounds of 1 and 2 remain.
 
 Whatever fails, the adapter drops the sender or receiver and the next call opens a new connection.
 """
@@ -35,6 +35,7 @@ from typing import Any
 from azure.servicebus import ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusError
 
+from adapters.servicebus.internals import connection_socket
 from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -114,19 +115,6 @@ class SilenceWatch:
                 f"{redact(str(exc))}"
             ) from None
         self.heard()
-
-
-def connection_socket(handler_owner: Any) -> socket.socket | None:
-    """The socket under an SDK sender or receiver, or None (not connected yet, or an SDK that changed).
-
-    Reads the pinned SDK's private attributes (``_handler._connection._transport.sock``): the one
-    place that does.
-    """
-    try:
-        sock = handler_owner._handler._connection._transport.sock
-    except AttributeError:
-        return None
-    return sock if isinstance(sock, socket.socket) else None
 
 
 def abort_connection(handler_owner: Any) -> bool:

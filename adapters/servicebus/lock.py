@@ -12,12 +12,16 @@ from typing import Any
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import MessageAlreadySettled, MessageLockLostError, ServiceBusError
 
-from adapters.servicebus.mgmt import MAX_TOKENS_PER_REQUEST, SdkSurfaceMissing, renew_locks
+from adapters.sdk_guards import SdkSurfaceMissing
+from adapters.servicebus.internals import renew_locks
 from worker.service.redaction import redact
 
 log = logging.getLogger(__name__)
 
-#: Renews a group of locks in one request (raises like :func:`adapters.servicebus.mgmt.renew_locks`).
+#: Lock tokens per management request (renewal or settlement): a few KB on the wire.
+MAX_TOKENS_PER_REQUEST = 500
+
+#: Renews a group of locks in one request (raises like :func:`adapters.servicebus.internals.renew_locks`).
 Renew = Callable[[ServiceBusReceiver, Sequence[ServiceBusReceivedMessage]], None]
 
 #: What a renewal may raise that concerns its messages or its connection, not the keeper.
@@ -36,7 +40,7 @@ class LockKeeper:
     Wakes every ``interval`` seconds and renews the locks that expire within ``margin`` seconds, in
     requests of up to ``batch`` lock tokens (Service Bus's ``renew-lock`` takes an array): on a 5 s
     lock every held lock is due every round, and 4,000 renewals one by one took longer than the lock
-    (and spent the SDK's management-link credit, see :mod:`adapters.servicebus.mgmt`). A request
+    (and spent the SDK's management-link credit, see :mod:`adapters.servicebus.internals`). A request
     refused because one of its locks is gone is retried one by one to find it; a request that fails
     on the connection keeps its messages held while their locks may still be alive (the source
     settles them by lock token on its next connection). Locks are held for up to ``max_duration``
@@ -140,10 +144,9 @@ class LockKeeper:
                 self.renew(receiver, messages)
                 self.renewals += len(messages)
                 return
-            except SdkSurfaceMissing as exc:
-                # Fails closed: the public API, one lock per request, from now on.
+            except SdkSurfaceMissing:
+                # Fails closed (the guard said so, once per process): the public API, one lock per request.
                 self._bulk = False
-                log.warning("%s; renewing one lock per request from now on", exc)
             except MessageLockLostError:
                 if len(messages) == 1:
                     self._give_up(messages[0], "its lock was lost")

@@ -2,11 +2,10 @@
 
 The SDK completes one message per round trip and waits for the broker's answer each time; an AMQP
 disposition may cover a range of delivery ids (Microsoft's AMQP stack settles ``first..last`` on the
-receiving side), which is 3-4x faster here. No public SDK API does this, so it uses the pinned SDK's
-internals (``receiver._handler.settle_messages``, ``message._delivery_id``, ``_delivery_tag``,
-``_settled``). Every access to them is in :meth:`RangeSettlement.settle` and nowhere else, inside one
-``try``: a surprise (an SDK upgrade renamed something) turns range settlement off with a WARNING and
-the caller completes those messages one by one, which is always correct.
+receiving side), which is 3-4x faster here. No public SDK API does this: the disposition, the
+delivery ids and the link a message arrived on are read through :mod:`adapters.servicebus.internals`,
+whose guards fail closed. A surprise (an SDK upgrade renamed something) turns range settlement off
+(the guard's one WARNING) and the caller completes those messages one by one, which is always correct.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from typing import Any
 
 from opentelemetry import metrics
 
+from adapters.sdk_guards import SdkSurfaceMissing
+from adapters.servicebus import internals
 from worker.service.ports import Delivery
 from worker.service.redaction import redact
 
@@ -34,7 +35,8 @@ class RangeSettlement:
 
     ``settlements`` counts range dispositions the broker confirmed and ``settled_messages`` the
     messages they covered (also exported as the ``ab.range_settlements`` metric); ``enabled`` turns
-    False, with one WARNING, the first time the SDK's internals are not what this code expects.
+    False the first time the SDK's internals are not what this code expects (the guard's WARNING,
+    once per process).
     """
 
     def __init__(
@@ -60,32 +62,27 @@ class RangeSettlement:
             return list(deliveries)
         settled: set[int] = set()
         try:
-            # Imported here so that an SDK that moved it is one more surprise, not an import error.
-            from azure.servicebus._pyamqp.error import AMQPException
-
+            failed = internals.range_errors()
             for run in _consecutive_runs(deliveries):
                 try:
                     if len(run) > 1 and self._settle_run(receiver, run):
                         settled.update(id(d) for d in run)
-                except (AMQPException, TimeoutError, ValueError, OSError) as exc:
+                except failed as exc:
                     # The link broke or the outcome did not come in time: each message reports its own.
                     self.failures += 1
                     log.info("Range settlement failed (%s); completing one by one", redact(str(exc)))
-        except Exception as exc:
-            self.enabled = False
-            log.warning(
-                "Range settlement turned off: the Service Bus SDK's internals are not as expected (%s: %s); "
-                "completing one message per round trip from now on",
-                type(exc).__name__,
-                redact(str(exc)),
-            )
+        except SdkSurfaceMissing as exc:
+            self.turn_off(str(exc))
+        except Exception as exc:  # anything else the SDK's internals did that this code does not expect
+            internals.GUARDS.trip(internals.RANGE_SETTLEMENT, exc)
+            self.turn_off(f"{type(exc).__name__}: {redact(str(exc))}")
         return [d for d in deliveries if id(d) not in settled]
 
     def turn_off(self, why: str) -> None:
-        """Settle one message per round trip from now on (logged once)."""
+        """Settle one message per round trip from now on (the guard that tripped has said why, once per process)."""
         if self.enabled:
             self.enabled = False
-            log.warning("Range settlement turned off: %s; completing one message per round trip from now on", why)
+            log.info("Range settlement turned off: %s; completing one message per round trip from now on", why)
 
     def _settle_run(self, receiver: Any, run: list[Delivery]) -> bool:
         messages = [d.handle for d in run]
@@ -93,21 +90,19 @@ class RangeSettlement:
         if any(on_current_link(receiver, m) is not True for m in messages):
             return False
         now = datetime.now(UTC)
-        if any(m._settled or (m.locked_until_utc is not None and m.locked_until_utc <= now) for m in messages):
+        if not all(_settleable(m, now) for m in messages):
             return False
-        receiver._handler.settle_messages(
-            (messages[0]._delivery_id, messages[-1]._delivery_id),
-            messages[0]._delivery_tag,
-            "accepted",
-            await_outcome=True,
-            outcome_timeout=self.outcome_timeout,
-        )
-        for message in messages:
-            message._settled = True
+        internals.settle_range(receiver, messages, self.outcome_timeout)
         self.settlements += 1
         self.settled_messages += len(messages)
         self._counter.add(1)
         return True
+
+
+def _settleable(message: Any, now: datetime) -> bool:
+    """Not settled yet (a settled message has no lock token) and its lock not expired."""
+    locked_until = message.locked_until_utc
+    return message.lock_token is not None and (locked_until is None or locked_until > now)
 
 
 #: Each received message carries the receiver and the identity of the AMQP link it arrived on.
@@ -116,24 +111,6 @@ _LINK_ATTRIBUTE = "_ab_received_on"
 #: The stamp of a message whose link could not be told (an SDK whose internals moved).
 UNKNOWN_LINK = None
 
-#: Warnings given once per process.
-_warned: set[str] = set()
-
-
-def link_identity(receiver: Any) -> tuple[Any, Any] | None:
-    """The objects that change when the SDK opens a new receive link: its handler and the handler's link.
-
-    None when the pinned SDK's internals (``receiver._handler._link``) are not there: the link
-    cannot be told, and the caller must not settle by delivery id (see :func:`on_current_link`).
-    A receiver whose handler was shut down (``_handler`` is None) has no link: ``(None, None)``.
-    """
-    try:
-        handler = receiver._handler
-        link = None if handler is None else handler._link
-    except AttributeError:
-        return UNKNOWN_LINK
-    return handler, link
-
 
 def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
     """Remember which link each message arrived on (the SDK reopens its handler, a new link, after errors).
@@ -141,15 +118,19 @@ def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
     By weak reference: a message must not keep a dead connection (and its socket) alive; a link that
     was collected is not the current one.
     """
-    identity = link_identity(receiver)
-    stamp = None
+    identity = internals.link_identity(receiver)
+    stamp = UNKNOWN_LINK
     if identity is not None:
         try:
             stamp = tuple(None if part is None else weakref.ref(part) for part in (receiver, *identity))
-        except TypeError:  # an SDK whose objects take no weak reference: the link cannot be told
-            stamp = None
+        except TypeError as exc:  # an SDK whose objects take no weak reference: the link cannot be told
+            internals.GUARDS.trip(internals.LINK_IDENTITY, exc)
     for message in messages:
-        setattr(message, _LINK_ATTRIBUTE, stamp)
+        try:
+            setattr(message, _LINK_ATTRIBUTE, stamp)
+        except AttributeError as exc:  # a message that takes no attribute (__slots__): unknown, as unstamped
+            internals.GUARDS.trip(internals.LINK_IDENTITY, exc)
+            return
 
 
 def on_current_link(receiver: Any, message: Any) -> bool | None:
@@ -158,16 +139,16 @@ def on_current_link(receiver: Any, message: Any) -> bool | None:
     AMQP delivery ids are per link and start again at 0 on a new one: settling a message from an
     earlier link by its delivery id would settle whichever new message holds that id — completing a
     request whose event was never published. A message from a replaced link is settled by its lock
-    token over the management link instead (:mod:`adapters.servicebus.mgmt`).
+    token over the management link instead (:func:`adapters.servicebus.internals.settle_by_lock_token`).
 
     Fails closed: when the SDK's link internals cannot be read (on the message's receipt or now) the
-    answer is None, never True, and the first such answer turns range settlement off with a WARNING
-    (:meth:`RangeSettlement.settle` checks it).
+    answer is None, never True (the link identity guard's WARNING, once per process), and the caller
+    turns range settlement off.
     """
-    stamped = getattr(message, _LINK_ATTRIBUTE, None)
-    identity = link_identity(receiver)
-    if stamped is None or identity is None:
-        _warn_unknown_link()
+    stamped = getattr(message, _LINK_ATTRIBUTE, UNKNOWN_LINK)
+    identity = internals.link_identity(receiver)
+    if stamped is UNKNOWN_LINK or identity is None:
+        internals.GUARDS.trip(internals.LINK_IDENTITY, "the link a message arrived on is not known")
         return None
     handler, link = identity
     if handler is None:
@@ -176,21 +157,12 @@ def on_current_link(receiver: Any, message: Any) -> bool | None:
     return bool(seen[0] is receiver and seen[1] is handler and seen[2] is link)
 
 
-def _warn_unknown_link() -> None:
-    if "unknown link" not in _warned:
-        _warned.add("unknown link")
-        log.warning(
-            "Cannot tell which AMQP link a message arrived on: the Service Bus SDK's internals are not as "
-            "expected; range settlement is off and each message is settled through the SDK's own API"
-        )
-
-
 def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:
     """Split into runs whose AMQP delivery ids are consecutive (one disposition can cover each run)."""
-    ordered = sorted(deliveries, key=lambda d: d.handle._delivery_id)
+    ordered = sorted(deliveries, key=lambda d: internals.delivery_id(d.handle))
     runs: list[list[Delivery]] = []
     for delivery in ordered:
-        if runs and delivery.handle._delivery_id == runs[-1][-1].handle._delivery_id + 1:
+        if runs and internals.delivery_id(delivery.handle) == internals.delivery_id(runs[-1][-1].handle) + 1:
             runs[-1].append(delivery)
         else:
             runs.append([delivery])

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,17 +19,18 @@ from azure.servicebus.exceptions import (
     SessionLockLostError,
 )
 
+from adapters.sdk_guards import SdkSurfaceMissing
 from adapters.servicebus.convert import to_delivery
-from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError, connection_socket
-from adapters.servicebus.lock import LockKeeper
-from adapters.servicebus.mgmt import (
-    MAX_TOKENS_PER_REQUEST,
-    SdkSurfaceMissing,
+from adapters.servicebus.internals import (
+    connection_socket,
     keep_unreturned_on_failure,
     renew_locks,
+    set_receive_linger,
     settle_by_lock_token,
     top_up_management_credit,
 )
+from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError
+from adapters.servicebus.lock import MAX_TOKENS_PER_REQUEST, LockKeeper
 from adapters.servicebus.settle import RangeSettlement, on_current_link, stamp_link
 from adapters.settlement import complete_each
 from worker.domain.errors import TransientError
@@ -51,7 +52,7 @@ MIN_READ_SLICE = 0.001
 DRAIN_READ_SLICE = 0.2
 
 #: Management requests on one connection after which, when the SDK's link credit cannot be topped up
-#: (:func:`~adapters.servicebus.mgmt.top_up_management_credit`), the receiver is rebuilt: pyAMQP grants
+#: (:func:`~adapters.servicebus.internals.top_up_management_credit`), the receiver is rebuilt: pyAMQP grants
 #: 10,000 and never more.
 MANAGEMENT_REQUESTS_PER_CONNECTION = 9000
 
@@ -61,38 +62,15 @@ _TOKEN_ACTIONS = {"complete_message": "complete", "abandon_message": "abandon", 
 #: What the SDK raises when the broker no longer holds a lock (or the message) for us.
 _LOCK_GONE = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled, MessageNotFoundError)
 
-#: Warnings given once per process.
-_warned: set[str] = set()
-
-
-def set_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
-    """Set how long a receive waits for more messages after the first; False (with a WARNING) if it cannot.
-
-    The pinned SDK has no public option for it: it is the receiver's ``_further_pull_receive_timeout``.
-    When an SDK upgrade renames it, receiving still works, with the SDK's 0.2 s.
-    """
-    if not isinstance(getattr(receiver, "_further_pull_receive_timeout", None), int | float):
-        log.warning("Receive linger not set: the Service Bus SDK's internals changed; receives wait 0.2 s for more")
-        return False
-    receiver._further_pull_receive_timeout = seconds
-    return True
-
 
 def widen_read_slice(receiver: Any, seconds: float) -> bool:
     """Make the receiver's socket reads wait up to ``seconds``; False without a socket to reach.
 
-    A receiver with a handler (or an SDK without the attribute) whose socket cannot be reached means
-    the SDK's internals moved: logged once, since a closing receiver then releases only what crossed
-    the link within two linger-short reads.
+    Without it (not connected, or the connection socket guard tripped) a closing receiver releases
+    only what crossed the link within two linger-short reads.
     """
     sock = connection_socket(receiver)
     if sock is None:
-        if getattr(receiver, "_handler", receiver) is not None and "read slice" not in _warned:
-            _warned.add("read slice")
-            log.warning(
-                "Socket read slice not widened on close: the Service Bus SDK's internals changed; messages "
-                "still crossing a distant link when the worker stops stay locked until their lock expires"
-            )
         return False
     with contextlib.suppress(OSError):
         sock.settimeout(seconds)
@@ -138,7 +116,6 @@ class ServiceBusSource:
         #: none is tried again until the connection has answered since (an outage must not cost a
         #: connection attempt per held message).
         self._token_failed_at: float | None = None
-        self._token_warned = False
         self.reconnects = 0
         #: Messages settled by lock token over the management link (received on a replaced link).
         self.settled_by_token = 0
@@ -170,13 +147,9 @@ class ServiceBusSource:
                     socket_timeout=None if self.linger is None else max(MIN_READ_SLICE, self.linger),
                 )
                 if self.linger is not None:
-                    set_linger(receiver, self.linger)
-                try:
-                    keep_unreturned_on_failure(receiver, lambda: not self._closing, self._keep)
-                except SdkSurfaceMissing as exc:
-                    if "keep" not in _warned:
-                        _warned.add("keep")
-                        log.warning("%s; a connection reset during a receive leaves its messages locked", exc)
+                    set_receive_linger(receiver, self.linger)
+                with contextlib.suppress(SdkSurfaceMissing):  # the guard said so; such messages wait out their locks
+                    keep_unreturned_on_failure(receiver, lambda: not self._closing, self._keep_from(receiver))
                 self._receiver, self._fresh, self._management_requests = receiver, True, 0
             return self._receiver
 
@@ -192,6 +165,15 @@ class ServiceBusSource:
                     log.debug("Ignoring error while closing a broken receiver: %s", redact(str(exc)))
                 finally:
                     self._closing = False
+
+    def _keep_from(self, receiver: ServiceBusReceiver) -> Callable[[list[ServiceBusReceivedMessage]], None]:
+        """Keeps messages stamped with ``receiver``'s dying link: settled by lock token, never by delivery id."""
+
+        def keep(messages: list[ServiceBusReceivedMessage]) -> None:
+            stamp_link(receiver, messages)
+            self._keep(messages)
+
+        return keep
 
     def _keep(self, messages: list[ServiceBusReceivedMessage]) -> None:
         """Messages delivered to a receive that broke: the next receive returns them (settled by lock token)."""
@@ -292,13 +274,8 @@ class ServiceBusSource:
             if self._top_up:
                 try:
                     top_up_management_credit(receiver)
-                except SdkSurfaceMissing as exc:
+                except SdkSurfaceMissing:  # the guard said so: rebuilt every MANAGEMENT_REQUESTS_PER_CONNECTION
                     self._top_up = False
-                    log.warning(
-                        "%s; rebuilding the receiver every %d management requests",
-                        exc,
-                        MANAGEMENT_REQUESTS_PER_CONNECTION,
-                    )
             if not self._top_up and self._management_requests >= MANAGEMENT_REQUESTS_PER_CONNECTION:
                 self._recycle = True
         self.watch.heard()
@@ -333,10 +310,7 @@ class ServiceBusSource:
                     reason=kwargs.get("reason"),
                     description=kwargs.get("error_description"),
                 )
-        except SdkSurfaceMissing as exc:
-            if not self._token_warned:
-                self._token_warned = True
-                log.warning("%s; a message from a replaced link waits out its lock", exc)
+        except SdkSurfaceMissing:  # the guard said so, once per process
             raise SettlementLostError("cannot settle by lock token; the broker redelivers it") from None
         except _LOCK_GONE as exc:
             raise SettlementLostError(f"{type(exc).__name__}: {redact(str(exc))}") from None

@@ -94,20 +94,3 @@ def test_a_hung_endpoint_keeps_threads_bounded_and_attempts_time_out_for_real(ne
         assert never_answers.connections >= FLUSHES  # the attempts really reached the endpoint
     finally:
         sink.close()
-
-
-def test_transport_timeouts_reach_both_sdk_clients_or_warn(caplog: pytest.LogCaptureFixture) -> None:
-    """Streaming and queued clients of the installed SDK get capped; an unknown layout warns, never fails."""
-    from azure.kusto.ingest import KustoStreamingIngestClient, QueuedIngestClient
-
-    from adapters.kusto.sink import cap_transport_timeouts, connection_builder
-
-    builder = connection_builder("http://127.0.0.1:9")
-    for client_type in (KustoStreamingIngestClient, QueuedIngestClient):
-        client = client_type(builder)
-        try:
-            assert cap_transport_timeouts(client, 1.0) == 1, client_type.__name__
-        finally:
-            client.close()
-    assert cap_transport_timeouts(object(), 1.0) == 0
-    assert "transport timeouts not set" in caplog.text

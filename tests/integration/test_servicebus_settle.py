@@ -13,6 +13,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
+from adapters.servicebus.internals import GUARDS
 from adapters.servicebus.settle import RangeSettlement
 
 pytestmark = pytest.mark.integration
@@ -113,7 +114,8 @@ def test_batch_completion_really_settles_by_ranges(broker: LocalBroker) -> None:
 def test_sdk_without_the_private_api_falls_back_one_by_one_with_a_warning(
     broker: LocalBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A receiver without ``_handler``: one WARNING, range settlement off, every message still completed."""
+    """A receiver without its private API: one WARNING per guard it trips, range settlement off, all still completed."""
+    GUARDS.reset()
     ranges = RangeSettlement()
     client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
     with client:
@@ -131,7 +133,10 @@ def test_sdk_without_the_private_api_falls_back_one_by_one_with_a_warning(
     assert not lost_second
     assert not ranges.enabled
     assert ranges.settlements == 0
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "turned off" in r.message]
-    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "link identity is off" in w]) == 1, warnings
+    # Each guard the public-only receiver trips says so once; nothing else warns.
+    assert len(warnings) == len(GUARDS.tripped) == 2, warnings
+    assert GUARDS.tripped == {"link identity", "keeping a broken receive's messages"}
     assert broker.message_counts(QUEUE)["active"] == 0
     assert broker.message_counts(QUEUE)["locked"] == 0

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from azure.servicebus import ServiceBusClient
 
-from adapters.servicebus.source import ServiceBusSource, set_linger
+from adapters.servicebus.internals import GUARDS, receive_linger, set_receive_linger
+from adapters.servicebus.source import ServiceBusSource
 from worker.service.settings import WorkerSettings
 
 CONNECTION = "Endpoint=sb://127.0.0.1:1/;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
@@ -21,7 +22,7 @@ def test_a_linger_shortens_the_wait_and_slices_the_reads() -> None:
     with ServiceBusClient.from_connection_string(CONNECTION) as client:
         receiver: Any = ServiceBusSource(client, "assignment-requests", linger=0.005)._get_receiver()
         try:  # the receiver is built lazily; nothing connects here
-            assert receiver._further_pull_receive_timeout == 0.005
+            assert receive_linger(receiver) == 0.005
             assert receiver._config.socket_timeout == pytest.approx(0.005)
         finally:
             receiver.close()
@@ -33,7 +34,7 @@ def test_without_a_linger_the_sdk_defaults_stand() -> None:
         source = ServiceBusSource(client, "assignment-requests", window=5.0)
         receiver: Any = source._get_receiver()
         try:
-            assert receiver._further_pull_receive_timeout == pytest.approx(0.2)
+            assert receive_linger(receiver) == pytest.approx(0.2)
             assert receiver._config.socket_timeout == pytest.approx(0.2)
             assert source.window == 0.0  # gathering needs a linger
         finally:
@@ -46,9 +47,12 @@ def test_an_sdk_without_the_attribute_gets_a_warning_not_a_crash(caplog: pytest.
     class Receiver:
         pass
 
+    GUARDS.reset()
     with caplog.at_level(logging.WARNING):
-        assert set_linger(Receiver(), 0.05) is False  # type: ignore[arg-type]
-    assert "Receive linger not set" in caplog.text
+        assert set_receive_linger(Receiver(), 0.05) is False
+    assert "receive linger is off" in caplog.text
+    assert "receives wait the SDK's 0.2 s" in caplog.text
+    GUARDS.reset()
 
 
 def test_the_linger_and_window_are_settings_with_bounds() -> None:

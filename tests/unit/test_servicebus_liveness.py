@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from azure.servicebus.exceptions import OperationTimeoutError
 
+from adapters.servicebus.internals import GUARDS
 from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError, Watchdog, abort_connection
 
 
@@ -56,7 +57,8 @@ def test_watchdog_leaves_calls_within_their_deadline_alone() -> None:
 
 
 def test_an_sdk_without_the_expected_internals_is_reported_not_crashed(caplog: pytest.LogCaptureFixture) -> None:
-    """If the SDK's private attributes move, nothing is aborted and one warning says so."""
+    """If the SDK's private attributes move, nothing is aborted, the watchdog says so once and so does the guard."""
+    GUARDS.reset()
     watchdog = Watchdog(repeat=0.05, interval=0.02)
     with caplog.at_level(logging.WARNING), watchdog.deadline(0.05, object()):
         time.sleep(0.3)
@@ -67,6 +69,8 @@ def test_an_sdk_without_the_expected_internals_is_reported_not_crashed(caplog: p
     assert [r.message for r in caplog.records].count(
         "A Service Bus call outlived its deadline and its connection could not be aborted"
     ) == 1
+    assert GUARDS.tripped == {"connection socket"}
+    GUARDS.reset()
 
 
 def test_silence_watch_is_due_only_after_quiet_for_probe_after() -> None:
