@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install run broker test lint checkov unit bench bench-worker lock schemas docs clean
+.PHONY: install run broker test lint checkov unit bench bench-worker sdk-drill lock schemas docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,25 @@ bench: $(STAMP)
 bench-worker: $(STAMP)
 	$(BIN)/python -m bench.bench_worker
 
+## The SDK internals drill: in a scratch virtual environment, the project's lock with the newest
+## azure-servicebus, azure-kusto-data and azure-kusto-ingest on top; runs the contract test of each guard
+## around their private surface there and prints which guards hold, fail closed or are broken
+## (docs/architecture.md), so moving a pin is a measured decision. Not part of `make test`: it downloads.
+## SDK_DRILL_PACKAGES="azure-servicebus==7.14.3" tries given releases instead of the newest.
+SDK_DRILL_VENV ?= .venv-sdk-drill
+SDK_DRILL_PACKAGES ?= azure-servicebus azure-kusto-data azure-kusto-ingest
+$(SDK_DRILL_VENV)/.installed: requirements.lock
+	rm -rf $(SDK_DRILL_VENV)
+	$(PYTHON) -m venv $(SDK_DRILL_VENV)
+	$(SDK_DRILL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(SDK_DRILL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	touch $@
+
+sdk-drill: $(SDK_DRILL_VENV)/.installed
+	$(SDK_DRILL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(SDK_DRILL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade $(SDK_DRILL_PACKAGES)
+	$(SDK_DRILL_VENV)/bin/python -m tests.sdk_drill
+
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate
 	$(BIN)/python -m tests.conformance_cases
@@ -104,4 +123,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(SDK_DRILL_VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -151,6 +151,23 @@ def module_path(module: str) -> Path | None:
     return next((path for path in (base.with_suffix(".py"), base / "__init__.py") if path.is_file()), None)
 
 
+def misplaced_uses(paths: dict[str, Path], allowed: dict[str, str]) -> list[tuple[str, Use]]:
+    """Each use of an SDK's private surface (``allowed``: SDK package → its internals module) outside that module.
+
+    ``paths``: module name → source file, for every module of the product; a module's own package
+    (the files beside it) defines the private names that are its own.
+    """
+    sdk_names = {sdk: sdk_private_names(sdk) for sdk in allowed}
+    sources = {module: path.read_text(encoding="utf-8") for module, path in paths.items()}
+    found = []
+    for module, source in sources.items():
+        package = [sources[m] for m, path in paths.items() if path.parent == paths[module].parent]
+        for use in private_uses(source, sdk_names, defined_private_names(package)):
+            if module not in {allowed[sdk] for sdk in use.sdks}:
+                found.append((module, use))
+    return found
+
+
 class SdkInternalsContract(Contract):
     """Each SDK's private surface is used only by its internals module (``sdk: module`` pairs in ``internals``)."""
 
@@ -166,17 +183,10 @@ class SdkInternalsContract(Contract):
     def check(self, graph: object, verbose: bool) -> ContractCheck:
         """Read every module of the graph's root packages; list each private use outside its SDK's internals module."""
         allowed = self.pairs()
-        sdk_names = {sdk: sdk_private_names(sdk) for sdk in allowed}
         modules = sorted(m for m in graph.modules if not graph.is_module_squashed(m))  # type: ignore[attr-defined]
         paths = {m: path for m in modules if (path := module_path(m)) is not None}
-        sources = {m: path.read_text(encoding="utf-8") for m, path in paths.items()}
-        found = []
-        for module, source in sources.items():
-            package = [sources[m] for m, path in paths.items() if path.parent == paths[module].parent]
-            for use in private_uses(source, sdk_names, defined_private_names(package)):
-                if module not in {allowed[sdk] for sdk in use.sdks}:
-                    found.append((module, use))
-        empty = [sdk for sdk, names in sdk_names.items() if not names]
+        empty = [sdk for sdk in allowed if not sdk_private_names(sdk)]
+        found = misplaced_uses(paths, allowed)
         return ContractCheck(kept=not found and not empty, metadata={"uses": found, "empty": empty})
 
     def render_broken_contract(self, check: ContractCheck) -> None:

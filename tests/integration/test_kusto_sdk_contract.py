@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -38,26 +39,33 @@ def untripped() -> Iterator[None]:
     assert GUARDS.tripped == frozenset(), f"guards tripped: {sorted(GUARDS.tripped)}"
 
 
+@pytest.fixture(params=["KustoStreamingIngestClient", "QueuedIngestClient"])
+def silent_client(request: pytest.FixtureRequest) -> Iterator[tuple[Any, NeverAnswers]]:
+    """An ingest client of the installed SDK aimed at an endpoint that accepts and never answers."""
+    import azure.kusto.ingest
+
+    with NeverAnswers() as silent:
+        client = getattr(azure.kusto.ingest, request.param)(connection_builder(silent.url))
+        try:
+            yield client, silent
+        finally:
+            client.close()
+
+
 @pytest.mark.sdk_guard("transport timeouts")
 @pytest.mark.timeout(120)  # without the cap each ingestion would wait minutes for the silent endpoint
-@pytest.mark.parametrize("client_type", ["KustoStreamingIngestClient", "QueuedIngestClient"])
-def test_the_sessions_found_are_the_ones_the_sdk_sends_through(client_type: str) -> None:
+def test_the_sessions_found_are_the_ones_the_sdk_sends_through(silent_client: tuple[Any, NeverAnswers]) -> None:
     """One session per ingest client; capped, the SDK's own request into silence gives up within the cap's reach."""
-    import azure.kusto.ingest
     from azure.kusto.data.data_format import DataFormat
     from azure.kusto.ingest import IngestionProperties, StreamDescriptor
 
-    with NeverAnswers() as silent:
-        client = getattr(azure.kusto.ingest, client_type)(connection_builder(silent.url))
-        try:
-            sessions = http_sessions(client)
-            assert len(sessions) == 1
-            assert cap_transport_timeouts(client, 0.3) == 1
-            properties = IngestionProperties(database="experiments", table="T", data_format=DataFormat.MULTIJSON)
-            stream = StreamDescriptor(io.BytesIO(b'{"a": 1}\n'), source_id=uuid.uuid4(), size=9)
-            with pytest.raises(Exception) as raised:  # noqa: PT011  (the SDK wraps what requests raised)
-                client.ingest_from_stream(stream, properties)
-            assert any(isinstance(cause, requests.ReadTimeout) for cause in chain(raised.value))
-            assert silent.connections >= 1  # it was the SDK's request that reached the endpoint
-        finally:
-            client.close()
+    client, silent = silent_client
+    sessions = http_sessions(client)
+    assert len(sessions) == 1
+    assert cap_transport_timeouts(client, 0.3) == 1
+    properties = IngestionProperties(database="experiments", table="T", data_format=DataFormat.MULTIJSON)
+    stream = StreamDescriptor(io.BytesIO(b'{"a": 1}\n'), source_id=uuid.uuid4(), size=9)
+    with pytest.raises(Exception) as raised:  # noqa: PT011  (the SDK wraps what requests raised)
+        client.ingest_from_stream(stream, properties)
+    assert any(isinstance(cause, requests.ReadTimeout) for cause in chain(raised.value))
+    assert silent.connections >= 1  # it was the SDK's request that reached the endpoint

@@ -44,6 +44,8 @@ pytestmark = [
 ]
 
 QUEUE = "contract"
+#: For what needs a receiver but no connection.
+UNCONNECTED = "Endpoint=sb://127.0.0.1:1/;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
 CONFIG = {
     "UserConfig": {
         "Namespaces": [
@@ -106,14 +108,16 @@ def counts(broker: LocalBroker) -> tuple[int, int, int]:
 
 
 @pytest.mark.sdk_guard("receive linger")
-def test_the_receive_linger_is_the_attribute_the_sdks_receive_loop_reads(receiver: ServiceBusReceiver) -> None:
+def test_the_receive_linger_is_the_attribute_the_sdks_receive_loop_reads() -> None:
     """It is set and read back, and the receiver's own receive code waits on it for further messages."""
-    assert receive_linger(receiver) == pytest.approx(0.2)  # the SDK's default
-    assert set_receive_linger(receiver, 0.005) is True
-    assert receive_linger(receiver) == 0.005
-    # The wait itself is timing (tests/integration/test_receive_gather.py measures its effect); that the
-    # receive loop reads this attribute is a fact of the SDK's source.
-    assert "self._further_pull_receive_timeout" in inspect.getsource(type(receiver))
+    with ServiceBusClient.from_connection_string(UNCONNECTED) as client:
+        receiver = client.get_queue_receiver(QUEUE)  # built lazily: nothing connects
+        assert receive_linger(receiver) == pytest.approx(0.2)  # the SDK's default
+        assert set_receive_linger(receiver, 0.005) is True
+        assert receive_linger(receiver) == 0.005
+        # The wait itself is timing (tests/integration/test_receive_gather.py measures its effect); that the
+        # receive loop reads this attribute is a fact of the SDK's source.
+        assert "self._further_pull_receive_timeout" in inspect.getsource(type(receiver))
 
 
 @pytest.mark.sdk_guard("connection socket")

@@ -27,11 +27,11 @@ from adapters.servicebus import internals
 from adapters.servicebus.lock import LockKeeper
 from adapters.servicebus.settle import RangeSettlement, on_current_link, stamp_link
 from adapters.servicebus.source import widen_read_slice
+from tests.sdk_drill import CONTRACT_TESTS
 from worker.service.ports import Delivery
 from worker.service.settings import WorkerSettings
 
 CONNECTION = "Endpoint=sb://127.0.0.1:1/;SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true"
-CONTRACT_TESTS = ("tests/integration/test_sdk_contract.py", "tests/integration/test_kusto_sdk_contract.py")
 
 
 class Obj:
