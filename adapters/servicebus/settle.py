@@ -119,6 +119,10 @@ def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
     was collected is not the current one.
     """
     identity = internals.link_identity(receiver)
+    if messages and identity is not None and identity[0] is not None and identity[1] is None:
+        # Messages just came over a link, so the handler has one: the SDK keeps it elsewhere now.
+        internals.GUARDS.trip(internals.LINK_IDENTITY, "an open handler without a link")
+        identity = None
     stamp = UNKNOWN_LINK
     if identity is not None:
         try:
@@ -154,7 +158,8 @@ def on_current_link(receiver: Any, message: Any) -> bool | None:
     if handler is None:
         return False
     seen = [None if ref is None else ref() for ref in stamped]
-    return bool(seen[0] is receiver and seen[1] is handler and seen[2] is link)
+    # No link is never the current one (a message from it is settled by lock token instead).
+    return bool(link is not None and seen[0] is receiver and seen[1] is handler and seen[2] is link)
 
 
 def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:

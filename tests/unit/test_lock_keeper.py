@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from azure.servicebus.exceptions import MessageLockLostError, ServiceBusConnectionError
 
+from adapters.servicebus.internals import GUARDS
 from adapters.servicebus.lock import LockKeeper
 from tests.waiting import wait_for
 
@@ -146,6 +147,7 @@ def test_an_sdk_without_bulk_renewal_falls_back_to_one_by_one_with_one_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Fails closed: correct and slower, one WARNING naming what is missing."""
+    GUARDS.reset()
     receiver = PublicOnlyReceiver()
     keeper = LockKeeper(margin=10.0)
     held: list[Any] = [Message("a"), Message("b")]
@@ -156,7 +158,8 @@ def test_an_sdk_without_bulk_renewal_falls_back_to_one_by_one_with_one_warning(
     keeper.close()
     assert receiver.renewed == ["a", "b", "a", "b"]
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "Bulk lock renewal unavailable: the Service Bus SDK's internals are not as expected "
-        "(AttributeError: 'PublicOnlyReceiver' object has no attribute '_renew_locks'); "
-        "renewing one lock per request from now on"
+        f"azure-servicebus {GUARDS.versions()['azure-servicebus']} internals not as expected, bulk lock renewal "
+        "is off (AttributeError: 'PublicOnlyReceiver' object has no attribute '_renew_locks'): "
+        "renewing one lock per request through the public renew_message_lock"
     ]
+    GUARDS.reset()

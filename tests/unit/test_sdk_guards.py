@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import logging
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +23,6 @@ from pydantic import ValidationError
 from adapters.kusto import internals as kusto_internals
 from adapters.sdk_guards import GuardSet, SdkSurfaceMissing
 from adapters.servicebus import internals
-from adapters.servicebus.lock import LockKeeper
 from adapters.servicebus.settle import RangeSettlement, on_current_link, stamp_link
 from adapters.servicebus.source import widen_read_slice
 from tests.sdk_drill import CONTRACT_TESTS
@@ -200,6 +198,27 @@ def test_a_handler_without_its_link_is_never_on_the_current_link() -> None:
     assert on_current_link(receiver, msg) is None
 
 
+def test_a_link_kept_where_the_guard_does_not_look_is_never_the_current_one() -> None:
+    """An SDK that keeps its link elsewhere and leaves ``_link = None``: None is None must not make it current.
+
+    Messages received through such a handler trip the guard (a receive that returned messages had a
+    link); a handler that simply has no link yet makes nothing current either.
+    """
+    receiver = Obj(_handler=Obj(_link=None, _receive_link=Obj()))
+    msg = Obj()
+    stamp_link(receiver, [msg])
+    assert on_current_link(receiver, msg) is None
+    assert internals.GUARDS.tripped == {"link identity"}
+    internals.GUARDS.reset()
+    stamp_link(receiver, [])  # no messages: nothing to tell, nothing tripped
+    handler = Obj(_link=Obj())
+    linked = Obj(_handler=handler)
+    stamp_link(linked, [msg])
+    handler._link = None  # the link detached, the handler not yet replaced
+    assert on_current_link(linked, msg) is False
+    assert internals.GUARDS.tripped == frozenset()
+
+
 def test_a_message_that_takes_no_stamp_is_never_on_the_current_link() -> None:
     """A message class with ``__slots__`` (no room for the stamp): unknown, not an error in the receive."""
 
@@ -273,23 +292,6 @@ def test_a_settle_messages_whose_signature_changed_trips_the_guard_instead_of_fa
     assert not ranges.enabled
     assert internals.GUARDS.tripped == {"range settlement"}
     assert all(m._settled is False for m in messages)  # never marked settled
-
-
-def test_the_lock_keeper_falls_back_to_one_renewal_per_request() -> None:
-    """Bulk renewal's guard trips: the keeper renews through the public API from then on, losing no lock."""
-    renewed: list[object] = []
-    sdk = SimpleNamespace(renew_message_lock=renewed.append)  # an SDK without _renew_locks
-    keeper = LockKeeper(margin=3600, interval=3600)
-    try:
-        msgs = [message(locked_until_utc=datetime.now(UTC) + timedelta(seconds=60)) for _ in range(3)]
-        keeper.hold(sdk, msgs)  # type: ignore[arg-type]
-        keeper.renew_due()
-        keeper.renew_due()
-    finally:
-        keeper.close()
-    assert renewed == msgs + msgs
-    assert (keeper.renewals, keeper.failures, keeper.held) == (6, 0, 3)
-    assert internals.GUARDS.tripped == {"bulk lock renewal"}
 
 
 def test_widen_read_slice_is_false_when_the_socket_path_moved() -> None:
