@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
+from adapters.kusto import internals as kusto_internals
 from adapters.sdk_guards import GuardSet
+from adapters.servicebus import internals as servicebus_internals
 from tests.sdk_drill import BROKEN, FAILS_CLOSED, HOLDS, NOT_REACHED, UNTESTED, Outcome, table, verdict
 
 
@@ -49,3 +52,14 @@ def test_the_table_names_each_sdk_its_versions_and_each_guards_verdict() -> None
     assert lines[2].split() == ["b", "fails", "closed"]
     assert not all_hold
     assert table([(guards, "7.15.0")], {"a": [Outcome()], "b": [Outcome()]})[1]
+
+
+def test_the_verified_versions_are_the_pinned_ones_and_the_docs_say_so() -> None:
+    """Moving a pin means running the drill: the lock, each internals module and the architecture page agree."""
+    lines = Path("requirements.lock").read_text(encoding="utf-8").splitlines()
+    lock = dict(line.split("==", 1) for line in lines if "==" in line)
+    assert lock["azure-servicebus"] == servicebus_internals.VERIFIED_VERSION
+    assert lock["azure-kusto-data"] == lock["azure-kusto-ingest"] == kusto_internals.VERIFIED_VERSION
+    page = Path("docs/architecture.md").read_text(encoding="utf-8")
+    row = f"| pinned, verified | {servicebus_internals.VERIFIED_VERSION} | {kusto_internals.VERIFIED_VERSION} |"
+    assert row in page
