@@ -130,7 +130,7 @@ def test_a_stopped_process_fails_healthz_naming_it_and_is_replaced_losing_nothin
             PREFETCH="0",
             MAX_BATCH="50",
             HEALTH_PORT=str(health),
-            LIVENESS_TIMEOUT="15",  # a pump's own loop may pause a few seconds on a busy machine
+            LIVENESS_TIMEOUT="26",  # the floor at the default timeouts: a pump may pause that long and be well
             DRAIN_DEADLINE="120",  # a stopped process cannot drain: /healthz stays 503 until it is let go
         )
         worker = WorkerProcess(tmp_path, "supervised", env, "--processes", "2", "--drain")
