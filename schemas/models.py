@@ -7,6 +7,7 @@ fields before the worker knows them; known fields are validated strictly (no typ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
@@ -227,13 +228,19 @@ class AssignmentRequest(BaseModel):
     )
 
     def effective_segment(self) -> str | None:
-        """``segment``, or ``context.segment`` when that is a non-empty string."""
-        if self.segment is not None:
-            return self.segment
-        candidate = (self.context or {}).get("segment")
-        if isinstance(candidate, str) and text_problem(candidate, MAX_SEGMENT_CHARS) is None:
-            return candidate
-        return None
+        """``segment``, or ``context.segment`` when that is a valid segment name (:func:`effective_segment`)."""
+        return effective_segment(self.segment, self.context)
+
+
+def effective_segment(segment: str | None, context: Any) -> str | None:
+    """The segment a request is decided with: ``segment``, else ``context["segment"]`` when that is a
+    valid segment name, else none (``docs/allocation.md`` §2.3). One rule for the worker and the API."""
+    if segment is not None:
+        return segment
+    candidate = context.get("segment") if isinstance(context, Mapping) else None
+    if isinstance(candidate, str) and text_problem(candidate, MAX_SEGMENT_CHARS) is None:
+        return candidate
+    return None
 
 
 class AssignmentEvent(BaseModel):

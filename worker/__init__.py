@@ -8,6 +8,8 @@ The documented Python API (``docs/seeds/ab_assignment_agent.md``)::
 
     from worker import ExperimentRegistry
     registry = ExperimentRegistry.load("deploy/experiments.yaml")
+    registry.assign("exp_001", "U123", segment=None, context={"country": "US"})  # Assignment(variant_id='A', ...)
+    registry.explain("exp_001", "U123")  # each allocation step, then the decision
 
 ``ExperimentRegistry`` is the composition root's (it reads the file through the adapter), imported
 on first use: importing any ``worker`` module stays free of file, YAML and SDK code.

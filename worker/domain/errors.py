@@ -54,6 +54,18 @@ class ConfigurationError(WorkerError, ValueError):
     """A configuration file or setting is invalid; the message names the file and field."""
 
 
+class UnknownExperimentError(WorkerError, LookupError):
+    """An experiment id that the registry does not hold; the message lists the ones it does."""
+
+    def __init__(self, experiment_id: str, source: str, configured: list[str]) -> None:
+        self.experiment_id = experiment_id
+        shown = ", ".join(repr(name) for name in configured[:20])
+        more = f" and {len(configured) - 20} more" if len(configured) > 20 else ""
+        super().__init__(
+            f"experiment {experiment_id!r:.80} is not configured in {source}; configured: {shown or 'none'}{more}"
+        )
+
+
 class SplitRatioError(WorkerError, ValueError):
     """Split ratios are empty, negative, not numbers, or do not sum to 1.0."""
 

@@ -1,37 +1,56 @@
-"""The experiment model: validated experiments, their splits compiled for lookups, found by id.
+"""The experiment model: validated experiments compiled for allocation, found by id.
 
-Pure: this module builds a registry from a parsed document (``{"experiments": [...]}``, from any
-source) or from validated configs, and reads nothing. Reading the experiments file (its size and
-kind, UTF-8, YAML without alias bombs) and reloading it when it changes are the file adapter's
-(:mod:`adapters.experiments`), which the pump sees through the
+Pure: this module builds a registry from a parsed document (``{"layers": [...], "holdouts": [...],
+"experiments": [...]}``, from any source) or from validated models, and reads nothing. Reading the
+experiments file (its size and kind, UTF-8, YAML without alias bombs) and reloading it when it
+changes are the file adapter's (:mod:`adapters.experiments`), which the pump sees through the
 :class:`~worker.service.ports.ExperimentSource` port; App Configuration could be another source.
 The public ``ExperimentRegistry.load(path)`` is the composition root's
 (:class:`worker.bootstrap.ExperimentRegistry`, exported as ``worker.ExperimentRegistry``): it joins
 this model to that reader, so the domain imports no file or YAML code.
 
-Every problem names the source, the experiment and the field, and one load lists all of them.
+Every experiment is compiled by the allocation algebra (:func:`worker.domain.allocation.compile_file`,
+``docs/allocation.md``): its walk of overrides, lifecycle, schedule, targeting, holdouts, layer and
+coverage before the seed rule. An experiment that uses none of those is the seed rule alone.
+
+Every problem names the source, the experiment (or layer, or holdout) and the field, and one load
+lists all of them: field errors, duplicate ids, split problems and the whole-file allocation checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Self
 
 from pydantic import JsonValue, ValidationError
 
-from schemas.models import ExperimentConfig, ExperimentFile
+from schemas.models import (
+    MAX_ID_CHARS,
+    MAX_SEGMENT_CHARS,
+    ExperimentConfig,
+    ExperimentFile,
+    Holdout,
+    Layer,
+    effective_segment,
+)
+from schemas.text import text_problem
+from worker.domain.allocation import AllocatedExperiment, AllocationFile, Explanation, Reason, compile_file
+from worker.domain.allocation import file_problems as allocation_problems
 from worker.domain.assignment import VariantTable, validate_split
-from worker.domain.errors import ConfigurationError, SplitRatioError
+from worker.domain.errors import ConfigurationError, UnknownExperimentError
 
 
 @dataclass(frozen=True, slots=True)
 class Experiment:
-    """A validated experiment with its splits compiled for lookups."""
+    """A validated experiment: its splits compiled for lookups, and its allocation walk."""
 
     config: ExperimentConfig
     table: VariantTable
-    segment_tables: Mapping[str, VariantTable] = field(default_factory=dict)
+    segment_tables: Mapping[str, VariantTable]
+    #: The compiled decision (``decide``/``explain``) and its ``config_version``.
+    allocation: AllocatedExperiment
 
     @property
     def id(self) -> str:
@@ -56,13 +75,42 @@ class Experiment:
         """The variant's metadata from the configuration (empty when none)."""
         return dict(self.config.variants.get(variant_id, {}))
 
+    @property
+    def plain(self) -> bool:
+        """True when the experiment uses no allocation step: every user is bucketed by the seed rule."""
+        return len(self.allocation.steps) == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """One user's assignment through the public API: what they are served, whether they count, and why.
+
+    ``hash_value`` and ``threshold`` are the variant hash and the variant's ``[lower, upper)``, set only
+    when ``reason`` is ``bucketed`` (``docs/allocation.md`` §2.3); ``config_version`` digests what
+    decided it, ``experiment_version`` is the file's ``version``; ``at`` is the decision time (UTC).
+    """
+
+    experiment_id: str
+    user_id: str
+    segment: str | None
+    variant_id: str
+    in_experiment: bool
+    reason: Reason
+    hash_value: float | None
+    threshold: tuple[float, float] | None
+    experiment_version: str
+    config_version: str
+    at: datetime
+
 
 class ExperimentRegistry:
-    """An immutable set of experiments, looked up by id."""
+    """An immutable set of experiments, looked up by id, with the allocation file they came from."""
 
-    def __init__(self, experiments: Mapping[str, Experiment], source: str = "<memory>") -> None:
+    def __init__(self, experiments: Mapping[str, Experiment], allocation: AllocationFile) -> None:
         self._experiments = dict(experiments)
-        self.source = source
+        #: The compiled file, for comparing a reload with it (:func:`worker.domain.allocation.changes`).
+        self.allocation = allocation
+        self.source = allocation.source
 
     def get(self, experiment_id: str) -> Experiment | None:
         """The experiment, or None when it is not configured."""
@@ -77,31 +125,114 @@ class ExperimentRegistry:
     def __len__(self) -> int:
         return len(self._experiments)
 
+    def experiment(self, experiment_id: str) -> Experiment:
+        """The experiment; :class:`UnknownExperimentError` listing the configured ones when it is not here."""
+        found = self._experiments.get(experiment_id)
+        if found is None:
+            raise UnknownExperimentError(experiment_id, self.source, sorted(self._experiments))
+        return found
+
+    # -- the public API: assign and explain --------------------------------------------------------
+
+    def assign(
+        self,
+        experiment_id: str,
+        user_id: str,
+        *,
+        segment: str | None = None,
+        context: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> Assignment:
+        """Decide one user as the worker would decide their request (``docs/allocation.md`` §2.3).
+
+        ``segment`` is the request's segment (else ``context["segment"]`` when that is a valid
+        segment name); ``context`` is read by targeting and goes nowhere else; ``at`` is the decision
+        time, timezone-aware (``None``: now, UTC). Raises :class:`UnknownExperimentError` for an
+        experiment that is not configured, ``ValueError`` for an id, segment or context the wire
+        contract refuses, or for a naive ``at``.
+        """
+        experiment, effective, when = self._prepare(experiment_id, user_id, segment, context, at)
+        decision = experiment.allocation.decide(user_id, effective, context, when)
+        return Assignment(
+            experiment_id,
+            user_id,
+            effective,
+            decision.variant_id,
+            decision.in_experiment,
+            decision.reason,
+            decision.hash_value,
+            decision.threshold,
+            experiment.config.version,
+            experiment.allocation.config_version,
+            when,
+        )
+
+    def explain(
+        self,
+        experiment_id: str,
+        user_id: str,
+        *,
+        segment: str | None = None,
+        context: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> Explanation:
+        """:meth:`assign`, recorded step by step: the same walk, never a second implementation.
+
+        The explanation holds each step's hash input, value and threshold and, for targeting, which
+        clause matched and the kind of the attribute: never a context value.
+        """
+        experiment, effective, when = self._prepare(experiment_id, user_id, segment, context, at)
+        return experiment.allocation.explain(user_id, effective, context, when)
+
+    def _prepare(
+        self,
+        experiment_id: str,
+        user_id: str,
+        segment: str | None,
+        context: Mapping[str, Any] | None,
+        at: datetime | None,
+    ) -> tuple[Experiment, str | None, datetime]:
+        experiment = self.experiment(experiment_id)
+        problem = text_problem(user_id, MAX_ID_CHARS)
+        if problem:
+            raise ValueError(f"user_id {problem} (got {user_id!r:.80})")
+        if segment is not None:
+            problem = text_problem(segment, MAX_SEGMENT_CHARS)
+            if problem:
+                raise ValueError(f"segment {problem} (got {segment!r:.80})")
+        if context is not None and not isinstance(context, Mapping):
+            raise ValueError(f"context must be a mapping (a JSON object) or None, got {type(context).__name__}")
+        when = datetime.now(UTC) if at is None else at
+        if when.tzinfo is None:
+            raise ValueError("at must be timezone-aware (UTC); got a naive datetime")
+        return experiment, effective_segment(segment, context), when
+
+    # -- building ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, file: ExperimentFile, source: str = "<memory>") -> Self:
+        """Compile a validated file; raises :class:`ConfigurationError` listing every problem of it."""
+        allocation = compile_file(file, source)
+        experiments = {
+            experiment_id: _experiment(allocation.configs[experiment_id], allocated)
+            for experiment_id, allocated in allocation.experiments.items()
+        }
+        return cls(experiments, allocation)
+
     @classmethod
     def from_configs(cls, configs: list[ExperimentConfig], source: str = "<memory>") -> Self:
-        """Compile validated configs; raises :class:`ConfigurationError` naming source and experiment."""
-        problems: list[str] = []
-        experiments: dict[str, Experiment] = {}
-        for config in configs:
-            if config.id in experiments:
-                problems.append(f"{source}: experiment {config.id!r}: duplicate id")
-                continue
-            compiled = _compile(config, source, problems)
-            if compiled is not None:
-                experiments[config.id] = compiled
-        if problems:
-            raise ConfigurationError("\n".join(problems))
-        return cls(experiments, source)
+        """Compile validated experiments (no layers or holdouts); raises :class:`ConfigurationError`."""
+        return cls.from_file(ExperimentFile.model_construct(layers=[], holdouts=[], experiments=list(configs)), source)
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<memory>") -> Self:
-        """Validate a parsed registry document (``{"experiments": [...]}``); ``source`` names it in errors."""
+        """Validate a parsed registry document; ``source`` names it in errors, which list every problem."""
         try:
             parsed = ExperimentFile.model_validate(data)
         except ValidationError as exc:
             problems = [_describe_validation(exc, data, source), *_problems_beyond_fields(data, source)]
             raise ConfigurationError("\n".join(problems)) from None
-        return cls.from_configs(parsed.experiments, source)
+        return cls.from_file(parsed, source)
 
     @classmethod
     def single(
@@ -119,11 +250,26 @@ class ExperimentRegistry:
         return cls.from_configs([config], "--split")
 
 
+def _experiment(config: ExperimentConfig, allocated: AllocatedExperiment) -> Experiment:
+    # compile_file has validated every split already: these cannot raise.
+    tables = {segment: VariantTable(validate_split(split)) for segment, split in config.segments.items()}
+    return Experiment(config, VariantTable(validate_split(config.split)), tables, allocated)
+
+
 def _problems_beyond_fields(data: Any, source: str) -> list[str]:
-    """Duplicate ids and split problems of a file that also has field errors, so one run lists all."""
-    items = data.get("experiments") if isinstance(data, dict) else None
+    """Duplicate ids, split problems and whole-file allocation problems of a file with field errors.
+
+    The parts that validate are compiled together, so one run lists every problem. A layer or
+    holdout whose own fields are wrong still stands in for its id, so experiments naming it are not
+    also reported as naming an unknown one.
+    """
+    document = data if isinstance(data, dict) else {}
+    layers = _valid_or_placeholder(document.get("layers"), Layer, {"salt": None})
+    holdouts = _valid_or_placeholder(document.get("holdouts"), Holdout, {"salt": None, "share": 0.0})
     problems: list[str] = []
+    configs: list[ExperimentConfig] = []
     seen: set[str] = set()
+    items = document.get("experiments")
     for item in items if isinstance(items, list) else []:
         experiment_id = item.get("id") if isinstance(item, dict) else None
         if isinstance(experiment_id, str):
@@ -132,44 +278,33 @@ def _problems_beyond_fields(data: Any, source: str) -> list[str]:
                 continue
             seen.add(experiment_id)
         try:
-            config = ExperimentConfig.model_validate(item)
+            configs.append(ExperimentConfig.model_validate(item))
         except ValidationError:
             continue  # its field errors are already listed
-        _compile(config, source, problems)
-    return problems
+    partial = ExperimentFile.model_construct(layers=layers, holdouts=holdouts, experiments=configs)
+    return problems + allocation_problems(partial, source)
 
 
-def _compile(config: ExperimentConfig, source: str, problems: list[str]) -> Experiment | None:
-    where = f"{source}: experiment {config.id!r}"
-    try:
-        table = VariantTable(validate_split(config.split))
-    except SplitRatioError as exc:
-        problems.append(f"{where}: field 'split': {exc}")
-        return None
-    unknown = sorted(set(config.variants) - set(config.split))
-    if unknown:
-        problems.append(f"{where}: field 'variants': metadata for variants not in the split: {unknown}")
-    segment_tables: dict[str, VariantTable] = {}
-    for segment, split in config.segments.items():
+def _valid_or_placeholder(items: Any, model: type[Layer] | type[Holdout], defaults: dict[str, Any]) -> list[Any]:
+    found: list[Any] = []
+    for item in items if isinstance(items, list) else []:
         try:
-            segment_tables[segment] = VariantTable(validate_split(split))
-        except SplitRatioError as exc:
-            problems.append(f"{where}: field 'segments.{segment}': {exc}")
-            continue
-        extra = sorted(set(split) - set(config.split))
-        if extra:
-            problems.append(f"{where}: field 'segments.{segment}': variants not in the experiment's split: {extra}")
-    return Experiment(config, table, segment_tables)
+            found.append(model.model_validate(item))
+        except ValidationError:
+            identifier = item.get("id") if isinstance(item, dict) else None
+            if isinstance(identifier, str):
+                found.append(model.model_construct(id=identifier, **defaults))
+    return found
 
 
 def _describe_validation(exc: ValidationError, data: Any, source: str) -> str:
-    """One line per problem: file, experiment (by id when readable), field path, message."""
+    """One line per problem: file, experiment (or layer, holdout) by id when readable, field path, message."""
     lines = []
     for error in exc.errors(include_url=False, include_input=False):
         loc = list(error["loc"])
         where = source
-        if len(loc) >= 2 and loc[0] == "experiments" and isinstance(loc[1], int):
-            where += f": experiment {_experiment_label(data, loc[1])}"
+        if len(loc) >= 2 and loc[0] in _GROUPS and isinstance(loc[1], int):
+            where += f": {_GROUPS[str(loc[0])]} {_item_label(data, str(loc[0]), loc[1])}"
             loc = loc[2:]
         path = ".".join(str(part) for part in loc) or "(top level)"
         message = error["msg"]
@@ -179,9 +314,13 @@ def _describe_validation(exc: ValidationError, data: Any, source: str) -> str:
     return "\n".join(lines)
 
 
-def _experiment_label(data: Any, index: int) -> str:
+#: Top-level lists of the file, and what one item of each is called in an error.
+_GROUPS = {"experiments": "experiment", "layers": "layer", "holdouts": "holdout"}
+
+
+def _item_label(data: Any, group: str, index: int) -> str:
     try:
-        experiment_id = data["experiments"][index]["id"]
+        identifier = data[group][index]["id"]
     except (KeyError, IndexError, TypeError):
         return f"#{index + 1}"
-    return repr(experiment_id) if isinstance(experiment_id, str) else f"#{index + 1}"
+    return repr(identifier) if isinstance(identifier, str) else f"#{index + 1}"
