@@ -27,7 +27,10 @@ from pydantic_core import core_schema
 from schemas.instants import INSTANT_PATTERN, datetime_of_instant, instant_of, instant_problem
 from schemas.text import REFUSED_CLASS, SURROGATE_CLASS, character_problem, surrogate_problem, text_problem
 
-SCHEMA_VERSION = "1.0"
+#: The contract's version, stamped on every event and row. The minor version rises when fields are
+#: added (1.1: ``in_experiment``, ``reason`` and ``config_version`` on events, their columns on rows);
+#: nothing of a 1.x contract is ever removed or changed, and requests of any 1.x are accepted.
+SCHEMA_VERSION = "1.1"
 
 #: Limits on request input. A request over any of them is dead-lettered with the limit named; the
 #: JSON Schemas state every one of them, so a body the schema accepts is one the worker accepts.
@@ -260,13 +263,36 @@ class AssignmentEvent(BaseModel):
     correlation_id: str = Field(description="The request message's correlation id, else its message id.")
     variant_id: str = Field(description="The assigned variant.")
     hash_value: float | None = Field(
-        ge=0.0, lt=1.0, description="The user's bucket in [0, 1), 6 decimal places (null for cohort assignments)."
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "The user's bucket in [0, 1), 6 decimal places; null unless reason is bucketed (no variant hash "
+            "decided the others) and for cohort assignments."
+        ),
     )
     threshold: tuple[float, float] | None = Field(
-        description="The variant's [lower, upper) bucket range (null for cohort assignments)."
+        description="The variant's [lower, upper) bucket range; null unless reason is bucketed, and for cohorts."
+    )
+    in_experiment: bool = Field(
+        description=(
+            "True when the user counts in the experiment's results (reason bucketed, or stratified for cohorts); "
+            "false when a gate served the experiment's control, an override or the launched variant."
+        )
+    )
+    reason: str = Field(
+        description=(
+            "Which step decided (docs/allocation.md): override, draft, stopped, launched, not_started, ended, "
+            "targeting, holdout, layer, coverage or bucketed; stratified for cohort assignments."
+        )
     )
     experiment_id: str = Field(description="The experiment.")
     experiment_version: str = Field(description="Version of the experiment configuration that was applied.")
+    config_version: str = Field(
+        description=(
+            "Digest of everything that decided the experiment's assignments (16 hex digits, docs/allocation.md "
+            "§2.8): it changes when, and only when, the decision could; empty for cohort assignments."
+        )
+    )
     user_id: str = Field(description="The assigned user.")
     segment: str | None = Field(default=None, description="Segment used to choose the split, if any.")
     strategy: Literal["md5_hash", "stratified_random"] = Field(description="How the variant was chosen.")
@@ -321,6 +347,10 @@ class AssignmentRecord(BaseModel):
     SchemaVersion: str
     ExperimentArm: str
     CohortId: str
+    #: Appended last: Kusto's ``.alter-merge`` adds columns at the end of the table.
+    InExperiment: bool
+    Reason: str
+    ConfigVersion: str
 
     @classmethod
     def from_event(cls, event: AssignmentEvent) -> AssignmentRecord:
@@ -348,6 +378,9 @@ class AssignmentRecord(BaseModel):
             SchemaVersion=event.schema_version,
             ExperimentArm=event.experiment_arm or "",
             CohortId=event.cohort_id or "",
+            InExperiment=event.in_experiment,
+            Reason=event.reason,
+            ConfigVersion=event.config_version,
         )
 
     #: Kusto column types, in column order: used by deploy/kusto and the ingestion mapping.

@@ -58,6 +58,9 @@ def record(i: int) -> AssignmentRecord:
         SchemaVersion="1.0",
         ExperimentArm="",
         CohortId="",
+        InExperiment=True,
+        Reason="bucketed",
+        ConfigVersion="5e1f0c2d9a8b7c6d",
     )
 
 

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
-from schemas import AssignmentEvent
+from schemas import SCHEMA_VERSION, AssignmentEvent
 from tests.waiting import wait_for
 from worker.bootstrap import bootstrap, stop_on_signals
 from worker.domain.errors import PermanentError, TransientError
@@ -75,7 +75,7 @@ def test_success_publishes_records_then_completes():
         "event_type": "assignment",
         "experiment_id": "exp_001",
         "variant_id": "A",
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
     }
     assert [r.EventId for r in sink.rows] == [body["event_id"]]
 
@@ -378,7 +378,7 @@ def test_settlement_policy_is_one_pure_function():
     assert settlement_for(ValueError()).disposition is Disposition.ABANDON
     event = AssignmentEvent.model_validate_json(
         '{"event_id":"e","correlation_id":"c","variant_id":"A","hash_value":0.1,"threshold":[0,0.5],'
-        '"experiment_id":"x","experiment_version":"1","user_id":"u","strategy":"md5_hash","deterministic":true,'
+        '"in_experiment":true,"reason":"bucketed","config_version":"0123456789abcdef","experiment_id":"x","experiment_version":"1","user_id":"u","strategy":"md5_hash","deterministic":true,'
         '"seed":"s","split_ratio":{"A":1.0},"assigned_at":"2026-01-01T00:00:00Z"}'
     )
     assert settlement_for(event).disposition is Disposition.COMPLETE

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
-from schemas import AssignmentEvent, AssignmentRecord, AssignmentRequest, ExperimentConfig
+from schemas import SCHEMA_VERSION, AssignmentEvent, AssignmentRecord, AssignmentRequest, ExperimentConfig
 from schemas.generate import HERE, SCHEMA_FILES, render
 from schemas.models import MAX_BODY_BYTES, MAX_ID_CHARS
 from schemas.text import REFUSED_CLASS, text_problem
@@ -27,7 +27,7 @@ from worker.service.ports import Delivery
 def test_minimal_request():
     """user_id and experiment_id are enough; the rest defaults."""
     request = AssignmentRequest.model_validate({"user_id": "U1", "experiment_id": "exp_001"})
-    assert request.schema_version == "1.0"
+    assert request.schema_version == SCHEMA_VERSION == "1.1"
     assert request.context is None
     assert request.effective_segment() is None
 
@@ -87,8 +87,11 @@ def _event(**overrides):
         "variant_id": "A",
         "hash_value": 0.25,
         "threshold": (0.0, 0.5),
+        "in_experiment": True,
+        "reason": "bucketed",
         "experiment_id": "e",
         "experiment_version": "1",
+        "config_version": "5e1f0c2d9a8b7c6d",
         "user_id": "U",
         "strategy": "md5_hash",
         "deterministic": True,

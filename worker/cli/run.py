@@ -206,9 +206,11 @@ class _EventViewer:
         self.shown += 1
         event = json.loads(body)
         segment = f" [{event['segment']}]" if event.get("segment") else ""
+        # Only a bucketed user has a bucket; any other answer names the step that decided it.
+        why = f"bucket {event['hash_value']:.6f}" if event.get("hash_value") is not None else event.get("reason")
         print(
             f"event  {event['user_id']:<8} {event['experiment_id']}{segment} → {event['variant_id']}"
-            f"  (bucket {event['hash_value']:.6f}, event_id {event['event_id'][:8]}…, context {event['context']})",
+            f"  ({why}, event_id {event['event_id'][:8]}…, context {event['context']})",
             flush=True,
         )
         if self.shown == self.SHOW:

@@ -25,11 +25,13 @@ from schemas.models import (
     CohortAssignmentRequest,
     CohortReportEvent,
 )
-from worker.domain.assignment import BUCKETS, bucket_int
 from worker.domain.errors import DeadLetterReason, DecodeError, PermanentError
 from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
 from worker.service.ports import Delivery, OutboundEvent
+
+#: The ``reason`` of a cohort member's event: stratified randomisation decided it (``docs/wire-contract.md``).
+COHORT_REASON = "stratified"
 
 #: Namespace for event ids: uuid5(EVENT_NAMESPACE, message_id). Fixed forever: changing it would
 #: give redelivered requests new ids and defeat duplicate detection downstream.
@@ -52,8 +54,8 @@ REPLAY_ORIGINAL_MESSAGE_ID = "ab_replay_original_message_id"
 
 #: Application property ``dlq replay`` sets on a resubmitted copy: the enqueued time of the request as
 #: first published (ISO 8601 with its UTC offset), kept across replays of replays. A copy is decided
-#: at that time, so its events are byte-identical to the original's: ``assigned_at`` (and, once
-#: allocation has time windows, whether the request falls in them) must not depend on when an
+#: at that time, so its events are byte-identical to the original's: ``assigned_at``, and whether the
+#: request falls in an experiment's ``start_at``/``end_at`` window, must not depend on when an
 #: operator replayed it.
 REPLAY_ORIGINAL_ENQUEUED_TIME = "ab_replay_original_enqueued_time"
 
@@ -194,7 +196,12 @@ def assign(
     registry: ExperimentRegistry,
     context_allow_list: Collection[str] = (),
 ) -> AssignmentEvent:
-    """The event for a valid request; :class:`PermanentError` when its experiment is unknown."""
+    """The event for a valid request; :class:`PermanentError` when its experiment is unknown.
+
+    Decided by the experiment's allocation (``docs/allocation.md``) with the request's effective
+    segment, its whole context (targeting reads it here; only allow-listed keys reach the event) and
+    the decision time. An experiment without allocation fields is the seed rule alone, bit for bit.
+    """
     experiment = registry.get(request.experiment_id)
     if experiment is None:
         raise PermanentError(
@@ -203,31 +210,33 @@ def assign(
             f"({counted(len(registry), 'experiment')} in {registry.source})",
         )
     segment = request.effective_segment()
-    table = experiment.table_for(segment)
+    assigned_at = decision_time(delivery)
+    at = assigned_at if assigned_at.tzinfo is not None else assigned_at.replace(tzinfo=UTC)
+    allocation = experiment.allocation
+    decision = allocation.decide(request.user_id, segment, request.context, at)
     config = experiment.config
-    value = bucket_int(config.seed, config.id, request.user_id)
-    index = table.index_for(value)
-    variant_id = table.variant_ids[index]
-    lower, upper = table.thresholds[variant_id]
     return AssignmentEvent(
         schema_version=SCHEMA_VERSION,
         event_id=event_id_for(request_identity(delivery)),
         request_id=request.request_id,
         correlation_id=delivery.correlation_id or request_identity(delivery),
-        variant_id=variant_id,
-        hash_value=round(value / BUCKETS, 6),
-        threshold=(lower, upper),
+        variant_id=decision.variant_id,
+        hash_value=decision.hash_value,
+        threshold=decision.threshold,
+        in_experiment=decision.in_experiment,
+        reason=decision.reason.value,
         experiment_id=config.id,
         experiment_version=config.version,
+        config_version=allocation.config_version,
         user_id=request.user_id,
         segment=segment,
         strategy="md5_hash",
         deterministic=True,
         seed=config.seed,
         split_ratio=dict(experiment.split_for(segment)),
-        variant_metadata=experiment.metadata_for(variant_id),
+        variant_metadata=experiment.metadata_for(decision.variant_id),
         context=allowed_context(request.context, context_allow_list),
-        assigned_at=decision_time(delivery),
+        assigned_at=assigned_at,
     )
 
 
@@ -326,8 +335,13 @@ def assign_cohort(
             variant_id=record.variant_id,
             hash_value=None,
             threshold=None,
+            # Stratified: every member counts. The registry's allocation steps do not apply to cohorts
+            # yet, so there is no configuration digest to stamp.
+            in_experiment=True,
+            reason=COHORT_REASON,
             experiment_id=request.experiment_id,
             experiment_version="cohort",
+            config_version="",
             user_id=record.customer_id,
             segment=record.segment,
             strategy="stratified_random",

@@ -58,7 +58,11 @@ class PumpStats:
     downstream_retries: int = 0
     batches: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
+    #: Users in their experiment (``in_experiment``: the ones results and the SRM check count), by
+    #: (experiment, variant).
     assignments: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Users served a variant outside their experiment (override, holdout, coverage…), by (experiment, reason).
+    outside: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def settled(self) -> int:
@@ -145,7 +149,10 @@ class Counting(PumpObserver):
         if settlement.disposition is Disposition.COMPLETE and handled is not None:
             self.stats.completed += 1
             for event in handled.events:
-                self.stats.assignments[(event.experiment_id, event.variant_id)] += 1
+                if event.in_experiment:
+                    self.stats.assignments[(event.experiment_id, event.variant_id)] += 1
+                else:
+                    self.stats.outside[(event.experiment_id, event.reason)] += 1
         elif settlement.disposition is Disposition.DEAD_LETTER:
             self.stats.dead_letters[settlement.reason] += 1
         elif settlement.disposition is Disposition.ABANDON:
@@ -284,7 +291,9 @@ class Telemetry(PumpObserver):
         self.topic_name = topic_name
         self._tracer = trace.get_tracer("ab_assignment_worker", tracer_provider=tracer_provider)
         meter = metrics.get_meter("ab_assignment_worker", meter_provider=meter_provider)
-        self._assignments = meter.create_counter("ab.assignments", description="Assignments by experiment and variant")
+        self._assignments = meter.create_counter(
+            "ab.assignments", description="Assignments by experiment, variant and reason (bucketed: in the experiment)"
+        )
         self._dead_letters = meter.create_counter("ab.dead_letters", description="Dead-lettered requests by reason")
         self._abandoned = meter.create_counter("ab.abandoned", description="Requests released for redelivery")
         self._settlement_lost = meter.create_counter(
@@ -348,6 +357,11 @@ class Telemetry(PumpObserver):
                 span.set_attribute("feature_flag.key", event.experiment_id)
                 span.set_attribute("feature_flag.result.variant", event.variant_id)
                 span.set_attribute("feature_flag.provider.name", "ab-assignment-worker")
+                # Why this variant, and whether the user counts: what tells a held-out or not-yet-ramped
+                # user from a bucketed one in App Insights (never a context value: those stay inside).
+                span.set_attribute("ab.reason", event.reason)
+                span.set_attribute("ab.in_experiment", event.in_experiment)
+                span.set_attribute("ab.config_version", event.config_version)
             elif handled is not None:
                 span.set_attribute("ab.cohort.member_count", len(handled.events))
             if settlement.disposition is Disposition.DEAD_LETTER:
@@ -360,7 +374,10 @@ class Telemetry(PumpObserver):
         self._latency.record(time.perf_counter() - started)
         if settlement.disposition is Disposition.COMPLETE and handled is not None:
             for event in handled.events:
-                self._assignments.add(1, {"experiment_id": event.experiment_id, "variant_id": event.variant_id})
+                self._assignments.add(
+                    1,
+                    {"experiment_id": event.experiment_id, "variant_id": event.variant_id, "reason": event.reason},
+                )
         elif settlement.disposition is Disposition.DEAD_LETTER:
             self._dead_letters.add(1, {"reason": settlement.reason})
         elif settlement.disposition is Disposition.ABANDON:
