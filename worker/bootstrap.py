@@ -109,11 +109,13 @@ def bootstrap(
         source = source or servicebus_source(settings, client)
         publisher = publisher or servicebus_publisher(settings, client)
     config = config or pump_config(settings)
+    registry = registry or experiments(settings)
+    _count_reload_failures(registry, meter_provider)
     return Pump(
         source,
         publisher,
         sink if sink is not None else record_sink(settings, rows_path),
-        registry or experiments(settings),
+        registry,
         config=config,
         observers=[
             Logging(),
@@ -165,6 +167,18 @@ def experiments(settings: WorkerSettings) -> ReloadingRegistry:
     if not settings.experiments_file:
         raise UsageError("no experiments: pass --config FILE or set AB_WORKER_EXPERIMENTS_FILE")
     return ReloadingRegistry(settings.experiments_file, interval=settings.reload_interval)
+
+
+def _count_reload_failures(registry: ExperimentSource, meter_provider: MeterProvider | None) -> None:
+    """A reloading experiments file counts the reloads it did not apply with the pump's meter provider.
+
+    The file is read (and refused when broken) before telemetry is set up, so the meter is handed to
+    it here, where the two meet.
+    """
+    from adapters.experiments import ReloadingRegistry
+
+    if isinstance(registry, ReloadingRegistry):
+        registry.count_in(meter_provider)
 
 
 class ExperimentRegistry(model.ExperimentRegistry):
