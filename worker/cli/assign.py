@@ -11,8 +11,18 @@ from pathlib import Path
 from typing import IO, Any
 
 from worker.bootstrap import ExperimentRegistry
-from worker.cli.common import EXIT_OK, EXIT_PARTIAL, check_input, check_output, formatter, open_output, parse_split
-from worker.domain.errors import PermanentError, UsageError
+from worker.cli.common import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    check_input,
+    check_output,
+    formatter,
+    moment,
+    open_output,
+    parse_split,
+)
+from worker.domain.errors import ConfigurationError, PermanentError, UsageError
+from worker.domain.moments import utc_iso
 from worker.domain.plural import counted
 from worker.domain.registry import Experiment
 
@@ -138,14 +148,73 @@ def _progress_bar(stack: ExitStack, binary: IO[bytes], source: Path) -> Any:
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
-    """Check a registry file; print each problem, exit 2 when there is any."""
+    """Check a registry file (and, with ``--against``, the edit from another); exit 2 on any problem."""
     registry = ExperimentRegistry.load(args.file)
+    if args.against:
+        return _compare(args, registry)
     for experiment in registry:
-        config = experiment.config
-        segments = f", {len(config.segments)} segment overrides" if config.segments else ""
-        split = ", ".join(f"{k}={v}" for k, v in sorted(config.split.items()))
-        print(f"ok  {config.id} v{config.version} seed={config.seed!r} split {split}{segments}")
+        print(f"ok  {describe_experiment(experiment)}")
     print(f"{args.file}: {counted(len(registry), 'experiment')}, {'valid' if len(registry) == 1 else 'all valid'}")
+    return EXIT_OK
+
+
+def describe_experiment(experiment: Experiment) -> str:
+    """One line: id, version, seed, split, and each allocation feature the experiment uses."""
+    config = experiment.config
+    split = ", ".join(f"{k}={v}" for k, v in sorted(config.split.items()))
+    parts = [f"{config.id} v{config.version} seed={config.seed!r} split {split}"]
+    if config.segments:
+        parts.append(counted(len(config.segments), "segment split"))
+    if config.status != "running":
+        parts.append(f"status {config.status}" + (f" ({config.launched})" if config.launched else ""))
+    if config.start_at or config.end_at:
+        window = (
+            utc_iso(config.start_at) if config.start_at else "-",
+            utc_iso(config.end_at) if config.end_at else "-",
+        )
+        parts.append(f"from {window[0]} until {window[1]}")
+    if config.targeting:
+        parts.append(f"targeting on {', '.join(sorted(config.targeting))}")
+    if config.holdouts:
+        parts.append(f"holdouts {', '.join(config.holdouts)}")
+    if config.layer:
+        low, high = config.layer.range
+        parts.append(f"layer {config.layer.id} [{low}, {high})")
+    if config.coverage < 1:
+        parts.append(f"coverage {config.coverage:g}")
+    if config.overrides:
+        parts.append(counted(len(config.overrides), "override"))
+    if not experiment.plain or config.control is not None:
+        parts.append(f"control {experiment.allocation.control}")
+    return "; ".join(parts) + f"  [config {experiment.allocation.config_version}]"
+
+
+def _compare(args: argparse.Namespace, new: ExperimentRegistry) -> int:
+    """``--against OLD``: per experiment, what changed and the share of users who would move; 2 when refused."""
+    from worker.domain.allocation import changes
+    from worker.domain.allocation.changes import SAMPLE
+
+    old = ExperimentRegistry.load(args.against)
+    at = args.at or datetime.now(UTC)
+    report = changes(old.allocation, new.allocation, at=at)
+    print(f"{args.file} against {args.against}, decided at {utc_iso(at)}:")
+    for change in report.experiments:
+        print(f"{change.kind:<10} {change.experiment_id}")
+        for line in change.changed:
+            print(f"{'':<11}{line}")
+        if change.kind == "changed" and change.moved_share is not None:
+            segments = "".join(f"; segment {s}: {share:.2%}" for s, share in change.segment_moved_share.items())
+            print(f"{'':<11}users whose variant or exposure would change: {change.moved_share:.2%}{segments}")
+        for reason in change.refusals:
+            print(f"{'':<11}REFUSED: {reason}")
+    print(
+        f"(estimated on {SAMPLE:,} synthetic users with no context: targeting is taken as matched, "
+        "since requests' contexts are not in the file)"
+    )
+    if report.refused:
+        print(f"{args.file}: the worker would refuse this reload over {args.against} and keep running the old file")
+        raise ConfigurationError(report.refusal_message(args.file))
+    print(f"{args.file}: a safe edit of {args.against}; a running worker would reload it")
     return EXIT_OK
 
 
@@ -193,9 +262,28 @@ def add_commands(commands: Any) -> None:
         help="check an experiments file and list its experiments",
         description=(
             "Validate an experiments registry file (YAML or JSON).\n"
-            "Exit 0 when valid; 2 with every problem listed (file, experiment, field) otherwise."
+            "Exit 0 when valid; 2 with every problem listed (file, experiment, field) otherwise.\n"
+            "With --against OLD: also compare it with the file running now (docs/allocation.md, safe edits):\n"
+            "per experiment what changed and the share of users whose variant or exposure would change;\n"
+            "exit 2 when a running worker would refuse the reload (change the experiment's version)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  ab-worker validate-config deploy/experiments.yaml\n"
+            "  ab-worker validate-config new.yaml --against deploy/experiments.yaml"
         ),
         formatter_class=formatter,
     )
     validate.add_argument("file", help="registry file, e.g. deploy/experiments.yaml")
+    validate.add_argument(
+        "--against",
+        metavar="OLD",
+        help="the file running now: show what changes per experiment, and exit 2 where the reload would be refused",
+    )
+    validate.add_argument(
+        "--at",
+        type=moment(lambda: datetime.now(UTC)),
+        metavar="ISO",
+        help="with --against: the decision time of the estimate (default now; naive means UTC)",
+    )
     validate.set_defaults(func=cmd_validate_config)
