@@ -28,6 +28,8 @@ from worker.domain.allocation.experiment import hash_int
 AT = datetime(2026, 12, 7, 12, tzinfo=UTC)
 DEMO = Path(__file__).resolve().parent.parent / "deploy" / "experiments.yaml"
 SPLIT = {"control": 0.5, "test_1": 0.3, "test_2": 0.2}
+#: The fields an experiment had before allocation: one that sets no other is the seed rule alone.
+PLAIN_FIELDS = frozenset({"id", "version", "seed", "split", "variants", "segments", "description"})
 
 
 def users(count: int, stem: str = "user") -> list[str]:
@@ -44,15 +46,20 @@ def _digest(values: list[str]) -> str:
 
 
 def bit_exact(count: int, document: dict[str, Any] | None = None) -> dict[str, tuple[str, str]]:
-    """Per experiment (and segment split) of the demo file: (digest of the seed rule's variants, of decide's).
+    """Per experiment without allocation fields (and segment split) of the demo file: (digest of the seed
+    rule's variants, of decide's).
 
-    The seed rule is ``ABAssignmentAgent`` (its batch path, held to the seed's conformance file).
+    The seed rule is ``ABAssignmentAgent`` (its batch path, held to the seed's conformance file). The
+    demo's experiments that do use the fields (a layer, a holdout, coverage…) are left out: the claim
+    is that the others are untouched.
     """
     document = document or yaml.safe_load(DEMO.read_text(encoding="utf-8"))
     compiled = _compile(document)
     ids = users(count)
     results = {}
     for config in document["experiments"]:
+        if not set(config) <= PLAIN_FIELDS:
+            continue
         for segment in [None, *config.get("segments", {})]:
             split = config["segments"][segment] if segment else config["split"]
             agent = ABAssignmentAgent(split, seed=config.get("seed", "echovoice"))

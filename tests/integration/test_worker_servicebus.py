@@ -330,9 +330,13 @@ def test_run_local_demo_command(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert code == 0
     assert "event  U" in out
-    assert "500 events read back" in out
+    assert "1101 events read back" in out
     assert "UnknownExperiment" in out
-    assert "processed 504 requests: 500 assigned, 4 dead-lettered" in err
+    assert "processed 1105 requests: 1101 assigned, 4 dead-lettered" in err
+    # The README's numbers for the plain experiments, and the allocation experiments' users by reason.
+    assert any(line.startswith("exp_001 ") and "59   40.7%" in line for line in out.splitlines())
+    outside = next(line for line in out.splitlines() if "not in it" in line and "override 1" in line)
+    assert all(reason in outside for reason in ("targeting", "layer", "coverage", "holdout"))
     assert "{" not in err.strip().splitlines()[-1]  # reasons as text, not a Python dict
     assert (out + err).count("listening on 127.0.0.1") == 1
     assert "target" in out

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from schemas.instants import INSTANT_PATTERN, format_instant, instant_of_datetime, parse_instant
 from schemas.models import VERSION_PATTERN, ExperimentFile
 from tests import allocation_cases as cases
+from tests import allocation_claims as claims
 from tests import allocation_reference as ref
 from worker.domain.allocation import changes, compile_condition, compile_file, version_key
 from worker.domain.allocation.canonical import canonical_json, es_number
@@ -442,21 +443,25 @@ def test_unchanged_experiments_report_nothing():
 
 
 def test_files_without_the_new_fields_validate_and_compile_to_the_seed_rule():
-    """The demo file (no allocation fields) validates as before and compiles to bucket-only walks."""
+    """The demo file's experiments that set no allocation field get every default and compile to bucket-only
+    walks; the ones that set some compile to more."""
     document = yaml.safe_load(
         (cases.CASES_PATH.parent.parent / "deploy" / "experiments.yaml").read_text(encoding="utf-8")
     )
+    plain = {item["id"] for item in document["experiments"] if set(item) <= claims.PLAIN_FIELDS}
+    assert {"exp_001", "exp_personalization_001", "exp_tone_abcd"} <= plain
     parsed = ExperimentFile.model_validate(document)
-    assert parsed.layers == []
-    assert parsed.holdouts == []
     for config in parsed.experiments:
-        assert (config.status, config.coverage, config.layer, config.holdouts, config.targeting, config.overrides) == (
-            "running",
-            1.0,
-            None,
-            [],
-            None,
-            {},
-        )
+        if config.id in plain:
+            assert (config.status, config.coverage, config.layer, config.holdouts, config.targeting) == (
+                "running",
+                1.0,
+                None,
+                [],
+                None,
+            )
+            assert config.overrides == {}
     compiled = compile_file(parsed, "deploy/experiments.yaml")
-    assert {tuple(step.name for step in experiment.steps) for experiment in compiled} == {("bucket",)}
+    walks = {experiment.experiment_id: tuple(step.name for step in experiment.steps) for experiment in compiled}
+    assert {walks[experiment_id] for experiment_id in plain} == {("bucket",)}
+    assert all(len(walk) > 1 for experiment_id, walk in walks.items() if experiment_id not in plain)

@@ -166,6 +166,57 @@ def test_run_summary_shows_targets_and_srm_p_value() -> None:
     assert "{" not in table
 
 
+def test_run_summary_counts_users_in_the_experiment_and_the_others_by_reason() -> None:
+    """Only in-experiment users enter the shares and the SRM check; the others are listed by reason."""
+    registry = ExperimentRegistry.from_dict(
+        {"experiments": [{"id": "cta", "split": {"control": 0.5, "blue": 0.5}, "coverage": 0.5}]}
+    )
+    table = summary_table(
+        Counter({("cta", "control"): 50, ("cta", "blue"): 50}),
+        Counter(),
+        registry,
+        Counter({("cta", "coverage"): 90, ("cta", "override"): 1, ("gone", "stopped"): 7}),
+    )
+    lines = table.splitlines()
+    control = next(line for line in lines if line.startswith("cta "))
+    assert "50.0%" in control
+    assert "p=1.00" in control
+    assert any("not in it" in line and " 91 " in line and "coverage 90, override 1" in line for line in lines)
+    assert any(line.startswith("gone ") and "not in it" in line and "stopped 7" in line for line in lines)
+    assert "{" not in table
+
+
+def test_demo_requests_keep_the_plain_experiments_stream_and_send_what_targeting_needs() -> None:
+    """The plain experiments' 500 requests are those drawn before allocation (the README's numbers hold);
+    the allocation experiments get contexts with country and app_version, and the QA override its request."""
+    import random
+
+    from worker.cli.demo import CAMPAIGNS, POISONED, demo_requests
+
+    registry = ExperimentRegistry.load(Path(__file__).parents[2] / "deploy" / "experiments.yaml")
+    bodies = [json.loads(body) for body in demo_requests(registry)[:-POISONED]]
+    rng, plain = random.Random(2026), [e for e in registry if e.plain]
+    for index, body in enumerate(bodies[:500]):  # the draw as it was, restated
+        experiment = rng.choice(plain)
+        assert (body["experiment_id"], body["user_id"]) == (experiment.id, f"U{100000 + rng.randrange(50000)}")
+        assert body["context"] == {"campaign": rng.choice(CAMPAIGNS), "email": f"person{index}@example.com"}
+        assert body["request_id"] == f"demo-{index:05d}"
+        if experiment.config.segments:
+            assert body["segment"] == rng.choice([*experiment.config.segments, "standard"])
+    featured = bodies[500:]
+    assert {body["experiment_id"] for body in featured} == {"exp_checkout_cta", "exp_checkout_copy"}
+    assert any({"country", "app_version"} <= set(body.get("context", {})) for body in featured)
+    assert {"user_id": "qa-demo-user", "experiment_id": "exp_checkout_cta"}.items() <= featured[-1].items()
+    assert (
+        sum(
+            registry.assign(b["experiment_id"], b["user_id"], context=b.get("context")).in_experiment
+            for b in featured
+            if b["experiment_id"] == "exp_checkout_cta"
+        )
+        > 10
+    )
+
+
 def test_progress_bar_shows_percentage_and_eta() -> None:
     """A run over a file of known size draws a bar with a percentage and a remaining-time estimate."""
     binary = io.BytesIO(b"x\n" * 1000)

@@ -10,23 +10,33 @@ from pathlib import Path
 
 from worker.cli.common import activation_hint, runnable_program
 from worker.domain.plural import counted
-from worker.domain.registry import ExperimentRegistry
+from worker.domain.registry import Experiment, ExperimentRegistry
 from worker.domain.srm.format import format_p
 from worker.domain.srm.stats import StatsInputError, srm_test
 
 CAMPAIGNS = ("winter_2026", "spring_launch", "retention_q1")
+#: What the demo's allocation requests carry for the targeting of ``deploy/experiments.yaml``
+#: (``country`` in US/CA, ``app_version`` 5.2.0 or later): some match, some do not, some lack a key.
+COUNTRIES = ("US", "US", "US", "US", "CA", "CA", "GB", None)
+APP_VERSIONS = ("5.1.0", "5.2.0", "5.2.3", "5.10.1", "6.0.0-beta.1", "6.1", "6.1", None)
+#: Requests for the experiments that use allocation fields, after the ones for the plain experiments.
+ALLOCATION_REQUESTS = 600
 
 
 def demo_requests(registry: ExperimentRegistry, count: int = 500, seed: int = 2026) -> list[bytes]:
-    """``count`` realistic requests over the registry's experiments, plus a few poisoned ones.
+    """Realistic requests over the registry's experiments, then :data:`POISONED` poisoned ones.
 
-    Contexts carry an e-mail address on purpose: the demo shows it never leaves the worker.
+    ``count`` requests go to the experiments that use no allocation field, drawn exactly as before
+    allocation existed, so the numbers the README quotes for them (``exp_001``'s 40.7%/59.3%) stay
+    put; then :data:`ALLOCATION_REQUESTS` go to the experiments that do, with the ``country`` and
+    ``app_version`` their targeting reads and one request per QA override. Contexts carry an e-mail
+    address on purpose: the demo shows it never leaves the worker.
     """
     rng = random.Random(seed)
-    experiments = list(registry)
+    plain = [experiment for experiment in registry if experiment.plain]
     bodies: list[bytes] = []
-    for index in range(count):
-        experiment = rng.choice(experiments)
+    for index in range(count if plain else 0):
+        experiment = rng.choice(plain)
         body: dict[str, object] = {
             "user_id": f"U{100000 + rng.randrange(50000)}",
             "experiment_id": experiment.id,
@@ -36,29 +46,74 @@ def demo_requests(registry: ExperimentRegistry, count: int = 500, seed: int = 20
         if experiment.config.segments:
             body["segment"] = rng.choice([*experiment.config.segments, "standard"])
         bodies.append(json.dumps(body).encode())
-    bodies += [
+    bodies += _allocation_requests([experiment for experiment in registry if not experiment.plain], seed)
+    return bodies + _poisoned()
+
+
+def _allocation_requests(experiments: list[Experiment], seed: int) -> list[bytes]:
+    """Requests for the experiments with allocation fields: targeting contexts, and their QA overrides."""
+    if not experiments:
+        return []
+    rng = random.Random(seed + 1)  # a stream of its own: the plain experiments' requests stay as they were
+    bodies: list[bytes] = []
+    for index in range(ALLOCATION_REQUESTS):
+        experiment = experiments[index % len(experiments)]
+        context: dict[str, object] = {"campaign": rng.choice(CAMPAIGNS), "email": f"shopper{index}@example.com"}
+        for key, values in (("country", COUNTRIES), ("app_version", APP_VERSIONS)):
+            value = rng.choice(values)
+            if value is not None:
+                context[key] = value
+        body = {
+            "user_id": f"U{200000 + rng.randrange(50000)}",
+            "experiment_id": experiment.id,
+            "request_id": f"demo-allocation-{index:05d}",
+            "context": context,
+        }
+        bodies.append(json.dumps(body).encode())
+    for experiment in experiments:
+        for user in experiment.config.overrides:
+            body = {"user_id": user, "experiment_id": experiment.id, "request_id": f"demo-qa-{experiment.id}"}
+            bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def _poisoned() -> list[bytes]:
+    return [
         b"{this is not json",
         json.dumps({"user_id": "U1", "experiment_id": "exp_not_configured_yet"}).encode(),
         json.dumps({"experiment_id": "exp_001"}).encode(),
         json.dumps({"user_id": 42, "experiment_id": "exp_001"}).encode(),
     ]
-    return bodies
+
+
+#: How many of the demo's requests are deliberately malformed or for an unknown experiment.
+POISONED = len(_poisoned())
 
 
 def summary_table(
-    assignments: Counter[tuple[str, str]], dead_letters: Counter[str], registry: ExperimentRegistry
+    assignments: Counter[tuple[str, str]],
+    dead_letters: Counter[str],
+    registry: ExperimentRegistry,
+    outside: Counter[tuple[str, str]] | None = None,
 ) -> str:
-    """Per experiment and variant: count, observed share beside the target, and the SRM p-value.
+    """Per experiment and variant: users in the experiment, their share beside the target, and the SRM p-value;
+    then the users served outside it (``outside``, by reason).
 
-    The p-value is the sample-ratio-mismatch test of the counts against the split (p < 0.001 is a
-    mismatch), so a 40%/60% result on a 50/50 split reads as chance or as a problem, not as a guess.
-    Experiments with per-segment splits have no single target, so they show none.
+    The p-value is the sample-ratio-mismatch test of the in-experiment counts against the split (p <
+    0.001 is a mismatch), so a 40%/60% result on a 50/50 split reads as chance or as a problem, not as
+    a guess. Users outside the experiment (an override, a holdout, another layer slice, not ramped
+    yet, not targeted…) are served a variant but never counted, as in every report. Experiments with
+    per-segment splits have no single target, so they show none.
     """
     lines = [f"{'experiment':<28}{'variant':<16}{'count':>7}{'share':>8}{'target':>8}  SRM check"]
     by_experiment: dict[str, dict[str, int]] = {}
     for (experiment_id, variant), n in sorted(assignments.items()):
         by_experiment.setdefault(experiment_id, {})[variant] = n
-    for experiment_id, counts in by_experiment.items():
+    not_in: dict[str, dict[str, int]] = {}
+    for (experiment_id, reason), n in sorted((outside or Counter()).items()):
+        not_in.setdefault(experiment_id, {})[reason] = n
+    for experiment_id in sorted(set(by_experiment) | set(not_in)):
+        counts = by_experiment.get(experiment_id, {})
         experiment = registry.get(experiment_id)
         split = experiment.config.split if experiment is not None and not experiment.config.segments else None
         verdict = _srm_verdict(counts, split) if split else "split varies by segment"
@@ -67,6 +122,15 @@ def summary_table(
             target = f"{split.get(variant, 0.0):>8.1%}" if split else f"{'-':>8}"
             tail = f"  {verdict}" if index == 0 else ""
             lines.append(f"{experiment_id if index == 0 else '':<28}{variant:<16}{n:>7}{n / total:>8.1%}{target}{tail}")
+        if experiment_id in not_in:
+            reasons = not_in[experiment_id]
+            detail = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda item: -item[1]))
+            label = "" if counts else experiment_id
+            lines.append(f"{label:<28}{'not in it':<16}{sum(reasons.values()):>7}  served, not counted: {detail}")
+    if not_in:
+        lines.append("")
+        lines.append("count: users in the experiment (what results and the SRM check count); 'not in it': users")
+        lines.append("served the control, an override or the launched variant, by the step that decided")
     if dead_letters:
         lines.append("")
         lines.append("dead-lettered:")

@@ -172,11 +172,11 @@ def _run_file(args: argparse.Namespace, settings: WorkerSettings, registry: Expe
 
 def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack: ExitStack) -> Any:
     from adapters.servicebus import send_requests
-    from worker.cli.demo import demo_requests
+    from worker.cli.demo import POISONED, demo_requests
 
     bodies = demo_requests(registry)
     sent = send_requests(client, settings.queue_name, bodies)
-    print_err(f"demo: published {counted(sent, 'request')} ({sent - 500} of them deliberately malformed or unknown)")
+    print_err(f"demo: published {counted(sent, 'request')} ({POISONED} of them deliberately malformed or unknown)")
     viewer = _EventViewer(client, settings.topic_name)
     viewer.start()
     stack.callback(viewer.stop)
@@ -221,7 +221,7 @@ class _EventViewer:
 
         self._tail.stop(drain_seconds=1.0)
         print(f"\n{counted(self._tail.received, 'event')} read back from subscription 'all'\n", flush=True)
-        print(summary_table(stats.assignments, stats.dead_letters, registry), flush=True)
+        print(summary_table(stats.assignments, stats.dead_letters, registry, stats.outside), flush=True)
 
 
 def _gave_up(limit: OutageLimit) -> str:
