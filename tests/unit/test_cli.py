@@ -193,7 +193,7 @@ def test_assign_unknown_experiment_lists_the_configured_ones(capsys):
     assert main(["assign", "--experiment", "exp_01", "--config", CONFIG, "--user", "U1"]) == 2
     err = capsys.readouterr().err
     assert "experiment 'exp_01' is not in" in err
-    assert "exp_001, exp_personalization_001, exp_tone_abcd" in err
+    assert "exp_001, exp_checkout_copy, exp_checkout_cta, exp_personalization_001, exp_tone_abcd" in err
 
 
 def test_assign_segment_without_a_split_of_its_own_is_refused_with_the_segments(capsys):
@@ -249,3 +249,14 @@ def test_run_rows_says_when_it_appends_to_rows_from_before(tmp_path, capsys):
     assert main([*argv, "--rows", str(rows)]) == 0
     assert f"rows appended to {rows}, which held rows from before" in capsys.readouterr().err
     assert len(rows.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_assign_input_refuses_an_experiment_with_allocation_steps(tmp_path, capsys):
+    """The file path is the seed rule's: for an experiment with gates it stops (exit 2) instead of ignoring them."""
+    users = tmp_path / "users.csv"
+    users.write_text("user_id\nU1\n", encoding="utf-8")
+    command = ["assign", "--experiment", "exp_checkout_cta", "--config", CONFIG, "--input", str(users)]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert "'exp_checkout_cta' uses allocation steps (override, targeting, holdout, layer, coverage)" in err
+    assert main(["assign", "--experiment", "exp_001", "--config", CONFIG, "--input", str(users)]) == 0

@@ -98,6 +98,15 @@ def _assign_file(args: argparse.Namespace, experiment: Experiment) -> int:
     from worker.service.batch import BadRow, assign_file, detect_format
     from worker.service.inputfile import Problem, decoded_lines
 
+    if not experiment.plain:
+        # The file path is the seed rule's fast batch path: it has no context, time or reason columns
+        # yet, and must not print variants that ignore the experiment's gates.
+        raise UsageError(
+            f"experiment {experiment.id!r} uses allocation steps ({', '.join(_steps(experiment))}); --input "
+            "assigns by the seed rule alone and would ignore them: assign its users one by one with --user, "
+            "or through the worker"
+        )
+
     source = Path(args.input)
     check_input(source)
     in_format = detect_format(source, args.format)
@@ -187,6 +196,10 @@ def describe_experiment(experiment: Experiment) -> str:
     if not experiment.plain or config.control is not None:
         parts.append(f"control {experiment.allocation.control}")
     return "; ".join(parts) + f"  [config {experiment.allocation.config_version}]"
+
+
+def _steps(experiment: Experiment) -> list[str]:
+    return [step.name for step in experiment.allocation.steps if step.name != "bucket"]
 
 
 def _compare(args: argparse.Namespace, new: ExperimentRegistry) -> int:
