@@ -12,6 +12,15 @@ Both are timed in steady state: the clock starts after the first batch (link set
 about 0.45 s per link, once) and the rate is extrapolated over the remaining messages.
 
 Prints both rates (median of rounds) and their ratio. Target: the worker reaches >= 90% of the bare loop.
+
+``--allocation`` instead runs the real pump twice per round, side by side over identical requests
+(each with a three-key context) that differ only in the experiment they name:
+
+* ``plain``        — an experiment with none of the allocation fields (the seed rule alone);
+* ``full-featured`` — targeting with three conditions, a holdout, a layer slice, coverage and ten
+  overrides (``bench.bench_allocation.FULL``).
+
+Prints both rates (median of rounds) and their ratio. Target: full-featured >= 90% of plain.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusRece
 
 from adapters.files import JsonLinesSink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from bench.bench_allocation import CONTEXT, FULL
 from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
 from worker.service.pump import PumpConfig
@@ -37,6 +47,8 @@ from worker.service.settings import WorkerSettings
 
 QUEUE, TOPIC = "assignment-requests", "assignment-events"
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_bench", "split": {"A": 0.5, "B": 0.5}}]})
+#: ``exp_plain`` and ``exp_full`` of the allocation benchmark, in one registry.
+ALLOCATION_REGISTRY = ExperimentRegistry.from_dict(FULL)
 BROKER_CONFIG = {
     "UserConfig": {
         "Namespaces": [
@@ -76,11 +88,14 @@ def stop_broker(process: subprocess.Popen[str]) -> None:
         process.stdout.close()
 
 
-def fill(connection: str, count: int, tag: str = "") -> list[str]:
+def fill(
+    connection: str, count: int, tag: str = "", experiment: str = "exp_bench", context: dict[str, object] | None = None
+) -> list[str]:
     """Publish ``count`` requests with explicit message ids through one sender; returns the ids."""
     tag = tag or f"{time.time_ns()}"
     ids = [f"{tag}-{i}" for i in range(count)]
-    bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": "exp_bench"}).encode() for i in range(count)]
+    extra = {"context": context} if context else {}
+    bodies = [json.dumps({"user_id": f"U{i}", "experiment_id": experiment, **extra}).encode() for i in range(count)]
     with ServiceBusClient.from_connection_string(connection) as client:
         # One sender for everything: opening a link costs the SDK about 0.5 s each time.
         send_requests(client, QUEUE, bodies, message_ids=ids)
@@ -132,7 +147,9 @@ def bare_publish_loop(connection: str, count: int, batch: int, prefetch: int) ->
         return (time.perf_counter() - start) * count / (count - first)
 
 
-def worker_run(connection: str, count: int, batch: int, prefetch: int, rows: Path) -> float:
+def worker_run(
+    connection: str, count: int, batch: int, prefetch: int, rows: Path, *, registry: ExperimentRegistry = REGISTRY
+) -> float:
     """Seconds for the pump to process ``count`` requests end to end."""
     client = create_client(ServiceBusAuth(connection_string=connection))
     pump = bootstrap(
@@ -141,7 +158,7 @@ def worker_run(connection: str, count: int, batch: int, prefetch: int, rows: Pat
         # Rows flush per batch (by size) or, for a last partial batch, after 0.1 s rather than the default
         # 2 s age: the run ends when everything is settled, and its tail should not be the flush age.
         sink=JsonLinesSink(rows, max_rows=batch, max_age=0.1),
-        registry=lambda: REGISTRY,
+        registry=lambda: registry,
         config=PumpConfig(max_batch=batch, max_wait=5),
     )
     start, first = 0.0, 0
@@ -163,8 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--batch", type=int, default=100, help="receive batch size (default 100)")
     parser.add_argument("--prefetch", type=int, default=300, help="receiver prefetch (default 300)")
+    parser.add_argument(
+        "--allocation", action="store_true", help="plain against full-featured experiments instead of bare loops"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("AB_WORKER_HEALTH_PORT", "0")
+    if args.allocation:
+        return allocation_main(args)
     with tempfile.TemporaryDirectory() as tmp:
         broker, connection = start_broker(Path(tmp))
         try:
@@ -198,6 +220,40 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio worker / bare receive+publish+complete: {twin_ratio:.2f} (target >= 1.40)"
         f"  {'PASS' if twin_ratio >= 1.4 else 'MISS'}"
     )
+    return 0
+
+
+def allocation_main(args: argparse.Namespace) -> int:
+    """The pump over a plain and a full-featured experiment, interleaved; rates and their ratio."""
+    names = {"plain": "exp_plain", "full-featured": "exp_full"}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        broker, connection = start_broker(Path(tmp))
+        try:
+            for round_ in range(args.rounds):
+                # Alternate which goes first, so neither always runs on a warmer (or busier) machine.
+                for name in names if round_ % 2 == 0 else reversed(names):
+                    fill(connection, args.messages, experiment=names[name], context=CONTEXT)
+                    rows = Path(tmp) / f"rows-{name}-{round_}.jsonl"
+                    elapsed = worker_run(
+                        connection, args.messages, args.batch, args.prefetch, rows, registry=ALLOCATION_REGISTRY
+                    )
+                    times[name].append(elapsed)
+                    assert sum(1 for _ in rows.open()) == args.messages, "every row was written"
+                rates = {k: args.messages / v[-1] for k, v in times.items()}
+                print(
+                    f"round {round_ + 1}: plain {rates['plain']:,.0f} msg/s, "
+                    f"full-featured {rates['full-featured']:,.0f} msg/s"
+                )
+        finally:
+            stop_broker(broker)
+    plain = args.messages / statistics.median(times["plain"])
+    full = args.messages / statistics.median(times["full-featured"])
+    ratio = full / plain
+    print(f"\n{args.messages:,} messages x {args.rounds} rounds, batch {args.batch}, prefetch {args.prefetch}")
+    print(f"worker, plain experiment:          {plain:>8,.0f} msg/s")
+    print(f"worker, full-featured experiment:  {full:>8,.0f} msg/s")
+    print(f"ratio full-featured / plain: {ratio:.2f} (target >= 0.90)  {'PASS' if ratio >= 0.9 else 'MISS'}")
     return 0
 
 
