@@ -407,9 +407,13 @@ def provider_configmap_data(key_values: dict[str, tuple[str, str | None]], data:
     return {data["key"]: yaml.safe_dump(document, sort_keys=False)}
 
 
-def experiments_key_value() -> str:
-    """The value docs/deployment.md tells the operator to store under the key ``experiments``."""
-    return json.dumps(yaml.safe_load((DEPLOY / "experiments.yaml").read_text(encoding="utf-8"))["experiments"])
+#: The key-values docs/deployment.md tells the operator to store: the experiments file's top-level lists.
+APPCONFIG_KEYS = ("layers", "holdouts", "experiments")
+
+
+def experiments_key_value(key: str = "experiments") -> str:
+    """The value docs/deployment.md tells the operator to store under ``key``."""
+    return json.dumps(yaml.safe_load((DEPLOY / "experiments.yaml").read_text(encoding="utf-8")).get(key, []))
 
 
 def test_app_configuration_overlay_feeds_the_configmap_the_worker_reloads(
@@ -440,12 +444,14 @@ def test_app_configuration_overlay_feeds_the_configmap_the_worker_reloads(
     refresh = provider["spec"]["configuration"]["refresh"]
     assert refresh["enabled"] is True
     selected = {selector["keyFilter"] for selector in provider["spec"]["configuration"]["selectors"]}
-    assert {watched["key"] for watched in refresh["monitoring"]["keyValues"]} <= selected
+    assert selected == set(APPCONFIG_KEYS)
+    assert {watched["key"] for watched in refresh["monitoring"]["keyValues"]} == selected
+    assert set(yaml.safe_load((DEPLOY / "experiments.yaml").read_text(encoding="utf-8"))) <= selected
     assert provider["spec"]["endpoint"].endswith(".azconfig.io")
 
     # What the provider will write from the key-value the manual seeds is the worker's experiments file.
     data = provider_configmap_data(
-        {"experiments": (experiments_key_value(), "application/json")}, target["configMapData"]
+        {key: (experiments_key_value(key), "application/json") for key in APPCONFIG_KEYS}, target["configMapData"]
     )
     content = yaml.safe_load(data[filename])
     assert content == yaml.safe_load((DEPLOY / "experiments.yaml").read_text(encoding="utf-8"))
@@ -463,5 +469,7 @@ def test_the_manual_seeds_app_configuration_with_the_json_content_type() -> None
     commands = [line for line in manual.splitlines() if "az appconfig kv set" in line]
     assert commands, "docs/deployment.md does not show how to seed App Configuration"
     block = manual[manual.index(commands[0]) : manual.index(commands[0]) + 600]
-    assert "--key experiments" in block
+    start = manual.index(commands[0])
+    assert f"for key in {' '.join(APPCONFIG_KEYS)}; do" in manual[start - 200 : start]
+    assert '--key "$key"' in block
     assert "--content-type application/json" in block
