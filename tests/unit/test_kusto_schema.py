@@ -46,7 +46,7 @@ def test_mapping_maps_every_column_from_its_own_json_property() -> None:
 
 def test_rows_the_sink_writes_have_the_mapped_keys() -> None:
     """The JSON lines the sink sends carry exactly the model's properties, each a mapped one."""
-    samples = {"dynamic": {}, "real": 0.5, "datetime": "2026-01-01T00:00:00Z", "string": "x"}
+    samples = {"dynamic": {}, "real": 0.5, "datetime": "2026-01-01T00:00:00Z", "string": "x", "bool": True}
     record = AssignmentRecord.model_validate({name: samples[kind] for name, kind in AssignmentRecord.kusto_columns()})
 
     (line,) = encode_rows([record]).splitlines()
