@@ -75,7 +75,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_make_runs_leave_one_runs_files_and_next_steps_that_run_as_printed(checkout: Path) -> None:
     """`make run` twice, as a newcomer trying things does (one test: a shared fixture would run once per xdist process).
 
-    1. Each run starts its own files: 500 rows, not 1,000 (by the third run the suggested report said SRM),
+    1. Each run starts its own files: 1,101 rows, not twice that (by the third run the suggested report said SRM),
        and the 4 dead letters the documented ``report --dead-letters out/dead-letters.jsonl`` reads.
     2. Every "next steps" line runs as printed in a shell that never activated .venv.
     3. After a run on its own broker, no dead-letter command is suggested against a broker that is gone;
@@ -86,8 +86,8 @@ def test_two_make_runs_leave_one_runs_files_and_next_steps_that_run_as_printed(c
         assert result.returncode == 0, result.stderr[-3000:]
     out = checkout / "out"
     rows = (out / "rows.jsonl").read_text(encoding="utf-8").splitlines()
-    assert len(rows) == 500
-    assert len({json.loads(row)["EventId"] for row in rows}) == 500
+    assert len(rows) == 1101
+    assert len({json.loads(row)["EventId"] for row in rows}) == 1101
     letters = [json.loads(line) for line in (out / "dead-letters.jsonl").read_text(encoding="utf-8").splitlines()]
     assert Counter(letter["dead_letter_reason"] for letter in letters) == {
         "InvalidJson": 1,

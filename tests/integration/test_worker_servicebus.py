@@ -16,6 +16,7 @@ from adapters.experiments import ReloadingRegistry
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from schemas import SCHEMA_VERSION
 from tests.waiting import wait_for
 from worker import ExperimentRegistry
 from worker.bootstrap import bootstrap
@@ -151,7 +152,7 @@ def test_happy_path_and_every_dead_letter_reason(broker):
         "event_type": "assignment",
         "experiment_id": body["experiment_id"],
         "variant_id": body["variant_id"],
-        "schema_version": "1.0",
+        "schema_version": SCHEMA_VERSION,
     }
     assert len(tone_only) == 20
     assert all(json.loads(b"".join(m.body))["experiment_id"] == "exp_tone" for m in tone_only)
