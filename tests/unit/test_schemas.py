@@ -405,3 +405,24 @@ def test_cohort_member_and_body_limits_are_what_the_contract_says():
     assert cohort_verdict(cohort(arms, 5_001), max_body_bytes=256 * 1024) == "CohortTooLarge"
     assert COHORT_VALIDATOR.is_valid(cohort(arms, 5_000))
     assert not COHORT_VALIDATOR.is_valid(cohort(arms, 5_001))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"segment": "vip", "request_id": "r-1", "context": {"campaign": "x"}, "variant_metadata": {"tone": "calm"}},
+        {"hash_value": None, "threshold": None, "in_experiment": False, "reason": "coverage"},
+        {"strategy": "stratified_random", "experiment_arm": "t1", "cohort_id": "c", "reason": "stratified"},
+    ],
+)
+def test_a_row_built_from_an_event_is_the_validated_row(overrides):
+    """from_event (built without validation, on the hot path) equals the validated model, byte for byte."""
+    record = AssignmentRecord.from_event(_event(**overrides))
+    validated = AssignmentRecord.model_validate(record.model_dump())
+    assert record == validated
+    assert record.model_dump_json() == validated.model_dump_json()
+    assert record.model_fields_set == validated.model_fields_set == set(AssignmentRecord.model_fields)
+    assert record.model_copy(update={"Reason": "x"}).Reason == "x"
+    with pytest.raises(ValidationError):
+        record.Reason = "changed"  # frozen, like every row
