@@ -254,6 +254,33 @@ def test_start_at_between_two_requests_decides_by_enqueued_time_and_redelivers_b
     }
 
 
+def test_a_replay_is_decided_at_its_original_enqueued_time(
+    broker: LocalBroker, clients: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request dead-lettered before its experiment existed, replayed after the experiment's start_at:
+    the replayed copy is enqueued after start_at, yet decided at the original's enqueued time."""
+    from worker.cli import main
+
+    _publish(broker, [{"user_id": "U-first", "experiment_id": "launch"}], ["first"])
+    original = _enqueued(broker, 1)["first"]
+    unknown = ExperimentRegistry.from_dict({"experiments": [{"id": "other", "split": {"A": 1.0}}]})
+    assert _pump(broker, clients, unknown).run(until=settled(1)).dead_letters == {"UnknownExperiment": 1}
+    start_at = original + timedelta(milliseconds=1)
+    registry = ExperimentRegistry.from_dict(
+        {"experiments": [{"id": "launch", "split": {"control": 0.5, "blue": 0.5}, "start_at": start_at.isoformat()}]}
+    )
+    wait_for(lambda: datetime.now(UTC) > start_at + timedelta(milliseconds=5), what="start_at to pass")
+    monkeypatch.setenv("AB_WORKER_SERVICEBUS_CONNECTION_STRING", broker.connection_string)
+    assert main(["dlq", "replay", "--reason", "UnknownExperiment"]) == 0
+    copy = _enqueued(broker, 1)
+    assert all(when > start_at for when in copy.values()), copy
+    assert _pump(broker, clients, registry).run(until=settled(1)).completed == 1
+    (raws,) = _events(broker, 1).values()
+    event = json.loads(raws[0])
+    assert (event["event_id"], event["reason"], event["in_experiment"]) == (event_id_for("first"), "not_started", False)
+    assert datetime.fromisoformat(event["assigned_at"]) == original
+
+
 # -- privacy --------------------------------------------------------------------------------------
 
 
