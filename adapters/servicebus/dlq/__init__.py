@@ -55,6 +55,7 @@ from azure.servicebus.exceptions import (
 
 from adapters.files import body_fields
 from adapters.servicebus import LockKeeper, message_body
+from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.settle import on_current_link, stamp_link
 from worker.domain.errors import DeadLetterReason, PermanentError, TransientError
 from worker.service.handling import REPLAY_ORIGINAL_ENQUEUED_TIME, REPLAY_ORIGINAL_MESSAGE_ID, original_enqueued_time
@@ -90,39 +91,15 @@ _PAGE = 250
 _EMPTY_ROUNDS = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Entity:
-    """A queue, or a topic subscription (``topic/Subscriptions/name``), whose DLQ we operate on."""
-
-    queue: str | None = None
-    topic: str | None = None
-    subscription: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Entity:
-        """``queue`` or ``topic/Subscriptions/sub`` (also ``topic/sub``)."""
-        parts = [p for p in text.split("/") if p]
-        if len(parts) == 1:
-            return cls(queue=parts[0])
-        if len(parts) == 3 and parts[1].lower() == "subscriptions":
-            return cls(topic=parts[0], subscription=parts[2])
-        if len(parts) == 2:
-            return cls(topic=parts[0], subscription=parts[1])
-        raise ValueError(f"entity {text!r}: expected QUEUE or TOPIC/Subscriptions/SUBSCRIPTION")
-
-    def __str__(self) -> str:
-        return self.queue or f"{self.topic}/Subscriptions/{self.subscription}"
-
-    def receiver(
-        self, client: ServiceBusClient, mode: ServiceBusReceiveMode, *, dead_letter: bool = True
-    ) -> ServiceBusReceiver:
-        """A receiver on this entity's dead-letter sub-queue (or, with ``dead_letter=False``, itself)."""
-        sub_queue = ServiceBusSubQueue.DEAD_LETTER if dead_letter else None
-        if self.queue:
-            return client.get_queue_receiver(self.queue, sub_queue=sub_queue, receive_mode=mode)
-        if not (self.topic and self.subscription):
-            raise ValueError(f"entity {self}: neither a queue nor a topic subscription")
-        return client.get_subscription_receiver(self.topic, self.subscription, sub_queue=sub_queue, receive_mode=mode)
+def open_receiver(client: ServiceBusClient, entity: Entity, *, dead_letter: bool = True) -> ServiceBusReceiver:
+    """A PEEK_LOCK receiver on ``entity``'s dead-letter sub-queue (or, with ``dead_letter=False``, on it)."""
+    sub_queue = ServiceBusSubQueue.DEAD_LETTER if dead_letter else None
+    mode = ServiceBusReceiveMode.PEEK_LOCK
+    if entity.queue:
+        return client.get_queue_receiver(entity.queue, sub_queue=sub_queue, receive_mode=mode)
+    if not (entity.topic and entity.subscription):
+        raise ValueError(f"entity {entity}: neither a queue nor a topic subscription")
+    return client.get_subscription_receiver(entity.topic, entity.subscription, sub_queue=sub_queue, receive_mode=mode)
 
 
 def _text(value: Any) -> Any:
@@ -406,7 +383,7 @@ def _pages(
 ) -> Iterator[list[ServiceBusReceivedMessage]]:
     sequence, failures, size = 0, 0, _PAGE
     while True:
-        receiver = entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
+        receiver = open_receiver(client, entity, dead_letter=dead_letter)
         try:
             while True:
                 page = receiver.peek_messages(max_message_count=size, sequence_number=sequence)
@@ -864,9 +841,7 @@ def _act_on_targets(
     try:
         while True:
             before = scan.progress
-            receiver = _one_call_at_a_time(
-                entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
-            )
+            receiver = _one_call_at_a_time(open_receiver(client, entity, dead_letter=dead_letter))
             try:
                 scan.run(receiver, max_wait)
                 scan.finish(lambda seqs: _gone(client, entity, seqs, dead_letter=dead_letter, patience=patience))
@@ -939,7 +914,7 @@ def _gone(
     gone: set[int] = set()
     todo, failures = sorted(sequence_numbers), 0
     while todo:
-        receiver = entity.receiver(client, ServiceBusReceiveMode.PEEK_LOCK, dead_letter=dead_letter)
+        receiver = open_receiver(client, entity, dead_letter=dead_letter)
         try:
             while todo:
                 found = receiver.peek_messages(max_message_count=1, sequence_number=todo[0])
