@@ -23,15 +23,13 @@ dead-letter queue, or sent earlier in the run) is recognised by its id and not s
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -56,20 +54,45 @@ from azure.servicebus.exceptions import (
 from adapters.files import body_fields
 from adapters.servicebus import LockKeeper, message_body
 from adapters.servicebus.dlq.entity import Entity
+from adapters.servicebus.dlq.replay_copy import (
+    REPLAY_COUNT,
+    ReplayCopy,
+    original_decision_time,
+    original_message_id,
+    replay_copy,
+    replay_message_id,
+)
 from adapters.servicebus.settle import on_current_link, stamp_link
-from worker.domain.errors import DeadLetterReason, PermanentError, TransientError
-from worker.service.handling import REPLAY_ORIGINAL_ENQUEUED_TIME, REPLAY_ORIGINAL_MESSAGE_ID, original_enqueued_time
+from worker.domain.errors import DeadLetterReason, TransientError
+from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID
 from worker.service.redaction import redact
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "KNOWN_REASONS",
+    "REPLAY_COUNT",
+    "SKIP_LIMIT",
+    "SKIP_NOT_RECEIVED",
+    "DeadLetter",
+    "Entity",
+    "Outcome",
+    "Patience",
+    "ReplayCopy",
+    "ReplayFilter",
+    "Selection",
+    "browse",
+    "dead_letter_active",
+    "is_dropped",
+    "original_decision_time",
+    "original_message_id",
+    "purge",
+    "replay",
+    "replay_copy",
+    "replay_from_file",
+    "replay_message",
+    "replay_message_id",
+]
 
-#: Application properties replay adds; a replayed message carries its history with it.
-REPLAY_COUNT = "ab_replay_count"
-REPLAY_ORIGINAL_REASON = "ab_replay_original_reason"
-REPLAY_ORIGINAL_DESCRIPTION = "ab_replay_original_description"
-REPLAYED_AT = "ab_replayed_at"
-REPLAY_SUBSCRIPTION = "ab_replay_subscription"
-REPLAY_SOURCE_SEQUENCE = "ab_replay_source_sequence_number"
+log = logging.getLogger(__name__)
 
 #: The reason ``queue dead-letter`` writes unless told otherwise.
 OPERATOR_REASON = "DeadLetteredByOperator"
@@ -85,8 +108,6 @@ BROKER_REASONS = (
 #: reasons actually present in the DLQ) is a typo.
 KNOWN_REASONS: tuple[str, ...] = (*(r.value for r in DeadLetterReason), *BROKER_REASONS, OPERATOR_REASON)
 
-_MAX_MESSAGE_ID = 128
-_REPLAY_ID_NAMESPACE = uuid.UUID("0b6f6d8e-2c55-5f5e-9a51-3a0d1c7e4b21")
 _PAGE = 250
 _EMPTY_ROUNDS = 2
 
@@ -419,87 +440,12 @@ def peek(client: ServiceBusClient, entity: Entity, limit: int | None = None) -> 
 # -- the replay copy ------------------------------------------------------------------------------
 
 
-def replay_message_id(original: str, count: int, body: bytes, kind: str = "replay") -> str:
-    """The copy's message id: deterministic in (original id, replay count, body, kind), never the original.
-
-    The same dead letter replayed twice at the same count gets the same id, so duplicate detection
-    drops the second copy (a copy sent before a lost lock, or a file replay re-run after an
-    interruption); a repaired body, a later replay or the other kind (``replay`` from the DLQ,
-    ``file-replay`` from an export) gets a new one.
-    """
-    digest = hashlib.sha256(body).hexdigest()[:12]
-    readable = f"{original}/{kind}-{count}-{digest}"
-    if len(readable) <= _MAX_MESSAGE_ID:
-        return readable
-    return f"{kind}-{count}-{uuid.uuid5(_REPLAY_ID_NAMESPACE, f'{original}|{kind}|{count}|{digest}')}"
-
-
-def original_message_id(letter: DeadLetter, entity: Entity) -> str:
-    """The message id the request was first published with (kept across replays)."""
-    recorded = letter.application_properties.get(REPLAY_ORIGINAL_MESSAGE_ID)
-    if isinstance(recorded, str) and recorded:
-        return recorded
-    return letter.message_id or f"{entity}#{letter.sequence_number}"
-
-
-def original_decision_time(letter: DeadLetter) -> datetime | None:
-    """The time a copy of ``letter`` is decided at: the original's enqueued time, kept across replays.
-
-    A letter that is itself a replayed copy carries it already; one whose carried value the worker
-    would not believe was never decided with it (the worker dead-letters such a request before
-    publishing anything), so its own enqueued time decides instead. ``None`` for an exported letter
-    without an enqueued time: the copy is then decided when it is enqueued.
-    """
-    carried = letter.application_properties.get(REPLAY_ORIGINAL_ENQUEUED_TIME)
-    if carried is not None:
-        try:
-            return original_enqueued_time(carried, letter.enqueued_time)
-        except PermanentError:
-            pass
-    return letter.enqueued_time
-
-
 def replay_message(
     letter: DeadLetter, entity: Entity, now: datetime | None = None, *, kind: str = "replay"
 ) -> ServiceBusMessage:
-    """The resubmitted copy: same body, properties and addressing, plus replay metadata; a new id.
-
-    The metadata includes the original's message id and enqueued time, from which the worker
-    derives the event id and the decision time: a copy's events are byte-identical to the original's.
-    """
-    count = letter.replay_count + 1
-    original = original_message_id(letter, entity)
-    properties: dict[str | bytes, Any] = dict(letter.application_properties.items())
-    properties[REPLAY_COUNT] = count
-    properties[REPLAY_ORIGINAL_MESSAGE_ID] = original
-    decided = original_decision_time(letter)
-    if decided is not None:
-        # A hand-written export may give a time without an offset: it is UTC, as everything here is.
-        utc = decided.astimezone(UTC) if decided.tzinfo else decided.replace(tzinfo=UTC)
-        properties[REPLAY_ORIGINAL_ENQUEUED_TIME] = utc.isoformat()
-    else:
-        properties.pop(REPLAY_ORIGINAL_ENQUEUED_TIME, None)
-    properties[REPLAY_ORIGINAL_REASON] = letter.reason
-    properties[REPLAY_ORIGINAL_DESCRIPTION] = letter.description[:512]
-    properties[REPLAYED_AT] = (now or datetime.now(UTC)).isoformat()
-    if letter.sequence_number:
-        properties[REPLAY_SOURCE_SEQUENCE] = letter.sequence_number
-    if entity.subscription:
-        properties[REPLAY_SUBSCRIPTION] = entity.subscription
-    return ServiceBusMessage(
-        body=letter.body,
-        message_id=replay_message_id(original, count, letter.body, kind),
-        correlation_id=letter.correlation_id,
-        content_type=letter.content_type,
-        subject=letter.subject,
-        reply_to=letter.reply_to,
-        reply_to_session_id=letter.reply_to_session_id,
-        session_id=letter.session_id,
-        to=letter.to,
-        partition_key=letter.partition_key,
-        time_to_live=timedelta(seconds=letter.time_to_live) if letter.time_to_live else None,
-        application_properties=properties,
-    )
+    """The SDK message of :func:`~adapters.servicebus.dlq.replay_copy.replay_copy`: what replay sends for ``letter``."""
+    copy = replay_copy(letter, entity, now, kind=kind)
+    return ServiceBusMessage(**{f.name: getattr(copy, f.name) for f in fields(ReplayCopy)})
 
 
 def _target_sender(client: ServiceBusClient, entity: Entity) -> Any:
