@@ -22,8 +22,6 @@ dead-letter queue, or sent earlier in the run) is recognised by its id and not s
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 import time
@@ -51,9 +49,9 @@ from azure.servicebus.exceptions import (
     ServiceBusServerBusyError,
 )
 
-from adapters.files import body_fields
 from adapters.servicebus import LockKeeper, message_body
 from adapters.servicebus.dlq.entity import Entity
+from adapters.servicebus.dlq.letter import KNOWN_REASONS, OPERATOR_REASON, DeadLetter
 from adapters.servicebus.dlq.replay_copy import (
     REPLAY_COUNT,
     ReplayCopy,
@@ -63,7 +61,7 @@ from adapters.servicebus.dlq.replay_copy import (
     replay_message_id,
 )
 from adapters.servicebus.settle import on_current_link, stamp_link
-from worker.domain.errors import DeadLetterReason, TransientError
+from worker.domain.errors import TransientError
 from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID
 from worker.service.redaction import redact
 
@@ -93,20 +91,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The reason ``queue dead-letter`` writes unless told otherwise.
-OPERATOR_REASON = "DeadLetteredByOperator"
-#: Reasons Service Bus itself writes.
-BROKER_REASONS = (
-    "MaxDeliveryCountExceeded",
-    "TTLExpiredException",
-    "HeaderSizeExceeded",
-    "MaxTransferHopCountExceeded",
-    "Session id is null.",
-)
-#: Every reason a dead letter of ours can carry; ``--reason`` outside these (and outside the
-#: reasons actually present in the DLQ) is a typo.
-KNOWN_REASONS: tuple[str, ...] = (*(r.value for r in DeadLetterReason), *BROKER_REASONS, OPERATOR_REASON)
 
 _PAGE = 250
 _EMPTY_ROUNDS = 2
@@ -154,139 +138,27 @@ def _seconds(value: Any) -> float | None:
     return None
 
 
-@dataclass
-class DeadLetter:
-    """One dead-lettered (or, for ``queue peek``, active) message, decoded for people and files."""
-
-    sequence_number: int
-    enqueued_time: datetime | None
-    delivery_count: int
-    reason: str
-    description: str
-    message_id: str | None
-    correlation_id: str | None
-    content_type: str | None
-    body: bytes
-    application_properties: dict[str, Any] = field(default_factory=dict)
-    subject: str | None = None
-    reply_to: str | None = None
-    reply_to_session_id: str | None = None
-    session_id: str | None = None
-    to: str | None = None
-    partition_key: str | None = None
-    time_to_live: float | None = None
-
-    @classmethod
-    def from_message(cls, message: ServiceBusReceivedMessage) -> DeadLetter:
-        """Decode a received or peeked message."""
-        return cls(
-            sequence_number=message.sequence_number or 0,
-            enqueued_time=message.enqueued_time_utc,
-            delivery_count=message.delivery_count or 0,
-            reason=_optional_text(message.dead_letter_reason) or "",
-            description=_optional_text(message.dead_letter_error_description) or "",
-            message_id=_optional_text(message.message_id),
-            correlation_id=_optional_text(message.correlation_id),
-            content_type=_optional_text(message.content_type),
-            body=_body(message),
-            application_properties=_properties(message),
-            subject=_optional_text(message.subject),
-            reply_to=_optional_text(message.reply_to),
-            reply_to_session_id=_optional_text(message.reply_to_session_id),
-            session_id=_optional_text(message.session_id),
-            to=_optional_text(message.to),
-            partition_key=_optional_text(message.partition_key),
-            time_to_live=_seconds(message.time_to_live),
-        )
-
-    @property
-    def request(self) -> Mapping[str, Any]:
-        """The body as a JSON object, or empty when it is not one."""
-        try:
-            value = json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def replay_count(self) -> int:
-        """How many times this message was replayed before."""
-        try:
-            return int(self.application_properties.get(REPLAY_COUNT, 0))
-        except (TypeError, ValueError):
-            return 0
-
-    def to_json(self) -> dict[str, Any]:
-        """The export format (JSON lines): body as text when UTF-8, else base64."""
-        return {
-            "sequence_number": self.sequence_number,
-            "enqueued_time": self.enqueued_time.isoformat() if self.enqueued_time else None,
-            "delivery_count": self.delivery_count,
-            "dead_letter_reason": self.reason,
-            "dead_letter_error_description": self.description,
-            "message_id": self.message_id,
-            "correlation_id": self.correlation_id,
-            "content_type": self.content_type,
-            "subject": self.subject,
-            "reply_to": self.reply_to,
-            "reply_to_session_id": self.reply_to_session_id,
-            "session_id": self.session_id,
-            "to": self.to,
-            "partition_key": self.partition_key,
-            "time_to_live_seconds": self.time_to_live,
-            "application_properties": self.application_properties,
-            **body_fields(self.body),
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> DeadLetter:
-        """Read one exported line back (for ``dlq replay --from``); raises ``ValueError`` naming the field."""
-        if "body" in data:
-            if not isinstance(data["body"], str):
-                raise ValueError("field 'body' must be a string")
-            body = data["body"].encode("utf-8")
-        elif "body_base64" in data:
-            body = base64.b64decode(data["body_base64"], validate=True)
-        else:
-            raise ValueError("missing field 'body' (or 'body_base64')")
-        properties = data.get("application_properties") or {}
-        if not isinstance(properties, dict):
-            raise ValueError("field 'application_properties' must be an object")
-        enqueued = data.get("enqueued_time")
-        ttl = data.get("time_to_live_seconds")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0):
-            raise ValueError("field 'time_to_live_seconds' must be a positive number")
-        return cls(
-            sequence_number=int(data.get("sequence_number") or 0),
-            enqueued_time=datetime.fromisoformat(enqueued) if enqueued else None,
-            delivery_count=int(data.get("delivery_count") or 0),
-            reason=str(data.get("dead_letter_reason") or ""),
-            description=str(data.get("dead_letter_error_description") or ""),
-            body=body,
-            application_properties=dict(properties),
-            time_to_live=float(ttl) if ttl is not None else None,
-            **{name: _field_text(data, name) for name in _TEXT_FIELDS},
-        )
-
-
-_TEXT_FIELDS = (
-    "message_id",
-    "correlation_id",
-    "content_type",
-    "subject",
-    "reply_to",
-    "reply_to_session_id",
-    "session_id",
-    "to",
-    "partition_key",
-)
-
-
-def _field_text(data: Mapping[str, Any], name: str) -> str | None:
-    value = data.get(name)
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(f"field {name!r} must be a string")
+def letter_from(message: ServiceBusReceivedMessage) -> DeadLetter:
+    """A received or peeked message, decoded for people and files."""
+    return DeadLetter(
+        sequence_number=message.sequence_number or 0,
+        enqueued_time=message.enqueued_time_utc,
+        delivery_count=message.delivery_count or 0,
+        reason=_optional_text(message.dead_letter_reason) or "",
+        description=_optional_text(message.dead_letter_error_description) or "",
+        message_id=_optional_text(message.message_id),
+        correlation_id=_optional_text(message.correlation_id),
+        content_type=_optional_text(message.content_type),
+        body=_body(message),
+        application_properties=_properties(message),
+        subject=_optional_text(message.subject),
+        reply_to=_optional_text(message.reply_to),
+        reply_to_session_id=_optional_text(message.reply_to_session_id),
+        session_id=_optional_text(message.session_id),
+        to=_optional_text(message.to),
+        partition_key=_optional_text(message.partition_key),
+        time_to_live=_seconds(message.time_to_live),
+    )
 
 
 @dataclass(frozen=True)
@@ -396,7 +268,7 @@ def browse(
     """
     for page in _pages(client, entity, dead_letter=dead_letter, patience=patience):
         for message in page:
-            yield DeadLetter.from_message(message)
+            yield letter_from(message)
 
 
 def _pages(
@@ -689,7 +561,7 @@ class _HoldingScan:
             # round again, and release it at the end.
             self.held[seq] = message
             return
-        letter = DeadLetter.from_message(message)
+        letter = letter_from(message)
         try:
             why = _settle_target(self.act, receiver, message)
         except TryAgain as again:
@@ -977,7 +849,7 @@ def replay(
     copies = _Copies(client, entity, copies_out(client, entity, patience) | found.message_ids)
 
     def resubmit(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-        if not copies.send(replay_message(DeadLetter.from_message(message), entity)):
+        if not copies.send(replay_message(letter_from(message), entity)):
             outcome.already_there += 1
         _settle(receiver, message, lambda: receiver.complete_message(message))
         return None

@@ -19,8 +19,8 @@ from worker.domain.errors import PermanentError
 from worker.service.handling import REPLAY_ORIGINAL_ENQUEUED_TIME, REPLAY_ORIGINAL_MESSAGE_ID, original_enqueued_time
 
 if TYPE_CHECKING:
-    from adapters.servicebus.dlq import DeadLetter
     from adapters.servicebus.dlq.entity import Entity
+    from adapters.servicebus.dlq.letter import DeadLetter
 
 #: Application properties replay adds; a replayed message carries its history with it.
 REPLAY_COUNT = "ab_replay_count"
