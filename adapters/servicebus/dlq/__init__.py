@@ -60,6 +60,7 @@ from adapters.servicebus.dlq.replay_copy import (
     replay_copy,
     replay_message_id,
 )
+from adapters.servicebus.dlq.selection import SKIP_LIMIT, ReplayFilter, Selection, choose
 from adapters.servicebus.settle import on_current_link, stamp_link
 from worker.domain.errors import TransientError
 from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID
@@ -159,32 +160,6 @@ def letter_from(message: ServiceBusReceivedMessage) -> DeadLetter:
         partition_key=_optional_text(message.partition_key),
         time_to_live=_seconds(message.time_to_live),
     )
-
-
-@dataclass(frozen=True)
-class ReplayFilter:
-    """Which dead letters to act on."""
-
-    reason: str | None = None
-    experiment: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
-
-    @property
-    def is_empty(self) -> bool:
-        """True when it matches everything."""
-        return not (self.reason or self.experiment or self.since or self.until)
-
-    def matches(self, letter: DeadLetter) -> bool:
-        """True when the letter passes every given criterion."""
-        if self.reason and letter.reason != self.reason:
-            return False
-        if self.experiment and letter.request.get("experiment_id") != self.experiment:
-            return False
-        when = letter.enqueued_time
-        if self.since and (when is None or when < self.since):
-            return False
-        return not (self.until and (when is None or when > self.until))
 
 
 # -- riding out dropped connections --------------------------------------------------------------
@@ -332,29 +307,9 @@ def _target_sender(client: ServiceBusClient, entity: Entity) -> Any:
 
 # -- selection: browse everything, decide up front ------------------------------------------------
 
-SKIP_TOO_MANY = "replayed --max-replays times already"
-SKIP_LIMIT = "over --limit (left for a later run)"
 SKIP_NOT_RECEIVED = "not received: settled meanwhile or locked by another receiver"
 SKIP_LOCK_LOST = "lock lost before it could be settled; still there"
 SKIP_DROPPED = "the connection kept dropping before it was done; run again to finish (nothing is lost or sent twice)"
-
-
-@dataclass
-class Selection:
-    """What a browse found: the targets to act on, in sequence order, and everything else counted."""
-
-    scanned: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-    matched: list[DeadLetter] = field(default_factory=list)
-    targets: list[DeadLetter] = field(default_factory=list)
-    skipped: list[tuple[DeadLetter, str]] = field(default_factory=list)
-    #: The message id of every letter browsed: a replay's copy that was dead-lettered again is here.
-    message_ids: set[str] = field(default_factory=set)
-
-    @property
-    def not_matching(self) -> int:
-        """Browsed but outside the filter."""
-        return self.scanned - len(self.matched)
 
 
 def select(
@@ -368,29 +323,8 @@ def select(
     patience: Patience = Patience(),
 ) -> Selection:
     """Browse the whole DLQ and decide which letters to act on (never capped silently)."""
-    found = Selection()
-    for letter in browse(client, entity, dead_letter=dead_letter, patience=patience):
-        found.scanned += 1
-        found.reasons[letter.reason] += 1
-        if letter.message_id:
-            found.message_ids.add(letter.message_id)
-        if not selection.matches(letter):
-            continue
-        found.matched.append(letter)
-        if max_replays is not None and letter.replay_count >= max_replays:
-            log.warning(
-                "Skipping message %s (sequence %d): already replayed %d times (limit %d); fix it by hand or export it",
-                letter.message_id,
-                letter.sequence_number,
-                letter.replay_count,
-                max_replays,
-            )
-            found.skipped.append((letter, SKIP_TOO_MANY))
-        elif limit is not None and len(found.targets) >= limit:
-            found.skipped.append((letter, SKIP_LIMIT))
-        else:
-            found.targets.append(letter)
-    return found
+    letters = browse(client, entity, dead_letter=dead_letter, patience=patience)
+    return choose(letters, selection, max_replays=max_replays, limit=limit)
 
 
 # -- acting: receive, hold what is not ours, release at the end -----------------------------------
