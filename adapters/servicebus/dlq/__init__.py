@@ -52,6 +52,7 @@ from azure.servicebus.exceptions import (
 from adapters.servicebus import LockKeeper, message_body
 from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.dlq.letter import KNOWN_REASONS, OPERATOR_REASON, DeadLetter
+from adapters.servicebus.dlq.outcome import SKIP_DROPPED, SKIP_LOCK_LOST, SKIP_NOT_RECEIVED, Outcome, go_ahead
 from adapters.servicebus.dlq.replay_copy import (
     REPLAY_COUNT,
     ReplayCopy,
@@ -307,10 +308,6 @@ def _target_sender(client: ServiceBusClient, entity: Entity) -> Any:
 
 # -- selection: browse everything, decide up front ------------------------------------------------
 
-SKIP_NOT_RECEIVED = "not received: settled meanwhile or locked by another receiver"
-SKIP_LOCK_LOST = "lock lost before it could be settled; still there"
-SKIP_DROPPED = "the connection kept dropping before it was done; run again to finish (nothing is lost or sent twice)"
-
 
 def select(
     client: ServiceBusClient,
@@ -346,33 +343,6 @@ class TryAgain(Exception):
 
 class SettlementCut(ConnectionDropped):
     """The connection dropped during a settlement: the broker may or may not have applied it."""
-
-
-@dataclass
-class Outcome:
-    """What a command did (or, with a dry run, would do)."""
-
-    selection: Selection
-    done: list[DeadLetter] = field(default_factory=list)
-    skipped: list[tuple[DeadLetter, str]] = field(default_factory=list)
-    released: int = 0
-    cancelled: bool = False
-    #: Connections that dropped under the command and were replaced.
-    reconnects: int = 0
-    #: Messages held on a connection that dropped: nobody can release them, their locks run out.
-    lapsed: int = 0
-    #: Replay only: dead letters completed without sending, their copy being there already.
-    already_there: int = 0
-
-    @property
-    def replayed(self) -> list[DeadLetter]:
-        """The letters acted on (replayed, purged or dead-lettered)."""
-        return self.done
-
-    @property
-    def not_matching(self) -> int:
-        """Browsed but outside the filter."""
-        return self.selection.not_matching
 
 
 @dataclass
@@ -688,19 +658,6 @@ def _gone(
 # -- the commands ---------------------------------------------------------------------------------
 
 
-def _go_ahead(found: Selection, outcome: Outcome, dry_run: bool, confirm: Callable[[Selection], bool] | None) -> bool:
-    """Whether to act on what ``select`` found: not on a dry run (which reports it done), nothing, or a no."""
-    if dry_run:
-        outcome.done = list(found.targets)
-        return False
-    if not found.targets:
-        return False
-    if confirm is not None and not confirm(found):
-        outcome.cancelled = True
-        return False
-    return True
-
-
 class _Copies:
     """Sends each dead letter's copy at most once, whatever drops, and knows the copies already out.
 
@@ -778,7 +735,7 @@ def replay(
     """
     found = select(client, entity, selection, max_replays=max_replays, limit=limit, patience=patience)
     outcome = Outcome(found, skipped=list(found.skipped))
-    if not _go_ahead(found, outcome, dry_run, confirm):
+    if not go_ahead(found, outcome, dry_run, confirm):
         return outcome
     copies = _Copies(client, entity, copies_out(client, entity, patience) | found.message_ids)
 
@@ -820,7 +777,7 @@ def purge(
     """Delete matching dead letters for good (complete them in the DLQ)."""
     found = select(client, entity, selection, limit=limit, patience=patience)
     outcome = Outcome(found, skipped=list(found.skipped))
-    if not _go_ahead(found, outcome, dry_run, confirm):
+    if not go_ahead(found, outcome, dry_run, confirm):
         return outcome
 
     def delete(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
