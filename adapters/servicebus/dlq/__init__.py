@@ -35,21 +35,24 @@ from azure.servicebus import (
     ServiceBusClient,
     ServiceBusMessage,
     ServiceBusReceivedMessage,
-    ServiceBusReceiveMode,
     ServiceBusReceiver,
-    ServiceBusSubQueue,
 )
 from azure.servicebus.exceptions import (
     MessageAlreadySettled,
     MessageSizeExceededError,
-    OperationTimeoutError,
-    ServiceBusCommunicationError,
-    ServiceBusConnectionError,
     ServiceBusError,
-    ServiceBusServerBusyError,
 )
 
 from adapters.servicebus import LockKeeper, message_body
+from adapters.servicebus.dlq.connection import (
+    ConnectionDropped,
+    Patience,
+    close_quietly,
+    gave_up,
+    is_dropped,
+    open_receiver,
+    open_sender,
+)
 from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.dlq.letter import KNOWN_REASONS, OPERATOR_REASON, DeadLetter
 from adapters.servicebus.dlq.outcome import SKIP_DROPPED, SKIP_LOCK_LOST, SKIP_NOT_RECEIVED, Outcome, go_ahead
@@ -63,7 +66,6 @@ from adapters.servicebus.dlq.replay_copy import (
 )
 from adapters.servicebus.dlq.selection import SKIP_LIMIT, ReplayFilter, Selection, choose
 from adapters.servicebus.settle import on_current_link, stamp_link
-from worker.domain.errors import TransientError
 from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID
 from worker.service.redaction import redact
 
@@ -96,17 +98,6 @@ log = logging.getLogger(__name__)
 
 _PAGE = 250
 _EMPTY_ROUNDS = 2
-
-
-def open_receiver(client: ServiceBusClient, entity: Entity, *, dead_letter: bool = True) -> ServiceBusReceiver:
-    """A PEEK_LOCK receiver on ``entity``'s dead-letter sub-queue (or, with ``dead_letter=False``, on it)."""
-    sub_queue = ServiceBusSubQueue.DEAD_LETTER if dead_letter else None
-    mode = ServiceBusReceiveMode.PEEK_LOCK
-    if entity.queue:
-        return client.get_queue_receiver(entity.queue, sub_queue=sub_queue, receive_mode=mode)
-    if not (entity.topic and entity.subscription):
-        raise ValueError(f"entity {entity}: neither a queue nor a topic subscription")
-    return client.get_subscription_receiver(entity.topic, entity.subscription, sub_queue=sub_queue, receive_mode=mode)
 
 
 def _text(value: Any) -> Any:
@@ -163,77 +154,6 @@ def letter_from(message: ServiceBusReceivedMessage) -> DeadLetter:
     )
 
 
-# -- riding out dropped connections --------------------------------------------------------------
-
-
-class ConnectionDropped(Exception):
-    """The connection under a receiver or sender dropped mid-operation: reconnect and go on."""
-
-
-def is_dropped(exc: BaseException) -> bool:
-    """True for what the SDK raises when a connection breaks under a call (after its own retries).
-
-    A handler the SDK shut down after a connection error raises a plain ``ValueError`` ("the handler
-    has already been shutdown"); ``AttributeError``/``TypeError`` come from a handler torn down
-    under a concurrent call (the lock keeper's renewals), bare or wrapped by the SDK in a plain
-    ``ServiceBusError`` ("Handler failed: …"). ``MessageAlreadySettled`` and
-    ``MessageSizeExceededError`` are value errors too, but about a message, not the connection.
-    """
-    if isinstance(exc, MessageAlreadySettled | MessageSizeExceededError):
-        return False
-    if type(exc) is ServiceBusError and isinstance(exc.inner_exception, AttributeError | TypeError | ValueError):
-        # The SDK's wrapper ("Handler failed: …") for a handler torn down under a concurrent call.
-        return True
-    return isinstance(
-        exc,
-        ConnectionDropped
-        | ServiceBusConnectionError
-        | ServiceBusCommunicationError
-        | OperationTimeoutError
-        | ServiceBusServerBusyError
-        | OSError
-        | ValueError
-        | AttributeError
-        | TypeError,
-    )
-
-
-@dataclass(frozen=True)
-class Patience:
-    """How many reconnects in a row, without any progress between them, before a command gives up.
-
-    Waits ``first`` seconds before the first reconnect, doubling up to ``most``; any message
-    received or settled in between starts the count again, so a run makes its way through
-    connections that keep dropping as long as each one gets something done.
-    """
-
-    attempts: int = 6
-    first: float = 0.5
-    most: float = 8.0
-
-    def wait(self, failures: int) -> None:
-        """Sleep before reconnect number ``failures`` (1-based)."""
-        time.sleep(min(self.most, self.first * 2 ** max(0, failures - 1)))
-
-    def exhausted(self, failures: int) -> bool:
-        """True once ``failures`` reconnects in a row got nothing done."""
-        return failures > self.attempts
-
-
-def _gave_up(what: str, failures: int, exc: BaseException) -> TransientError:
-    return TransientError(
-        f"{what}: the connection dropped {failures} times in a row without getting anything done; "
-        f"last: {type(exc).__name__}: {redact(str(exc))}"
-    )
-
-
-def _close_quietly(handler: Any) -> None:
-    try:
-        handler.close()
-    except Exception as exc:  # a handler on a broken connection may fail to close; it is dropped anyway
-        log.debug("Ignoring error while closing a broken handler: %s", redact(str(exc)))
-
-
 def browse(
     client: ServiceBusClient, entity: Entity, *, dead_letter: bool = True, patience: Patience = Patience()
 ) -> Iterator[DeadLetter]:
@@ -266,13 +186,13 @@ def _pages(
                 raise
             failures += 1
             if patience.exhausted(failures):
-                raise _gave_up(f"browsing {entity}", failures, exc) from None
+                raise gave_up(f"browsing {entity}", failures, exc) from None
             log.info("Connection dropped while browsing %s (%s); reconnecting", entity, redact(str(exc)))
             # A smaller page has a better chance of arriving whole on a connection that keeps dropping.
             size = max(10, size // 2)
             patience.wait(failures)
         finally:
-            _close_quietly(receiver)
+            close_quietly(receiver)
 
 
 def peek(client: ServiceBusClient, entity: Entity, limit: int | None = None) -> list[DeadLetter]:
@@ -294,16 +214,6 @@ def replay_message(
     """The SDK message of :func:`~adapters.servicebus.dlq.replay_copy.replay_copy`: what replay sends for ``letter``."""
     copy = replay_copy(letter, entity, now, kind=kind)
     return ServiceBusMessage(**{f.name: getattr(copy, f.name) for f in fields(ReplayCopy)})
-
-
-def _target_sender(client: ServiceBusClient, entity: Entity) -> Any:
-    # A subscription's dead letters go back through its topic, tagged with the subscription, since
-    # Service Bus cannot send to one subscription; docs/operations.md gives the subscription rule.
-    if entity.queue:
-        return client.get_queue_sender(entity.queue)
-    if not entity.topic:
-        raise ValueError(f"entity {entity}: neither a queue nor a topic subscription")
-    return client.get_topic_sender(entity.topic)
 
 
 # -- selection: browse everything, decide up front ------------------------------------------------
@@ -574,12 +484,12 @@ def _act_on_targets(
                 failures = 1 if scan.progress > before else failures + 1
                 log.info("Connection dropped under %s (%s); reconnecting", entity, redact(str(exc)))
                 if patience.exhausted(failures):
-                    log.warning("Giving up on %s: %s", entity, _gave_up("acting", failures, exc))
+                    log.warning("Giving up on %s: %s", entity, gave_up("acting", failures, exc))
                     scan.give_up()
                     return
                 patience.wait(failures)
             finally:
-                _close_quietly(receiver)
+                close_quietly(receiver)
     finally:
         if keeper is None:
             scan.keeper.close()
@@ -651,7 +561,7 @@ def _gone(
                 return gone
             patience.wait(failures)
         finally:
-            _close_quietly(receiver)
+            close_quietly(receiver)
     return gone
 
 
@@ -678,7 +588,7 @@ class _Copies:
         if copy.message_id in self.out:
             return False
         if self._sender is None:
-            self._sender = _target_sender(self._client, self._entity)
+            self._sender = open_sender(self._client, self._entity)
         try:
             self._sender.send_messages(copy)
         except Exception as exc:
@@ -694,7 +604,7 @@ class _Copies:
         """Close the sender (a new one is opened for the next copy)."""
         sender, self._sender = self._sender, None
         if sender is not None:
-            _close_quietly(sender)
+            close_quietly(sender)
 
 
 def copies_out(client: ServiceBusClient, entity: Entity, patience: Patience = Patience()) -> set[str]:
@@ -853,7 +763,7 @@ def replay_from_file(
                         raise
                     failures += 1
                     if patience.exhausted(failures):
-                        raise _gave_up(f"sending to {entity}", failures, exc) from None
+                        raise gave_up(f"sending to {entity}", failures, exc) from None
                     patience.wait(failures)
             if interval:
                 time.sleep(interval)
