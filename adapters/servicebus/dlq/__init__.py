@@ -26,9 +26,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from azure.servicebus import (
@@ -43,7 +43,8 @@ from azure.servicebus.exceptions import (
     ServiceBusError,
 )
 
-from adapters.servicebus import LockKeeper, message_body
+from adapters.servicebus import LockKeeper
+from adapters.servicebus.dlq.browse import browse, letter_from, pages, peek, select
 from adapters.servicebus.dlq.connection import (
     ConnectionDropped,
     Patience,
@@ -82,127 +83,24 @@ __all__ = [
     "ReplayFilter",
     "Selection",
     "browse",
+    "choose",
     "dead_letter_active",
     "is_dropped",
     "original_decision_time",
     "original_message_id",
+    "peek",
     "purge",
     "replay",
     "replay_copy",
     "replay_from_file",
     "replay_message",
     "replay_message_id",
+    "select",
 ]
 
 log = logging.getLogger(__name__)
 
-_PAGE = 250
 _EMPTY_ROUNDS = 2
-
-
-def _text(value: Any) -> Any:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def _optional_text(value: Any) -> str | None:
-    return None if value is None else str(_text(value))
-
-
-def _properties(message: ServiceBusReceivedMessage) -> dict[str, Any]:
-    return {
-        str(_text(k)): _text(v)
-        for k, v in (message.application_properties or {}).items()
-        if _text(k) not in {"DeadLetterReason", "DeadLetterErrorDescription"}
-    }
-
-
-def _body(message: ServiceBusReceivedMessage) -> bytes:
-    # A dead letter is often there because its body is odd (an AMQP map with non-text keys, say):
-    # the tools must still list, export and replay it rather than crash on it.
-    try:
-        return message_body(message)
-    except (TypeError, ValueError, RecursionError):
-        return repr(message.body).encode("utf-8", "replace")
-
-
-def _seconds(value: Any) -> float | None:
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    return None
-
-
-def letter_from(message: ServiceBusReceivedMessage) -> DeadLetter:
-    """A received or peeked message, decoded for people and files."""
-    return DeadLetter(
-        sequence_number=message.sequence_number or 0,
-        enqueued_time=message.enqueued_time_utc,
-        delivery_count=message.delivery_count or 0,
-        reason=_optional_text(message.dead_letter_reason) or "",
-        description=_optional_text(message.dead_letter_error_description) or "",
-        message_id=_optional_text(message.message_id),
-        correlation_id=_optional_text(message.correlation_id),
-        content_type=_optional_text(message.content_type),
-        body=_body(message),
-        application_properties=_properties(message),
-        subject=_optional_text(message.subject),
-        reply_to=_optional_text(message.reply_to),
-        reply_to_session_id=_optional_text(message.reply_to_session_id),
-        session_id=_optional_text(message.session_id),
-        to=_optional_text(message.to),
-        partition_key=_optional_text(message.partition_key),
-        time_to_live=_seconds(message.time_to_live),
-    )
-
-
-def browse(
-    client: ServiceBusClient, entity: Entity, *, dead_letter: bool = True, patience: Patience = Patience()
-) -> Iterator[DeadLetter]:
-    """Every message of the DLQ (or the entity itself), in sequence order, without changing any.
-
-    Peeking is by sequence number, so a dropped connection is ridden out by reconnecting and going
-    on from the next sequence number: nothing is seen twice or missed.
-    """
-    for page in _pages(client, entity, dead_letter=dead_letter, patience=patience):
-        for message in page:
-            yield letter_from(message)
-
-
-def _pages(
-    client: ServiceBusClient, entity: Entity, *, dead_letter: bool, patience: Patience
-) -> Iterator[list[ServiceBusReceivedMessage]]:
-    sequence, failures, size = 0, 0, _PAGE
-    while True:
-        receiver = open_receiver(client, entity, dead_letter=dead_letter)
-        try:
-            while True:
-                page = receiver.peek_messages(max_message_count=size, sequence_number=sequence)
-                if not page:
-                    return
-                failures = 0
-                sequence = max(m.sequence_number or 0 for m in page) + 1
-                yield page
-        except Exception as exc:
-            if not is_dropped(exc):
-                raise
-            failures += 1
-            if patience.exhausted(failures):
-                raise gave_up(f"browsing {entity}", failures, exc) from None
-            log.info("Connection dropped while browsing %s (%s); reconnecting", entity, redact(str(exc)))
-            # A smaller page has a better chance of arriving whole on a connection that keeps dropping.
-            size = max(10, size // 2)
-            patience.wait(failures)
-        finally:
-            close_quietly(receiver)
-
-
-def peek(client: ServiceBusClient, entity: Entity, limit: int | None = None) -> list[DeadLetter]:
-    """Dead letters without changing them: all of them, or the first ``limit``."""
-    letters: list[DeadLetter] = []
-    for letter in browse(client, entity):
-        if limit is not None and len(letters) >= limit:
-            break
-        letters.append(letter)
-    return letters
 
 
 # -- the replay copy ------------------------------------------------------------------------------
@@ -214,24 +112,6 @@ def replay_message(
     """The SDK message of :func:`~adapters.servicebus.dlq.replay_copy.replay_copy`: what replay sends for ``letter``."""
     copy = replay_copy(letter, entity, now, kind=kind)
     return ServiceBusMessage(**{f.name: getattr(copy, f.name) for f in fields(ReplayCopy)})
-
-
-# -- selection: browse everything, decide up front ------------------------------------------------
-
-
-def select(
-    client: ServiceBusClient,
-    entity: Entity,
-    selection: ReplayFilter,
-    *,
-    max_replays: int | None = None,
-    limit: int | None = None,
-    dead_letter: bool = True,
-    patience: Patience = Patience(),
-) -> Selection:
-    """Browse the whole DLQ and decide which letters to act on (never capped silently)."""
-    letters = browse(client, entity, dead_letter=dead_letter, patience=patience)
-    return choose(letters, selection, max_replays=max_replays, limit=limit)
 
 
 # -- acting: receive, hold what is not ours, release at the end -----------------------------------
@@ -611,7 +491,7 @@ def copies_out(client: ServiceBusClient, entity: Entity, patience: Patience = Pa
     """The message ids of replayed copies waiting on ``entity`` (for a subscription: on it, not its topic)."""
     return {
         str(message.message_id)
-        for page in _pages(client, entity, dead_letter=False, patience=patience)
+        for page in pages(client, entity, dead_letter=False, patience=patience)
         for message in page
         if message.message_id is not None and _is_copy(message)
     }
