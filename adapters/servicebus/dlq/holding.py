@@ -1,0 +1,373 @@
+"""Acting on chosen targets: receive in PEEK_LOCK, hold whatever is not a target, settle, release at the end.
+
+Commands that change something receive and **hold** every message they do not act on, under renewed
+locks, until they have reached every target; only then are the held messages released (abandoned).
+Held messages cannot be received again, so a scan never stops early on messages that come back to
+the head, never sees one dead letter twice, and raises another dead letter's delivery count at most
+once per run. A message received on a link that dropped is never settled on another one (delivery
+ids are per link): a scan outlives the connections under it and waits for what a dropped link had
+locked to come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiver
+from azure.servicebus.exceptions import MessageAlreadySettled, MessageSizeExceededError, ServiceBusError
+
+from adapters.servicebus.dlq.browse import letter_from
+from adapters.servicebus.dlq.connection import (
+    ConnectionDropped,
+    Patience,
+    close_quietly,
+    gave_up,
+    is_dropped,
+    open_receiver,
+)
+from adapters.servicebus.dlq.entity import Entity
+from adapters.servicebus.dlq.letter import DeadLetter
+from adapters.servicebus.dlq.outcome import SKIP_DROPPED, SKIP_LOCK_LOST, SKIP_NOT_RECEIVED, Outcome
+from adapters.servicebus.dlq.selection import Selection
+from adapters.servicebus.lock import LockKeeper
+from adapters.servicebus.settle import on_current_link, stamp_link
+from worker.service.redaction import redact
+
+log = logging.getLogger(__name__)
+
+#: Settles one received target; returns ``None`` when done, or why it was skipped. It raises
+#: :class:`TryAgain` to be given the message again when it comes back (its lock was lost after the
+#: action was half done), and whatever the SDK raised when the connection dropped (see :func:`is_dropped`).
+Action = Callable[[ServiceBusReceiver, ServiceBusReceivedMessage], str | None]
+
+#: Empty receives in a row after which nothing more can come (one empty round can be spurious).
+_EMPTY_ROUNDS = 2
+#: Times one target may come back after a lost lock before it is reported skipped.
+_TRIES = 3
+#: Seconds a lock is assumed to last until one was seen (Service Bus's default lock duration).
+_DEFAULT_LOCK = 60.0
+
+
+class TryAgain(Exception):
+    """The action could not finish (lock lost after its copy was sent): act again when the message comes back."""
+
+
+class SettlementCut(ConnectionDropped):
+    """The connection dropped during a settlement: the broker may or may not have applied it."""
+
+
+@dataclass
+class _HoldingScan:
+    """Receives until every target was reached, holding (under renewed locks) whatever it passes.
+
+    One scan outlives the connections under it: :meth:`run` goes over one receiver and raises what
+    the SDK raised when its connection drops, leaving the targets not yet settled pending for the
+    next receiver. Messages it held or was acting on stay locked by the dropped link until their
+    locks run out (nothing can settle them now: a settlement names a delivery id of that link), so
+    the next run keeps looking until those locks have lapsed before it calls a target not received.
+    """
+
+    act: Action
+    outcome: Outcome
+    keeper: LockKeeper
+    pending: dict[int, DeadLetter]
+    interval: float = 0.0
+    on_progress: Callable[[DeadLetter, str], None] | None = None
+    held: dict[int, ServiceBusReceivedMessage] = field(default_factory=dict)
+    #: Receive calls and settlements that went through: a reconnect after progress is not a failure in a row.
+    progress: int = 0
+    batch: int = 100
+    #: Receive calls in a row that found nothing.
+    misses: int = 0
+    #: Until when (monotonic) targets locked by a dropped link may still come back.
+    stranded_until: float = 0.0
+    #: The longest lock seen, in seconds (how long a dropped link's locks can last).
+    lock_seconds: float | None = None
+    tries: Counter[int] = field(default_factory=Counter)
+    #: Targets whose settlement was cut off by a drop: if one is gone when the scan ends, it was applied.
+    cut: set[int] = field(default_factory=set)
+
+    def run(self, receiver: ServiceBusReceiver, max_wait: float) -> None:
+        """Receive batches until no target is pending, or nothing more can come; then release what it held."""
+        undecided: dict[int, ServiceBusReceivedMessage] = {}
+        link: _LinkMark | None = None  # the link is opened by the first receive
+        try:
+            while self.pending and (self.misses < _EMPTY_ROUNDS or time.monotonic() < self.stranded_until):
+                batch = receiver.receive_messages(
+                    max_message_count=min(self.batch, max(len(self.pending), 10)), max_wait_time=max_wait
+                )
+                self.progress += 1
+                if link is not None and not link.current(receiver):
+                    # The SDK replaced a dropped link inside the call: what the old one had locked
+                    # comes back only when those locks run out.
+                    self._strand(could_have_locked=self.misses == 0)
+                    link = None
+                link = link or _LinkMark.on(receiver)
+                # An empty batch means everything receivable is held: a pending target was settled
+                # or is locked elsewhere. A second empty round guards against a spurious one.
+                self.misses = 0 if batch else self.misses + 1
+                stamp_link(receiver, batch)
+                self.keeper.hold(receiver, batch)
+                self._note_locks(batch)
+                # Until decided, a message is released if the run ends early (a refused copy raises):
+                # a retry can then take it at once instead of waiting out its lock.
+                undecided = {m.sequence_number or 0: m for m in batch}
+                for message in batch:
+                    self._take(receiver, message)
+                    undecided.pop(message.sequence_number or 0)
+        except Exception as exc:
+            if is_dropped(exc):
+                self._dropped({**undecided, **self.held})
+            else:
+                self.outcome.released += _release(receiver, self.keeper, {**undecided, **self.held})
+                self.held.clear()
+            raise
+        self.outcome.released += _release(receiver, self.keeper, self.held)
+        self.held.clear()
+
+    def finish(self, gone: Callable[[Sequence[int]], set[int]]) -> None:
+        """Account for the targets never reached: done if a cut-off settlement had gone through, else skipped."""
+        applied = gone([seq for seq in self.pending if seq in self.cut])
+        for seq, letter in self.pending.items():
+            if seq in applied:
+                self.outcome.done.append(letter)  # the settlement a drop cut off had gone through
+            else:
+                self.outcome.skipped.append((letter, SKIP_NOT_RECEIVED))
+        self.pending.clear()
+
+    def give_up(self) -> None:
+        """Report every target still pending as skipped: the connection kept dropping."""
+        self.outcome.skipped.extend((letter, SKIP_DROPPED) for letter in self.pending.values())
+        self.pending.clear()
+
+    def _dropped(self, locked: Mapping[int, ServiceBusReceivedMessage]) -> None:
+        for message in locked.values():
+            self.keeper.release(message)
+        self.outcome.lapsed += sum(1 for seq in locked if seq not in self.pending)
+        self.held.clear()
+        self._strand(could_have_locked=self.misses == 0 or any(seq in self.pending for seq in locked))
+
+    def _strand(self, *, could_have_locked: bool) -> None:
+        """A link dropped: take smaller batches, and wait for the targets it may have locked.
+
+        Those come back when their locks run out. A link whose last receive found nothing cannot
+        have been handed a target since (there was none to hand), so a connection that keeps
+        dropping while the scan waits does not make it wait for ever.
+        """
+        self.outcome.reconnects += 1
+        # A smaller batch has a better chance of arriving whole on a connection that keeps dropping.
+        self.batch = max(1, self.batch // 2)
+        if could_have_locked:
+            lock = self.lock_seconds if self.lock_seconds is not None else _DEFAULT_LOCK
+            self.stranded_until = time.monotonic() + lock + 1.0
+
+    def _note_locks(self, batch: Sequence[ServiceBusReceivedMessage]) -> None:
+        now = datetime.now(UTC)
+        for message in batch:
+            until = message.locked_until_utc
+            if until is not None:
+                self.lock_seconds = max(self.lock_seconds or 0.0, (until - now).total_seconds())
+
+    def _take(self, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> None:
+        seq = message.sequence_number or 0
+        target = self.pending.pop(seq, None)
+        if target is None:
+            # Not ours (or a copy that came back meanwhile): keep it locked so it cannot come
+            # round again, and release it at the end.
+            self.held[seq] = message
+            return
+        letter = letter_from(message)
+        try:
+            why = _settle_target(self.act, receiver, message)
+        except TryAgain as again:
+            # Its lock was lost — or the settlement went through and only its answer was lost (a
+            # retried settlement then finds no lock): it is back in the entity or gone, and the scan
+            # tells which when it ends.
+            self.keeper.release(message)
+            self.cut.add(seq)
+            self.tries[seq] += 1
+            if self.tries[seq] < _TRIES:
+                self.pending[seq] = target  # back with a new lock, at once: the old one is gone
+                return
+            why = str(again)
+        except Exception as exc:
+            if is_dropped(exc):
+                self.pending[seq] = target
+                if isinstance(exc, SettlementCut):
+                    self.cut.add(seq)
+            raise
+        self.keeper.release(message)
+        self.cut.discard(seq)
+        self.progress += 1
+        if why is None:
+            self.outcome.done.append(letter)
+        else:
+            self.outcome.skipped.append((letter, why))
+            self.held[seq] = message
+        if self.on_progress is not None:
+            self.on_progress(letter, why or "done")
+        if self.interval:
+            time.sleep(self.interval)
+
+
+class _OneCallAtATime:
+    """A receiver whose calls run one at a time, whichever thread makes them (the scan's, the lock keeper's).
+
+    The SDK's handlers are not thread-safe: a renewal reopening a handler the scan's receive was
+    tearing down after a dropped connection left it half built ("Handler failed: 'NoneType' object
+    has no attribute …"). A renewal now waits for a receive in progress (at most its ``max_wait``),
+    well inside any lock's duration.
+    """
+
+    def __init__(self, receiver: ServiceBusReceiver) -> None:
+        self._receiver = receiver
+        self._turn = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._receiver, name)
+        if name.startswith("_") or not callable(value):
+            return value
+
+        def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
+            with self._turn:
+                return value(*args, **kwargs)
+
+        return one_at_a_time
+
+
+def _one_call_at_a_time(receiver: ServiceBusReceiver) -> ServiceBusReceiver:
+    return cast(ServiceBusReceiver, _OneCallAtATime(receiver))
+
+
+class _LinkMark:
+    """Stamped with the link a receiver is on, to notice when the SDK replaces it inside a call."""
+
+    @classmethod
+    def on(cls, receiver: ServiceBusReceiver) -> _LinkMark:
+        mark = cls()
+        stamp_link(receiver, [mark])
+        return mark
+
+    def current(self, receiver: ServiceBusReceiver) -> bool:
+        # Unknown (the SDK's link internals moved) counts as replaced: fail closed.
+        return on_current_link(receiver, self) is True
+
+
+def act_on_targets(
+    client: ServiceBusClient,
+    entity: Entity,
+    found: Selection,
+    outcome: Outcome,
+    act: Action,
+    *,
+    dead_letter: bool = True,
+    rate: float | None = None,
+    on_progress: Callable[[DeadLetter, str], None] | None = None,
+    max_wait: float = 2.0,
+    keeper: LockKeeper | None = None,
+    patience: Patience = Patience(),
+) -> None:
+    """Act on every target, over as many receivers as dropped connections need."""
+    pending = {letter.sequence_number: letter for letter in found.targets}
+    scan = _HoldingScan(act, outcome, keeper or LockKeeper(), pending, 1.0 / rate if rate else 0.0, on_progress)
+    failures = 0
+    try:
+        while True:
+            before = scan.progress
+            receiver = _one_call_at_a_time(open_receiver(client, entity, dead_letter=dead_letter))
+            try:
+                scan.run(receiver, max_wait)
+                scan.finish(lambda seqs: _gone(client, entity, seqs, dead_letter=dead_letter, patience=patience))
+                return
+            except Exception as exc:
+                if not is_dropped(exc):
+                    raise
+                failures = 1 if scan.progress > before else failures + 1
+                log.info("Connection dropped under %s (%s); reconnecting", entity, redact(str(exc)))
+                if patience.exhausted(failures):
+                    log.warning("Giving up on %s: %s", entity, gave_up("acting", failures, exc))
+                    scan.give_up()
+                    return
+                patience.wait(failures)
+            finally:
+                close_quietly(receiver)
+    finally:
+        if keeper is None:
+            scan.keeper.close()
+
+
+def _settle_target(act: Action, receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
+    try:
+        return act(receiver, message)
+    except MessageSizeExceededError as exc:
+        return f"copy refused as too large: {exc}"
+
+
+def _release(receiver: ServiceBusReceiver, keeper: LockKeeper, held: Mapping[int, ServiceBusReceivedMessage]) -> int:
+    released = 0
+    for message in held.values():
+        keeper.release(message)
+        if not on_current_link(receiver, message):
+            continue  # its link is gone: its lock runs out by itself
+        try:
+            receiver.abandon_message(message)
+            released += 1
+        except (ServiceBusError, ValueError) as exc:
+            # Already settled (a skipped target) or the lock ran out: it is back on the queue anyway.
+            log.debug("release of sequence %s: %s", message.sequence_number, exc)
+    return released
+
+
+def settle_on_link(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, how: Callable[[], None]) -> None:
+    """Settle ``message`` on its own link; :class:`TryAgain` when its lock was lost, the SDK's error on a drop.
+
+    A message whose link the SDK replaced (a renewal reopens a dropped receiver) is never settled by
+    its delivery id on the new link, where that id names another message: that counts as a drop.
+    """
+    if not on_current_link(receiver, message):
+        raise ConnectionDropped("the link the message arrived on was replaced")
+    try:
+        how()
+    except Exception as exc:
+        if is_dropped(exc):
+            raise SettlementCut(f"{type(exc).__name__}: {redact(str(exc))}") from exc
+        if isinstance(exc, ServiceBusError | MessageAlreadySettled):
+            raise TryAgain(f"{SKIP_LOCK_LOST} ({type(exc).__name__})") from None
+        raise
+
+
+def _gone(
+    client: ServiceBusClient, entity: Entity, sequence_numbers: Sequence[int], *, dead_letter: bool, patience: Patience
+) -> set[int]:
+    """Which of ``sequence_numbers`` no longer exist in the entity (peeked, no lock; over a fresh connection).
+
+    When the connection keeps dropping, those not known are assumed to be there: reported not
+    received, and a later run looks again.
+    """
+    gone: set[int] = set()
+    todo, failures = sorted(sequence_numbers), 0
+    while todo:
+        receiver = open_receiver(client, entity, dead_letter=dead_letter)
+        try:
+            while todo:
+                found = receiver.peek_messages(max_message_count=1, sequence_number=todo[0])
+                if not found or found[0].sequence_number != todo[0]:
+                    gone.add(todo[0])
+                todo.pop(0)
+        except Exception as exc:
+            if not is_dropped(exc):
+                raise
+            failures += 1
+            if patience.exhausted(failures):
+                return gone
+            patience.wait(failures)
+        finally:
+            close_quietly(receiver)
+    return gone
