@@ -43,6 +43,7 @@ from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.dlq.holding import act_on_targets, settle_on_link
 from adapters.servicebus.dlq.letter import KNOWN_REASONS, OPERATOR_REASON, DeadLetter
 from adapters.servicebus.dlq.outcome import SKIP_NOT_RECEIVED, Outcome, go_ahead
+from adapters.servicebus.dlq.purge import purge
 from adapters.servicebus.dlq.replay_copy import (
     REPLAY_COUNT,
     ReplayCopy,
@@ -201,31 +202,6 @@ def replay(
         )
     finally:
         copies.close()
-    return outcome
-
-
-def purge(
-    client: ServiceBusClient,
-    entity: Entity,
-    selection: ReplayFilter,
-    *,
-    limit: int | None = None,
-    dry_run: bool = False,
-    confirm: Callable[[Selection], bool] | None = None,
-    max_wait: float = 2.0,
-    patience: Patience = Patience(),
-) -> Outcome:
-    """Delete matching dead letters for good (complete them in the DLQ)."""
-    found = select(client, entity, selection, limit=limit, patience=patience)
-    outcome = Outcome(found, skipped=list(found.skipped))
-    if not go_ahead(found, outcome, dry_run, confirm):
-        return outcome
-
-    def delete(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-        settle_on_link(receiver, message, lambda: receiver.complete_message(message))
-        return None
-
-    act_on_targets(client, entity, found, outcome, delete, max_wait=max_wait, patience=patience)
     return outcome
 
 
