@@ -18,33 +18,32 @@ Every command rides out dropped connections: it opens a new receiver (or sender)
 message received on a link that dropped is never settled on another one (delivery ids are per link).
 Replay is idempotent across runs and interruptions: a copy already out (on the entity, back in the
 dead-letter queue, or sent earlier in the run) is recognised by its id and not sent again.
+
+One idea per module; the pure ones import no SDK:
+
+- ``entity``: the queue or topic subscription a command acts on (pure)
+- ``letter``: the dead-letter model, its reasons and the export format (pure)
+- ``selection``: the filter and the up-front choice of targets (pure)
+- ``outcome``: what a command did and why it skipped a target (pure)
+- ``replay_copy``: the copy's deterministic id and the properties that carry its history (pure)
+- ``connection``: opening receivers and senders, riding out dropped connections
+- ``browse``: reading an entity without changing it
+- ``holding``: receive, hold what is not a target, settle on the message's own link, release
+- ``replay``, ``purge``, ``active``: the commands that change something
+
+This package's namespace is the API the command line and the tests use.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import fields
-from datetime import datetime
-from typing import Any
-
-from azure.servicebus import (
-    ServiceBusClient,
-    ServiceBusMessage,
-    ServiceBusReceivedMessage,
-    ServiceBusReceiver,
-)
-
-from adapters.servicebus import LockKeeper
 from adapters.servicebus.dlq.active import dead_letter_active
-from adapters.servicebus.dlq.browse import browse, letter_from, pages, peek, select
-from adapters.servicebus.dlq.connection import Patience, close_quietly, gave_up, is_dropped, open_sender
+from adapters.servicebus.dlq.browse import browse, peek, select
+from adapters.servicebus.dlq.connection import Patience, is_dropped
 from adapters.servicebus.dlq.entity import Entity
-from adapters.servicebus.dlq.holding import act_on_targets, settle_on_link
 from adapters.servicebus.dlq.letter import KNOWN_REASONS, DeadLetter
-from adapters.servicebus.dlq.outcome import SKIP_NOT_RECEIVED, Outcome, go_ahead
+from adapters.servicebus.dlq.outcome import SKIP_NOT_RECEIVED, Outcome
 from adapters.servicebus.dlq.purge import purge
+from adapters.servicebus.dlq.replay import replay, replay_from_file, replay_message
 from adapters.servicebus.dlq.replay_copy import (
     REPLAY_COUNT,
     ReplayCopy,
@@ -54,7 +53,6 @@ from adapters.servicebus.dlq.replay_copy import (
     replay_message_id,
 )
 from adapters.servicebus.dlq.selection import SKIP_LIMIT, ReplayFilter, Selection, choose
-from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID
 
 __all__ = [
     "KNOWN_REASONS",
@@ -83,162 +81,3 @@ __all__ = [
     "replay_message_id",
     "select",
 ]
-
-log = logging.getLogger(__name__)
-
-
-# -- the replay copy ------------------------------------------------------------------------------
-
-
-def replay_message(
-    letter: DeadLetter, entity: Entity, now: datetime | None = None, *, kind: str = "replay"
-) -> ServiceBusMessage:
-    """The SDK message of :func:`~adapters.servicebus.dlq.replay_copy.replay_copy`: what replay sends for ``letter``."""
-    copy = replay_copy(letter, entity, now, kind=kind)
-    return ServiceBusMessage(**{f.name: getattr(copy, f.name) for f in fields(ReplayCopy)})
-
-
-# -- the commands ---------------------------------------------------------------------------------
-
-
-class _Copies:
-    """Sends each dead letter's copy at most once, whatever drops, and knows the copies already out.
-
-    A copy's id is a function of the dead letter (:func:`replay_message_id`), so a copy already on
-    the entity (sent by an interrupted run whose completion of the dead letter was lost), one that
-    came back into the dead-letter queue (dead-lettered again meanwhile), or one sent earlier in this
-    run (before a dropped connection) is recognised by its id and not sent again.
-    """
-
-    def __init__(self, client: ServiceBusClient, entity: Entity, out: set[str]) -> None:
-        self._client = client
-        self._entity = entity
-        self.out = out
-        self._sender: Any = None
-
-    def send(self, copy: ServiceBusMessage) -> bool:
-        """Send ``copy`` unless a copy with its id is out already; True when it was sent now."""
-        if copy.message_id in self.out:
-            return False
-        if self._sender is None:
-            self._sender = open_sender(self._client, self._entity)
-        try:
-            self._sender.send_messages(copy)
-        except Exception as exc:
-            if is_dropped(exc):
-                # Perhaps accepted, perhaps not: the next attempt sends the same id again, which
-                # duplicate detection drops if the first one went through.
-                self.close()
-            raise
-        self.out.add(str(copy.message_id))
-        return True
-
-    def close(self) -> None:
-        """Close the sender (a new one is opened for the next copy)."""
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            close_quietly(sender)
-
-
-def copies_out(client: ServiceBusClient, entity: Entity, patience: Patience = Patience()) -> set[str]:
-    """The message ids of replayed copies waiting on ``entity`` (for a subscription: on it, not its topic)."""
-    return {
-        str(message.message_id)
-        for page in pages(client, entity, dead_letter=False, patience=patience)
-        for message in page
-        if message.message_id is not None and _is_copy(message)
-    }
-
-
-def _is_copy(message: ServiceBusReceivedMessage) -> bool:
-    keys = (message.application_properties or {}).keys()
-    return REPLAY_ORIGINAL_MESSAGE_ID in keys or REPLAY_ORIGINAL_MESSAGE_ID.encode() in keys
-
-
-def replay(
-    client: ServiceBusClient,
-    entity: Entity,
-    selection: ReplayFilter,
-    *,
-    limit: int | None = None,
-    dry_run: bool = False,
-    max_replays: int = 5,
-    rate: float | None = None,
-    on_progress: Callable[[DeadLetter, str], None] | None = None,
-    confirm: Callable[[Selection], bool] | None = None,
-    max_wait: float = 2.0,
-    keeper: LockKeeper | None = None,
-    patience: Patience = Patience(),
-) -> Outcome:
-    """Move matching dead letters back to their entity: resubmit, then complete the DLQ copy.
-
-    Idempotent: the same dead letter always gets the same copy id, and a copy already on the entity,
-    back in the dead-letter queue or sent earlier in the run is not sent again (its dead letter is
-    just completed). Connections that drop are replaced and the run goes on (see :class:`Patience`).
-    """
-    found = select(client, entity, selection, max_replays=max_replays, limit=limit, patience=patience)
-    outcome = Outcome(found, skipped=list(found.skipped))
-    if not go_ahead(found, outcome, dry_run, confirm):
-        return outcome
-    copies = _Copies(client, entity, copies_out(client, entity, patience) | found.message_ids)
-
-    def resubmit(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-        if not copies.send(replay_message(letter_from(message), entity)):
-            outcome.already_there += 1
-        settle_on_link(receiver, message, lambda: receiver.complete_message(message))
-        return None
-
-    try:
-        act_on_targets(
-            client,
-            entity,
-            found,
-            outcome,
-            resubmit,
-            rate=rate,
-            on_progress=on_progress,
-            max_wait=max_wait,
-            keeper=keeper,
-            patience=patience,
-        )
-    finally:
-        copies.close()
-    return outcome
-
-
-def replay_from_file(
-    client: ServiceBusClient,
-    entity: Entity,
-    letters: Sequence[DeadLetter],
-    *,
-    rate: float | None = None,
-    patience: Patience = Patience(),
-) -> int:
-    """Resubmit exported (possibly hand-repaired) dead letters; returns how many were sent.
-
-    A copy already waiting on the entity (a re-run of the same file) is not sent again; a dropped
-    connection is replaced and the same copy sent again (duplicate detection drops a second one).
-    """
-    interval = 1.0 / rate if rate else 0.0
-    copies = _Copies(client, entity, copies_out(client, entity, patience))
-    sent = 0
-    try:
-        for letter in letters:
-            copy = replay_message(letter, entity, kind="file-replay")
-            failures = 0
-            while True:
-                try:
-                    sent += copies.send(copy)
-                    break
-                except Exception as exc:
-                    if not is_dropped(exc):
-                        raise
-                    failures += 1
-                    if patience.exhausted(failures):
-                        raise gave_up(f"sending to {entity}", failures, exc) from None
-                    patience.wait(failures)
-            if interval:
-                time.sleep(interval)
-    finally:
-        copies.close()
-    return sent
