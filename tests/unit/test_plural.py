@@ -18,10 +18,10 @@ COUNTED_NOUNS = (
     "requests|messages|rows|events|experiments|lines|problems|members|segments|arms|cells|variants|weights"
     "|attempts|assignments|treatments|dead letters|copies|member ids|processes"
 )
-_BARE_PLURAL = re.compile(rf"^ ({COUNTED_NOUNS})\b")
-
-#: Files another branch is rewriting this round (issue 16's replay work): checked once it has landed.
-NOT_YET = frozenset({"worker/cli/dlq.py", "worker/service/supervisor.py"})
+#: ``{n} requests`` and ``{n} other requests`` (one word between the count and its noun).
+_BARE_PLURAL = re.compile(rf"^ ([a-z]+ )?({COUNTED_NOUNS})\b")
+#: Service Bus's own wording, which the embedded broker reproduces verbatim (max delivery count > 1 in practice).
+VERBATIM = frozenset({"adapters/local/broker/entities.py: {...} delivery attempts."})
 
 
 @pytest.mark.parametrize(
@@ -63,9 +63,14 @@ def _f_string_problems(path: Path) -> list[str]:
     return problems
 
 
+def _unnumbered(problem: str) -> str:
+    return re.sub(r":\d+:", ":", problem, count=1)
+
+
 def test_no_message_counts_with_a_fixed_plural() -> None:
     """Every message of the worker and its adapters that counts something says it with counted()."""
     sources = [*sorted((REPO / "worker").rglob("*.py")), *sorted((REPO / "adapters").rglob("*.py"))]
-    sources = [path for path in sources if str(path.relative_to(REPO)) not in NOT_YET]
-    problems = [problem for path in sources for problem in _f_string_problems(path)]
+    problems = [
+        problem for path in sources for problem in _f_string_problems(path) if _unnumbered(problem) not in VERBATIM
+    ]
     assert problems == []

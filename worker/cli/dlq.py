@@ -28,6 +28,7 @@ from worker.cli.common import (
 )
 from worker.domain.errors import UsageError
 from worker.domain.moments import MomentError, parse_moment
+from worker.domain.plural import counted
 
 # -- dlq and queue ---------------------------------------------------------------------------------
 
@@ -114,6 +115,15 @@ def _n(count: int) -> str:
     return f"{count:,}"
 
 
+def _dead_letters(count: int, kind: str = "") -> str:
+    """``1 dead letter``, ``1,500 matching dead letters``: a count of dead letters as every message writes it."""
+    return counted(count, f"{kind} dead letter".lstrip(), thousands=True)
+
+
+def _were(count: int) -> str:
+    return "was" if count == 1 else "were"
+
+
 def _row(letter: Any, dead_letter: bool) -> str:
     when = letter.enqueued_time.strftime("%Y-%m-%d %H:%M:%S") if letter.enqueued_time else "-"
     experiment = printable(letter.request.get("experiment_id", "-"))[:20]
@@ -165,18 +175,21 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
             if not args.summary and (args.limit is None or len(shown) < args.limit):
                 shown.append(letter)
     _check_reason(args.reason, present)
-    of_all = "" if selection.is_empty else f" (of {_n(scanned)} dead letters)"
+    of_all = "" if selection.is_empty else f" (of {_dead_letters(scanned)})"
     if args.summary:
         for reason, n in reasons.most_common():
             print(f"{n:>7}  {printable(reason)}")
         print(f"{matching:>7}  total in {entity}{of_all}")
         return EXIT_OK
     _show(shown, args, dead_letter=True)
-    what = "dead letters" if selection.is_empty else "matching dead letters"
+    kind = "" if selection.is_empty else "matching"
     if len(shown) < matching:
-        print(f"showed {_n(len(shown))} of {_n(matching)} {what} in {entity} (--limit {args.limit})", file=sys.stderr)
+        print(
+            f"showed {_n(len(shown))} of {_dead_letters(matching, kind)} in {entity} (--limit {args.limit})",
+            file=sys.stderr,
+        )
     else:
-        print(f"{_n(matching)} {what} in {entity}{of_all}", file=sys.stderr)
+        print(f"{_dead_letters(matching, kind)} in {entity}{of_all}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -205,11 +218,10 @@ def cmd_dlq_export(args: argparse.Namespace) -> int:
                     out.write(json_line(letter.to_json()) + "\n")
                     written += 1
     if written < scanned:
-        print(
-            f"exported {_n(written)} of {_n(scanned)} dead letters from {entity} to {path} (--limit)", file=sys.stderr
-        )
+        print(f"exported {_n(written)} of {_dead_letters(scanned)} from {entity} to {path} (--limit)", file=sys.stderr)
     else:
-        print(f"exported all {_n(written)} dead letters from {entity} to {path}", file=sys.stderr)
+        everything = f"all {_dead_letters(written)}" if written != 1 else "the one dead letter"
+        print(f"exported {everything} from {entity} to {path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -220,7 +232,7 @@ def _confirm(verb: str, entity: Any, assume_yes: bool) -> Any:
         if not sys.stdin.isatty():
             return False
         try:
-            answer = input(f"{verb} {_n(len(found.targets))} dead letters in {entity}? [y/N] ")
+            answer = input(f"{verb} {_dead_letters(len(found.targets))} in {entity}? [y/N] ")
         except EOFError:  # the terminal closed its input: that is not a yes
             return False
         return answer.strip().lower() in {"y", "yes"}
@@ -233,9 +245,10 @@ def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> i
 
     found = outcome.selection
     reasons = ", ".join(f"{printable(r)}: {n}" for r, n in Counter(x.reason for x in outcome.done).most_common())
+    matching = _dead_letters(len(found.matched), "matching")
     print(
-        f"{'would ' + verb if dry_run else past} {_n(len(outcome.done))} of {_n(len(found.matched))} matching "
-        f"dead letters in {entity}{f' ({reasons})' if reasons else ''}; scanned {_n(found.scanned)}, "
+        f"{'would ' + verb if dry_run else past} {_n(len(outcome.done))} of {matching}"
+        f" in {entity}{f' ({reasons})' if reasons else ''}; scanned {_n(found.scanned)}, "
         f"{_n(found.not_matching)} did not match; {_n(len(outcome.skipped))} skipped",
         file=sys.stderr,
     )
@@ -245,17 +258,20 @@ def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> i
         print("cancelled: nothing was changed", file=sys.stderr)
     if outcome.released:
         print(
-            f"  {_n(outcome.released)} other dead letters were held during the scan and released (delivery count +1)",
+            f"  {_dead_letters(outcome.released, 'other')} {_were(outcome.released)} held during the scan and released"
+            " (delivery count +1)",
             file=sys.stderr,
         )
     if outcome.reconnects:
         lapsed = (
-            f"; {_n(outcome.lapsed)} other dead letters held on them come back when their locks run out "
-            "(delivery count +1)"
+            f"; the locks of {_dead_letters(outcome.lapsed, 'other')} held on them run out by themselves"
+            " (delivery count +1)"
             if outcome.lapsed
             else ""
         )
-        print(f"  rode out {_n(outcome.reconnects)} dropped connections{lapsed}", file=sys.stderr)
+        print(
+            f"  rode out {counted(outcome.reconnects, 'dropped connection', thousands=True)}{lapsed}", file=sys.stderr
+        )
     if outcome.already_there:
         print(
             f"  {_n(outcome.already_there)} of them had a copy out already (sent before a dropped connection, "
@@ -369,9 +385,12 @@ def _replay_file(args: argparse.Namespace) -> int:
             sent = len(letters)
         else:
             sent = replay_from_file(client, _entity(args, settings), letters, rate=args.rate)
-    waiting = f"; {len(letters) - sent} were on the queue already (not sent again)" if sent < len(letters) else ""
+    there = len(letters) - sent
+    waiting = f"; {_n(there)} {_were(there)} on the queue already (not sent again)" if there else ""
     print(
-        f"{'would resubmit' if args.dry_run else 'resubmitted'} {sent} messages from {path}{waiting}", file=sys.stderr
+        f"{'would resubmit' if args.dry_run else 'resubmitted'} {counted(sent, 'message', thousands=True)} from {path}"
+        f"{waiting}",
+        file=sys.stderr,
     )
     return EXIT_OK
 
@@ -396,10 +415,12 @@ def cmd_queue_peek(args: argparse.Namespace) -> int:
     _show(shown, args, dead_letter=False)
     if more:
         print(
-            f"showed the first {_n(len(shown))} messages in {entity}; more are waiting (raise --limit)", file=sys.stderr
+            f"showed the first {counted(len(shown), 'message', thousands=True)} in {entity}; more are waiting"
+            " (raise --limit)",
+            file=sys.stderr,
         )
     else:
-        print(f"{_n(len(shown))} messages in {entity}", file=sys.stderr)
+        print(f"{counted(len(shown), 'message', thousands=True)} in {entity}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -424,7 +445,8 @@ def cmd_queue_dead_letter(args: argparse.Namespace) -> int:
         f"message id {args.message_id!r}" if args.message_id is not None else f"sequence number {args.sequence_number}"
     )
     if not outcome.selection.matched:
-        raise UsageError(f"no active message with {which} in {entity} ({_n(outcome.selection.scanned)} looked at)")
+        looked = counted(outcome.selection.scanned, "message", thousands=True)
+        raise UsageError(f"no active message with {which} in {entity} ({looked} looked at)")
     for letter in outcome.done:
         print(
             f"dead-lettered seq {letter.sequence_number} ({which}) in {entity} as {printable(args.reason)}",
@@ -434,7 +456,8 @@ def cmd_queue_dead_letter(args: argparse.Namespace) -> int:
         print(f"not moved: seq {letter.sequence_number}: {why}", file=sys.stderr)
     if outcome.released:
         print(
-            f"{_n(outcome.released)} other messages were held while looking for it and released (delivery count +1)",
+            f"{counted(outcome.released, 'other message', thousands=True)} {_were(outcome.released)} held while looking"
+            " for it and released (delivery count +1)",
             file=sys.stderr,
         )
     return EXIT_PARTIAL if outcome.skipped else EXIT_OK

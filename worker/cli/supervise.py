@@ -17,6 +17,7 @@ from pathlib import Path
 from worker import bootstrap
 from worker.cli.common import EXIT_OK, EXIT_PARTIAL, print_err
 from worker.domain.errors import UsageError
+from worker.domain.plural import counted
 from worker.service.settings import WorkerSettings
 from worker.service.signals import on_signals
 from worker.service.supervisor import Supervisor, SupervisorConfig
@@ -73,7 +74,8 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
         stack.enter_context(on_signals(lambda received: supervisor.stop()))
         bootstrap.start_health_server(settings, supervisor.health, stack)
         print_err(
-            f"supervising {processes} worker processes on queue {settings.queue_name!r} → topic {settings.topic_name!r}"
+            f"supervising {counted(processes, 'worker process', 'worker processes')} on queue {settings.queue_name!r}"
+            f" → topic {settings.topic_name!r}"
         )
         code = supervisor.run()
     return EXIT_OK if code == 0 else EXIT_PARTIAL

@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from worker.domain.plural import counted
 from worker.service.cpus import usable_cpus
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class Supervisor:
                 if not (child.running and child_ready):
                     ready = False
                     details.append(f"process {child.index}: {detail}")
-        return live, ready, "; ".join(details) or f"ok ({len(self.children)} processes)"
+        return live, ready, "; ".join(details) or f"ok ({counted(len(self.children), 'process', 'processes')})"
 
     # -- children ----------------------------------------------------------------------------
 
