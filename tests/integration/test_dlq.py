@@ -451,3 +451,32 @@ def test_a_refused_copy_leaves_the_dead_letter_where_it_was_never_nowhere(
     assert sorted(x.request["user_id"] for x in again.replayed) == [f"R{i}" for i in range(5)]
     assert broker.message_counts(QUEUE)["dead_letter"] == 0
     assert broker.message_counts(QUEUE)["active"] == 5
+
+
+def test_errors_name_the_operation_and_the_entity(
+    broker: LocalBroker, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Issue 19 §3: an entity that does not exist is one line naming what was being done, and where; exit 5.
+
+    ``queue peek`` and ``queue dead-letter`` used to say "the dead-letter command failed", and every
+    refusal "could not reach Azure or the broker", though the broker had answered.
+    """
+    missing = "no-such-queue"
+    for argv, doing in (
+        (["queue", "peek"], f"peeking at the active messages of {missing} failed"),
+        (
+            ["queue", "dead-letter", "--message-id", "m1"],
+            f"moving the message with message id 'm1' in {missing} to its dead-letter queue failed",
+        ),
+        (["dlq", "peek"], f"peeking at the dead letters of {missing} failed"),
+        (["dlq", "export", str(tmp_path / "out.jsonl")], f"exporting the dead letters of {missing} to "),
+        (["dlq", "replay", "--all"], f"replaying dead letters of {missing} failed"),
+        (["dlq", "purge", "--all", "--yes"], f"purging dead letters of {missing} failed"),
+    ):
+        command = " ".join(argv[:2])
+        assert main([*argv, "--entity", missing]) == 5, argv
+        err = capsys.readouterr().err
+        _one_line_error(err, command)
+        assert f"ab-worker {command}: error: Azure or the broker refused the call: {doing}" in err, err
+        assert "MessagingEntityNotFoundError" in err
+        assert "dead-letter command" not in err

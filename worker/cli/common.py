@@ -115,7 +115,10 @@ def describe(exc: BaseException) -> tuple[ExitStatus, str]:
         return ExitStatus.UNREACHABLE, redact(str(exc))
     # The adapters translate SDK errors into these (adapters/servicebus/errors.py and the Kusto adapters).
     if isinstance(exc, TransientError | DependencyRefused | ConnectionError | TimeoutError):
-        return ExitStatus.UNREACHABLE, redact(f"could not reach Azure or the broker: {_one_line(exc)}")
+        # A refusal (an entity that does not exist, or may not be used) is an answer, not an outage.
+        refused = isinstance(exc, DependencyRefused)
+        what = "Azure or the broker refused the call" if refused else "could not reach Azure or the broker"
+        return ExitStatus.UNREACHABLE, redact(f"{what}: {_one_line(exc)}")
     if isinstance(exc, UsageError | ConfigurationError | ValueError):
         return ExitStatus.USAGE, redact(str(exc))
     if isinstance(exc, OSError):

@@ -164,7 +164,7 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
     entity = _entity(args, settings)
     shown: list[Any] = []
     scanned, matching, reasons, present = 0, 0, Counter[str](), Counter[str]()
-    with client, servicebus_errors("the dead-letter command"):
+    with client, servicebus_errors(f"peeking at the dead letters of {entity}"):
         for letter in browse(client, entity):
             scanned += 1
             present[letter.reason] += 1
@@ -211,7 +211,7 @@ def cmd_dlq_export(args: argparse.Namespace) -> int:
     with out:
         client, settings = servicebus_client()
         entity = _entity(args, settings)
-        with client, servicebus_errors("the dead-letter command"):
+        with client, servicebus_errors(f"exporting the dead letters of {entity} to {path}"):
             for letter in browse(client, entity):
                 scanned += 1
                 if args.limit is None or written < args.limit:
@@ -305,7 +305,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"{what}: seq {letter.sequence_number} ({printable(letter.reason)})", file=sys.stderr)
 
-    with client, servicebus_errors("the dead-letter command"):
+    with client, servicebus_errors(f"replaying dead letters of {entity}"):
         outcome = replay(
             client,
             entity,
@@ -334,7 +334,7 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
         raise UsageError("purge deletes dead letters for good: pass --yes to confirm (no terminal to ask on)")
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    with client, servicebus_errors("the dead-letter command"):
+    with client, servicebus_errors(f"purging dead letters of {entity}"):
         outcome = purge(
             client,
             entity,
@@ -380,11 +380,9 @@ def _replay_file(args: argparse.Namespace) -> int:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UsageError(f"{path}: nothing was sent; fix {'; '.join(problems[:3])}{more}")
     client, settings = servicebus_client()
-    with client, servicebus_errors("the dead-letter command"):
-        if args.dry_run:
-            sent = len(letters)
-        else:
-            sent = replay_from_file(client, _entity(args, settings), letters, rate=args.rate)
+    entity = _entity(args, settings)
+    with client, servicebus_errors(f"resubmitting {path} to {entity}"):
+        sent = len(letters) if args.dry_run else replay_from_file(client, entity, letters, rate=args.rate)
     there = len(letters) - sent
     waiting = f"; {_n(there)} {_were(there)} on the queue already (not sent again)" if there else ""
     print(
@@ -404,7 +402,7 @@ def cmd_queue_peek(args: argparse.Namespace) -> int:
     entity = _entity(args, settings)
     shown: list[Any] = []
     more = False
-    with client, servicebus_errors("the dead-letter command"):
+    with client, servicebus_errors(f"peeking at the active messages of {entity}"):
         for letter in browse(client, entity, dead_letter=False):
             if not selection.matches(letter):
                 continue
@@ -430,9 +428,12 @@ def cmd_queue_dead_letter(args: argparse.Namespace) -> int:
 
     if (args.message_id is None) == (args.sequence_number is None):
         raise UsageError("give exactly one of --message-id ID or --sequence-number N")
+    which = (
+        f"message id {args.message_id!r}" if args.message_id is not None else f"sequence number {args.sequence_number}"
+    )
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    with client, servicebus_errors("the dead-letter command"):
+    with client, servicebus_errors(f"moving the message with {which} in {entity} to its dead-letter queue"):
         outcome = dead_letter_active(
             client,
             entity,
@@ -441,9 +442,6 @@ def cmd_queue_dead_letter(args: argparse.Namespace) -> int:
             reason=args.reason,
             description=args.description or "",
         )
-    which = (
-        f"message id {args.message_id!r}" if args.message_id is not None else f"sequence number {args.sequence_number}"
-    )
     if not outcome.selection.matched:
         looked = counted(outcome.selection.scanned, "message", thousands=True)
         raise UsageError(f"no active message with {which} in {entity} ({looked} looked at)")
