@@ -3,8 +3,10 @@ every match, loses nothing under duplicate detection, keeps locks, never caps si
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -480,3 +482,103 @@ def test_errors_name_the_operation_and_the_entity(
         assert f"ab-worker {command}: error: Azure or the broker refused the call: {doing}" in err, err
         assert "MessagingEntityNotFoundError" in err
         assert "dead-letter command" not in err
+
+
+def _export_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_lines(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_replay_from_a_repaired_file_says_the_originals_stay_and_purge_from_removes_exactly_those(
+    broker: LocalBroker,
+    client: ServiceBusClient,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Issue 19 §3: replay --from prints that the originals are still there and the command that removes them;
+    run as printed, it removes those two and nothing else (not the third line's dead letter, not another)."""
+    messages = [ServiceBusMessage(_body(f"U{i}", "exp_old"), message_id=f"m{i}") for i in range(3)]
+    _dead_letter(client, QUEUE, messages, "UnknownExperiment")
+    _dead_letter(client, QUEUE, [ServiceBusMessage(_body("U9", "exp_old"), message_id="m9")], "InvalidJson")
+    exported = tmp_path / "dlq.jsonl"
+    assert main(["dlq", "export", str(exported)]) == 0
+    lines = {line["message_id"]: line for line in _export_lines(exported)}
+    repaired = []
+    for message_id in ("m0", "m1"):
+        line = dict(lines[message_id])
+        line["body"] = line["body"].replace("exp_old", "exp_new")  # the repair; body_sha256 still names the original
+        repaired.append(line)
+    repaired_file = _write_lines(tmp_path / "repaired file.jsonl", repaired)
+    capsys.readouterr()
+
+    assert main(["dlq", "replay", "--from", str(repaired_file)]) == 0
+
+    err = capsys.readouterr().err
+    assert f"resubmitted 2 messages from {repaired_file} to {QUEUE}" in err
+    said = [line for line in err.splitlines() if line.startswith("replay --from removes nothing")]
+    assert said == [
+        f"replay --from removes nothing from the dead-letter queue of {QUEUE}: to remove the 2 dead letters"
+        f" {repaired_file} was exported from, and only those: ab-worker dlq purge --from '{repaired_file}'"
+    ]
+    assert broker.message_counts(QUEUE)["dead_letter"] == 4  # the originals are still there, as it says
+    command = shlex.split(said[0].split("and only those: ", 1)[1])
+    assert command[0] == "ab-worker"
+
+    assert main([*command[1:], "--dry-run"]) == 0
+    assert f"would purge 2 of the 2 dead letters {repaired_file} names" in capsys.readouterr().err
+    assert broker.message_counts(QUEUE)["dead_letter"] == 4
+    assert main(command[1:]) == 2  # no terminal to ask on: the same rule as every purge
+    _one_line_error(capsys.readouterr().err, "dlq purge")
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+
+    assert main(command[1:]) == 0  # as printed, answered on a terminal
+
+    assert f"purged 2 of the 2 dead letters {repaired_file} names, from {QUEUE}; 0 not in" in capsys.readouterr().err
+    assert sorted(str(x.message_id) for x in _dlq(client, QUEUE)) == ["m2", "m9"]
+    with client.get_queue_receiver(QUEUE) as receiver:
+        copies = receiver.receive_messages(max_message_count=2, max_wait_time=5)
+    assert sorted(json.loads(b"".join(m.body))["experiment_id"] for m in copies) == ["exp_new", "exp_new"]
+
+    assert main([*command[1:], "--yes"]) == 0  # again: nothing left to remove, and it says so
+    assert "purged 0 of the 2 dead letters" in capsys.readouterr().err
+    assert sorted(str(x.message_id) for x in _dlq(client, QUEUE)) == ["m2", "m9"]
+
+
+def test_purge_from_refuses_a_dead_letter_that_is_not_the_one_exported(
+    broker: LocalBroker, client: ServiceBusClient, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Same sequence number and message id but another body (the digest says so), or a hand-written line whose
+    body differs with no digest to go by: skipped with the reason, exit 1, never deleted."""
+    messages = [ServiceBusMessage(_body(f"U{i}", "exp"), message_id=f"m{i}") for i in range(4)]
+    _dead_letter(client, QUEUE, messages, "UnknownExperiment")
+    exported = tmp_path / "dlq.jsonl"
+    assert main(["dlq", "export", str(exported)]) == 0
+    lines = {line["message_id"]: line for line in _export_lines(exported)}
+    not_the_one = {**lines["m0"], "body_sha256": hashlib.sha256(b"another body").hexdigest()}
+    unchecked_repair = {key: value for key, value in lines["m1"].items() if key != "body_sha256"}
+    unchecked_repair["body"] = unchecked_repair["body"].replace("U1", "U1-fixed")
+    unchanged_without_digest = {key: value for key, value in lines["m2"].items() if key != "body_sha256"}
+    elsewhere = {**lines["m3"], "sequence_number": 999_999}
+    mixed = _write_lines(tmp_path / "mixed.jsonl", [not_the_one, unchecked_repair, unchanged_without_digest, elsewhere])
+    capsys.readouterr()
+
+    assert main(["dlq", "purge", "--from", str(mixed), "--yes"]) == 1
+
+    err = capsys.readouterr().err
+    assert f"purged 1 of the 4 dead letters {mixed} names, from {QUEUE}; 1 not in its dead-letter queue" in err
+    assert "2 skipped: its body is not the one the file says was exported" in err
+    assert sorted(str(x.message_id) for x in _dlq(client, QUEUE)) == ["m0", "m1", "m3"]
+
+    assert main(["dlq", "purge", "--from", str(mixed), "--reason", "UnknownExperiment", "--yes"]) == 2
+    _one_line_error(capsys.readouterr().err, "dlq purge")
+    hand_written = _write_lines(tmp_path / "hand.jsonl", [{"body": "{}", "message_id": "m0"}])
+    assert main(["dlq", "purge", "--from", str(hand_written), "--yes"]) == 2
+    err = capsys.readouterr().err
+    _one_line_error(err, "dlq purge")
+    assert "line 1: no field 'sequence_number'" in err
+    assert sorted(str(x.message_id) for x in _dlq(client, QUEUE)) == ["m0", "m1", "m3"]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import sys
+import threading
 import unicodedata
 from collections import Counter
 from datetime import UTC, datetime
@@ -18,6 +21,7 @@ from typing import Any
 from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
+    ExitStatus,
     check_input,
     check_output,
     formatter,
@@ -29,6 +33,7 @@ from worker.cli.common import (
 from worker.domain.errors import UsageError
 from worker.domain.moments import MomentError, parse_moment
 from worker.domain.plural import counted
+from worker.service.signals import on_signals
 
 # -- dlq and queue ---------------------------------------------------------------------------------
 
@@ -225,34 +230,75 @@ def cmd_dlq_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _confirm(verb: str, entity: Any, assume_yes: bool) -> Any:
+class _CtrlC:
+    """Ctrl-C during ``dlq replay`` or ``dlq purge``: stop between two dead letters, then say what was done.
+
+    The first Ctrl-C sets :attr:`stop`, which the adapter checks between dead letters (never between
+    sending a copy and completing its dead letter); it releases what it holds and returns its
+    outcome. A second one, or one at the confirmation prompt, interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.at_once = False
+
+    def __call__(self, received: signal.Signals) -> None:
+        if self.at_once or self.stop.is_set():
+            raise KeyboardInterrupt
+        self.stop.set()
+
+    def handling(self) -> Any:
+        """The block in which Ctrl-C is this object's (the previous handler is restored after it)."""
+        return on_signals(self, (signal.SIGINT,))
+
+
+def _confirm(verb: str, entity: Any, assume_yes: bool, ctrl_c: _CtrlC | None = None) -> Any:
     def ask(found: Any) -> bool:
         if assume_yes:
             return True
         if not sys.stdin.isatty():
             return False
+        if ctrl_c is not None:
+            ctrl_c.at_once = True  # Ctrl-C at the prompt is an answer now, not after the scan
         try:
             answer = input(f"{verb} {_dead_letters(len(found.targets))} in {entity}? [y/N] ")
         except EOFError:  # the terminal closed its input: that is not a yes
             return False
+        finally:
+            if ctrl_c is not None:
+                ctrl_c.at_once = False
         return answer.strip().lower() in {"y", "yes"}
 
     return ask
 
 
 def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> int:
-    from adapters.servicebus.dlq import SKIP_LIMIT
-
     found = outcome.selection
     reasons = ", ".join(f"{printable(r)}: {n}" for r, n in Counter(x.reason for x in outcome.done).most_common())
-    matching = _dead_letters(len(found.matched), "matching")
-    print(
-        f"{'would ' + verb if dry_run else past} {_n(len(outcome.done))} of {matching}"
-        f" in {entity}{f' ({reasons})' if reasons else ''}; scanned {_n(found.scanned)}, "
-        f"{_n(found.not_matching)} did not match; {_n(len(outcome.skipped))} skipped",
-        file=sys.stderr,
-    )
-    for why, n in Counter(why for _, why in outcome.skipped).most_common():
+    if not outcome.interrupted:
+        matching = _dead_letters(len(found.matched), "matching")
+        print(
+            f"{'would ' + verb if dry_run else past} {_n(len(outcome.done))} of {matching}"
+            f" in {entity}{f' ({reasons})' if reasons else ''}; scanned {_n(found.scanned)}, "
+            f"{_n(found.not_matching)} did not match; {_n(len(outcome.skipped))} skipped",
+            file=sys.stderr,
+        )
+    return _report_details(past, entity, outcome)
+
+
+def _report_details(past: str, entity: Any, outcome: Any) -> int:
+    """The lines under a summary (skips by reason, what was held, dropped connections); the exit status."""
+    from adapters.servicebus.dlq import SKIP_INTERRUPTED, SKIP_LIMIT
+
+    if outcome.interrupted:
+        # The targets not done are still in the dead-letter queue: the next run picks them up.
+        targets, done = len(outcome.selection.targets), len(outcome.done)
+        print(
+            f"interrupted: {past} {_n(done)} of {_dead_letters(targets, 'selected')}, {_n(targets - done)} left in"
+            f" the dead-letter queue of {entity}",
+            file=sys.stderr,
+        )
+    for why, n in Counter(why for _, why in outcome.skipped if why != SKIP_INTERRUPTED).most_common():
         print(f"  {n:>6} skipped: {why}", file=sys.stderr)
     if outcome.cancelled:
         print("cancelled: nothing was changed", file=sys.stderr)
@@ -278,6 +324,8 @@ def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> i
             "or by an interrupted run): completed without sending another",
             file=sys.stderr,
         )
+    if outcome.interrupted:
+        return ExitStatus.INTERRUPTED
     failed = [x for x in outcome.skipped if x[1] != SKIP_LIMIT]
     return EXIT_PARTIAL if failed else EXIT_OK
 
@@ -305,7 +353,8 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         if args.verbose:
             print(f"{what}: seq {letter.sequence_number} ({printable(letter.reason)})", file=sys.stderr)
 
-    with client, servicebus_errors(f"replaying dead letters of {entity}"):
+    ctrl_c = _CtrlC()
+    with client, servicebus_errors(f"replaying dead letters of {entity}"), ctrl_c.handling():
         outcome = replay(
             client,
             entity,
@@ -315,7 +364,8 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
             max_replays=args.max_replays,
             rate=args.rate,
             on_progress=progress,
-            confirm=_confirm("replay all", entity, assume_yes=False) if ask_first else None,
+            confirm=_confirm("replay all", entity, assume_yes=False, ctrl_c=ctrl_c) if ask_first else None,
+            stop=ctrl_c.stop,
         )
     _check_reason(args.reason, outcome.selection.reasons)
     if args.dry_run:
@@ -328,26 +378,34 @@ def cmd_dlq_purge(args: argparse.Namespace) -> int:
     """Delete matching dead letters for good, after a confirmation (--yes in scripts)."""
     from adapters.servicebus.dlq import purge
 
+    if args.from_file:
+        return _purge_file(args)
     if _filter(args).is_empty and not args.all:
-        raise UsageError("purge needs a filter (--reason, --experiment, --since, --until) or --all")
-    if not (args.yes or args.dry_run or sys.stdin.isatty()):
-        raise UsageError("purge deletes dead letters for good: pass --yes to confirm (no terminal to ask on)")
+        raise UsageError("purge needs a filter (--reason, --experiment, --since, --until), --all or --from FILE")
+    _needs_confirmation(args)
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    with client, servicebus_errors(f"purging dead letters of {entity}"):
+    ctrl_c = _CtrlC()
+    with client, servicebus_errors(f"purging dead letters of {entity}"), ctrl_c.handling():
         outcome = purge(
             client,
             entity,
             _filter(args),
             limit=args.limit,
             dry_run=args.dry_run,
-            confirm=_confirm("delete", entity, assume_yes=args.yes),
+            confirm=_confirm("delete", entity, assume_yes=args.yes, ctrl_c=ctrl_c),
+            stop=ctrl_c.stop,
         )
     _check_reason(args.reason, outcome.selection.reasons)
     return _report("purge", "purged", entity, outcome, args.dry_run)
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
+def _needs_confirmation(args: argparse.Namespace) -> None:
+    if not (args.yes or args.dry_run or sys.stdin.isatty()):
+        raise UsageError("purge deletes dead letters for good: pass --yes to confirm (no terminal to ask on)")
+
+
+def _read_lines(path: Path, nothing: str) -> list[tuple[int, str]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -356,41 +414,118 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise UsageError(f"{path}: line {line}: not UTF-8 (byte {exc.start}); nothing was sent") from None
+        raise UsageError(f"{path}: line {line}: not UTF-8 (byte {exc.start}); {nothing}") from None
     # Only "\n" ends a line: JSON strings may hold U+2028, U+2029 or U+0085, which splitlines() breaks on.
     return [(number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), start=1)]
 
 
-def _replay_file(args: argparse.Namespace) -> int:
-    from adapters.servicebus.dlq import DeadLetter, replay_from_file
+def _read_export(path: Path, nothing: str, *, named: bool = False) -> list[Any]:
+    """Every line of a ``dlq export`` file (possibly repaired), or one error listing the first problems.
 
-    path = check_input(Path(args.from_file))
+    ``named``: every line must name its dead letter (a sequence number), as ``purge --from`` needs.
+    """
+    from adapters.servicebus.dlq import DeadLetter
+
     letters, problems = [], []
-    for number, line in _read_lines(path):
+    for number, line in _read_lines(path, nothing):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
             if not isinstance(data, dict):
                 raise ValueError("expected a JSON object")
-            letters.append(DeadLetter.from_json(data))
+            letter = DeadLetter.from_json(data)
+            if named and letter.sequence_number <= 0:
+                raise ValueError("no field 'sequence_number': it names no dead letter")
+            letters.append(letter)
         except (json.JSONDecodeError, ValueError) as exc:
             problems.append(f"line {number}: {exc}")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UsageError(f"{path}: nothing was sent; fix {'; '.join(problems[:3])}{more}")
+        raise UsageError(f"{path}: {nothing}; fix {'; '.join(problems[:3])}{more}")
+    return letters
+
+
+def _purge_file(args: argparse.Namespace) -> int:
+    """``purge --from FILE``: exactly the dead letters an export names, each only if its body is the one exported."""
+    from adapters.servicebus.dlq import purge_exported
+
+    if not _filter(args).is_empty or args.all or args.limit is not None:
+        raise UsageError(
+            "--from purges exactly the dead letters the file names: it takes no --reason, --experiment, --since,"
+            " --until, --all or --limit"
+        )
+    _needs_confirmation(args)
+    path = check_input(Path(args.from_file))
+    letters = _read_export(path, "nothing was purged", named=True)
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    with client, servicebus_errors(f"resubmitting {path} to {entity}"):
-        sent = len(letters) if args.dry_run else replay_from_file(client, entity, letters, rate=args.rate)
-    there = len(letters) - sent
-    waiting = f"; {_n(there)} {_were(there)} on the queue already (not sent again)" if there else ""
+    ctrl_c = _CtrlC()
+    with client, servicebus_errors(f"purging the dead letters {path} names from {entity}"), ctrl_c.handling():
+        outcome = purge_exported(
+            client,
+            entity,
+            letters,
+            dry_run=args.dry_run,
+            confirm=_confirm("delete", entity, assume_yes=args.yes, ctrl_c=ctrl_c),
+            stop=ctrl_c.stop,
+        )
+    if not outcome.interrupted:
+        absent = len(outcome.selection.not_found)
+        print(
+            f"{'would purge' if args.dry_run else 'purged'} {_n(len(outcome.done))} of the"
+            f" {_dead_letters(len(letters))} {path} names, from {entity}; {_n(absent)} not in its dead-letter queue"
+            f" (removed already, or exported from another entity); {_n(len(outcome.skipped))} skipped",
+            file=sys.stderr,
+        )
+    return _report_details("purged", entity, outcome)
+
+
+def _replay_file(args: argparse.Namespace) -> int:
+    from adapters.servicebus.dlq import replay_from_file
+
+    path = check_input(Path(args.from_file))
+    letters = _read_export(path, "nothing was sent")
+    client, settings = servicebus_client()
+    entity = _entity(args, settings)
+    if args.dry_run:
+        print(f"would resubmit {counted(len(letters), 'message', thousands=True)} from {path}", file=sys.stderr)
+        return EXIT_OK
+    ctrl_c = _CtrlC()
+    with client, servicebus_errors(f"resubmitting {path} to {entity}"), ctrl_c.handling():
+        result = replay_from_file(client, entity, letters, rate=args.rate, stop=ctrl_c.stop)
+    waiting = (
+        f"; {_n(result.already_out)} {_were(result.already_out)} on the queue already (not sent again)"
+        if result.already_out
+        else ""
+    )
+    if result.left:
+        print(
+            f"interrupted: resubmitted {_n(result.sent)} of {counted(len(letters), 'message', thousands=True)} from"
+            f" {path}{waiting}; {_n(result.left)} not sent: run it again to send them (none is sent twice)",
+            file=sys.stderr,
+        )
+        return ExitStatus.INTERRUPTED
     print(
-        f"{'would resubmit' if args.dry_run else 'resubmitted'} {counted(sent, 'message', thousands=True)} from {path}"
-        f"{waiting}",
+        f"resubmitted {counted(result.sent, 'message', thousands=True)} from {path} to {entity}{waiting}",
         file=sys.stderr,
     )
+    _say_originals_stay(args, path, entity, letters)
     return EXIT_OK
+
+
+def _say_originals_stay(args: argparse.Namespace, path: Path, entity: Any, letters: list[Any]) -> None:
+    """``replay --from`` sends copies and removes nothing: say so, and how to remove exactly the originals."""
+    originals = sum(1 for letter in letters if letter.sequence_number)
+    if not originals:
+        return  # a hand-written file names no dead letter
+    where = f" --entity {shlex.quote(args.entity)}" if args.entity else ""
+    print(
+        f"replay --from removes nothing from the dead-letter queue of {entity}: to remove the"
+        f" {_dead_letters(originals)} {path} was exported from, and only those:"
+        f" ab-worker dlq purge --from {shlex.quote(str(path))}{where}",
+        file=sys.stderr,
+    )
 
 
 def cmd_queue_peek(args: argparse.Namespace) -> int:
@@ -536,7 +671,11 @@ def _add_dlq(commands: Any) -> None:
             "  ab-worker dlq replay --from repaired.jsonl\n\n"
             f"{_FILTER_HELP}.\n"
             "Exit status 1 when some matching dead letters were skipped (each reason is printed), among\n"
-            "them when the connection kept dropping without anything getting done: run it again."
+            "them when the connection kept dropping without anything getting done: run it again.\n"
+            "Ctrl-C stops between two dead letters (never between a copy and its completion), releases\n"
+            "what the run held and says how many were replayed and how many are left; exit status 130.\n"
+            "replay --from sends copies and removes nothing: it prints the dlq purge --from command that\n"
+            "removes exactly the dead letters the file was exported from."
         ),
     )
     _entity_flags(replay)
@@ -556,14 +695,21 @@ def _add_dlq(commands: Any) -> None:
         help="delete dead letters for good (asks first; --yes in scripts)",
         formatter_class=formatter,
         description=(
-            "Delete matching dead letters. Needs a filter or --all, and a confirmation: a terminal asks;\n"
-            "without one, --yes is required and the command refuses otherwise. Export first if in doubt."
+            "Delete matching dead letters. Needs a filter, --all or --from, and a confirmation: a terminal\n"
+            "asks; without one, --yes is required and the command refuses otherwise. Export first if in doubt.\n"
+            "--from FILE deletes exactly the dead letters an export names (after replay --from sent their\n"
+            "repaired copies): each by sequence number and message id, and only while its body is still the\n"
+            "one exported (the line's body_sha256; a line without one must carry the body unchanged); any\n"
+            "other is skipped and named, never deleted."
         ),
         epilog=(
             "examples:\n"
             "  ab-worker dlq purge --reason InvalidJson --until 7d --dry-run\n"
-            "  ab-worker dlq purge --reason InvalidJson --until 7d --yes\n\n"
-            f"{_FILTER_HELP}."
+            "  ab-worker dlq purge --reason InvalidJson --until 7d --yes\n"
+            "  ab-worker dlq purge --from repaired.jsonl --dry-run\n\n"
+            f"{_FILTER_HELP}.\n"
+            "Exit status 1 when some dead letters were skipped (each reason is printed); 130 after Ctrl-C,\n"
+            "which stops between two dead letters and says how many were purged."
         ),
     )
     _entity_flags(purge)
@@ -571,6 +717,9 @@ def _add_dlq(commands: Any) -> None:
     purge.add_argument("--all", action="store_true", help="delete every dead letter (needed when no filter is given)")
     purge.add_argument("--dry-run", action="store_true", help="count what would be deleted; change nothing")
     purge.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
+    purge.add_argument(
+        "--from", dest="from_file", help="delete exactly the dead letters this dlq export file names (no filter)"
+    )
     purge.set_defaults(func=cmd_dlq_purge)
 
 

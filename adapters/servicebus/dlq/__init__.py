@@ -29,7 +29,7 @@ One idea per module; the pure ones import no SDK:
 - ``connection``: opening receivers and senders, riding out dropped connections
 - ``browse``: reading an entity without changing it
 - ``holding``: receive, hold what is not a target, settle on the message's own link, release
-- ``replay``, ``purge``, ``active``: the commands that change something
+- ``replay``, ``purge`` (also ``purge --from``), ``active``: the commands that change something
 
 This package's namespace is the API the command line and the tests use.
 """
@@ -41,9 +41,9 @@ from adapters.servicebus.dlq.browse import browse, peek, select
 from adapters.servicebus.dlq.connection import Patience, is_dropped
 from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.dlq.letter import KNOWN_REASONS, DeadLetter
-from adapters.servicebus.dlq.outcome import SKIP_NOT_RECEIVED, Outcome
-from adapters.servicebus.dlq.purge import purge
-from adapters.servicebus.dlq.replay import replay, replay_from_file, replay_message
+from adapters.servicebus.dlq.outcome import SKIP_INTERRUPTED, SKIP_NOT_RECEIVED, Outcome
+from adapters.servicebus.dlq.purge import purge, purge_exported
+from adapters.servicebus.dlq.replay import Resubmitted, replay, replay_from_file, replay_message
 from adapters.servicebus.dlq.replay_copy import (
     REPLAY_COUNT,
     ReplayCopy,
@@ -52,11 +52,12 @@ from adapters.servicebus.dlq.replay_copy import (
     replay_copy,
     replay_message_id,
 )
-from adapters.servicebus.dlq.selection import SKIP_LIMIT, ReplayFilter, Selection, choose
+from adapters.servicebus.dlq.selection import SKIP_LIMIT, ReplayFilter, Selection, choose, choose_exported
 
 __all__ = [
     "KNOWN_REASONS",
     "REPLAY_COUNT",
+    "SKIP_INTERRUPTED",
     "SKIP_LIMIT",
     "SKIP_NOT_RECEIVED",
     "DeadLetter",
@@ -65,15 +66,18 @@ __all__ = [
     "Patience",
     "ReplayCopy",
     "ReplayFilter",
+    "Resubmitted",
     "Selection",
     "browse",
     "choose",
+    "choose_exported",
     "dead_letter_active",
     "is_dropped",
     "original_decision_time",
     "original_message_id",
     "peek",
     "purge",
+    "purge_exported",
     "replay",
     "replay_copy",
     "replay_from_file",

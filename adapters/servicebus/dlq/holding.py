@@ -34,7 +34,13 @@ from adapters.servicebus.dlq.connection import (
 )
 from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.dlq.letter import DeadLetter
-from adapters.servicebus.dlq.outcome import SKIP_DROPPED, SKIP_LOCK_LOST, SKIP_NOT_RECEIVED, Outcome
+from adapters.servicebus.dlq.outcome import (
+    SKIP_DROPPED,
+    SKIP_INTERRUPTED,
+    SKIP_LOCK_LOST,
+    SKIP_NOT_RECEIVED,
+    Outcome,
+)
 from adapters.servicebus.dlq.selection import Selection
 from adapters.servicebus.lock import LockKeeper
 from adapters.servicebus.settle import on_current_link, stamp_link
@@ -72,6 +78,10 @@ class _HoldingScan:
     next receiver. Messages it held or was acting on stay locked by the dropped link until their
     locks run out (nothing can settle them now: a settlement names a delivery id of that link), so
     the next run keeps looking until those locks have lapsed before it calls a target not received.
+
+    ``stop`` (Ctrl-C) ends a scan between two messages, never between sending a copy and completing
+    its dead letter: what it holds is released as at any other end, and the targets it did not
+    reach are left where they are.
     """
 
     act: Action
@@ -93,13 +103,24 @@ class _HoldingScan:
     tries: Counter[int] = field(default_factory=Counter)
     #: Targets whose settlement was cut off by a drop: if one is gone when the scan ends, it was applied.
     cut: set[int] = field(default_factory=set)
+    #: Set (by a Ctrl-C handler) to end the scan between two messages.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def stopped(self) -> bool:
+        """True once asked to stop: no further target is acted on."""
+        return self.stop.is_set()
 
     def run(self, receiver: ServiceBusReceiver, max_wait: float) -> None:
         """Receive batches until no target is pending, or nothing more can come; then release what it held."""
         undecided: dict[int, ServiceBusReceivedMessage] = {}
         link: _LinkMark | None = None  # the link is opened by the first receive
         try:
-            while self.pending and (self.misses < _EMPTY_ROUNDS or time.monotonic() < self.stranded_until):
+            while (
+                self.pending
+                and not self.stopped
+                and (self.misses < _EMPTY_ROUNDS or time.monotonic() < self.stranded_until)
+            ):
                 batch = receiver.receive_messages(
                     max_message_count=min(self.batch, max(len(self.pending), 10)), max_wait_time=max_wait
                 )
@@ -120,6 +141,8 @@ class _HoldingScan:
                 # a retry can then take it at once instead of waiting out its lock.
                 undecided = {m.sequence_number or 0: m for m in batch}
                 for message in batch:
+                    if self.stopped:
+                        break  # the rest of the batch is undecided: released below
                     self._take(receiver, message)
                     undecided.pop(message.sequence_number or 0)
         except Exception as exc:
@@ -129,17 +152,22 @@ class _HoldingScan:
                 self.outcome.released += _release(receiver, self.keeper, {**undecided, **self.held})
                 self.held.clear()
             raise
-        self.outcome.released += _release(receiver, self.keeper, self.held)
+        self.outcome.released += _release(receiver, self.keeper, {**undecided, **self.held})
         self.held.clear()
 
     def finish(self, gone: Callable[[Sequence[int]], set[int]]) -> None:
-        """Account for the targets never reached: done if a cut-off settlement had gone through, else skipped."""
+        """Account for the targets never reached: done if a cut-off settlement had gone through, else skipped.
+
+        Skipped as not received, or, when the scan was stopped, as left by the interruption.
+        """
         applied = gone([seq for seq in self.pending if seq in self.cut])
+        unreached = SKIP_INTERRUPTED if self.stopped else SKIP_NOT_RECEIVED
         for seq, letter in self.pending.items():
             if seq in applied:
                 self.outcome.done.append(letter)  # the settlement a drop cut off had gone through
             else:
-                self.outcome.skipped.append((letter, SKIP_NOT_RECEIVED))
+                self.outcome.skipped.append((letter, unreached))
+        self.outcome.interrupted = self.stopped
         self.pending.clear()
 
     def give_up(self) -> None:
@@ -214,7 +242,7 @@ class _HoldingScan:
         if self.on_progress is not None:
             self.on_progress(letter, why or "done")
         if self.interval:
-            time.sleep(self.interval)
+            self.stop.wait(self.interval)  # --rate's pause, cut short by a Ctrl-C
 
 
 class _OneCallAtATime:
@@ -273,10 +301,12 @@ def act_on_targets(
     max_wait: float = 2.0,
     keeper: LockKeeper | None = None,
     patience: Patience = Patience(),
+    stop: threading.Event | None = None,
 ) -> None:
-    """Act on every target, over as many receivers as dropped connections need."""
+    """Act on every target, over as many receivers as dropped connections need; ``stop`` ends it early."""
     pending = {letter.sequence_number: letter for letter in found.targets}
     scan = _HoldingScan(act, outcome, keeper or LockKeeper(), pending, 1.0 / rate if rate else 0.0, on_progress)
+    scan.stop = stop or scan.stop
     failures = 0
     try:
         while True:
@@ -284,20 +314,22 @@ def act_on_targets(
             receiver = _one_call_at_a_time(open_receiver(client, entity, dead_letter=dead_letter))
             try:
                 scan.run(receiver, max_wait)
-                scan.finish(lambda seqs: _gone(client, entity, seqs, dead_letter=dead_letter, patience=patience))
-                return
             except Exception as exc:
                 if not is_dropped(exc):
                     raise
                 failures = 1 if scan.progress > before else failures + 1
                 log.info("Connection dropped under %s (%s); reconnecting", entity, redact(str(exc)))
-                if patience.exhausted(failures):
+                if patience.exhausted(failures) and not scan.stopped:
                     log.warning("Giving up on %s: %s", entity, gave_up("acting", failures, exc))
                     scan.give_up()
                     return
-                patience.wait(failures)
+                if not scan.stopped:  # stopped: no reconnecting, the scan ends here
+                    patience.wait(failures)
+                    continue
             finally:
                 close_quietly(receiver)
+            scan.finish(lambda seqs: _gone(client, entity, seqs, dead_letter=dead_letter, patience=patience))
+            return
     finally:
         if keeper is None:
             scan.keeper.close()

@@ -1,13 +1,15 @@
 """A dead letter as people and files see it: the model, its reasons, and the export format (JSON lines).
 
-Pure: no SDK. ``dlq export`` writes :meth:`DeadLetter.to_json`; ``dlq replay --from`` reads it back
-with :meth:`DeadLetter.from_json`, naming the field that is wrong.
+Pure: no SDK. ``dlq export`` writes :meth:`DeadLetter.to_json`; ``dlq replay --from`` and
+``dlq purge --from`` read it back with :meth:`DeadLetter.from_json`, naming the field that is wrong.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,6 +55,13 @@ class DeadLetter:
     to: str | None = None
     partition_key: str | None = None
     time_to_live: float | None = None
+    #: Read from a file: the SHA-256 of the body as ``dlq export`` wrote it (a repaired line keeps it).
+    exported_sha256: str | None = None
+
+    @property
+    def body_sha256(self) -> str:
+        """The SHA-256 of the body, in hex: what ``dlq purge --from`` recognises a dead letter's body by."""
+        return hashlib.sha256(self.body).hexdigest()
 
     @property
     def request(self) -> Mapping[str, Any]:
@@ -72,7 +81,11 @@ class DeadLetter:
             return 0
 
     def to_json(self) -> dict[str, Any]:
-        """The export format (JSON lines): body as text when UTF-8, else base64."""
+        """The export format (JSON lines): body as text when UTF-8, else base64, and the body's digest.
+
+        ``body_sha256`` is the digest of the body as exported: repairing the body in the file leaves it
+        naming the original, so ``dlq purge --from`` removes a dead letter only if it is the one exported.
+        """
         return {
             "sequence_number": self.sequence_number,
             "enqueued_time": self.enqueued_time.isoformat() if self.enqueued_time else None,
@@ -91,11 +104,12 @@ class DeadLetter:
             "time_to_live_seconds": self.time_to_live,
             "application_properties": self.application_properties,
             **body_fields(self.body),
+            "body_sha256": self.body_sha256,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> DeadLetter:
-        """Read one exported line back (for ``dlq replay --from``); raises ``ValueError`` naming the field."""
+        """Read one exported line back (``dlq replay --from``, ``dlq purge --from``); ``ValueError`` names the field."""
         if "body" in data:
             if not isinstance(data["body"], str):
                 raise ValueError("field 'body' must be a string")
@@ -111,6 +125,9 @@ class DeadLetter:
         ttl = data.get("time_to_live_seconds")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0):
             raise ValueError("field 'time_to_live_seconds' must be a positive number")
+        digest = data.get("body_sha256")
+        if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+            raise ValueError("field 'body_sha256' must be 64 hexadecimal digits (as dlq export wrote it)")
         return cls(
             sequence_number=int(data.get("sequence_number") or 0),
             enqueued_time=datetime.fromisoformat(enqueued) if enqueued else None,
@@ -120,9 +137,12 @@ class DeadLetter:
             body=body,
             application_properties=dict(properties),
             time_to_live=float(ttl) if ttl is not None else None,
+            exported_sha256=digest.lower() if digest else None,
             **{name: _field_text(data, name) for name in _TEXT_FIELDS},
         )
 
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 _TEXT_FIELDS = (
     "message_id",

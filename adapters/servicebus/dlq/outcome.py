@@ -5,6 +5,7 @@ Pure: no SDK.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from adapters.servicebus.dlq.selection import Selection
 SKIP_NOT_RECEIVED = "not received: settled meanwhile or locked by another receiver"
 SKIP_LOCK_LOST = "lock lost before it could be settled; still there"
 SKIP_DROPPED = "the connection kept dropping before it was done; run again to finish (nothing is lost or sent twice)"
+SKIP_INTERRUPTED = "interrupted (Ctrl-C) before it was reached; left where it was"
 
 
 @dataclass
@@ -31,6 +33,8 @@ class Outcome:
     lapsed: int = 0
     #: Replay only: dead letters completed without sending, their copy being there already.
     already_there: int = 0
+    #: Stopped by a Ctrl-C between two targets: those not reached were left where they were.
+    interrupted: bool = False
 
     @property
     def replayed(self) -> list[DeadLetter]:
@@ -43,8 +47,14 @@ class Outcome:
         return self.selection.not_matching
 
 
-def go_ahead(found: Selection, outcome: Outcome, dry_run: bool, confirm: Callable[[Selection], bool] | None) -> bool:
-    """Whether to act on what ``select`` found: not on a dry run (which reports it done), nothing, or a no."""
+def go_ahead(
+    found: Selection,
+    outcome: Outcome,
+    dry_run: bool,
+    confirm: Callable[[Selection], bool] | None,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Whether to act on what ``select`` found: not on a dry run (which reports it done), nothing, a no, or a Ctrl-C."""
     if dry_run:
         outcome.done = list(found.targets)
         return False
@@ -52,5 +62,9 @@ def go_ahead(found: Selection, outcome: Outcome, dry_run: bool, confirm: Callabl
         return False
     if confirm is not None and not confirm(found):
         outcome.cancelled = True
+        return False
+    if stop is not None and stop.is_set():
+        outcome.interrupted = True
+        outcome.skipped.extend((letter, SKIP_INTERRUPTED) for letter in found.targets)
         return False
     return True

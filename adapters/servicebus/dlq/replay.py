@@ -9,9 +9,9 @@ again. ``replay --from`` resubmits an exported, possibly repaired, file the same
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -105,16 +105,18 @@ def replay(
     max_wait: float = 2.0,
     keeper: LockKeeper | None = None,
     patience: Patience = Patience(),
+    stop: threading.Event | None = None,
 ) -> Outcome:
     """Move matching dead letters back to their entity: resubmit, then complete the DLQ copy.
 
     Idempotent: the same dead letter always gets the same copy id, and a copy already on the entity,
     back in the dead-letter queue or sent earlier in the run is not sent again (its dead letter is
     just completed). Connections that drop are replaced and the run goes on (see :class:`Patience`).
+    ``stop`` (set by a Ctrl-C) ends the run between two dead letters: the outcome says what was done.
     """
     found = select(client, entity, selection, max_replays=max_replays, limit=limit, patience=patience)
     outcome = Outcome(found, skipped=list(found.skipped))
-    if not go_ahead(found, outcome, dry_run, confirm):
+    if not go_ahead(found, outcome, dry_run, confirm, stop):
         return outcome
     copies = _Copies(client, entity, copies_out(client, entity, patience) | found.message_ids)
 
@@ -136,10 +138,22 @@ def replay(
             max_wait=max_wait,
             keeper=keeper,
             patience=patience,
+            stop=stop,
         )
     finally:
         copies.close()
     return outcome
+
+
+@dataclass(frozen=True)
+class Resubmitted:
+    """What ``replay --from`` did with a file's dead letters."""
+
+    sent: int
+    #: A copy with the same id was waiting on the entity already (a re-run of the file): not sent again.
+    already_out: int
+    #: Not reached: the run was interrupted (Ctrl-C) before them.
+    left: int
 
 
 def replay_from_file(
@@ -149,17 +163,22 @@ def replay_from_file(
     *,
     rate: float | None = None,
     patience: Patience = Patience(),
-) -> int:
-    """Resubmit exported (possibly hand-repaired) dead letters; returns how many were sent.
+    stop: threading.Event | None = None,
+) -> Resubmitted:
+    """Resubmit exported (possibly hand-repaired) dead letters, in the file's order.
 
     A copy already waiting on the entity (a re-run of the same file) is not sent again; a dropped
     connection is replaced and the same copy sent again (duplicate detection drops a second one).
+    ``stop`` (set by a Ctrl-C) ends the run between two sends.
     """
     interval = 1.0 / rate if rate else 0.0
+    stop = stop or threading.Event()
     copies = _Copies(client, entity, copies_out(client, entity, patience))
-    sent = 0
+    sent = done = 0
     try:
         for letter in letters:
+            if stop.is_set():
+                break
             copy = replay_message(letter, entity, kind="file-replay")
             failures = 0
             while True:
@@ -173,8 +192,9 @@ def replay_from_file(
                     if patience.exhausted(failures):
                         raise gave_up(f"sending to {entity}", failures, exc) from None
                     patience.wait(failures)
+            done += 1
             if interval:
-                time.sleep(interval)
+                stop.wait(interval)  # --rate's pause, cut short by a Ctrl-C
     finally:
         copies.close()
-    return sent
+    return Resubmitted(sent=sent, already_out=done - sent, left=len(letters) - done)

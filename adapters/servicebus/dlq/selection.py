@@ -2,14 +2,14 @@
 
 Pure: no SDK. Every command browses the whole entity first and decides here, so a match is never
 missed wherever it sits, and nothing is capped silently: what ``--max-replays`` or ``--limit`` leaves
-out is counted as skipped, with its reason.
+out is counted as skipped, with its reason. ``purge --from`` chooses by a file instead of a filter.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 SKIP_TOO_MANY = "replayed --max-replays times already"
 SKIP_LIMIT = "over --limit (left for a later run)"
+SKIP_NOT_AS_EXPORTED = "its body is not the one the file says was exported: not the dead letter the file names"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Selection:
     skipped: list[tuple[DeadLetter, str]] = field(default_factory=list)
     #: The message id of every letter browsed: a replay's copy that was dead-lettered again is here.
     message_ids: set[str] = field(default_factory=set)
+    #: Named by a file (``purge --from``) but not in the entity: removed already, or from another entity.
+    not_found: list[DeadLetter] = field(default_factory=list)
 
     @property
     def not_matching(self) -> int:
@@ -95,4 +98,34 @@ def choose(
             found.skipped.append((letter, SKIP_LIMIT))
         else:
             found.targets.append(letter)
+    return found
+
+
+def choose_exported(letters: Iterable[DeadLetter], exported: Sequence[DeadLetter]) -> Selection:
+    """The dead letters an export file names, and only those (``dlq purge --from``).
+
+    A dead letter is the one a line names when its sequence number *and* message id are the line's
+    (a sequence number alone could name another message in another entity, or after the entity was
+    recreated; message ids are the publisher's and may repeat), and its body is the one exported:
+    its digest is the line's ``body_sha256``, which ``dlq export`` writes and a repair leaves as it
+    was. A line without one (written by hand, or by an export before it existed) must carry the body
+    unchanged. A dead letter that matches on the keys but not on the body is skipped, never removed.
+    """
+    named = {(line.sequence_number, line.message_id): line for line in exported}
+    found = Selection()
+    seen: set[tuple[int, str | None]] = set()
+    for letter in letters:
+        found.scanned += 1
+        found.reasons[letter.reason] += 1
+        key = (letter.sequence_number, letter.message_id)
+        line = named.get(key)
+        if line is None:
+            continue
+        seen.add(key)
+        found.matched.append(letter)
+        if letter.body_sha256 == (line.exported_sha256 or line.body_sha256):
+            found.targets.append(letter)
+        else:
+            found.skipped.append((letter, SKIP_NOT_AS_EXPORTED))
+    found.not_found = [line for key, line in named.items() if key not in seen]
     return found
