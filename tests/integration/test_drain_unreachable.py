@@ -37,14 +37,14 @@ def _connection_string(port: int) -> str:
     )
 
 
-def _drain(connection_string: str) -> subprocess.CompletedProcess[str]:
+def _drain(connection_string: str, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("AB_WORKER_", "APPLICATIONINSIGHTS_"))}
     env.update(
         AB_WORKER_SERVICEBUS_CONNECTION_STRING=connection_string,
         AB_WORKER_SERVICEBUS_TRY_TIMEOUT="1",
         AB_WORKER_HEALTH_PORT="0",
     )
-    command = [sys.executable, "-m", "worker", "run", "--config", CONFIG, "--drain"]
+    command = [sys.executable, "-m", "worker", "run", "--config", CONFIG, "--drain", *extra]
     try:
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=FAIL_SAFE_SECONDS, check=False)
     except subprocess.TimeoutExpired as exc:
@@ -52,8 +52,12 @@ def _drain(connection_string: str) -> subprocess.CompletedProcess[str]:
 
 
 def _error_line(stderr: str) -> str:
-    (line,) = [line for line in stderr.splitlines() if line.startswith("ab-worker run: error:")]
+    (line,) = _error_lines(stderr)
     return line
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("ab-worker run: error:")]
 
 
 @pytest.fixture
@@ -86,4 +90,22 @@ def test_a_port_that_never_speaks_ends_the_drain_with_status_5() -> None:
     line = _error_line(result.stderr)
     assert "the broker could not be reached" in line
     assert "--drain gives up after 3 s" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_processes_that_give_up_end_the_supervised_drain_with_status_5_and_the_reason(closed_port: int) -> None:
+    """run --processes 2 --drain: each process exits 5 after the bound; the supervisor restarts neither and ends 5,
+    its own last line naming them and the reason (it used to restart them for ever)."""
+    result = _drain(_connection_string(closed_port), "--processes", "2")
+    assert result.returncode == ExitStatus.UNREACHABLE, result.stderr[-2000:]
+    *children, supervisor = _error_lines(result.stderr)
+    assert len(children) == 2, result.stderr[-3000:]  # each process once: none was started again
+    assert all("the broker could not be reached" in line for line in children)
+    assert result.stderr.strip().splitlines()[-1] == supervisor
+    assert supervisor.startswith("ab-worker run: error: processes 1, 2 of 2 gave up (--drain); process 1: ")
+    assert "the broker could not be reached" in supervisor
+    assert "--drain gives up after 3 s" in supervisor
+    assert "Connection refused" in supervisor
+    assert "restarting" not in result.stderr
+    assert "SAS_KEY_VALUE" not in result.stderr
     assert "Traceback" not in result.stderr

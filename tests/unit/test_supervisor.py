@@ -29,6 +29,10 @@ CHILD = textwrap.dedent(
         pass
     if mode == "crash" and index == "1":
         sys.exit(3)
+    if mode == "unreachable":
+        print("a log line of the child's", file=sys.stderr)
+        print(f"ab-worker run: error: the broker could not be reached (process {index})", file=sys.stderr)
+        sys.exit(5)
     if mode == "finish":
         sys.exit(0)
     stop = threading.Event()
@@ -76,7 +80,11 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., tuple[Supervisor, thread
     started: list[tuple[Supervisor, threading.Thread]] = []
 
     def start(
-        mode: str, processes: int = 2, drain_deadline: float = 10.0, liveness_timeout: float = 120.0
+        mode: str,
+        processes: int = 2,
+        drain_deadline: float = 10.0,
+        liveness_timeout: float = 120.0,
+        give_up_status: int | None = None,
     ) -> tuple[Supervisor, threading.Thread, list[int]]:
         config = SupervisorConfig(
             processes=processes,
@@ -87,6 +95,7 @@ def supervise(tmp_path: Path) -> Iterator[Callable[..., tuple[Supervisor, thread
             max_backoff=0.4,
             child_env=lambda index: {"CHILD_INDEX": str(index)},
             liveness_timeout=liveness_timeout,
+            give_up_status=give_up_status,
         )
         supervisor = Supervisor(config)
         result: list[int] = []
@@ -256,3 +265,40 @@ def test_a_child_that_answers_it_is_not_live_is_replaced(
     wait_for(lambda: starts(tmp_path, 1) >= 2, timeout=60)
     assert supervisor.children[0].replacements >= 1
     assert 0 in supervisor.children[0].exit_codes
+
+
+def test_with_drain_children_that_give_up_end_the_run_with_their_status_and_reason(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """``run --processes N --drain``: a child that exits 5 (its dependency stayed unreachable) is not restarted;
+    once every child has ended the run ends 5, with each one's last error line as its reason."""
+    supervisor, thread, result = supervise("unreachable", give_up_status=5)
+    thread.join(60)
+    assert not thread.is_alive(), "the supervisor restarted children that gave up"
+    assert result == [5]
+    assert starts(tmp_path, 1) == 1
+    assert starts(tmp_path, 2) == 1
+    assert supervisor.gave_up() == [
+        (1, "the broker could not be reached (process 1)"),
+        (2, "the broker could not be reached (process 2)"),
+    ]
+    assert supervisor.health()[2] == (
+        "process 1: gave up: the broker could not be reached (process 1); "
+        "process 2: gave up: the broker could not be reached (process 2)"
+    )
+    err = capfd.readouterr().err
+    assert "a log line of the child's" in err, "the child's stderr was not passed on"
+    assert "ab-worker run: error: the broker could not be reached (process 2)" in err
+
+
+def test_without_drain_a_child_that_exits_5_is_restarted_with_backoff(
+    supervise: Callable[..., tuple[Supervisor, threading.Thread, list[int]]], tmp_path: Path
+) -> None:
+    """A long-running supervisor keeps trying: exit 5 is restarted like any other failure, with backoff."""
+    supervisor, thread, _ = supervise("unreachable")
+    wait_for(lambda: starts(tmp_path, 1) >= 3 and starts(tmp_path, 2) >= 3)
+    assert thread.is_alive()
+    assert supervisor.gave_up() == []
+    assert supervisor.children[0].restarts >= 2

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from worker import bootstrap
-from worker.cli.common import EXIT_OK, EXIT_PARTIAL, print_err
+from worker.cli.common import EXIT_OK, EXIT_PARTIAL, ExitStatus, UnreachableError, print_err
 from worker.domain.errors import UsageError
 from worker.domain.plural import counted
 from worker.service.settings import WorkerSettings
@@ -69,6 +69,8 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
                 drain_deadline=settings.drain_deadline,
                 liveness_timeout=settings.liveness_timeout,
                 child_args=child_args,
+                # --drain: a child that gave up on an unreachable dependency ends the run, not restarted for ever.
+                give_up_status=ExitStatus.UNREACHABLE if args.drain else None,
             )
         )
         stack.enter_context(on_signals(lambda received: supervisor.stop()))
@@ -78,4 +80,15 @@ def run_supervised(args: argparse.Namespace, settings: WorkerSettings, experimen
             f" → topic {settings.topic_name!r}"
         )
         code = supervisor.run()
+    if code == ExitStatus.UNREACHABLE:
+        raise UnreachableError(gave_up_message(supervisor.gave_up(), processes))
     return EXIT_OK if code == 0 else EXIT_PARTIAL
+
+
+def gave_up_message(gave_up: list[tuple[int, str]], processes: int) -> str:
+    """Which processes gave up under ``--drain``, and why (the first one's reason: the others' is the same outage)."""
+    (first, reason), indexes = gave_up[0], [index for index, _ in gave_up]
+    if len(indexes) == 1:
+        return f"process {first} of {processes} gave up (--drain): {reason}"
+    which = ", ".join(str(index) for index in indexes)
+    return f"processes {which} of {processes} gave up (--drain); process {first}: {reason}"

@@ -13,6 +13,13 @@ A child that is wedged — it does not answer its probe for the liveness timeout
 so hard its probe thread cannot run), or it answers that it is not live — makes ``/healthz`` fail
 naming it, and is replaced: SIGTERM (a child that can still drain releases what it holds), SIGKILL
 once the drain deadline has passed, then started again like a crashed one.
+
+A child that exits with :attr:`SupervisorConfig.give_up_status` (``run --drain``'s 5: a dependency
+stayed unreachable past the bound) gave up for a reason restarting cannot fix: it is not started
+again, and the run ends with that status once every child has ended, with the child's reason (its
+last ``error:`` line, which the supervisor reads as it passes the child's stderr on). Without it, a
+long-running supervisor restarts every child that exits non-zero, with backoff: a pod's job is to
+keep trying.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import logging
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 from worker.domain.plural import counted
 from worker.service.cpus import usable_cpus
@@ -78,6 +87,12 @@ class Child:
     replacements: int = 0
     #: A replaced child that exited and is to be started again, whatever its exit status.
     restart_now: bool = False
+    #: The last ``ab-worker ...: error: ...`` line the child wrote to stderr (what it ended on).
+    last_error: str = ""
+    #: Exited with the give-up status: ended for good, not restarted.
+    gave_up: bool = False
+    #: Passes the child's stderr on, noting its error lines.
+    stderr_reader: threading.Thread | None = None
 
     @property
     def running(self) -> bool:
@@ -100,6 +115,9 @@ class SupervisorConfig:
     #: Child ``i`` (1-based) gets these extra environment variables and arguments, e.g. its own rows file.
     child_env: Callable[[int], Mapping[str, str]] = lambda index: {}
     child_args: Callable[[int], Sequence[str]] = lambda index: ()
+    #: A child that exits with this status gave up (``run --drain``: a dependency stayed unreachable):
+    #: it is not restarted, and the run ends with this status. None: every failed child is restarted.
+    give_up_status: int | None = None
 
 
 class Supervisor:
@@ -120,7 +138,11 @@ class Supervisor:
         self._stop.set()
 
     def run(self) -> int:
-        """Supervise until stopped or until every child has exited 0 by itself; the exit status."""
+        """Supervise until stopped or until every child has ended by itself (exit 0, or gave up); the exit status.
+
+        The give-up status when a child gave up (see :meth:`gave_up`), 1 when a child's last exit
+        was another failure, else 0.
+        """
         try:
             while not self._stop.is_set():
                 self._heartbeat = time.monotonic()
@@ -135,8 +157,14 @@ class Supervisor:
                 self._stop.wait(POLL_SECONDS / 4)
         finally:
             self._drain()
+        if self.config.give_up_status is not None and self.gave_up():
+            return self.config.give_up_status
         failed = [c.index for c in self.children if c.exit_codes and c.exit_codes[-1] not in (0, -signal.SIGTERM)]
         return 1 if failed else 0
+
+    def gave_up(self) -> list[tuple[int, str]]:
+        """(index, reason) of every child that gave up, the reason being its last error line (without the prefix)."""
+        return [(c.index, c.last_error or f"exited with status {c.exit_codes[-1]}") for c in self.children if c.gave_up]
 
     def health(self) -> tuple[bool, bool, str]:
         """(live, ready, detail) over every child, for /healthz and /readyz."""
@@ -157,7 +185,8 @@ class Supervisor:
     # -- children ----------------------------------------------------------------------------
 
     def _finished(self, child: Child) -> bool:
-        return not child.running and not child.restart_now and bool(child.exit_codes) and child.exit_codes[-1] == 0
+        ended = child.gave_up or (bool(child.exit_codes) and child.exit_codes[-1] == 0)
+        return not child.running and not child.restart_now and ended
 
     def _start_due(self) -> None:
         now = time.monotonic()
@@ -173,7 +202,12 @@ class Supervisor:
             "AB_WORKER_HEALTH_HOST": "127.0.0.1",
         }
         command = [*self.config.command, *self.config.child_args(child.index)]
-        child.process = subprocess.Popen(command, env=env)  # noqa: S603 - our own entry point
+        child.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)  # noqa: S603 - our own entry point
+        child.last_error = ""
+        child.stderr_reader = threading.Thread(
+            target=_pass_on, args=(child, child.process.stderr), name=f"stderr-{child.index}", daemon=True
+        )
+        child.stderr_reader.start()
         child.started = child.answered = time.monotonic()
         child.kill_at, child.restart_now = 0.0, False
         with self._lock:
@@ -198,6 +232,9 @@ class Supervisor:
             if code == 0:
                 log.info("process %d finished", child.index)
                 continue
+            if code == self.config.give_up_status:
+                self._give_up(child, code)
+                continue
             if time.monotonic() - child.started >= STABLE_SECONDS:
                 child.restarts = 0
             delay = min(self.config.max_backoff, self.config.min_backoff * 2**child.restarts)
@@ -206,6 +243,16 @@ class Supervisor:
             with self._lock:
                 child.probe = (True, False, f"exited with {code}; restarting in {delay:.0f} s")
             log.warning("process %d exited with %d; restarting in %.1f s", child.index, code, delay)
+
+    def _give_up(self, child: Child, code: int) -> None:
+        """The child gave up (a dependency stayed unreachable): it ends for good, with its reason."""
+        if child.stderr_reader is not None:
+            child.stderr_reader.join(5.0)  # its last line (the reason) may still be on its way
+        child.gave_up = True
+        reason = child.last_error or f"exited with status {code}"
+        with self._lock:
+            child.probe = (True, False, f"gave up: {reason}")
+        log.error("process %d gave up (exit status %d), not restarted: %s", child.index, code, reason)
 
     def _poll_probes(self) -> None:
         for child in self.children:
@@ -257,6 +304,27 @@ class Supervisor:
                 child.process.wait()
             child.exit_codes.append(child.process.returncode)
             child.process = None
+
+
+def _pass_on(child: Child, stream: IO[bytes] | None) -> None:
+    """Copy the child's stderr to ours line by line, remembering its last ``error:`` line (the reason it ended)."""
+    if stream is None:
+        return
+    out = getattr(sys.stderr, "buffer", None)
+    with stream:
+        for line in stream:
+            text = line.decode("utf-8", "replace").rstrip("\n")
+            prefix, marker, reason = text.partition(": error: ")
+            if marker and prefix.startswith("ab-worker "):
+                child.last_error = reason
+            try:
+                if out is not None:
+                    out.write(line)
+                    out.flush()
+                else:  # a host (a test runner) put a text stream there
+                    print(text, file=sys.stderr, flush=True)
+            except (OSError, ValueError):  # our stderr is gone: keep draining, so the child never blocks
+                pass
 
 
 def _probe(port: int) -> tuple[bool, bool, str] | None:
