@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
-from adapters.servicebus.dlq import DeadLetter, Entity, replay_message, replay_message_id
+from adapters.servicebus.dlq import DeadLetter, Entity, choose_exported, replay_message, replay_message_id
+from adapters.servicebus.dlq.selection import SKIP_NOT_AS_EXPORTED
 from worker.cli.dlq import json_line, printable
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import REPLAY_ORIGINAL_MESSAGE_ID, event_id_for, handle
@@ -123,3 +125,42 @@ def test_dlq_times_take_the_same_ages_as_report() -> None:
     since = parse_time("1w", "--since")
     assert since is not None
     assert abs((datetime.now(UTC) - since) - timedelta(weeks=1)) < timedelta(minutes=1)
+
+
+def test_an_export_line_carries_the_exported_bodys_digest_and_a_repair_keeps_it() -> None:
+    """to_json writes body_sha256; from_json reads it back as what was exported, whatever the body is now."""
+    line = _letter().to_json()
+    assert line["body_sha256"] == hashlib.sha256(_letter().body).hexdigest()
+    repaired = DeadLetter.from_json({**line, "body": '{"user_id": "U", "experiment_id": "fixed"}'})
+    assert repaired.exported_sha256 == line["body_sha256"]
+    assert repaired.body_sha256 != line["body_sha256"]
+    with pytest.raises(ValueError, match="body_sha256"):
+        DeadLetter.from_json({**line, "body_sha256": "not a digest"})
+
+
+def test_purge_from_a_file_chooses_exactly_the_dead_letters_it_names() -> None:
+    """Sequence number and message id both, and the body as exported; anything else is left (and said why)."""
+    dlq = [
+        _letter(sequence_number=1, message_id="a"),
+        _letter(sequence_number=2, message_id="b", body=b'{"changed": true}'),
+        _letter(sequence_number=3, message_id="c"),
+        _letter(sequence_number=4, message_id="d"),
+        _letter(sequence_number=5, message_id="e", body=b"{}"),
+    ]
+    exported = [DeadLetter.from_json(letter.to_json()) for letter in dlq[:3]]
+    exported[0].body = b'{"repaired": true}'  # a repair: the digest still names what was exported
+    exported[1] = DeadLetter.from_json(_letter(sequence_number=2, message_id="b").to_json())  # another body
+    exported.append(DeadLetter.from_json(_letter(sequence_number=4, message_id="other").to_json()))  # wrong id
+    exported.append(DeadLetter.from_json(_letter(sequence_number=6, message_id="f").to_json()))  # not there
+    unverifiable = {k: v for k, v in dlq[4].to_json().items() if k != "body_sha256"}
+    exported.append(DeadLetter.from_json({**unverifiable, "body": '{"repaired": 1}'}))  # no digest, body changed
+
+    found = choose_exported(dlq, exported)
+
+    assert [x.message_id for x in found.targets] == ["a", "c"]
+    assert [(x.message_id, why) for x, why in found.skipped] == [
+        ("b", SKIP_NOT_AS_EXPORTED),
+        ("e", SKIP_NOT_AS_EXPORTED),
+    ]
+    assert sorted((x.sequence_number, x.message_id) for x in found.not_found) == [(4, "other"), (6, "f")]
+    assert found.scanned == 5
