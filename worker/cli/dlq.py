@@ -318,6 +318,13 @@ def _report_details(past: str, entity: Any, outcome: Any) -> int:
         print(
             f"  rode out {counted(outcome.reconnects, 'dropped connection', thousands=True)}{lapsed}", file=sys.stderr
         )
+    if outcome.by_lock_token:
+        print(
+            f"  {_dead_letters(outcome.by_lock_token)} received on a connection that dropped"
+            f" {_were(outcome.by_lock_token)} settled by lock token over a new one, without waiting for"
+            " the lock to run out",
+            file=sys.stderr,
+        )
     if outcome.already_there:
         print(
             f"  {_n(outcome.already_there)} of them had a copy out already (sent before a dropped connection, "

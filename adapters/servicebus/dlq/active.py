@@ -38,11 +38,7 @@ def dead_letter_active(
         return outcome
 
     def move(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-        settle_on_link(
-            receiver,
-            message,
-            lambda: receiver.dead_letter_message(message, reason=reason, error_description=description),
-        )
+        settle_on_link(receiver, message, "dead-letter", reason=reason, description=description)
         return None
 
     act_on_targets(client, entity, found, outcome, move, dead_letter=False, max_wait=max_wait, patience=patience)

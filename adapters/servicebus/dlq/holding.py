@@ -43,6 +43,7 @@ from adapters.servicebus.dlq.outcome import (
 )
 from adapters.servicebus.dlq.selection import Selection
 from adapters.servicebus.lock import LockKeeper
+from adapters.servicebus.mgmt import SdkSurfaceMissing, settle_by_lock_token
 from adapters.servicebus.settle import on_current_link, stamp_link
 from worker.service.redaction import redact
 
@@ -69,15 +70,27 @@ class SettlementCut(ConnectionDropped):
     """The connection dropped during a settlement: the broker may or may not have applied it."""
 
 
+class LinkReplaced(ConnectionDropped):
+    """The message's link is gone and it cannot be settled by lock token either (the SDK's internals moved)."""
+
+
+#: Warnings given once per process.
+_warned: set[str] = set()
+
+
 @dataclass
 class _HoldingScan:
     """Receives until every target was reached, holding (under renewed locks) whatever it passes.
 
     One scan outlives the connections under it: :meth:`run` goes over one receiver and raises what
     the SDK raised when its connection drops, leaving the targets not yet settled pending for the
-    next receiver. Messages it held or was acting on stay locked by the dropped link until their
-    locks run out (nothing can settle them now: a settlement names a delivery id of that link), so
-    the next run keeps looking until those locks have lapsed before it calls a target not received.
+    next receiver. A target it had received on the dropped link is *stranded*: the next run settles
+    it first, by its lock token over the new connection's management link (a delivery id names
+    another message on a new link; a lock token names this one while its lock holds), instead of
+    waiting for its lock to run out. Held messages that are not targets keep their locks until those
+    run out. When the dropped link may have locked messages the scan was never handed (a receive
+    was in progress, or left credit open), the next run keeps looking until those locks have lapsed
+    before it calls a target not received.
 
     ``stop`` (Ctrl-C) ends a scan between two messages, never between sending a copy and completing
     its dead letter: what it holds is released as at any other end, and the targets it did not
@@ -105,6 +118,13 @@ class _HoldingScan:
     cut: set[int] = field(default_factory=set)
     #: Set (by a Ctrl-C handler) to end the scan between two messages.
     stop: threading.Event = field(default_factory=threading.Event)
+    #: Targets received on a link that dropped, to settle by lock token on the next receiver.
+    stranded: dict[int, ServiceBusReceivedMessage] = field(default_factory=dict)
+    #: The link may have delivered messages the scan was never handed: a receive was in progress,
+    #: or the last one returned fewer than it asked for (its credit stays open).
+    outstanding: bool = False
+    #: Settlement by lock token works here (False once the SDK's internals proved otherwise).
+    by_token: bool = True
 
     @property
     def stopped(self) -> bool:
@@ -116,14 +136,16 @@ class _HoldingScan:
         undecided: dict[int, ServiceBusReceivedMessage] = {}
         link: _LinkMark | None = None  # the link is opened by the first receive
         try:
+            self._settle_stranded(receiver)
             while (
                 self.pending
                 and not self.stopped
                 and (self.misses < _EMPTY_ROUNDS or time.monotonic() < self.stranded_until)
             ):
-                batch = receiver.receive_messages(
-                    max_message_count=min(self.batch, max(len(self.pending), 10)), max_wait_time=max_wait
-                )
+                wanted = min(self.batch, max(len(self.pending), 10))
+                self.outstanding = True
+                batch = receiver.receive_messages(max_message_count=wanted, max_wait_time=max_wait)
+                self.outstanding = len(batch) < wanted
                 self.progress += 1
                 if link is not None and not link.current(receiver):
                     # The SDK replaced a dropped link inside the call: what the old one had locked
@@ -179,8 +201,24 @@ class _HoldingScan:
         for message in locked.values():
             self.keeper.release(message)
         self.outcome.lapsed += sum(1 for seq in locked if seq not in self.pending)
+        if self.by_token:
+            self.stranded.update((seq, message) for seq, message in locked.items() if seq in self.pending)
         self.held.clear()
-        self._strand(could_have_locked=self.misses == 0 or any(seq in self.pending for seq in locked))
+        waiting_on_locks = any(seq in self.pending and seq not in self.stranded for seq in locked)
+        self._strand(could_have_locked=self.outstanding or waiting_on_locks)
+
+    def _settle_stranded(self, receiver: ServiceBusReceiver) -> None:
+        """Act on the targets a dropped link had handed the scan, settling each by its lock token.
+
+        One at a time out of :attr:`stranded`, so that those not reached when this connection drops
+        too are still there for the next one.
+        """
+        self.keeper.hold(receiver, list(self.stranded.values()))  # renewed by token on this connection meanwhile
+        while self.stranded and not self.stopped:
+            seq = next(iter(self.stranded))
+            message = self.stranded.pop(seq)
+            if seq in self.pending:
+                self._take(receiver, message)
 
     def _strand(self, *, could_have_locked: bool) -> None:
         """A link dropped: take smaller batches, and wait for the targets it may have locked.
@@ -212,6 +250,7 @@ class _HoldingScan:
             self.held[seq] = message
             return
         letter = letter_from(message)
+        by_token = on_current_link(receiver, message) is not True
         try:
             why = _settle_target(self.act, receiver, message)
         except TryAgain as again:
@@ -227,13 +266,12 @@ class _HoldingScan:
             why = str(again)
         except Exception as exc:
             if is_dropped(exc):
-                self.pending[seq] = target
-                if isinstance(exc, SettlementCut):
-                    self.cut.add(seq)
+                self._keep_for_next_link(target, message, exc)
             raise
         self.keeper.release(message)
         self.cut.discard(seq)
         self.progress += 1
+        self.outcome.by_lock_token += by_token and why is None
         if why is None:
             self.outcome.done.append(letter)
         else:
@@ -243,6 +281,17 @@ class _HoldingScan:
             self.on_progress(letter, why or "done")
         if self.interval:
             self.stop.wait(self.interval)  # --rate's pause, cut short by a Ctrl-C
+
+    def _keep_for_next_link(self, target: DeadLetter, message: ServiceBusReceivedMessage, exc: Exception) -> None:
+        """A drop cut the action on ``target`` short: the next receiver acts on it again, by lock token if it can."""
+        seq = target.sequence_number
+        self.pending[seq] = target
+        if isinstance(exc, LinkReplaced):
+            self.by_token = False  # it comes back once its lock runs out: wait for that
+        elif self.by_token:
+            self.stranded[seq] = message
+        if isinstance(exc, SettlementCut):
+            self.cut.add(seq)
 
 
 class _OneCallAtATime:
@@ -260,7 +309,8 @@ class _OneCallAtATime:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._receiver, name)
-        if name.startswith("_") or not callable(value):
+        # Private methods too: the lock keeper renews through the SDK's ``_renew_locks``.
+        if name.startswith("__") or not callable(value):
             return value
 
         def one_at_a_time(*args: Any, **kwargs: Any) -> Any:
@@ -357,16 +407,36 @@ def _release(receiver: ServiceBusReceiver, keeper: LockKeeper, held: Mapping[int
     return released
 
 
-def settle_on_link(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage, how: Callable[[], None]) -> None:
-    """Settle ``message`` on its own link; :class:`TryAgain` when its lock was lost, the SDK's error on a drop.
+def settle_on_link(
+    receiver: ServiceBusReceiver,
+    message: ServiceBusReceivedMessage,
+    action: str = "complete",
+    *,
+    reason: str | None = None,
+    description: str | None = None,
+) -> None:
+    """Settle ``message`` (``complete`` or ``dead-letter``); :class:`TryAgain` when its lock was lost.
 
-    A message whose link the SDK replaced (a renewal reopens a dropped receiver) is never settled by
-    its delivery id on the new link, where that id names another message: that counts as a drop.
+    On its own link by delivery id when that link is the receiver's current one. A message whose
+    link dropped or was replaced is never settled by its delivery id on the new link, where that id
+    names another message: it is settled by its lock token over the receiver's management link
+    (:func:`~adapters.servicebus.mgmt.settle_by_lock_token`), or, when the SDK's internals do not
+    allow that, :class:`LinkReplaced` says it must come back first. A drop raises :class:`SettlementCut`.
     """
-    if not on_current_link(receiver, message):
-        raise ConnectionDropped("the link the message arrived on was replaced")
     try:
-        how()
+        if on_current_link(receiver, message) is True:
+            if action == "dead-letter":
+                receiver.dead_letter_message(message, reason=reason, error_description=description)
+            else:
+                receiver.complete_message(message)
+        else:
+            # Through the one-call-at-a-time receiver: the lock keeper may be renewing on it meanwhile.
+            settle_by_lock_token(receiver, action, [message], reason=reason, description=description)
+    except SdkSurfaceMissing as exc:
+        if "token" not in _warned:
+            _warned.add("token")
+            log.warning("%s; a dead letter from a dropped connection is settled once its lock runs out", exc)
+        raise LinkReplaced("the link the message arrived on was replaced") from None
     except Exception as exc:
         if is_dropped(exc):
             raise SettlementCut(f"{type(exc).__name__}: {redact(str(exc))}") from exc

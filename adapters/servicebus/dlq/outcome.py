@@ -35,6 +35,8 @@ class Outcome:
     already_there: int = 0
     #: Stopped by a Ctrl-C between two targets: those not reached were left where they were.
     interrupted: bool = False
+    #: Targets received on a connection that dropped, settled by lock token over a new one.
+    by_lock_token: int = 0
 
     @property
     def replayed(self) -> list[DeadLetter]:

@@ -66,5 +66,5 @@ def purge_exported(
 
 
 def _delete(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-    settle_on_link(receiver, message, lambda: receiver.complete_message(message))
+    settle_on_link(receiver, message, "complete")
     return None

@@ -123,7 +123,7 @@ def replay(
     def resubmit(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
         if not copies.send(replay_message(letter_from(message), entity)):
             outcome.already_there += 1
-        settle_on_link(receiver, message, lambda: receiver.complete_message(message))
+        settle_on_link(receiver, message, "complete")
         return None
 
     try:
