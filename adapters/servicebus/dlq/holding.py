@@ -23,6 +23,7 @@ from typing import Any, cast
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import MessageAlreadySettled, MessageSizeExceededError, ServiceBusError
 
+from adapters.sdk_guards import SdkSurfaceMissing
 from adapters.servicebus.dlq.browse import letter_from
 from adapters.servicebus.dlq.connection import (
     ConnectionDropped,
@@ -42,8 +43,8 @@ from adapters.servicebus.dlq.outcome import (
     Outcome,
 )
 from adapters.servicebus.dlq.selection import Selection
+from adapters.servicebus.internals import settle_by_lock_token
 from adapters.servicebus.lock import LockKeeper
-from adapters.servicebus.mgmt import SdkSurfaceMissing, settle_by_lock_token
 from adapters.servicebus.settle import on_current_link, stamp_link
 from worker.service.redaction import redact
 
@@ -72,10 +73,6 @@ class SettlementCut(ConnectionDropped):
 
 class LinkReplaced(ConnectionDropped):
     """The message's link is gone and it cannot be settled by lock token either (the SDK's internals moved)."""
-
-
-#: Warnings given once per process.
-_warned: set[str] = set()
 
 
 @dataclass
@@ -420,8 +417,9 @@ def settle_on_link(
     On its own link by delivery id when that link is the receiver's current one. A message whose
     link dropped or was replaced is never settled by its delivery id on the new link, where that id
     names another message: it is settled by its lock token over the receiver's management link
-    (:func:`~adapters.servicebus.mgmt.settle_by_lock_token`), or, when the SDK's internals do not
-    allow that, :class:`LinkReplaced` says it must come back first. A drop raises :class:`SettlementCut`.
+    (:func:`~adapters.servicebus.internals.settle_by_lock_token`), or, when the SDK's internals do not
+    allow that (its guard warns once), :class:`LinkReplaced` says it must come back first. A drop
+    raises :class:`SettlementCut`.
     """
     try:
         if on_current_link(receiver, message) is True:
@@ -429,13 +427,12 @@ def settle_on_link(
                 receiver.dead_letter_message(message, reason=reason, error_description=description)
             else:
                 receiver.complete_message(message)
+        elif message.lock_token is None:  # settled already: nothing to settle it by
+            raise MessageAlreadySettled()
         else:
             # Through the one-call-at-a-time receiver: the lock keeper may be renewing on it meanwhile.
             settle_by_lock_token(receiver, action, [message], reason=reason, description=description)
-    except SdkSurfaceMissing as exc:
-        if "token" not in _warned:
-            _warned.add("token")
-            log.warning("%s; a dead letter from a dropped connection is settled once its lock runs out", exc)
+    except SdkSurfaceMissing:
         raise LinkReplaced("the link the message arrived on was replaced") from None
     except Exception as exc:
         if is_dropped(exc):
