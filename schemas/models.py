@@ -146,12 +146,35 @@ class BoundedContext:
 
 
 def _bounded_context(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
-    if len(value) > MAX_CONTEXT_KEYS:
-        raise ValueError(f"has {len(value)} keys; the limit is {MAX_CONTEXT_KEYS}")
-    problem = context_problem(value)
+    problem = request_context_problem(value)
     if problem:
         raise ValueError(problem)
     return value
+
+
+def request_context_problem(value: object) -> str | None:
+    """Why ``value`` (parsed JSON) cannot be a request's ``context``, or ``None``: the limits of :class:`BoundedContext`.
+
+    For contexts that reach the rule by another road than a request body (``ab-worker assign
+    --context``, a file's ``context`` column), so they are refused exactly as the worker refuses them.
+    """
+    if not isinstance(value, dict):
+        return f"must be a JSON object, got {_json_kind(value)}"
+    if len(value) > MAX_CONTEXT_KEYS:
+        return f"has {len(value)} keys; the limit is {MAX_CONTEXT_KEYS}"
+    return context_problem(value)
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else type(value).__name__
 
 
 def context_value_definitions() -> dict[str, JsonSchemaValue]:

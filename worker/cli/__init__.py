@@ -13,6 +13,7 @@ from worker.cli import broker as broker_cli
 from worker.cli import cohort as cohort_cli
 from worker.cli import dlq as dlq_cli
 from worker.cli import events as events_cli
+from worker.cli import explain as explain_cli
 from worker.cli import report as report_cli
 from worker.cli import run as run_cli
 from worker.cli.common import ExitStatus, Parser, exit_status_table, formatter, invoke
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="DEBUG, INFO (default), ... (or AB_WORKER_LOG_LEVEL)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     assign_cli.add_commands(commands)
+    explain_cli.add_commands(commands)
     run_cli.add_commands(commands)
     cohort_cli.add_commands(commands)
     broker_cli.add_commands(commands)

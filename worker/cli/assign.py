@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from worker.cli.common import (
     check_input,
     check_output,
     formatter,
+    json_context,
     moment,
     open_output,
     parse_split,
@@ -68,10 +70,13 @@ def cmd_assign(args: argparse.Namespace) -> int:
     """Assign one user (prints the event) or every row of ``--input`` (streams results)."""
     registry = _registry_for(args)
     experiment = _experiment(registry, args.experiment)
+    at = args.at or datetime.now(UTC)
     if args.input:
         if args.segment:
             raise UsageError("--segment is for one --user; with --input each row's segment column is used")
-        return _assign_file(args, experiment)
+        if args.context is not None:
+            raise UsageError("--context is for one --user; with --input each row's context is used")
+        return _assign_file(args, experiment, at)
     if not args.user:
         raise UsageError("give --user USER_ID, or --input FILE to assign every row of a file")
     check_segment(experiment, args.segment)
@@ -81,10 +86,11 @@ def cmd_assign(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
     if args.segment:
         body["segment"] = args.segment
+    if args.context is not None:
+        body["context"] = args.context
+    # Decided as the worker decides a request enqueued at --at (the decision time), by the same code.
     delivery = Delivery(
-        body=json.dumps(body).encode(),
-        message_id=f"cli:{args.experiment}:{args.user}",
-        enqueued_time=datetime.now(UTC),
+        body=json.dumps(body).encode(), message_id=f"cli:{args.experiment}:{args.user}", enqueued_time=at
     )
     try:
         (event,) = handle(delivery, registry).events
@@ -94,18 +100,9 @@ def cmd_assign(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _assign_file(args: argparse.Namespace, experiment: Experiment) -> int:
+def _assign_file(args: argparse.Namespace, experiment: Experiment, at: datetime) -> int:
     from worker.service.batch import BadRow, assign_file, detect_format
     from worker.service.inputfile import Problem, decoded_lines
-
-    if not experiment.plain:
-        # The file path is the seed rule's fast batch path: it has no context, time or reason columns
-        # yet, and must not print variants that ignore the experiment's gates.
-        raise UsageError(
-            f"experiment {experiment.id!r} uses allocation steps ({', '.join(_steps(experiment))}); --input "
-            "assigns by the seed rule alone and would ignore them: assign its users one by one with --user, "
-            "or through the worker"
-        )
 
     source = Path(args.input)
     check_input(source)
@@ -124,6 +121,7 @@ def _assign_file(args: argparse.Namespace, experiment: Experiment) -> int:
             in_format=in_format,
             out_format=out_format,
             source=str(source),
+            at=at,
             progress=progress,
         )
     result.bad_rows[:0] = [BadRow(line, problem) for line, problem in bad]
@@ -143,7 +141,17 @@ def _assign_file(args: argparse.Namespace, experiment: Experiment) -> int:
             f" {', '.join(sorted(experiment.config.segments))}",
             file=sys.stderr,
         )
+    print(_membership(result.reasons, at, given=args.at is not None), file=sys.stderr)
     return EXIT_PARTIAL if result.bad_rows else EXIT_OK
+
+
+def _membership(reasons: Counter[str], at: datetime, *, given: bool) -> str:
+    """How many rows are in the experiment, the others by reason, and the one decision time of the file."""
+    inside = reasons.get("bucketed", 0)
+    outside = sorted(((n, r) for r, n in reasons.items() if r != "bucketed"), key=lambda item: (-item[0], item[1]))
+    others = f"; outside it: {', '.join(f'{reason} {n}' for n, reason in outside)}" if outside else ""
+    when = "--at" if given else "the start of the run"
+    return f"in the experiment: {inside}{others}; every row decided at {utc_iso(at)} ({when}, one time for the file)"
 
 
 def _progress_bar(stack: ExitStack, binary: IO[bytes], source: Path) -> Any:
@@ -196,10 +204,6 @@ def describe_experiment(experiment: Experiment) -> str:
     if not experiment.plain or config.control is not None:
         parts.append(f"control {experiment.allocation.control}")
     return "; ".join(parts) + f"  [config {experiment.allocation.config_version}]"
-
-
-def _steps(experiment: Experiment) -> list[str]:
-    return [step.name for step in experiment.allocation.steps if step.name != "bucket"]
 
 
 def _compare(args: argparse.Namespace, new: ExperimentRegistry) -> int:
@@ -260,6 +264,16 @@ def add_commands(commands: Any) -> None:
     assign.add_argument(
         "--segment",
         help="segment, for experiments with per-segment splits (it must be one of them: see below)",
+    )
+    assign.add_argument(
+        "--context", type=json_context, metavar="JSON", help="the request's context (targeting reads it); with --user"
+    )
+    assign.add_argument(
+        "--at",
+        type=moment(lambda: datetime.now(UTC)),
+        metavar="ISO|2h",
+        help="decision time (default now): an ISO 8601 time, UTC unless it says otherwise, or a duration back"
+        " from now; with --input, one time for every row",
     )
     assign.add_argument("--split", help="variant shares, e.g. A=0.5,B=0.5 (default); not with --config")
     assign.add_argument("--seed", help="hash seed (default echovoice); not with --config")

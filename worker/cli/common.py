@@ -251,6 +251,29 @@ def moment(now: Callable[[], datetime]) -> Callable[[str], datetime]:
     return parse
 
 
+def json_context(text: str) -> dict[str, Any]:
+    """An argument type: a request context, a JSON object within the wire contract's context limits.
+
+    Refused as the worker would refuse the same context in a request, so the command line never
+    answers for a request the worker would dead-letter. The value is never echoed (it may hold
+    personal data); the problem names where it is.
+    """
+    import json
+
+    from schemas.models import request_context_problem
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} (column {exc.colno})") from None
+    except (RecursionError, ValueError):
+        raise argparse.ArgumentTypeError("not JSON the worker accepts (nested too deeply, or a huge number)") from None
+    problem = request_context_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"the context {problem}")
+    return dict(value)
+
+
 def parse_split(text: str) -> dict[str, float]:
     """``A=0.5,B=0.5`` → ``{"A": 0.5, "B": 0.5}``."""
     split: dict[str, float] = {}

@@ -85,19 +85,30 @@ def _decoded_one_by_one(batch: list[bytes], before: int, problems: list[Problem]
 
 
 def read_table(
-    lines: Iterable[str], fmt: str, columns: Sequence[str], problems: list[Problem], *, required: int | None = None
+    lines: Iterable[str],
+    fmt: str,
+    columns: Sequence[str],
+    problems: list[Problem],
+    *,
+    required: int | None = None,
+    rest: bool = False,
 ) -> Iterator[Row]:
     """``(line, values)`` for each row of a ``"csv"`` or ``"jsonl"`` file, in ``columns`` order.
 
     The first ``required`` columns (all by default) must be there: a CSV header without one raises
     :class:`InputFileError`, a JSON line without one is a problem. Rows that cannot be read go to
     ``problems`` and are skipped.
+
+    ``rest`` (CSV only): each row gets one more value, ``{name: cell}`` of the header's other
+    columns, stripped, empty cells left out (an empty cell says nothing); a column with an empty
+    name is ignored, and a header naming one of them twice raises :class:`InputFileError`, since a
+    cell could not say which it is. A JSON line's fields say what they are by themselves.
     """
     needed = len(columns) if required is None else required
     known = len(problems)  # the problems before this file's: its header is told apart by these
     stream = _without_bom(iter(lines))
     if fmt == "csv":
-        return _csv_rows(stream, columns, needed, problems, known)
+        return _csv_rows(stream, columns, needed, problems, known, rest=rest)
     return _json_rows(stream, columns, needed, problems)
 
 
@@ -107,7 +118,7 @@ def _without_bom(lines: Iterator[str]) -> Iterator[str]:
 
 
 def _csv_rows(
-    lines: Iterator[str], columns: Sequence[str], needed: int, problems: list[Problem], known: int
+    lines: Iterator[str], columns: Sequence[str], needed: int, problems: list[Problem], known: int, *, rest: bool
 ) -> Iterator[Row]:
     reader = csv.reader(lines)
     try:
@@ -123,6 +134,10 @@ def _csv_rows(
         raise InputFileError(1, f"missing {column} {', '.join(map(repr, missing))}; the header has {names}")
     slots = [names.index(name) if name in names else None for name in columns]
     width = max((slot for slot in slots[:needed] if slot is not None), default=-1) + 1
+    if rest:
+        others = [(index, name) for index, name in enumerate(names) if name and name not in columns]
+        yield from _csv_rows_with_rest(reader, others, slots, width, problems)
+        return
     pick, full = _whole_row_picker(slots)
     strip = str.strip
     while True:
@@ -138,6 +153,29 @@ def _csv_rows(
                     yield reader.line_num, tuple(_cell(row, slot) for slot in slots)
             return
         except csv.Error as exc:  # one row the parser refuses; the reader goes on with the next
+            problems.append((reader.line_num, f"unparseable CSV row: {exc}"))
+
+
+def _csv_rows_with_rest(
+    reader: Any, others: list[tuple[int, str]], slots: list[int | None], width: int, problems: list[Problem]
+) -> Iterator[Row]:
+    """:func:`_csv_rows` with ``others`` (position, header name) of each row as one more value, a dict by name."""
+    named = [name for _, name in others]
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:
+        raise InputFileError(1, f"column {', '.join(map(repr, twice))} appears more than once in the header")
+    while True:
+        try:
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) < width:
+                    problems.append((reader.line_num, f"expected at least {width} fields, found {len(row)}"))
+                    continue
+                extra = {name: cell for index, name in others if index < len(row) and (cell := row[index].strip())}
+                yield reader.line_num, (*(_cell(row, slot) for slot in slots), extra)
+            return
+        except csv.Error as exc:
             problems.append((reader.line_num, f"unparseable CSV row: {exc}"))
 
 

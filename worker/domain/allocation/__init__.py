@@ -11,7 +11,7 @@ Python API and the cohort path. Pure: it imports only ``schemas`` and ``worker.d
 
 from worker.domain.allocation.changes import EditReport, ExperimentChange, changes
 from worker.domain.allocation.compile import AllocationFile, compile_file, default_control, file_problems
-from worker.domain.allocation.conditions import CompiledCondition, ConditionProblem, compile_condition
+from worker.domain.allocation.conditions import CompiledCondition, ConditionProblem, compile_condition, operand_kinds
 from worker.domain.allocation.experiment import AllocatedExperiment, Decision, Explanation, Reason, StepRecord
 from worker.domain.allocation.versions import compare_versions, is_version, version_key
 
@@ -33,5 +33,6 @@ __all__ = [
     "default_control",
     "file_problems",
     "is_version",
+    "operand_kinds",
     "version_key",
 ]

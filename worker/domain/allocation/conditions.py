@@ -116,6 +116,39 @@ def compile_condition(raw: Any, path: str = "targeting") -> tuple[CompiledCondit
     return CompiledCondition(tuple(clauses), _all([clause.matches for clause in clauses]), canonical), []
 
 
+def operand_kinds(condition: CompiledCondition) -> dict[str, frozenset[str]]:
+    """Per attribute, the kinds of value the condition compares it with: ``string``, ``number``, ``boolean``.
+
+    Read from the canonical form, at any depth. ``$exists`` compares no value and adds no kind;
+    version and time operands are strings. Untyped sources (a CSV's cells) use it to read a cell as
+    the kind its targeting expects (:func:`worker.service.batch.csv_context`).
+    """
+    kinds: dict[str, set[str]] = {}
+
+    def visit(node: Any) -> None:
+        for key, value in node.items():
+            if key in ("$and", "$or"):
+                for item in value:
+                    visit(item)
+            elif key == "$not":
+                visit(value)
+            else:
+                found = kinds.setdefault(key, set())
+                operands = value.items() if isinstance(value, dict) else [("$eq", value)]
+                for op, operand in operands:
+                    if op != "$exists":
+                        found.update(_kind_name(item) for item in (operand if isinstance(operand, list) else [operand]))
+
+    visit(condition.canonical)
+    return {name: frozenset(found) for name, found in kinds.items()}
+
+
+def _kind_name(operand: Any) -> str:
+    if isinstance(operand, bool):
+        return "boolean"
+    return "number" if isinstance(operand, int | float) else "string"
+
+
 class _Compiler:
     def __init__(self) -> None:
         self.problems: list[ConditionProblem] = []

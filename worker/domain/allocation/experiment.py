@@ -79,6 +79,33 @@ class Explanation:
     decision: Decision
     steps: tuple[StepRecord, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the decision, then every step with its outcome, hash input, value and threshold.
+
+        Holds what the explanation holds and nothing more: no context value ever (§2.11).
+        """
+        decision = self.decision
+        return {
+            "experiment_id": self.experiment_id,
+            "config_version": self.config_version,
+            "variant_id": decision.variant_id,
+            "in_experiment": decision.in_experiment,
+            "reason": decision.reason.value,
+            "hash_value": decision.hash_value,
+            "threshold": None if decision.threshold is None else list(decision.threshold),
+            "steps": [
+                {
+                    "step": record.step,
+                    "outcome": record.outcome,
+                    "detail": record.detail,
+                    "hash_input": record.hash_input,
+                    "hash_value": record.hash_value,
+                    "threshold": record.threshold,
+                }
+                for record in self.steps
+            ],
+        }
+
 
 DECIDED, GO_ON, NOT_CONFIGURED, NOT_REACHED = "decided", "go on", "not configured", "not reached"
 
@@ -335,6 +362,11 @@ class AllocatedExperiment:
     absent: Mapping[str, str]
     #: ``D`` of §2.8 (the effective values that decide assignments), digested into ``config_version``.
     document: Mapping[str, Any]
+
+    @property
+    def targeting(self) -> CompiledCondition | None:
+        """The compiled targeting condition, or ``None`` when the experiment targets everyone."""
+        return next((step.condition for step in self.steps if isinstance(step, TargetingStep)), None)
 
     def decide(self, user_id: str, segment: str | None, context: Any, at: datetime) -> Decision:
         """The decision for one request (§2.3). ``at`` is the request's enqueued time, timezone-aware.
