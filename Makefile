@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install run broker test lint checkov unit bench bench-worker sdk-drill lock schemas docs clean
+.PHONY: install run broker test lint checkov unit bench bench-worker bench-growthbook sdk-drill lock schemas docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,12 @@ sdk-drill: $(SDK_DRILL_VENV)/.installed
 	$(SDK_DRILL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(SDK_DRILL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade $(SDK_DRILL_PACKAGES)
 	$(SDK_DRILL_VENV)/bin/python -m tests.sdk_drill
+
+## ExperimentRegistry.assign beside the growthbook package's run() on the same full-featured experiment.
+## growthbook is a benchmark-only extra (pyproject's [bench]): installed here, never in the image.
+bench-growthbook: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+	$(BIN)/python -m bench.bench_growthbook
 
 schemas: $(STAMP)
 	$(BIN)/python -m schemas.generate

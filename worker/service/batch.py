@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -219,14 +219,15 @@ def assign_file(
     in_format: str,
     out_format: str,
     source: str,
-    at: datetime,
+    at: datetime | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> BatchResult:
-    """Decide every row of ``stream`` at the decision time ``at`` (timezone-aware) and write it to ``out``.
+    """Decide every row of ``stream`` at the decision time ``at`` (aware; ``None``: now) and write it to ``out``.
 
     One ``at`` for the whole file, so a file is decided as one moment: a row near the end is not
     decided after an experiment's ``end_at`` that the first rows were decided before.
     """
+    at = datetime.now(UTC) if at is None else at
     if at.tzinfo is None:
         raise ValueError("the decision time must be timezone-aware (UTC)")
     result = BatchResult()

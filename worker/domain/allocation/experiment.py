@@ -12,8 +12,8 @@ allocation fields is the bucket step alone: the seed rule, bit for bit.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
@@ -236,7 +236,7 @@ class HoldoutStep:
 
     def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
         for holdout_id, prefix, share, cutoff in self.holdouts:
-            value = hash_int(prefix + user_id)
+            value = _first_word(_digest(_md5((prefix + user_id).encode())))[0] % BUCKETS  # hash_int, inlined
             held = value < cutoff
             if trace is not None:
                 detail = f"holdout {holdout_id!r}: " + ("held out" if held else "not held out")
@@ -265,7 +265,7 @@ class LayerStep:
         self.decision = Decision(control, False, Reason.LAYER)
 
     def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
-        value = hash_int(self.prefix + user_id)
+        value = _first_word(_digest(_md5((self.prefix + user_id).encode())))[0] % BUCKETS  # hash_int, inlined
         inside = self.low <= value < self.high
         if trace is not None:
             detail = f"layer {self.layer_id!r}: " + ("inside the range" if inside else "outside the range")
@@ -291,7 +291,7 @@ class CoverageStep:
         self.decision = Decision(control, False, Reason.COVERAGE)
 
     def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
-        value = hash_int(self.prefix + user_id)
+        value = _first_word(_digest(_md5((self.prefix + user_id).encode())))[0] % BUCKETS  # hash_int, inlined
         exposed = value < self.cutoff
         if trace is not None:
             detail = "exposed" if exposed else "not exposed"
@@ -362,6 +362,13 @@ class AllocatedExperiment:
     absent: Mapping[str, str]
     #: ``D`` of §2.8 (the effective values that decide assignments), digested into ``config_version``.
     document: Mapping[str, Any]
+    #: Each step's bound ``__call__``: the same steps, called without the instance-call lookup (0.4 us a decision).
+    calls: tuple[Callable[[str, str | None, Any, datetime, Trace], Decision | None], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calls", tuple(step.__call__ for step in self.steps))
 
     @property
     def targeting(self) -> CompiledCondition | None:
@@ -377,8 +384,8 @@ class AllocatedExperiment:
         """
         if at.tzinfo is None:
             raise ValueError("the decision time must be timezone-aware (UTC)")
-        for step in self.steps:  # walk(), inlined on the hot path
-            decision = step(user_id, segment, context, at, None)
+        for call in self.calls:  # walk(), inlined on the hot path
+            decision = call(user_id, segment, context, at, None)
             if decision is not None:
                 return decision
         raise AssertionError("the bucket step always decides")  # pragma: no cover
