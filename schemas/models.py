@@ -153,7 +153,7 @@ def _bounded_context(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
 
 
 def request_context_problem(value: object) -> str | None:
-    """Why ``value`` (parsed JSON) cannot be a request's ``context``, or ``None``: the limits of :class:`BoundedContext`.
+    """Why parsed JSON ``value`` cannot be a request's ``context``, or ``None``: :class:`BoundedContext`'s limits.
 
     For contexts that reach the rule by another road than a request body (``ab-worker assign
     --context``, a file's ``context`` column), so they are refused exactly as the worker refuses them.

@@ -55,7 +55,8 @@ def _assign_reads(path: Path) -> tuple[list[tuple[object, object]], list[BadRow]
     problems: list[tuple[int, str]] = []
     fmt = "csv" if path.suffix == ".csv" else "jsonl"
     with path.open("rb") as binary:
-        rows = [(user, segment) for _, user, segment, _ in read_rows(decoded_lines(binary, problems), fmt, str(path), bad)]
+        read = read_rows(decoded_lines(binary, problems), fmt, str(path), bad)
+        rows = [(user, segment) for _, user, segment, _ in read]
     return rows, [*(BadRow(line, problem) for line, problem in problems), *bad]
 
 
