@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
@@ -21,13 +22,17 @@ from typing import Any, TextIO
 from worker.cli.cohort_files import assignments_writer, format_for, read_arm_variants, read_cohort, report_writer
 from worker.cli.common import ExitStatus, check_output, formatter, integer, report_error, write_files
 from worker.cli.render.cohort import render_checks, render_plan, render_table
+from worker.domain.allocation import AllocatedExperiment
+from worker.domain.cohort.allocation import LEFT_OUT, DecidedMembers, partition
 from worker.domain.cohort.arms import Arm
 from worker.domain.cohort.balance import DEFAULT_MIN_PER_CELL, DEFAULT_TOLERANCE
 from worker.domain.cohort.errors import CohortInputError
 from worker.domain.cohort.stratify import DEFAULT_SEED, stratify_columns
 from worker.domain.errors import UsageError
+from worker.domain.moments import utc_iso
 from worker.domain.plural import counted
 from worker.domain.srm.stats import ExperimentPlan, StatsInputError, plan_experiment
+from worker.service.batch import ColumnKinds
 
 STRATIFY_EPILOG = """\
 Members are grouped by segment, ordered within a segment by
@@ -163,14 +168,22 @@ def run_stratify(args: argparse.Namespace) -> int:
     """Handler of ``ab-worker stratify``: read, assign, check, write, print; the exit status."""
     try:
         arms = build_arms(args)
-        moment = _parse_moment(args.assigned_at)
+        moment = _parse_moment(args.assigned_at) or datetime.now(UTC)
         _check_outputs(args)
         source_format = format_for(args.input, args.format, "input")
         out_format = format_for(args.out, None, "output")
-        cohort = read_cohort(args.input, source_format, args.id_column, args.segment_column)
+        allocation = _allocation_for(args)
+        kinds = None if allocation is None or allocation.experiment.targeting is None else allocation.kinds()
+        cohort = read_cohort(args.input, source_format, args.id_column, args.segment_column, kinds)
+        member_ids, segments, decided = cohort.member_ids, cohort.segments, None
+        if allocation is not None:
+            split = partition(allocation.experiment, member_ids, segments, cohort.contexts, moment)
+            member_ids, segments, decided = split.pick(member_ids), split.pick(segments), split.decided
+            if not member_ids:
+                raise CohortInputError([_nothing_to_stratify(allocation, decided)])
         assignment = stratify_columns(
-            cohort.member_ids,
-            cohort.segments,
+            member_ids,
+            segments,
             arms,
             experiment_id=args.experiment,
             seed=args.seed,
@@ -182,9 +195,12 @@ def run_stratify(args: argparse.Namespace) -> int:
         _print_problems(error, args.max_errors)
         return ExitStatus.USAGE
     _warn_unknown_segments(arms, set(assignment.report.table.segments))
-    outputs: list[tuple[Path, Callable[[TextIO], object]]] = [(args.out, assignments_writer(out_format, assignment))]
+    section = None if allocation is None or decided is None else allocation.section(decided, len(member_ids), moment)
+    outputs: list[tuple[Path, Callable[[TextIO], object]]] = [
+        (args.out, assignments_writer(out_format, assignment, decided))
+    ]
     if args.report is not None:
-        outputs.append((args.report, report_writer(assignment, args.input)))
+        outputs.append((args.report, report_writer(assignment, args.input, section)))
     write_files(outputs)
     report = assignment.report
     print(
@@ -192,12 +208,96 @@ def run_stratify(args: argparse.Namespace) -> int:
         f" {counted(report.table.total, 'member')} in {counted(len(report.table.segments), 'segment')},"
         f" {counted(len(arms), 'arm')}"
     )
+    if allocation is not None and decided is not None:
+        print(allocation.summary(decided, report.table.total))
     print("\n".join(render_table(report)))
     print()
     print("\n".join(render_checks(report)))
     written = f"Wrote {args.out}" + (f" and {args.report}" if args.report is not None else "")
     print(written + ("." if report.passed else "; a balance check FAILED (exit status 3)."))
     return ExitStatus.OK if report.passed else ExitStatus.UNBALANCED
+
+
+@dataclass(frozen=True, slots=True)
+class _Allocation:
+    """The cohort's experiment in the registry: its compiled allocation and the file it came from."""
+
+    experiment: AllocatedExperiment
+    version: str
+    source: str
+
+    def kinds(self) -> ColumnKinds:
+        from worker.domain.allocation import operand_kinds
+
+        condition = self.experiment.targeting
+        return {} if condition is None else operand_kinds(condition)
+
+    def summary(self, decided: DecidedMembers, stratified: int) -> str:
+        """One paragraph: the configuration applied, and the members its steps decided, by reason."""
+        experiment = self.experiment
+        head = f"Allocation of {experiment.experiment_id} from {self.source} (config {experiment.config_version}):"
+        if not decided:
+            return (
+                f"{head} no member is overridden, outside its lifecycle, targeted away, held out or in another layer."
+            )
+        reasons = ", ".join(f"{reason} {count}" for reason, count in decided.counts().items())
+        return (
+            f"{head} {len(decided)} of {len(decided) + stratified} members decided before stratification, not in"
+            f" the experiment ({reasons}; listed by reason in the report); the other {stratified} stratified."
+            " Coverage does not apply to a cohort."
+        )
+
+    def section(self, decided: DecidedMembers, stratified: int, at: datetime) -> dict[str, Any]:
+        """The report's ``allocation`` section: what was applied, and every decided member by reason."""
+        return {
+            "experiments_file": self.source,
+            "experiment_version": self.version,
+            "config_version": self.experiment.config_version,
+            "decided_at": utc_iso(at),
+            "steps_left_out": sorted(LEFT_OUT),
+            "stratified": stratified,
+            "decided": len(decided),
+            "counts": decided.counts(),
+            "members": decided.by_reason(),
+        }
+
+
+def _allocation_for(args: argparse.Namespace) -> _Allocation | None:
+    """The experiment's allocation from ``--config`` (else ``AB_WORKER_EXPERIMENTS_FILE``), or ``None``.
+
+    ``None`` when no file is named, when the experiment there uses no allocation step (its cohort is
+    stratified exactly as before), or when the environment's file does not configure it (a cohort
+    label need not be an experiment: a note says so). An experiment missing from ``--config`` itself
+    is an error listing the ones there.
+    """
+    from worker.bootstrap import ExperimentRegistry, environment_settings
+
+    path = args.config or environment_settings().experiments_file
+    if not path:
+        return None
+    registry = ExperimentRegistry.load(path)
+    experiment = registry.get(args.experiment)
+    if experiment is None:
+        configured = ", ".join(sorted(e.id for e in registry)) or "none"
+        if args.config:
+            raise CohortInputError([f"--config: experiment {args.experiment!r} is not in {path} (there: {configured})"])
+        print(
+            f"note: {args.experiment!r} is not in {path} (AB_WORKER_EXPERIMENTS_FILE): stratified without its"
+            " allocation steps",
+            file=sys.stderr,
+        )
+        return None
+    if experiment.plain:
+        return None
+    return _Allocation(experiment.allocation, experiment.config.version, str(path))
+
+
+def _nothing_to_stratify(allocation: _Allocation, decided: DecidedMembers) -> str:
+    reasons = ", ".join(f"{reason} {count}" for reason, count in decided.counts().items())
+    return (
+        f"nothing to stratify: the allocation of {allocation.experiment.experiment_id} in {allocation.source}"
+        f" decides every member before stratification ({reasons}); check its status, start_at/end_at and targeting"
+    )
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -285,6 +385,11 @@ def _add_stratify(subparsers: Any) -> None:
         help="JSON object: arm -> {segment: variant_id}; other cells get the arm id",
     )
     parser.add_argument("--seed", default=str(DEFAULT_SEED), help="hash seed (default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        help="experiments file: apply the experiment's overrides, lifecycle, targeting, holdouts and layer first"
+        " (default: AB_WORKER_EXPERIMENTS_FILE)",
+    )
     parser.add_argument(
         "--tolerance",
         type=_tolerance,

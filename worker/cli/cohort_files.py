@@ -11,18 +11,24 @@ from __future__ import annotations
 import csv
 import json
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import JsonValue
+
+from schemas.models import request_context_problem
 from worker.cli.common import write_files
+from worker.domain.cohort.allocation import DecidedMembers
 from worker.domain.cohort.errors import CohortInputError
 from worker.domain.cohort.members import member_problems
 from worker.domain.cohort.records import RECORD_FIELDS
 from worker.domain.cohort.stratify import CohortAssignment
-from worker.service.batch import has_formula_cell, spreadsheet_safe
+from worker.domain.moments import utc_iso
+from worker.service.batch import ColumnKinds, csv_context, has_formula_cell, spreadsheet_safe
 from worker.service.inputfile import BOM, InputFileError, Problem, decoded_lines, read_table
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -30,11 +36,13 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 @dataclass(slots=True)
 class CohortColumns:
-    """Member ids and segments read from a file, with the line each member came from."""
+    """Member ids and segments read from a file, with the line each member came from (and contexts when asked)."""
 
     member_ids: list[str]
     segments: list[str]
     lines: array[int]
+    #: One context per member (``None`` for none) when read with ``kinds``; else ``None``.
+    contexts: list[dict[str, JsonValue] | None] | None = None
 
 
 def _raise_if_any(path: Path, problems: list[Problem]) -> None:
@@ -46,18 +54,31 @@ def _raise_if_any(path: Path, problems: list[Problem]) -> None:
         )
 
 
-def read_cohort(path: Path, fmt: str, id_column: str, segment_column: str) -> CohortColumns:
+def read_cohort(
+    path: Path, fmt: str, id_column: str, segment_column: str, kinds: ColumnKinds | None = None
+) -> CohortColumns:
     """Read ``id_column`` and ``segment_column`` of a cohort file in ``fmt`` (``"csv"`` or ``"jsonl"``).
 
     JSON integer ids are accepted and written as strings. The file is streamed, not loaded whole.
-    Raises :class:`CohortInputError` listing every problem as ``file:line: message``.
+    ``kinds`` (the experiment's targeting, :func:`worker.service.batch.column_kinds`): also read each
+    member's context, as ``assign --input`` reads a row's: a CSV's other columns, typed by what the
+    targeting compares; a JSON line's ``context`` object. Raises :class:`CohortInputError` listing
+    every problem as ``file:line: message``.
     """
     problems: list[Problem] = []
     cohort = CohortColumns([], [], array("L"))
     try:
         with path.open("rb") as binary:
-            rows = read_table(decoded_lines(binary, problems), fmt, (id_column, segment_column), problems)
-            _collect(rows, cohort, json_values=fmt == "jsonl")
+            text = decoded_lines(binary, problems)
+            if kinds is None:
+                rows = read_table(text, fmt, (id_column, segment_column), problems)
+                _collect(rows, cohort, json_values=fmt == "jsonl")
+            elif fmt == "csv":
+                rows = read_table(text, fmt, (id_column, segment_column), problems, rest=True)
+                _collect_with_contexts(rows, fmt, kinds, cohort, problems)
+            else:
+                rows = read_table(text, fmt, (id_column, segment_column, "context"), problems, required=2)
+                _collect_with_contexts(rows, fmt, kinds, cohort, problems)
     except OSError as exc:
         raise CohortInputError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except InputFileError as exc:
@@ -92,6 +113,27 @@ def _collect(rows: Iterable[tuple[int, tuple[Any, ...]]], cohort: CohortColumns,
         add_id(str(member_id) if type(member_id) is int else member_id)
         add_segment(same(segment, segment) if type(segment) is str else segment)
         add_line(line)
+
+
+def _collect_with_contexts(
+    rows: Iterable[tuple[int, tuple[Any, ...]]],
+    fmt: str,
+    kinds: ColumnKinds,
+    cohort: CohortColumns,
+    problems: list[Problem],
+) -> None:
+    """:func:`_collect`, with each member's context (checked by the wire contract's limits) beside it."""
+    contexts: list[dict[str, JsonValue] | None] = []
+    cohort.contexts = contexts
+    for line, (member_id, segment, found) in rows:
+        context: Any = csv_context(found, kinds) if fmt == "csv" else found
+        problem = None if context is None else request_context_problem(context)
+        if problem is not None:
+            problems.append((line, f"context {problem}"))
+        cohort.member_ids.append(str(member_id) if type(member_id) is int else member_id)
+        cohort.segments.append(segment)
+        cohort.lines.append(line)
+        contexts.append(context or None if problem is None else None)
 
 
 def format_for(path: Path, given: str | None, what: str) -> str:
@@ -147,24 +189,31 @@ def _read_json(path: Path, problems: list[Problem]) -> Any:
 # --- writing -------------------------------------------------------------------------------------
 
 
-def assignments_writer(fmt: str, assignment: CohortAssignment) -> Callable[[TextIO], None]:
+def assignments_writer(
+    fmt: str, assignment: CohortAssignment, decided: DecidedMembers | None = None
+) -> Callable[[TextIO], None]:
     """What writes one row (CSV) or one object (JSON lines) per member, fields in RECORD_FIELDS order.
 
+    The stratified members first, exactly as a cohort without allocation is written; then the
+    members an allocation step decided (``decided``): no arm, their variant, and the step's reason as
+    the ``assignment_method`` (only ``stratified_random`` members are in the experiment).
     CSV cells that a spreadsheet would run as a formula (leading ``=``, ``+``, ``-``, ``@``) get a
     leading ``'``, as spreadsheet-safe CSV writers do; JSON lines are written as they are.
     """
+    records = assignment.records
+    extra = [] if decided is None else decided_rows(decided, records.assigned_at, records.seed, records.experiment_id)
 
     def write_csv(stream: TextIO) -> None:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(RECORD_FIELDS)
-        records = assignment.records
-        rows = records.rows()
+        rows: Iterable[tuple[str, ...]] = records.rows()
         first = next(records.rows(), None)
         # One pass in C over each column decides whether any cell needs quoting; most files need none.
         columns = (records.member_ids, set(records.segments), set(records.arms), set(records.variants), first or ())
         if any(has_formula_cell(column) for column in columns):
             rows = (tuple(spreadsheet_safe(cell) for cell in row) for row in rows)
         writer.writerows(rows)
+        writer.writerows(tuple(spreadsheet_safe(cell) for cell in row) for row in extra)
 
     def write_jsonl(stream: TextIO) -> None:
         # Everything but the member id repeats, so each line is assembled from pre-encoded parts.
@@ -183,13 +232,33 @@ def assignments_writer(fmt: str, assignment: CohortAssignment) -> Callable[[Text
                     f',"variant_id":{encode_basestring(variant)}'
                 )
             stream.write(f'{{"customer_id":{encode_basestring(member_id)}{middle}{tail}}}\n')
+        for row in extra:
+            stream.write(
+                json.dumps(dict(zip(RECORD_FIELDS, row, strict=True)), ensure_ascii=False, separators=(",", ":"))
+            )
+            stream.write("\n")
 
     return write_csv if fmt == "csv" else write_jsonl
 
 
-def report_writer(assignment: CohortAssignment, source: Path) -> Callable[[TextIO], object]:
-    """What writes the run and its balance report as JSON."""
+def decided_rows(
+    decided: DecidedMembers, assigned_at: datetime, seed: str, experiment_id: str
+) -> list[tuple[str, ...]]:
+    """The records of members an allocation step decided: no arm, their variant, the reason as the method."""
+    when = utc_iso(assigned_at)
+    return [
+        (member_id, segment, "", decision.variant_id, when, decision.reason.value, seed, experiment_id)
+        for member_id, segment, decision in zip(decided.member_ids, decided.segments, decided.decisions, strict=True)
+    ]
+
+
+def report_writer(
+    assignment: CohortAssignment, source: Path, allocation: Mapping[str, Any] | None = None
+) -> Callable[[TextIO], object]:
+    """What writes the run and its balance report as JSON (and, when applied, the allocation's section)."""
     document = {"input": str(source), **assignment.to_dict()}
+    if allocation is not None:
+        document["allocation"] = dict(allocation)
     return lambda stream: stream.write(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
 

@@ -12,7 +12,7 @@ allocation fields is the bucket step alone: the seed rule, bit for bit.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -110,6 +110,8 @@ class Explanation:
 DECIDED, GO_ON, NOT_CONFIGURED, NOT_REACHED = "decided", "go on", "not configured", "not reached"
 
 Trace = list[StepRecord] | None
+#: The walk without its bucket step: ``(user_id, segment, context, at) -> decision or None`` (go on to the bucket).
+Gate = Callable[[str, "str | None", Any, datetime], "Decision | None"]
 
 
 class Step(Protocol):
@@ -389,6 +391,26 @@ class AllocatedExperiment:
             if decision is not None:
                 return decision
         raise AssertionError("the bucket step always decides")  # pragma: no cover
+
+    def eligibility(self, *, leave_out: Collection[str] = ()) -> Gate:
+        """The walk before the bucket step, less the steps named in ``leave_out``: a decision, or ``None``.
+
+        ``None`` means every step went on, so the user would be bucketed (the cohort path stratifies
+        them instead). The same compiled steps as :meth:`decide`, in the same order: the cohort path
+        leaves out coverage this way (``docs/allocation.md``), never by a walk of its own.
+        """
+        calls = tuple(step.__call__ for step in self.steps if step.name not in {*leave_out, "bucket"})
+
+        def first_decision(user_id: str, segment: str | None, context: Any, at: datetime) -> Decision | None:
+            if at.tzinfo is None:
+                raise ValueError("the decision time must be timezone-aware (UTC)")
+            for call in calls:
+                decision = call(user_id, segment, context, at, None)
+                if decision is not None:
+                    return decision
+            return None
+
+        return first_decision
 
     def explain(self, user_id: str, segment: str | None, context: Any, at: datetime) -> Explanation:
         """:meth:`decide`, recorded: the same steps, each appending what it computed and decided."""
