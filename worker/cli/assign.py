@@ -254,7 +254,13 @@ def add_commands(commands: Any) -> None:
             "status 2 and lists them: a typo would otherwise print an assignment from the default split.\n"
             "(On the queue any other segment is legitimate and gets the experiment's split: leave out\n"
             "--segment for that assignment.) An experiment without per-segment splits takes any segment.\n"
-            "--input takes JSON lines or CSV with a user_id column (and optionally segment); rows whose\n"
+            "  ab-worker assign --experiment exp_cta --config experiments.yaml --user U42 \\\n"
+            '      --context \'{"country": "US"}\' --at 2026-12-07T12:00:00Z\n\n'
+            "--input takes JSON lines (user_id, optionally segment and a context object) or CSV with a\n"
+            "user_id column, optionally segment, and the other columns as the context: a cell the\n"
+            "experiment's targeting compares with numbers is read as a number (18, -2.5), one compared\n"
+            "with true/false as a boolean, every other cell as text. Every row gets in_experiment and\n"
+            "reason, and every row is decided at one time: --at, else when the run starts. Rows whose\n"
             "segment has no split of its own get the experiment's split, counted in a note on stderr.\n"
             "Bad rows are reported with their line number and skipped; exit status 1 when any were."
         ),
