@@ -50,7 +50,7 @@ def broker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[LocalBro
 def test_the_readme_tour_runs_as_written(
     broker: LocalBroker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """U123 gets A of exp_001, exp_new's request is dead-lettered, configured, replayed and assigned."""
+    """U123 gets A of exp_001 (explain shows a gate); exp_new's is dead-lettered, configured, replayed, assigned."""
     outputs: list[tuple[list[str], str]] = []
     errors: list[tuple[list[str], str]] = []
     for line in tour_lines():
@@ -71,6 +71,11 @@ def test_the_readme_tour_runs_as_written(
         ("exp_001", "U123", "A"),
         ("exp_new", "U9", "B"),
     ]
+    (explained,) = [out for argv, out in outputs if argv[:1] == ["explain"]]
+    assert explained.splitlines()[-1] == "variant 'control', in_experiment false, reason coverage"
+    assert re.search(
+        r"^7  coverage   decided .*coverage:echovoice:exp_checkout_cta:U123  0\.952925  < 0\.5 ", explained, re.M
+    )
     (summary,) = [out for argv, out in outputs if argv[:2] == ["dlq", "peek"]]
     assert re.search(r"^\s*1\s+UnknownExperiment$", summary, re.M), summary
     published = [err for argv, err in errors if argv[0] == "publish"]
