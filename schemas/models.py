@@ -162,6 +162,16 @@ def request_context_problem(value: object) -> str | None:
         return f"must be a JSON object, got {_json_kind(value)}"
     if len(value) > MAX_CONTEXT_KEYS:
         return f"has {len(value)} keys; the limit is {MAX_CONTEXT_KEYS}"
+    # The common context is flat: its keys and string values checked in one pass each, in C (a file
+    # of contexts is checked row by row); a nested one, or one with a problem, gets the full walk.
+    strings = [*value]
+    for item in value.values():
+        if type(item) is str:
+            strings.append(item)
+        elif isinstance(item, list | dict | str):
+            return context_problem(value)
+    if max(map(len, strings), default=0) <= MAX_CONTEXT_STRING_CHARS and surrogate_problem("".join(strings)) is None:
+        return None
     return context_problem(value)
 
 

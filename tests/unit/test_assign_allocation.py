@@ -238,3 +238,23 @@ def test_assign_file_refuses_a_naive_time() -> None:
             source="m",
             at=datetime(2026, 1, 1),
         )
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"a": "x" * 1024, "b": 1, "c": None, "d": True},
+        {"a": "x" * 1025},
+        {"k" * 1025: 1},
+        {"a": "ok\ud800"},
+        {"\udfff": "ok"},
+        {"a": [1, "y" * 1025]},
+        {"a": {"b": {"c": {"d": {"e": 1}}}}},
+        {"a": 1.5, "b": "fine"},
+    ],
+)
+def test_the_flat_context_shortcut_agrees_with_the_full_walk(context: dict[str, object]) -> None:
+    """request_context_problem's one-pass check of flat contexts finds what context_problem finds."""
+    from schemas.models import context_problem, request_context_problem
+
+    assert request_context_problem(context) == context_problem(context)  # type: ignore[arg-type]
