@@ -251,12 +251,26 @@ def test_run_rows_says_when_it_appends_to_rows_from_before(tmp_path, capsys):
     assert len(rows.read_text(encoding="utf-8").splitlines()) == 2
 
 
-def test_assign_input_refuses_an_experiment_with_allocation_steps(tmp_path, capsys):
-    """The file path is the seed rule's: for an experiment with gates it stops (exit 2) instead of ignoring them."""
+def test_assign_input_applies_an_experiment_s_gates(tmp_path, capsys):
+    """An experiment with gates is decided row by row by them (it used to be refused): the registry's answers."""
+    from datetime import UTC, datetime
+
+    from worker import ExperimentRegistry
+
     users = tmp_path / "users.csv"
-    users.write_text("user_id\nU1\n", encoding="utf-8")
-    command = ["assign", "--experiment", "exp_checkout_cta", "--config", CONFIG, "--input", str(users)]
-    assert main(command) == 2
-    err = capsys.readouterr().err
-    assert "'exp_checkout_cta' uses allocation steps (override, targeting, holdout, layer, coverage)" in err
-    assert main(["assign", "--experiment", "exp_001", "--config", CONFIG, "--input", str(users)]) == 0
+    users.write_text("user_id,country,app_version\nU1,US,5.3.0\nU2,FR,5.3.0\nqa-demo-user,,\n", encoding="utf-8")
+    at = "2026-12-07T12:00:00Z"
+    command = ["assign", "--experiment", "exp_checkout_cta", "--config", CONFIG, "--input", str(users), "--at", at]
+    assert main(command) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    registry = ExperimentRegistry.load(CONFIG)
+    when = datetime(2026, 12, 7, 12, tzinfo=UTC)
+    contexts = {"U1": {"country": "US", "app_version": "5.3.0"}, "U2": {"country": "FR", "app_version": "5.3.0"}}
+    for row in rows:
+        expected = registry.assign("exp_checkout_cta", row["user_id"], context=contexts.get(row["user_id"]), at=when)
+        assert (row["variant_id"], row["in_experiment"], row["reason"]) == (
+            expected.variant_id,
+            expected.in_experiment,
+            expected.reason,
+        )
+    assert [row["reason"] for row in rows][1:] == ["targeting", "override"]

@@ -242,8 +242,8 @@ class _Allocation:
             )
         reasons = ", ".join(f"{reason} {count}" for reason, count in decided.counts().items())
         return (
-            f"{head} {len(decided)} of {len(decided) + stratified} members decided before stratification, not in"
-            f" the experiment ({reasons}; listed by reason in the report); the other {stratified} stratified."
+            f"{head} {len(decided)} of {counted(len(decided) + stratified, 'member')} decided before stratification,"
+            f" not in the experiment ({reasons}; listed by reason in the report); the other {stratified} stratified."
             " Coverage does not apply to a cohort."
         )
 
