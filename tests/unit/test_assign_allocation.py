@@ -258,3 +258,28 @@ def test_the_flat_context_shortcut_agrees_with_the_full_walk(context: dict[str, 
     from schemas.models import context_problem, request_context_problem
 
     assert request_context_problem(context) == context_problem(context)  # type: ignore[arg-type]
+
+
+def test_one_user_is_decided_as_the_worker_decides_a_request_with_that_context_and_time(config: str, capsys) -> None:
+    """assign --user --context --at prints the event the worker would publish: in_experiment, reason, assigned_at."""
+    registry = ExperimentRegistry.load(config)
+    context = {"app_version": "5.3", "age": 30, "zip": "02139", "beta": True}
+    for user in ("007", "U1", "U2", "U3"):
+        status, out, err = _assign(
+            capsys, "--experiment", "exp_target", "--config", config, "--user", user, "--context", json.dumps(context),
+            "--at", "2026-12-07T13:00:00+01:00",
+        )  # fmt: skip
+        assert status == ExitStatus.OK, err
+        event = json.loads(out)
+        expected = registry.assign("exp_target", user, context=context, at=WHEN)
+        assert (event["variant_id"], event["in_experiment"], event["reason"], event["hash_value"]) == (
+            expected.variant_id,
+            expected.in_experiment,
+            expected.reason,
+            expected.hash_value,
+        )
+        assert event["config_version"] == expected.config_version
+        assert datetime.fromisoformat(event["assigned_at"]) == WHEN
+        assert event["context"] == {}  # the allow-list is empty: targeting read it, nothing leaves
+    status, out, _ = _assign(capsys, "--experiment", "exp_ended", "--config", config, "--user", "U1", "--at", AT)
+    assert (json.loads(out)["reason"], json.loads(out)["in_experiment"]) == ("ended", False)

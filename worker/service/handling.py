@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import JsonValue, ValidationError
 
@@ -29,6 +29,10 @@ from worker.domain.errors import DeadLetterReason, DecodeError, PermanentError
 from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
 from worker.service.ports import Delivery, OutboundEvent
+
+if TYPE_CHECKING:
+    from worker.domain.allocation import AllocatedExperiment
+    from worker.domain.cohort.allocation import Partition
 
 #: The ``reason`` of a cohort member's event: stratified randomisation decided it (``docs/wire-contract.md``).
 COHORT_REASON = "stratified"
@@ -281,7 +285,7 @@ def handle(
     """Decode, validate and assign one message; :class:`PermanentError` when it can never succeed."""
     request = decode_request(delivery, max_body_bytes)
     if isinstance(request, CohortAssignmentRequest):
-        return assign_cohort(request, delivery, max_cohort_members, max_event_bytes)
+        return assign_cohort(request, delivery, max_cohort_members, max_event_bytes, registry)
     return Handled([assign(request, delivery, registry, context_allow_list)])
 
 
@@ -290,8 +294,15 @@ def assign_cohort(
     delivery: Delivery,
     max_members: int,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    registry: ExperimentRegistry | None = None,
 ) -> Handled:
     """One event per member plus a cohort report; identical for a replayed message.
+
+    When the cohort's experiment is in ``registry`` with allocation steps, its members go through
+    the experiment's overrides, lifecycle, targeting, holdouts and layer first, as ``ab-worker
+    stratify --config`` does (:mod:`worker.domain.cohort.allocation`): a member one of them decides
+    gets that decision (``in_experiment`` false, the step's reason and variant, no arm), the others
+    are stratified. Members carry no context, so targeting sees their segment only.
 
     The report holds a segment × arm table, so many segments times many arms can outgrow a broker
     message: that is checked here, before anything is published, and refused as ``EventTooLarge``.
@@ -309,10 +320,17 @@ def assign_cohort(
     _check_report_fits(request, max_event_bytes)
     assigned_at = decision_time(delivery)
     arms = [Arm(a.id, a.weight, a.variants_by_segment) for a in request.arms]
+    member_ids = [m.member_id for m in request.members]
+    segments = [m.segment for m in request.members]
+    experiment = None if registry is None else registry.get(request.experiment_id)
+    allocated = None if experiment is None or experiment.plain else experiment.allocation
+    decided = _decided_first(allocated, member_ids, segments, assigned_at) if allocated else None
+    if decided is not None:
+        member_ids, segments = decided.pick(member_ids), decided.pick(segments)
     try:
         result = stratify_columns(
-            [m.member_id for m in request.members],
-            [m.segment for m in request.members],
+            member_ids,
+            segments,
             arms,
             experiment_id=request.experiment_id,
             seed=request.seed,
@@ -326,34 +344,60 @@ def assign_cohort(
     cohort_id = request.request_id or identity
     correlation_id = delivery.correlation_id or identity
     shares = {arm: float(share) for arm, share in result.report.target_shares.items()}
+    common: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "request_id": request.request_id,
+        "correlation_id": correlation_id,
+        "hash_value": None,
+        "threshold": None,
+        "experiment_id": request.experiment_id,
+        "experiment_version": "cohort",
+        # The digest of the allocation applied before stratifying; none when none was.
+        "config_version": "" if allocated is None else allocated.config_version,
+        "strategy": "stratified_random",
+        "deterministic": True,
+        "seed": str(request.seed),
+        "cohort_id": cohort_id,
+        "split_ratio": shares,
+        "assigned_at": assigned_at,
+    }
     events = [
         AssignmentEvent(
-            schema_version=SCHEMA_VERSION,
+            **common,
             event_id=event_id_for(identity, record.customer_id),
-            request_id=request.request_id,
-            correlation_id=correlation_id,
             variant_id=record.variant_id,
-            hash_value=None,
-            threshold=None,
-            # Stratified: every member counts. The registry's allocation steps do not apply to cohorts
-            # yet, so there is no configuration digest to stamp.
             in_experiment=True,
             reason=COHORT_REASON,
-            experiment_id=request.experiment_id,
-            experiment_version="cohort",
-            config_version="",
             user_id=record.customer_id,
             segment=record.segment,
-            strategy="stratified_random",
-            deterministic=True,
-            seed=str(request.seed),
             experiment_arm=record.experiment_arm,
-            cohort_id=cohort_id,
-            split_ratio=shares,
-            assigned_at=assigned_at,
         )
         for record in result.records
     ]
+    members = decided.decided if decided is not None else None
+    if members is not None:
+        events += [
+            AssignmentEvent(
+                **common,
+                event_id=event_id_for(identity, member_id),
+                variant_id=decision.variant_id,
+                in_experiment=False,
+                reason=decision.reason.value,
+                user_id=member_id,
+                segment=segment,
+            )
+            for member_id, segment, decision in zip(
+                members.member_ids, members.segments, members.decisions, strict=True
+            )
+        ]
+    report_body: dict[str, Any] = result.report.to_dict()
+    if allocated is not None and members is not None:
+        report_body["allocation"] = {
+            "config_version": allocated.config_version,
+            "stratified": len(result.records),
+            "decided": len(members),
+            "counts": members.counts(),
+        }
     report = CohortReportEvent(
         event_id=event_id_for(identity, "\x1ecohort-report"),
         cohort_id=cohort_id,
@@ -362,7 +406,7 @@ def assign_cohort(
         seed=str(request.seed),
         member_count=len(events),
         passed=result.report.passed,
-        report=result.report.to_dict(),
+        report=report_body,
         assigned_at=assigned_at,
     )
     body = report.model_dump_json().encode()
@@ -382,6 +426,24 @@ def assign_cohort(
         reply_to_session_id=delivery.reply_to_session_id,
     )
     return Handled(events, [extra])
+
+
+def _decided_first(
+    allocated: AllocatedExperiment, member_ids: list[str], segments: list[str], at: datetime
+) -> Partition:
+    """The members the experiment's allocation decides before stratification; refused when it decides all."""
+    from worker.domain.cohort.allocation import partition
+
+    aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    split = partition(allocated, member_ids, segments, None, aware)
+    if not split.stratified:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in split.decided.counts().items())
+        raise PermanentError(
+            DeadLetterReason.INVALID_COHORT,
+            f"nothing to stratify: the allocation of {allocated.experiment_id} decides every member before "
+            f"stratification ({reasons}); check its status, start_at/end_at and targeting (members carry no context)",
+        )
+    return split
 
 
 def _check_report_fits(request: CohortAssignmentRequest, max_event_bytes: int) -> None:
