@@ -14,6 +14,9 @@ from azure.servicebus.amqp import AmqpMessageBodyType
 from worker.domain.errors import DeadLetterReason, PermanentError
 from worker.service.ports import Delivery, OutboundEvent
 
+#: Service Bus (and the SDK's ``ServiceBusMessage``) caps a session id at 128 characters.
+MAX_SESSION_ID_CHARS = 128
+
 
 def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
@@ -152,9 +155,24 @@ def _to_delivery(message: ServiceBusReceivedMessage) -> Delivery:
     try:
         delivery.reply_to = _address(message.reply_to, "reply_to")
         delivery.reply_to_session_id = _address(message.reply_to_session_id, "reply_to_group_id")
+        _check_reply_session(delivery)
     except _Unreadable as exc:
         delivery.unreadable = PermanentError(DeadLetterReason.REPLY_UNDELIVERABLE, str(exc))
     return delivery
+
+
+def _check_reply_session(delivery: Delivery) -> None:
+    """A reply's session id must be one Service Bus (and the SDK, which refuses to send it) takes.
+
+    AMQP puts no bound on ``reply-to-group-id``; the SDK raises ``ValueError`` for a session id over
+    128 characters when the reply is built, which must not be mistaken for an outage of the topic.
+    """
+    session = delivery.reply_to_session_id
+    if delivery.reply_to and session and len(session) > MAX_SESSION_ID_CHARS:
+        raise _Unreadable(
+            f"reply_to_group_id is {len(session)} characters; "
+            f"a Service Bus session id has at most {MAX_SESSION_ID_CHARS}"
+        )
 
 
 def _fallback_id(message: ServiceBusReceivedMessage) -> str:

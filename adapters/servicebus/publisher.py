@@ -128,7 +128,15 @@ class ServiceBusPublisher:
     ) -> None:
         batch, in_batch = sender.create_message_batch(), list[OutboundEvent]()
         for event in todo:
-            message = _message(event, replies)
+            try:
+                message = _message(event, replies)
+            except ValueError as exc:
+                # The SDK refuses to build it (a reply session id over 128 characters, say): that is
+                # this event's problem for good, not the handler shut down under us (an outage).
+                if not replies:
+                    raise
+                rejected[event.message_id] = _undeliverable(event.reply_to or entity, f"cannot be sent: {exc}")
+                continue
             if not _add(batch, message):
                 self._send_batch(entity, sender, batch, in_batch, rejected=rejected, replies=replies)
                 batch, in_batch = sender.create_message_batch(), []

@@ -8,6 +8,8 @@ pump on the real adapters and the embedded broker.
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -18,11 +20,13 @@ from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, create_client
+from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, create_client
 from worker.bootstrap import bootstrap
+from worker.domain.errors import DeadLetterReason, PublishRejected
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import event_id_for
-from worker.service.pump import PumpConfig
+from worker.service.ports import OutboundEvent
+from worker.service.pump import Pump, PumpConfig, settled
 from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
@@ -139,3 +143,99 @@ def test_legal_amqp_shapes_never_crash_and_poison_is_dead_lettered_alone_on_the_
     assert events[event_id_for("12345")][0]["correlation_id"] == "67890"
     assert events[event_id_for("map-value")][0]["user_id"] == "Umap"
     assert len(sink.rows) == len(healthy)
+
+
+REPLIES = "assignment-replies"
+
+
+def _stop_on_backoff(pump: Pump) -> None:
+    """Stop ``pump`` once it backs off from a dependency, or return when it stops by itself."""
+    while not pump.stopping:
+        if pump.stats.downstream_retries:
+            pump.stop()
+            return
+        time.sleep(0.02)
+
+
+REPLY_CONFIG = {
+    "UserConfig": {
+        "Namespaces": [
+            {
+                "Name": "sbemulatorns",
+                "Queues": [
+                    {"Name": QUEUE, "Properties": {"MaxDeliveryCount": 1, "LockDuration": "PT5S"}},
+                    {"Name": REPLIES, "Properties": {}},
+                ],
+                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
+            }
+        ]
+    }
+}
+
+
+@pytest.mark.timeout(120)
+def test_a_reply_session_id_no_sender_can_set_is_dead_lettered_alone_not_held_with_its_batch() -> None:
+    """AMQP lets a publisher send a reply-to-group-id of any length; the SDK refuses to send a session id
+    over 128 characters. The request is dead-lettered as ReplyUndeliverable on its first delivery and the
+    rest of its batch completes; before, the SDK's ValueError was taken for an outage of the topic and
+    the whole batch was held and retried for as long as the worker ran (max delivery count 1: all of it
+    dead-lettered as MaxDeliveryCountExceeded once the worker stopped)."""
+    healthy = [data({**GOOD, "user_id": f"U{i}"}, message_id=f"ok-{i}", reply_to=REPLIES) for i in range(5)]
+    poison = data(GOOD, message_id="long-session", reply_to=REPLIES, reply_to_group_id="s" * 129)
+    with (
+        LocalBroker(BrokerConfig.from_dict(REPLY_CONFIG)) as broker,
+        ServiceBusClient.from_connection_string(broker.connection_string) as client,
+    ):
+        with client.get_queue_sender(QUEUE) as sender:
+            sender.send_messages([*healthy[:3], poison, *healthy[3:]])
+        worker_client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
+        try:
+            pump = bootstrap(
+                WorkerSettings.model_construct(queue_name=QUEUE, topic_name=TOPIC, prefetch=10),
+                registry=lambda: REGISTRY,
+                client=worker_client,
+                sink=MemorySink(max_rows=10),
+                config=PumpConfig(max_batch=10, max_wait=2.0, min_backoff=0.05, max_backoff=0.2),
+            )
+            # Held for an outage the worker believes in: stop it at once (a stop mid-outage abandons).
+            watcher = threading.Thread(target=_stop_on_backoff, args=(pump,), daemon=True)
+            watcher.start()
+            stats = pump.run(until=settled(len(healthy) + 1))
+        finally:
+            worker_client.close()
+        with client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
+            dead = {
+                str(m.message_id): (m.dead_letter_reason, m.dead_letter_error_description)
+                for m in receiver.receive_messages(max_message_count=10, max_wait_time=2)
+            }
+    assert stats.downstream_retries == 0, "a bad reply session id was taken for an outage of the topic"
+    assert stats.completed == len(healthy)
+    assert set(dead) == {"long-session"}
+    reason, description = dead["long-session"]
+    assert reason == "ReplyUndeliverable"
+    assert "reply_to_group_id is 129 characters" in str(description)
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_the_sdk_refuses_to_build_is_refused_for_good_and_the_rest_is_sent() -> None:
+    """The publisher's own guard, below the receive-side check: a reply the SDK will not build is that
+    request's ReplyUndeliverable (after its event reached the topic), never a transient failure."""
+    events = [
+        OutboundEvent(b"{}", f"e{i}", "c", {}, reply_to=REPLIES, reply_to_session_id=s)
+        for i, s in enumerate(["ok", "s" * 129, None])
+    ]
+    with (
+        LocalBroker(BrokerConfig.from_dict(REPLY_CONFIG)) as broker,
+        ServiceBusClient.from_connection_string(broker.connection_string) as client,
+    ):
+        publisher = ServiceBusPublisher(client, TOPIC, requests_queue=QUEUE)
+        try:
+            with pytest.raises(PublishRejected) as refused:
+                publisher.publish(events)
+        finally:
+            publisher.close()
+        counts = broker.message_counts(REPLIES)
+    assert set(refused.value.rejected) == {"e1"}
+    assert refused.value.reached_topic == {"e1"}
+    assert refused.value.rejected["e1"].reason is DeadLetterReason.REPLY_UNDELIVERABLE
+    assert counts["active"] == 2
