@@ -75,6 +75,10 @@ CASES: dict[str, tuple[AmqpAnnotatedMessage, str]] = {
     ),
     "reply-bytes": (data(GOOD, message_id="reply-bytes", reply_to=b"\xff\xfe"), "ReplyUndeliverable"),
     "corr-binary": (data(GOOD, message_id="corr-binary", correlation_id=b"\xff\x00"), "SchemaValidationFailed"),
+    "data-nan": (
+        data(b'{"user_id": "U", "experiment_id": "exp_001", "score": NaN}', message_id="data-nan"),
+        "InvalidJson",
+    ),
     "huge-int": (
         data(b'{"user_id": "U", "experiment_id": "exp_001", "n": ' + b"7" * 5000 + b"}", message_id="huge-int"),
         "InvalidJson",
@@ -132,6 +136,7 @@ def test_legal_amqp_shapes_never_crash_and_poison_is_dead_lettered_alone_on_the_
     assert {m: reason for m, (reason, _) in dead.items()} == expected_dead
     assert all(description for _, description in dead.values())
     assert "NaN" in dead["map-nan"][1]
+    assert "NaN" in dead["data-nan"][1]
     assert "sequence" in dead["sequence"][1]
     assert "reply_to" in dead["reply-bytes"][1]
     assert "correlation_id" in dead["corr-binary"][1]

@@ -36,6 +36,23 @@ def test_integer_longer_than_4300_digits_is_invalid_json(where: str) -> None:
     assert "4300" in error.description
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("where", ["top", "context", "list"])
+def test_nan_and_infinity_literals_are_invalid_json_as_in_a_value_body(where: str, literal: str) -> None:
+    """Python's parser takes NaN and Infinity, which JSON (RFC 8259), the JSON Schema and every other
+    language's parser refuse, and an AMQP value body holding them is InvalidJson already. A data body
+    was assigned instead: the value reached targeting as a float (Infinity passed `$gte`) and went out
+    as null in the event."""
+    body = {
+        "top": f'{{"user_id": "U1", "experiment_id": "exp_001", "n": {literal}}}',
+        "context": f'{{"user_id": "U1", "experiment_id": "exp_001", "context": {{"score": {literal}}}}}',
+        "list": f'{{"user_id": "U1", "experiment_id": "exp_001", "context": {{"k": [1, {literal}]}}}}',
+    }[where]
+    error = refusal(body.encode())
+    assert error.reason is DeadLetterReason.INVALID_JSON
+    assert literal in error.description
+
+
 def test_unreadable_delivery_is_refused_with_its_own_reason() -> None:
     """A source that could not read a message sets ``unreadable``; handling raises exactly that."""
     unreadable = PermanentError(DeadLetterReason.REPLY_UNDELIVERABLE, "reply_to is 2 bytes of binary, not text")

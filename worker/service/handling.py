@@ -155,7 +155,11 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise DecodeError(body, f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except _NotJsonNumber as exc:
+        raise DecodeError(
+            body, f"body is not JSON: {exc} is not a JSON number (RFC 8259 has no NaN or infinity)"
+        ) from None
     except json.JSONDecodeError as exc:
         raise DecodeError(body, f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
@@ -168,6 +172,16 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
             f"body must be a JSON object, got {type(data).__name__}",
         )
     return data
+
+
+class _NotJsonNumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's parser takes them, JSON does not."""
+
+
+def _refuse_constant(literal: str) -> Any:
+    # Refused as an AMQP value body holding them is (adapters.servicebus.convert): the JSON Schema and
+    # other languages' parsers refuse them, so the worker must not assign such a request quietly.
+    raise _NotJsonNumber(literal)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
