@@ -97,6 +97,23 @@ def _identifier(value: Any) -> str | None:
     return None
 
 
+def message_id_text(value: Any) -> str | None:
+    """An AMQP message-id as the worker names it: text, ulong and uuid as text, binary as ``0x<hex>``.
+
+    ``None`` for no message id (or one of no AMQP id type): the worker then names the message by its
+    sequence number, ``seq-<n>``. Event ids derive from this name, so ``dlq`` names a dead letter by it
+    too: a replayed copy must carry the very identity its original was decided under.
+    """
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return _identifier(value) or None
+
+
+def message_identity(message_id: Any, sequence_number: int | None) -> str:
+    """The worker's identity of a message: :func:`message_id_text`, else ``seq-<sequence number>``."""
+    return message_id_text(message_id) or f"seq-{sequence_number}"
+
+
 def _address(value: Any, field: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -132,7 +149,7 @@ def _to_delivery(message: ServiceBusReceivedMessage) -> Delivery:
     properties = {_text(k): _text(v) for k, v in (message.application_properties or {}).items()}
     delivery = Delivery(
         body=b"",
-        message_id=_identifier(message.message_id) or _fallback_id(message),
+        message_id=message_identity(message.message_id, message.sequence_number),
         content_type=_text(message.content_type),
         application_properties=properties,
         enqueued_time=message.enqueued_time_utc,
@@ -178,10 +195,7 @@ def _check_reply_session(delivery: Delivery) -> None:
 def _fallback_id(message: ServiceBusReceivedMessage) -> str:
     """An id for a message whose own is missing or unusable: binary ids by their bytes, else the sequence number."""
     try:
-        raw = message.message_id
-        if isinstance(raw, bytes):
-            return "0x" + raw.hex()
-        return f"seq-{message.sequence_number}"
+        return message_identity(message.message_id, message.sequence_number)
     except Exception:
         return "unreadable"
 

@@ -14,6 +14,7 @@ import sys
 import threading
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -426,10 +427,13 @@ def _read_lines(path: Path, nothing: str) -> list[tuple[int, str]]:
     return [(number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), start=1)]
 
 
-def _read_export(path: Path, nothing: str, *, named: bool = False) -> list[Any]:
+def _read_export(
+    path: Path, nothing: str, *, named: bool = False, check: Callable[[Any], object] | None = None
+) -> list[Any]:
     """Every line of a ``dlq export`` file (possibly repaired), or one error listing the first problems.
 
     ``named``: every line must name its dead letter (a sequence number), as ``purge --from`` needs.
+    ``check``: raises ``ValueError`` for a line that is well formed but cannot be acted on.
     """
     from adapters.servicebus.dlq import DeadLetter
 
@@ -444,6 +448,8 @@ def _read_export(path: Path, nothing: str, *, named: bool = False) -> list[Any]:
             letter = DeadLetter.from_json(data)
             if named and letter.sequence_number <= 0:
                 raise ValueError("no field 'sequence_number': it names no dead letter")
+            if check is not None:
+                check(letter)
             letters.append(letter)
         except (json.JSONDecodeError, ValueError) as exc:
             problems.append(f"line {number}: {exc}")
@@ -489,10 +495,12 @@ def _purge_file(args: argparse.Namespace) -> int:
 
 
 def _replay_file(args: argparse.Namespace) -> int:
-    from adapters.servicebus.dlq import replay_from_file
+    from adapters.servicebus.dlq import check_copy, replay_from_file
 
     path = check_input(Path(args.from_file))
-    letters = _read_export(path, "nothing was sent")
+    # Every copy is checked before any is sent: a line the SDK will not send (a session id over 128
+    # characters, say) is named with its line number, and nothing of the file goes out.
+    letters = _read_export(path, "nothing was sent", check=check_copy)
     client, settings = servicebus_client()
     entity = _entity(args, settings)
     if args.dry_run:

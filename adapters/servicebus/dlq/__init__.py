@@ -43,7 +43,7 @@ from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.dlq.letter import KNOWN_REASONS, DeadLetter
 from adapters.servicebus.dlq.outcome import SKIP_INTERRUPTED, SKIP_NOT_RECEIVED, Outcome
 from adapters.servicebus.dlq.purge import purge, purge_exported
-from adapters.servicebus.dlq.replay import Resubmitted, replay, replay_from_file, replay_message
+from adapters.servicebus.dlq.replay import Resubmitted, check_copy, replay, replay_from_file, replay_message
 from adapters.servicebus.dlq.replay_copy import (
     REPLAY_COUNT,
     ReplayCopy,
@@ -69,6 +69,7 @@ __all__ = [
     "Resubmitted",
     "Selection",
     "browse",
+    "check_copy",
     "choose",
     "choose_exported",
     "dead_letter_active",

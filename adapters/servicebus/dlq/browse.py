@@ -14,7 +14,7 @@ from typing import Any
 
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage
 
-from adapters.servicebus.convert import message_body
+from adapters.servicebus.convert import message_body, message_id_text
 from adapters.servicebus.dlq.connection import Patience, close_quietly, gave_up, is_dropped, open_receiver
 from adapters.servicebus.dlq.entity import Entity
 from adapters.servicebus.dlq.letter import DeadLetter
@@ -65,7 +65,7 @@ def letter_from(message: ServiceBusReceivedMessage) -> DeadLetter:
         delivery_count=message.delivery_count or 0,
         reason=_optional_text(message.dead_letter_reason) or "",
         description=_optional_text(message.dead_letter_error_description) or "",
-        message_id=_optional_text(message.message_id),
+        message_id=message_id_text(message.message_id),
         correlation_id=_optional_text(message.correlation_id),
         content_type=_optional_text(message.content_type),
         body=_body(message),

@@ -76,6 +76,23 @@ class _Copies:
             close_quietly(sender)
 
 
+def check_copy(letter: DeadLetter) -> None:
+    """Raise ``ValueError`` saying why the SDK will not build ``letter``'s copy (``replay --from`` checks each line).
+
+    The entity only names the copy's history (its fallback id, a subscription tag), never anything
+    the SDK checks, so any entity does.
+    """
+    try:
+        replay_message(letter, Entity(queue="check"), kind="file-replay")
+    except ValueError as exc:
+        raise ValueError(f"its copy cannot be sent as it is: {exc}") from None
+
+
+def unbuildable(exc: ValueError) -> str:
+    """The skip reason of a dead letter whose copy the SDK will not build: left where it is, for repair by file."""
+    return f"its copy cannot be sent as it is ({exc}); export it, repair the line and replay --from the file"
+
+
 def copies_out(client: ServiceBusClient, entity: Entity, patience: Patience = Patience()) -> set[str]:
     """The message ids of replayed copies waiting on ``entity`` (for a subscription: on it, not its topic)."""
     return {
@@ -121,7 +138,13 @@ def replay(
     copies = _Copies(client, entity, copies_out(client, entity, patience) | found.message_ids)
 
     def resubmit(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> str | None:
-        if not copies.send(replay_message(letter_from(message), entity)):
+        try:
+            copy = replay_message(letter_from(message), entity)
+        except ValueError as exc:
+            # Building a message is no I/O: its ValueError is about this dead letter (a session id
+            # over 128 characters, say), never a dropped connection, which is_dropped takes it for.
+            return unbuildable(exc)
+        if not copies.send(copy):
             outcome.already_there += 1
         settle_on_link(receiver, message, "complete")
         return None

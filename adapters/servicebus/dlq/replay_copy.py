@@ -50,11 +50,20 @@ def replay_message_id(original: str, count: int, body: bytes, kind: str = "repla
 
 
 def original_message_id(letter: DeadLetter, entity: Entity) -> str:
-    """The message id the request was first published with (kept across replays)."""
+    """The identity the worker gave the request when it was first published (kept across replays).
+
+    The worker names a message by its message id (a binary one as ``0x<hex>``, which is how
+    ``letter.message_id`` reads it) and one without a message id by its sequence number,
+    ``seq-<n>`` (``adapters.servicebus.convert.message_identity``); a dead letter keeps its
+    sequence number, so its copy names the same request and publishes the same event ids.
+    """
     recorded = letter.application_properties.get(REPLAY_ORIGINAL_MESSAGE_ID)
     if isinstance(recorded, str) and recorded:
         return recorded
-    return letter.message_id or f"{entity}#{letter.sequence_number}"
+    if letter.message_id:
+        return letter.message_id
+    # A hand-written line with neither a message id nor a sequence number names no request the worker saw.
+    return f"seq-{letter.sequence_number}" if letter.sequence_number else f"{entity}#0"
 
 
 def original_decision_time(letter: DeadLetter) -> datetime | None:
