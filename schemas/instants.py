@@ -81,13 +81,29 @@ def format_instant(micros: int) -> str:
 def instant_problem(value: object) -> str | None:
     """Why ``value`` is not a time of the contract (a string in its grammar, or an aware datetime), or ``None``."""
     if isinstance(value, datetime):
-        return None if value.utcoffset() is not None else "has no time zone: write Z or an offset such as +01:00"
+        if value.utcoffset() is None:
+            return "has no time zone: write Z or an offset such as +01:00"
+        return _range_problem(value)
     if isinstance(value, date):
         return "is a date without a time and a zone: write e.g. 2026-12-01T00:00:00Z"
     if not isinstance(value, str):
         return f"must be a time such as 2026-12-01T00:00:00Z, got {type(value).__name__}"
     if parse_instant(value) is None:
         return "is not a time of the form 2026-12-01T00:00:00Z (a real date and time, with Z or an offset like +01:00)"
+    return _range_problem(value)
+
+
+#: The instants a configured time may name: those a UTC ``datetime`` (and the canonical form) can hold.
+_FIRST_US = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // _MICROSECOND
+_LAST_US = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - EPOCH) // _MICROSECOND
+
+
+def _range_problem(value: str | datetime) -> str | None:
+    # 0001-01-01T00:00:00+01:00 is in the grammar but falls in year 0 in UTC, where neither a datetime
+    # nor the canonical UTC form of docs/allocation.md §2.8 can go: a configuration error, not a crash.
+    micros = instant_of(value)
+    if micros is not None and not _FIRST_US <= micros <= _LAST_US:
+        return "is outside the years 0001 to 9999 once converted to UTC: write it in UTC (with Z)"
     return None
 
 

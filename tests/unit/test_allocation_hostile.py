@@ -1,0 +1,69 @@
+"""The allocation features against hostile experiments files: a clear, one-line, terminal-safe error for each.
+
+Found by attacking the registry and ``validate-config`` as an adversary (and a careless operator)
+would; each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.cli import main
+from worker.domain.errors import ConfigurationError
+from worker.domain.registry import ExperimentRegistry
+
+
+def _file(**fields: Any) -> dict[str, Any]:
+    return {"experiments": [{"id": "e", "split": {"control": 0.5, "blue": 0.5}, **fields}]}
+
+
+#: Times in the grammar of docs/allocation.md §2.6 whose instant leaves years 0001–9999 once in UTC.
+EDGE_TIMES = ("0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01", "9999-12-31T23:59:59.999999999-23:59")
+
+
+@pytest.mark.parametrize("text", EDGE_TIMES)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        lambda t: {"start_at": t},
+        lambda t: {"end_at": t},
+        lambda t: {"targeting": {"signup_at": {"$gte": t}}},
+        lambda t: {"targeting": {"$or": [{"plan": "pro"}, {"signup_at": {"$lt": t}}]}},
+    ],
+    ids=["start_at", "end_at", "$gte operand", "nested $lt operand"],
+)
+def test_a_configured_time_that_leaves_the_years_1_to_9999_in_utc_is_a_configuration_error(
+    fields: Any, text: str
+) -> None:
+    """Before: OverflowError from the UTC datetime (`validate-config`: 'internal error', exit 70; a
+    reload: a crash), for a time the grammar admits. Now a configuration error naming the field."""
+    with pytest.raises(ConfigurationError, match="outside the years 0001 to 9999 once converted to UTC"):
+        ExperimentRegistry.from_dict(_file(**fields(text)))
+
+
+def test_the_same_instants_in_a_request_context_are_simply_times() -> None:
+    """The attribute side never formats an instant: such a time in a context compares, and never raises."""
+    registry = ExperimentRegistry.from_dict(_file(targeting={"signup_at": {"$lt": "2026-01-01T00:00:00Z"}}))
+    for text in EDGE_TIMES:
+        decision = registry.assign("e", "U1", context={"signup_at": text})
+        assert decision.reason == ("bucketed" if text.startswith("0001") else "targeting")
+
+
+def test_validate_config_reports_an_edge_time_in_one_line_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The YAML form too: an unquoted time is read by PyYAML as an aware datetime."""
+    config = tmp_path / "experiments.yaml"
+    config.write_text(
+        "experiments:\n  - id: e\n    split: {control: 0.5, blue: 0.5}\n    start_at: 0001-01-01T00:00:00+23:59\n"
+    )
+
+    assert main(["validate-config", str(config)]) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "internal error" not in err
+    assert f"{config}: experiment 'e': field 'start_at':" in err
