@@ -6,6 +6,7 @@ would; each test failed before its fix.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,30 @@ def test_validate_config_reports_an_edge_time_in_one_line_with_exit_2(
     assert err.count("\n") == 0, err
     assert "internal error" not in err
     assert f"{config}: experiment 'e': field 'start_at':" in err
+
+
+@pytest.mark.parametrize(
+    ("fields", "hostile"),
+    [
+        ({"overrides": {"qa\x1b[2Jall": "blue"}}, "\x1b[2J"),  # a pydantic field path (an override key)
+        ({"split": {"control": 0.5, "blue\x1b]0;owned\x07": 0.5}}, "\x1b]0;owned\x07"),  # a variant id
+        ({"targeting": {"x\x1b[31m": {"$bogus": 1}}}, "\x1b[31m"),  # a condition's path
+        ({"targeting": {"x": {"$bogus\u202e": 1}}}, "\u202e"),  # a bidi override in an operator
+        ({"targeting": {"a\u2028b": {"$bogus": 1}}}, "\u2028"),  # a line separator splits no problem
+    ],
+    ids=["override key", "variant id", "attribute name", "operator", "line separator"],
+)
+def test_validate_config_never_sends_a_control_character_from_the_file_to_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict[str, Any], hostile: str
+) -> None:
+    """Before: the key went to stderr raw, so an ESC sequence in a file under review cleared the
+    reviewer's screen or retitled the terminal, and U+2028 split one problem into two lines."""
+    config = tmp_path / "experiments.json"
+    config.write_text(json.dumps(_file(**fields)))
+
+    assert main(["validate-config", str(config)]) == 2
+
+    err = capsys.readouterr().err
+    assert not any(ch in err for ch in hostile if not ch.isprintable()), repr(err)
+    assert err.count("\n") == 1, repr(err)
+    assert "\\x1b" in err or "\\u202e" in err or "\\u2028" in err

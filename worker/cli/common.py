@@ -14,6 +14,7 @@ import shlex
 import shutil
 import sys
 import sysconfig
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -98,11 +99,32 @@ def invoke(command: str, func: Callable[[], int]) -> int:
 
 
 def report_error(command: str, message: str) -> None:
-    """``ab-worker <command>: error: <message>``; a message of several problems lists them below."""
-    lines = [line for line in message.strip().splitlines() if line.strip()] or ["failed"]
+    """``ab-worker <command>: error: <message>``; a message of several problems lists them below.
+
+    Problems are separated by ``\n`` alone; every control, format or separator character inside one
+    (an ESC sequence in a key of the file that is being reported, say) is shown escaped, never sent
+    to the terminal, and cannot split a problem in two.
+    """
+    lines = [_terminal_safe(line) for line in message.strip().split("\n") if line.strip()] or ["failed"]
     head = lines[0] if len(lines) == 1 else f"{counted(len(lines), 'problem')}:"
     body = [] if len(lines) == 1 else [f"  {line}" for line in lines]
     print("\n".join([f"ab-worker {command}: error: {head}", *body]), file=sys.stderr, flush=True)
+
+
+#: Characters a terminal could act on or that break a line: controls (ESC), format characters (bidi
+#: overrides, zero-width), line and paragraph separators, private-use, surrogates and unassigned.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+
+
+def _terminal_safe(line: str) -> str:
+    if line.isprintable():
+        return line
+    return "".join(_escaped(ch) if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in line)
+
+
+def _escaped(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def describe(exc: BaseException) -> tuple[ExitStatus, str]:
