@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import pytest
 
+from adapters.servicebus.dlq import DeadLetter, Entity, replay_copy
 from worker.domain.errors import DeadLetterReason, PermanentError
 from worker.domain.registry import ExperimentRegistry
-from worker.service.handling import DEFAULT_MAX_EVENT_BYTES, handle
+from worker.service.handling import DEFAULT_MAX_EVENT_BYTES, REPLAY_ORIGINAL_ENQUEUED_TIME, handle
 from worker.service.ports import Delivery
 
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_001", "split": {"A": 0.5, "B": 0.5}}]})
@@ -85,3 +87,35 @@ def test_cohort_report_within_the_limit_is_published() -> None:
     (report,) = handled.extras
     assert len(report.body) < DEFAULT_MAX_EVENT_BYTES
     assert refusal(body, max_event_bytes=len(report.body) - 1).reason is DeadLetterReason.EVENT_TOO_LARGE
+
+
+@pytest.mark.parametrize("carried", ["0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01"])
+def test_a_carried_original_time_outside_years_1_to_9999_in_utc_is_schema_validation_failed(carried: str) -> None:
+    """``ab_replay_original_enqueued_time`` is publisher-settable: a time in year 0 or 10000 once in UTC
+    dead-letters its request naming the property. Before: OverflowError, so the pump abandoned it (a
+    burned delivery count per try) and ``dlq replay`` of the dead letter failed on the same error."""
+    enqueued = datetime(2026, 12, 1, tzinfo=UTC)
+    delivery = Delivery(
+        body=b'{"user_id": "U1", "experiment_id": "exp_001"}',
+        message_id="m1",
+        enqueued_time=enqueued,
+        application_properties={REPLAY_ORIGINAL_ENQUEUED_TIME: carried},
+    )
+    with pytest.raises(PermanentError) as caught:
+        handle(delivery, REGISTRY)
+    assert caught.value.reason is DeadLetterReason.SCHEMA_VALIDATION_FAILED
+    assert REPLAY_ORIGINAL_ENQUEUED_TIME in caught.value.description
+    letter = DeadLetter(
+        sequence_number=7,
+        enqueued_time=enqueued,
+        delivery_count=1,
+        reason="MaxDeliveryCountExceeded",
+        description="",
+        message_id="m1",
+        correlation_id=None,
+        content_type=None,
+        body=delivery.body,
+        application_properties={REPLAY_ORIGINAL_ENQUEUED_TIME: carried},
+    )
+    copy = replay_copy(letter, Entity(queue="q"))
+    assert copy.application_properties[REPLAY_ORIGINAL_ENQUEUED_TIME] == enqueued.isoformat()

@@ -105,7 +105,10 @@ def original_enqueued_time(value: object, enqueued: datetime | None = None) -> d
         raise refused("is not an ISO 8601 time") from None
     if when.tzinfo is None or when.utcoffset() is None:
         raise refused("has no UTC offset (write it as ...+00:00 or ...Z)")
-    when = when.astimezone(UTC)
+    try:
+        when = when.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+00:01 is a time, but in year 0 once in UTC
+        raise refused("is outside the years 0001 to 9999 in UTC") from None
     if enqueued is not None and when > (enqueued if enqueued.tzinfo else enqueued.replace(tzinfo=UTC)):
         raise refused(f"is later than this message's own enqueued time {enqueued.isoformat()}")
     return when
