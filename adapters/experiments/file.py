@@ -77,8 +77,10 @@ def read_document(path: Path) -> Any:
         raise ConfigurationError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         if path.suffix.lower() == ".json":
-            return json.loads(text)
+            return json.loads(text, object_pairs_hook=lambda pairs: _unique_json_keys(pairs, path))
         return _load_yaml(text, path)
+    except ConfigurationError:
+        raise
     except RecursionError:
         raise ConfigurationError(f"{path}: nested too deeply") from None
     except json.JSONDecodeError as exc:
@@ -101,6 +103,7 @@ def _load_yaml(text: str, path: Path) -> Any:
         if node is None:
             return None
         _check_alias_expansion(node, path)
+        _check_unique_keys(node, path)
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -137,6 +140,47 @@ def _check_alias_expansion(root: yaml.Node, path: Path) -> None:
             f"{path}: YAML aliases expand this document to {expanded:,} nodes from {len(sizes):,}; aliases may add "
             f"at most {MAX_ALIAS_EXPANSION:,} (an alias bomb?)"
         )
+
+
+def _unique_json_keys(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
+    """A JSON object, refusing a key it repeats (the parser would keep the last one silently)."""
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ConfigurationError(f"{path}: the key {key!r:.80} appears twice in one object; keep one")
+        found[key] = value
+    return found
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_unique_keys(root: yaml.Node, path: Path) -> None:
+    """Refuse a mapping that repeats a key: PyYAML keeps the last one silently (YAML says keys are unique).
+
+    ``overrides: {qa: blue, qa: control}`` or two ``coverage:`` lines are a mistake that would otherwise
+    decide users quietly by whichever came last. Keys are compared as written with their resolved tag
+    (so ``1`` and ``"1"`` differ, as they do once loaded); merge keys (``<<``) may override, as YAML says.
+    """
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: dict[tuple[str, str], yaml.Node] = {}
+            for key, _ in node.value:
+                if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                    continue
+                first = keys.setdefault((key.tag, key.value), key)
+                if first is not key:
+                    raise ConfigurationError(
+                        f"{path}: line {key.start_mark.line + 1}: the key {key.value!r:.80} appears twice in one "
+                        f"mapping (first at line {first.start_mark.line + 1}); keep one"
+                    )
+        stack.extend(reversed(_child_nodes(node)))  # in document order, each mapping before those inside it
 
 
 def _child_nodes(node: yaml.Node) -> list[yaml.Node]:

@@ -95,3 +95,51 @@ def test_validate_config_never_sends_a_control_character_from_the_file_to_the_te
     assert not any(ch in err for ch in hostile if not ch.isprintable()), repr(err)
     assert err.count("\n") == 1, repr(err)
     assert "\\x1b" in err or "\\u202e" in err or "\\u2028" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        (
+            "experiments.yaml",
+            "experiments:\n  - id: e\n    split: {control: 0.5, blue: 0.5}\n"
+            "    overrides:\n      qa-1: blue\n      qa-1: control\n",
+            "line 6: the key 'qa-1' appears twice in one mapping (first at line 5)",
+        ),
+        (
+            "experiments.yaml",
+            "experiments:\n  - id: e\n    split: {control: 0.5, blue: 0.5}\n    coverage: 1\n    coverage: 0.1\n",
+            "line 5: the key 'coverage' appears twice in one mapping (first at line 4)",
+        ),
+        (
+            "experiments.json",
+            '{"experiments": [{"id": "e", "split": {"control": 0.5, "blue": 0.5},'
+            ' "overrides": {"qa-1": "blue", "qa-1": "control"}}]}',
+            "the key 'qa-1' appears twice in one object",
+        ),
+    ],
+    ids=["yaml override", "yaml field", "json override"],
+)
+def test_a_key_repeated_in_one_mapping_of_the_experiments_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, said: str
+) -> None:
+    """Before: the parsers kept the last value silently, so `qa-1` was quietly served control and a
+    ramp written twice ran at whichever line came last; `validate-config` said the file was valid."""
+    config = tmp_path / name
+    config.write_text(text)
+
+    assert main(["validate-config", str(config)]) == 2
+
+    err = capsys.readouterr().err
+    assert err == f"ab-worker validate-config: error: {config}: {said}; keep one\n"
+
+
+def test_a_merge_key_may_still_override_what_it_merges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """YAML's ``<<`` merge is how a file shares a split; a key beside it overrides, as YAML says."""
+    config = tmp_path / "experiments.yaml"
+    config.write_text(
+        "experiments:\n  - id: a\n    split: &half {control: 0.5, blue: 0.5}\n"
+        "  - id: b\n    split:\n      <<: *half\n      control: 0.5\n"
+    )
+
+    assert main(["validate-config", str(config)]) == 0
