@@ -143,3 +143,38 @@ def test_a_merge_key_may_still_override_what_it_merges(tmp_path: Path, capsys: p
     )
 
     assert main(["validate-config", str(config)]) == 0
+
+
+@pytest.mark.parametrize(
+    "at", ["0001-01-01T00:00:00+00:01", "9999-12-31T23:59:59-00:01", "99999999999h", "5000000w", "1" + "0" * 40 + "d"]
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["explain", "--experiment", "e", "--user", "U1", "--at"],
+        ["assign", "--experiment", "e", "--user", "U1", "--at"],
+        ["dlq", "peek", "--since"],
+        ["report", "--rows", "rows.jsonl", "--since"],
+    ],
+    ids=["explain --at", "assign --at", "dlq peek --since", "report --since"],
+)
+def test_a_time_or_age_outside_the_datetime_range_is_one_line_naming_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: list[str], at: str
+) -> None:
+    """Before: a traceback (OverflowError from astimezone, or from a timedelta of 10^11 hours) instead
+    of the one-line usage error every other bad time gets; now the flag is named with why."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments.json").write_text(json.dumps(_file()))
+    (tmp_path / "rows.jsonl").write_text("")
+    monkeypatch.setenv("AB_WORKER_EXPERIMENTS_FILE", str(tmp_path / "experiments.json"))
+    monkeypatch.setenv(
+        "AB_WORKER_SERVICEBUS_CONNECTION_STRING",
+        "Endpoint=sb://127.0.0.1:1/;SharedAccessKeyName=k;SharedAccessKey=a2V5;UseDevelopmentEmulator=true",
+    )
+
+    assert main([*command, at]) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.count("\n") == 0, err
+    assert f"{command[-1]}: {at!r} is " in err

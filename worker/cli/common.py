@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, NoReturn, TextIO
 
 from worker.domain.errors import ConfigurationError, DependencyRefused, TransientError, UsageError, WorkerError
-from worker.domain.moments import MOMENT_FORMS, MomentError, parse_moment
+from worker.domain.moments import MomentError, parse_moment
 from worker.domain.plural import counted
 
 log = logging.getLogger("ab_worker")
@@ -267,8 +267,8 @@ def moment(now: Callable[[], datetime]) -> Callable[[str], datetime]:
     def parse(text: str) -> datetime:
         try:
             return parse_moment(text, now())
-        except MomentError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {MOMENT_FORMS}") from None
+        except MomentError as exc:  # its message names the forms, or the range a time fell out of
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 

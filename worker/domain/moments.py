@@ -25,13 +25,15 @@ class MomentError(WorkerError, ValueError):
 def parse_moment(text: str, now: datetime) -> datetime:
     """``2h``, ``30m``, ``7d``, ``1w`` (that long before ``now``) or an ISO 8601 time (naive means UTC)."""
     match = _DURATION.match(text)
-    if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
     try:
+        if match:
+            return now - timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
         moment = datetime.fromisoformat(text.strip())
+        return as_utc(moment)
     except ValueError:
         raise MomentError(f"{text!r} is not {MOMENT_FORMS}") from None
-    return as_utc(moment)
+    except OverflowError:  # 99999999999h, or 0001-01-01T00:00:00+00:01 (year 0 once in UTC)
+        raise MomentError(f"{text!r} is outside the years 0001 to 9999 in UTC") from None
 
 
 def as_utc(moment: datetime) -> datetime:
