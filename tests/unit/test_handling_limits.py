@@ -119,3 +119,29 @@ def test_a_carried_original_time_outside_years_1_to_9999_in_utc_is_schema_valida
     )
     copy = replay_copy(letter, Entity(queue="q"))
     assert copy.application_properties[REPLAY_ORIGINAL_ENQUEUED_TIME] == enqueued.isoformat()
+
+
+def test_a_cohort_repeating_a_member_its_allocation_decides_is_invalid_cohort_naming_request_positions() -> None:
+    """Allocation takes the members it decides (here an override) out before stratification, which is
+    where repeated ids were found: a repeated overridden member was published twice under one event id
+    (with different segments), and a repeat among the rest was named by its position in the remainder."""
+    registry = ExperimentRegistry.from_dict(
+        {"experiments": [{"id": "e", "split": {"control": 0.5, "blue": 0.5}, "overrides": {"qa": "blue"}}]}
+    )
+    members = [
+        {"member_id": "qa", "segment": "vip"},
+        {"member_id": "qa", "segment": "std"},
+        *({"member_id": f"M{i}", "segment": "vip"} for i in range(6)),
+        {"member_id": "M1", "segment": "vip"},
+    ]
+    body = json.dumps({"kind": "cohort", "experiment_id": "e", "arms": [{"id": "a"}, {"id": "b"}], "members": members})
+    delivery = Delivery(body=body.encode(), message_id="c", enqueued_time=datetime(2026, 12, 1, tzinfo=UTC))
+
+    with pytest.raises(PermanentError) as caught:
+        handle(delivery, registry)
+
+    assert caught.value.reason is DeadLetterReason.INVALID_COHORT
+    assert caught.value.description == (
+        "members[1]: duplicate member id 'qa' (first at members[0]); "
+        "members[8]: duplicate member id 'M1' (first at members[3])"
+    )

@@ -341,6 +341,11 @@ def assign_cohort(
     segments = [m.segment for m in request.members]
     experiment = None if registry is None else registry.get(request.experiment_id)
     allocated = None if experiment is None or experiment.plain else experiment.allocation
+    if allocated is not None:
+        # Checked on the whole cohort before allocation takes its decided members out: a repeated id
+        # among them would otherwise publish two events under one event id, and positions would name
+        # the stratified remainder rather than the request.
+        _check_members(member_ids, segments)
     decided = _decided_first(allocated, member_ids, segments, assigned_at) if allocated else None
     if decided is not None:
         member_ids, segments = decided.pick(member_ids), decided.pick(segments)
@@ -443,6 +448,18 @@ def assign_cohort(
         reply_to_session_id=delivery.reply_to_session_id,
     )
     return Handled(events, [extra])
+
+
+def _check_members(member_ids: list[str], segments: list[str]) -> None:
+    """:class:`PermanentError` (``InvalidCohort``) naming every member problem, by its position in the request."""
+    from worker.domain.cohort.members import member_problems
+
+    problems = member_problems(member_ids, segments)
+    if problems:
+        raise PermanentError(
+            DeadLetterReason.INVALID_COHORT,
+            "; ".join(f"members[{position}]: {problem}" for position, problem in problems),
+        )
 
 
 def _decided_first(
