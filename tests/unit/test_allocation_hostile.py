@@ -178,3 +178,38 @@ def test_a_time_or_age_outside_the_datetime_range_is_one_line_naming_the_flag(
     assert "Traceback" not in err
     assert err.count("\n") == 0, err
     assert f"{command[-1]}: {at!r} is " in err
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["explain", "--experiment", "e", "--user", "U1"],
+        ["assign", "--experiment", "e", "--user", "U1"],
+        ["publish", "--experiment", "e", "--user", "U1"],
+    ],
+    ids=["explain", "assign", "publish"],
+)
+def test_a_context_holding_nan_or_infinity_is_refused_as_the_worker_refuses_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    literal: str,
+) -> None:
+    """The worker dead-letters a body holding NaN or Infinity as InvalidJson; explain and assign
+    answered for such a context anyway (json_context promises never to answer for a request the worker
+    would dead-letter), and publish sent it only for it to be dead-lettered. Now each refuses it."""
+    (tmp_path / "experiments.json").write_text(json.dumps(_file()))
+    monkeypatch.setenv("AB_WORKER_EXPERIMENTS_FILE", str(tmp_path / "experiments.json"))
+    # publish refuses before connecting: nothing listens here.
+    monkeypatch.setenv(
+        "AB_WORKER_SERVICEBUS_CONNECTION_STRING",
+        "Endpoint=sb://127.0.0.1:1/;SharedAccessKeyName=k;SharedAccessKey=a2V5;UseDevelopmentEmulator=true",
+    )
+
+    assert main([*command, "--context", f'{{"age": [{literal}]}}']) == 2
+
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert f"{literal} is not a JSON number" in err

@@ -104,6 +104,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _no_constant(literal: str) -> Any:
+    raise ValueError(literal)
+
+
 def _request_body(args: argparse.Namespace) -> bytes:
     if not args.experiment:
         raise UsageError("--user needs --experiment")
@@ -112,9 +116,11 @@ def _request_body(args: argparse.Namespace) -> bytes:
         body["segment"] = args.segment
     if args.context:
         try:
-            context = json.loads(args.context)
+            context = json.loads(args.context, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--context is not JSON: {exc.msg}") from None
+        except ValueError as exc:  # NaN or Infinity: the worker would dead-letter the request as InvalidJson
+            raise UsageError(f"--context is not JSON: {exc} is not a JSON number") from None
         if not isinstance(context, dict):
             raise UsageError("--context must be a JSON object")
         body["context"] = context

@@ -273,6 +273,14 @@ def moment(now: Callable[[], datetime]) -> Callable[[str], datetime]:
     return parse
 
 
+class _NotJsonNumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's parser takes them, JSON (and the worker) does not."""
+
+
+def _no_constant(literal: str) -> Any:
+    raise _NotJsonNumber(literal)
+
+
 def json_context(text: str) -> dict[str, Any]:
     """An argument type: a request context, a JSON object within the wire contract's context limits.
 
@@ -285,9 +293,13 @@ def json_context(text: str) -> dict[str, Any]:
     from schemas.models import request_context_problem
 
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} (column {exc.colno})") from None
+    except _NotJsonNumber as exc:
+        raise argparse.ArgumentTypeError(
+            f"not JSON: {exc} is not a JSON number (the worker dead-letters a request holding it)"
+        ) from None
     except (RecursionError, ValueError):
         raise argparse.ArgumentTypeError("not JSON the worker accepts (nested too deeply, or a huge number)") from None
     problem = request_context_problem(value)
