@@ -9,11 +9,20 @@ import pytest
 
 
 def wait_for(
-    condition: Callable[[], object], timeout: float = 30, what: str = "the condition", interval: float = 0.02
+    condition: Callable[[], object],
+    timeout: float = 30,
+    what: str = "the condition",
+    interval: float = 0.02,
+    detail: Callable[[], object] | None = None,
 ) -> None:
-    """Poll ``condition`` until truthy; fail naming ``what`` after ``timeout`` s (generous: the cores are shared)."""
+    """Poll ``condition`` until truthy; fail naming ``what`` after ``timeout`` s (generous: the cores are shared).
+
+    ``detail``, when given, is called on a timeout and its result added to the failure message (a
+    worker's stderr, the stand-in's errors): what a reader needs to see why the wait never ended.
+    """
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            extra = f"\n{detail()}" if detail is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
