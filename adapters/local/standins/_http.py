@@ -2,8 +2,9 @@
 
 Each stand-in subclasses :class:`HttpStandIn` and implements :meth:`HttpStandIn.handle`. The
 switches act on every request: ``fail_with(status)`` answers with an error, ``slow(seconds)`` delays
-the answer, ``down()`` closes the listening socket (connections are refused, as for a host that is
-gone) and ``recover()`` undoes all three, re-binding the same port and sending the answers held.
+the answer, ``hang()`` holds it until ``recover()``, ``down()`` closes the listening socket
+(connections are refused, as for a host that is gone) and ``recover()`` undoes them all, re-binding
+the same port and sending the answers held.
 A client that leaves before its answer is written is counted (``undelivered``), not printed.
 """
 
@@ -125,8 +126,9 @@ class HttpStandIn:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._failure_status: int | None = None
-        self._delay = 0.0
-        #: Set by :meth:`recover` (and :meth:`stop`): answers held by :meth:`slow` go out at once.
+        #: Seconds each answer is held back; None holds it until :meth:`recover` (see :meth:`hang`).
+        self._delay: float | None = 0.0
+        #: Set by :meth:`recover` (and :meth:`stop`): answers held by :meth:`slow` or :meth:`hang` go out at once.
         self._released = threading.Event()
         self.requests: list[Request] = []
         #: Answers not delivered because the client had gone (closed or reset its connection).
@@ -184,12 +186,21 @@ class HttpStandIn:
         self._released.clear()
         self._delay = seconds
 
+    def hang(self) -> None:
+        """Accept and read every request but answer none until :meth:`recover`, as a hung host does.
+
+        The caller's own timeouts are the only way out, so a test can prove they fire without
+        racing a delay against them; :meth:`recover` then lets the held requests finish.
+        """
+        self._released.clear()
+        self._delay = None
+
     def down(self) -> None:
         """Close the listening socket: connections are refused until :meth:`recover`."""
         self.stop()
 
     def recover(self) -> None:
-        """Undo :meth:`fail_with`, :meth:`slow` and :meth:`down` (re-binding the same port)."""
+        """Undo :meth:`fail_with`, :meth:`slow`, :meth:`hang` and :meth:`down` (re-binding the same port)."""
         self._failure_status = None
         self._delay = 0.0
         self._released.set()
@@ -202,7 +213,7 @@ class HttpStandIn:
         """Record the request, apply the switches, then :meth:`handle` it."""
         with self._changed:
             self.requests.append(request)
-        if self._delay:
+        if self._delay is None or self._delay > 0:
             self._released.wait(self._delay)
         if self._failure_status is not None:
             return Response.json(self._failure_status, {"error": {"code": "ServiceUnavailable", "@permanent": False}})
