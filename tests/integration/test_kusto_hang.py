@@ -12,12 +12,15 @@ import pytest
 
 from adapters.kusto.sink import RetryPolicy, kusto_sink
 from tests.integration.test_kusto import DATABASE, record
+from tests.waiting import wait_for
 from worker.domain.errors import TransientError
 
 pytestmark = pytest.mark.integration
 
 FLUSHES = 8
 ATTEMPTS = 3
+#: Only a hang fails these bounds (the SDK's own timeouts wait 10.5 minutes); a busy machine does not.
+HANG_GUARD = 60.0
 
 
 class NeverAnswers:
@@ -82,15 +85,12 @@ def test_a_hung_endpoint_keeps_threads_bounded_and_attempts_time_out_for_real(ne
             started = time.monotonic()
             with pytest.raises(TransientError, match=r"timed out|no answer"):
                 sink.flush()
-            assert time.monotonic() - started < ATTEMPTS * 1.5
+            assert time.monotonic() - started < HANG_GUARD, "a flush waited on the silent endpoint"
             peak = max(peak, ingest_threads())
         assert peak <= 1, f"{peak} attempt threads alive at once"
         # The transport's own timeout ends the last attempt shortly after its deadline: nothing is
         # left waiting on the dead endpoint (the old per-attempt threads waited 10.5 minutes).
-        deadline = time.monotonic() + 5
-        while ingest_threads() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert ingest_threads() == 0
+        wait_for(lambda: ingest_threads() == 0, HANG_GUARD, "the last attempt thread to end")
         assert never_answers.connections >= FLUSHES  # the attempts really reached the endpoint
     finally:
         sink.close()
