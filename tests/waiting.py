@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 
 def wait_for(
@@ -26,3 +29,20 @@ def wait_for(
             extra = f"\n{detail()}" if detail is not None else ""
             pytest.fail(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+def collect(fetch: Callable[[], Iterable[T]], count: int, timeout: float = 30, what: str = "") -> list[T]:
+    """Call ``fetch`` (a receive that waits a little) until it has returned ``count`` items in all.
+
+    Returns every item fetched (more than ``count`` when the last call brought more); fails naming
+    ``what`` when fewer arrive within ``timeout`` s. For "nothing more arrives", ask the broker how
+    many messages it holds instead of waiting a while for none.
+    """
+    got: list[T] = []
+
+    def enough() -> bool:
+        got.extend(fetch())
+        return len(got) >= count
+
+    wait_for(enough, timeout, what or f"{count} items", interval=0, detail=lambda: f"{len(got)} arrived")
+    return got
