@@ -17,7 +17,7 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
 from schemas import SCHEMA_VERSION
-from tests.waiting import wait_for
+from tests.waiting import collect, wait_for
 from worker import ExperimentRegistry
 from worker.bootstrap import bootstrap
 from worker.cli import main
@@ -102,23 +102,27 @@ def _pump(connection_string: str, registry=None, sink=None, **config) -> Pump:
     )
 
 
-def _drain(client: ServiceBusClient, topic: str, subscription: str, expected: int, timeout: float = 20):
-    got = []
-    deadline = time.monotonic() + timeout
+def _drain(client: ServiceBusClient, topic: str, subscription: str, expected: int):
+    """At least ``expected`` events from the subscription (completed as read); fails if fewer come."""
     with client.get_subscription_receiver(topic, subscription) as receiver:
-        while len(got) < expected and time.monotonic() < deadline:
-            for message in receiver.receive_messages(max_message_count=100, max_wait_time=1):
-                got.append(message)
+
+        def take():
+            batch = receiver.receive_messages(max_message_count=100, max_wait_time=1)
+            for message in batch:
                 receiver.complete_message(message)
-    return got
+            return batch
+
+        return collect(take, expected, what=f"{expected} events on {topic}/{subscription}")
 
 
 def _dead_letters(client: ServiceBusClient, queue: str = QUEUE, expected: int = 1):
+    """At least ``expected`` dead letters of ``queue`` (completed as read); fails if fewer come."""
     with client.get_queue_receiver(queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
-        messages = []
-        deadline = time.monotonic() + 10
-        while len(messages) < expected and time.monotonic() < deadline:
-            messages += receiver.receive_messages(max_message_count=50, max_wait_time=1)
+        messages = collect(
+            lambda: receiver.receive_messages(max_message_count=50, max_wait_time=1),
+            expected,
+            what=f"{expected} dead letters of {queue}",
+        )
         for message in messages:
             receiver.complete_message(message)
         return messages
@@ -191,7 +195,9 @@ def test_redelivered_request_is_dropped_by_duplicate_detection(broker):
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         send_requests(client, QUEUE, [_request("U1"), _request("U1")], message_ids=["same", "same"])
         stats = _pump(broker.connection_string).run(until=settled(2))
-        events = _drain(client, TOPIC, "all", expected=2, timeout=3)
+        # Both are published once settled: the subscription holds what duplicate detection let through.
+        assert broker.message_counts(f"{TOPIC}/Subscriptions/all")["active"] == 1
+        events = _drain(client, TOPIC, "all", expected=1)
     assert stats.completed == 2
     assert [str(m.message_id) for m in events] == [event_id_for("same")]
 
@@ -200,6 +206,11 @@ def _short_lock_config(lock: str = "PT3S") -> dict:
     config = json.loads(json.dumps(CONFIG))
     config["UserConfig"]["Namespaces"][0]["Queues"][0]["Properties"]["LockDuration"] = lock
     return config
+
+
+def _felt(pump: Pump) -> bool:
+    """True once the pump has counted a failure of the broker (receive, settlement or publish)."""
+    return pump.stats.receive_failures + pump.stats.settlement_lost + pump.stats.downstream_retries > 0
 
 
 # The SDK (pyamqp) leaves the socket of a connection the broker dropped for the garbage collector;
@@ -216,17 +227,22 @@ def test_broker_restart_mid_run_loses_nothing():
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         send_requests(client, QUEUE, [_request(f"U{i}") for i in range(total)], message_ids=ids)
     pump = _pump(broker.connection_string, max_batch=20)
-    thread = threading.Thread(target=pump.run, kwargs={"idle_exit": 6.0})
+    thread = threading.Thread(target=pump.run)
     thread.start()
     wait_for(lambda: pump.stats.completed >= 60, what="60 completions")
     port, state = broker.port, broker.state
     broker.stop()
-    time.sleep(1.5)
+    # The broker stays away until the worker has felt it (not for a while and hope it noticed).
+    wait_for(lambda: _felt(pump), what="the worker to feel the broker gone")
     with LocalBroker(BrokerConfig.from_dict(_short_lock_config()), port=port, state=state) as again:
+        # Stopped once the queue is empty, not after an idle window that races the lapse of the locks
+        # the dead connection held ("active" counts locked messages too).
+        wait_for(lambda: again.message_counts(QUEUE)["active"] == 0, 90, "the worker to empty the queue")
+        pump.stop()
         thread.join(timeout=90)
         assert not thread.is_alive()
         with ServiceBusClient.from_connection_string(again.connection_string) as client:
-            events = _drain(client, TOPIC, "all", expected=total, timeout=30)
+            events = _drain(client, TOPIC, "all", expected=total)
         assert again.message_counts(QUEUE)["active"] == 0
         assert again.message_counts(QUEUE)["dead_letter"] == 0
     assert {str(m.message_id) for m in events} == {event_id_for(i) for i in ids}
@@ -304,17 +320,20 @@ def test_replay_skips_messages_replayed_too_often(broker, monkeypatch):
 
 def test_lock_keeper_renews_locks_while_rows_wait(broker):
     """Messages held past their lock duration (slow flush) are renewed, not redelivered."""
-    with LocalBroker(BrokerConfig.from_dict(_short_lock_config("PT2S"))) as short:
+    # Service Bus's shortest lock; renewals start 1 s in, leaving the keeper 4 s of slack on a busy machine.
+    lock = 5.0
+    with LocalBroker(BrokerConfig.from_dict(_short_lock_config("PT5S"))) as short:
         with ServiceBusClient.from_connection_string(short.connection_string) as client:
             send_requests(client, QUEUE, [_request(f"U{i}") for i in range(5)])
 
         class SlowSink(MemorySink):
             def flush(self) -> None:
-                time.sleep(4)
+                # Holds the rows past the lock duration: a lower bound on the hold, however slow the machine.
+                time.sleep(lock + 1)
                 super().flush()
 
         pump = _pump(short.connection_string, sink=SlowSink())
-        pump.source.locks.margin = 1.5
+        pump.source.locks.margin = lock - 1
         pump.source.locks.interval = 0.2
         stats = pump.run(until=settled(5))
         assert stats.completed == 5
