@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from azure.servicebus import ServiceBusClient
 from adapters.local.broker import LocalBroker
 from adapters.local.standins.appinsights import AppInsightsStandIn
 from adapters.servicebus import ServiceBusAuth, send_requests
+from tests.waiting import collect, wait_for
 from worker.service.redaction import REDACTED, RedactingFilter, redact
 
 pytestmark = pytest.mark.integration
@@ -235,7 +235,8 @@ def test_worker_run_at_debug_with_telemetry_leaks_nothing(broker: LocalBroker, e
             AB_WORKER_MAX_WAIT="1.0",
         )
         result = run_cli(env, "run", "--config", str(experiments), "--drain", timeout=90)
-        insights.wait_for(lambda: bool(insights.spans()), timeout=5)
+        # The search below proves something only if telemetry arrived (the worker flushes it on exit).
+        wait_for(insights.spans, what="the worker's spans", detail=lambda: result.stderr[-3000:])
         telemetry = insights.raw_text()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processed 32 requests: 30 assigned, 2 dead-lettered" in result.stderr
@@ -260,9 +261,7 @@ def test_operator_commands_leak_nothing(broker: LocalBroker, tmp_path: Path) -> 
         ServiceBusClient.from_connection_string(broker.connection_string) as client,
         client.get_queue_receiver("assignment-requests") as receiver,
     ):
-        got: list[Any] = []
-        while len(got) < 3:
-            got += receiver.receive_messages(max_message_count=3, max_wait_time=2)
+        got = collect(lambda: receiver.receive_messages(max_message_count=3, max_wait_time=2), 3, what="3 requests")
         for message in got:
             receiver.dead_letter_message(message, reason="UnknownExperiment", error_description="not configured")
     exported = tmp_path / "dlq.jsonl"
@@ -322,6 +321,12 @@ def test_error_paths_leak_nothing(experiments: Path, tmp_path: Path) -> None:
     assert_clean(*outputs)
 
 
+def retried_after_backoff(stderr: str) -> bool:
+    """True once the worker reported the broker unavailable and then tried to connect again."""
+    _, said, after = stderr.partition("broker unavailable")
+    return bool(said) and "Connection refused" in after.partition("\n")[2]
+
+
 @pytest.mark.timeout(120)
 def test_worker_against_a_closed_port_leaks_nothing_and_stops_on_sigterm(experiments: Path, tmp_path: Path) -> None:
     """`ab-worker run` retrying an unreachable namespace at DEBUG: retries logged, key never, exits 0 on SIGTERM."""
@@ -339,10 +344,14 @@ def test_worker_against_a_closed_port_leaks_nothing_and_stops_on_sigterm(experim
             stdin=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 30
-            while "unavailable" not in err.read_text(errors="replace") and time.monotonic() < deadline:
-                time.sleep(0.2)
-            time.sleep(2)
+            # SIGTERM once the worker has given up on the broker and tried again after its backoff, so
+            # both its own retry and the SDK's narration of it are in the output searched below.
+            wait_for(
+                lambda: retried_after_backoff(err.read_text(errors="replace")),
+                60,
+                "the worker to retry the broker after its backoff",
+                detail=lambda: err.read_text(errors="replace")[-3000:],
+            )
             proc.send_signal(signal.SIGTERM)
             stdout, _ = proc.communicate(timeout=30)
         finally:
