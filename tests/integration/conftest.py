@@ -28,6 +28,10 @@ TEST_BROKER_CONFIG: dict[str, Any] = {
                         "Name": "short-lock",
                         "Properties": {"MaxDeliveryCount": 3, "LockDuration": "PT1S"},
                     },
+                    # Renewal tests: Service Bus's shortest lock, long enough for a busy machine to renew in time.
+                    {"Name": "five-second-lock", "Properties": {"LockDuration": "PT5S"}},
+                    # Redelivery counting without a lock that can lapse between a receive and its abandon.
+                    {"Name": "three-deliveries", "Properties": {"MaxDeliveryCount": 3, "LockDuration": "PT30S"}},
                     {
                         "Name": "expiring",
                         "Properties": {
@@ -107,7 +111,7 @@ def _collect_dropped_sdk_sockets() -> Iterator[None]:
 
 @pytest.fixture
 def broker_config() -> BrokerConfig:
-    """The broker test entities (defaults plus short-lock, dedup and a filtered topic)."""
+    """The broker test entities (defaults plus short and five-second locks, dedup and a filtered topic)."""
     return BrokerConfig.from_dict(TEST_BROKER_CONFIG, source="TEST_BROKER_CONFIG")
 
 

@@ -29,6 +29,7 @@ from azure.servicebus.exceptions import (
 )
 
 from adapters.local.broker import BrokerConfig, BrokerConfigError, LocalBroker
+from tests.waiting import wait_for
 
 from .conftest import TEST_BROKER_CONFIG
 
@@ -41,17 +42,20 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def receive_n(
-    receiver: ServiceBusReceiver, count: int, timeout: float = 10.0, wait: float = 1.0
+    receiver: ServiceBusReceiver, count: int, timeout: float = 30.0, wait: float = 1.0
 ) -> list[ServiceBusReceivedMessage]:
-    """Receive until ``count`` messages arrived or ``timeout`` passed.
+    """Receive exactly ``count`` messages, failing the test if they do not all arrive within ``timeout``.
 
     ``wait`` bounds each receive call; after a connection loss the SDK must reopen its link
     within that budget, so recovery tests pass a larger one.
     """
     got: list[ServiceBusReceivedMessage] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and time.monotonic() < deadline:
-        got += receiver.receive_messages(max_message_count=count - len(got), max_wait_time=wait)
+
+    def arrived() -> bool:
+        got.extend(receiver.receive_messages(max_message_count=count - len(got), max_wait_time=wait))
+        return len(got) >= count
+
+    wait_for(arrived, timeout, f"{count} messages from {receiver.entity_path}", interval=0)
     return got
 
 
@@ -103,7 +107,7 @@ def test_batch_send_of_several_hundred(local_broker: LocalBroker, sb_client: Ser
         sender.send_messages([ServiceBusMessage(f"list{i}") for i in range(100)])
     assert local_broker.message_counts(QUEUE)["active"] == 500
     with sb_client.get_queue_receiver(QUEUE, prefetch_count=100) as receiver:
-        got = receive_n(receiver, 500, timeout=20)
+        got = receive_n(receiver, 500, timeout=60)
         assert [str(m) for m in got[:3]] == ["m0", "m1", "m2"]
         assert got[399].application_properties[b"i"] == 399
         assert str(got[-1]) == "list99"
@@ -147,15 +151,15 @@ def test_dead_letter_reason_and_description_reach_the_dlq(
 
 
 def test_max_delivery_count_dead_letters(local_broker: LocalBroker, sb_client: ServiceBusClient) -> None:
-    send(sb_client, "short-lock", ServiceBusMessage("unlucky"))
-    with sb_client.get_queue_receiver("short-lock") as receiver:
+    send(sb_client, "three-deliveries", ServiceBusMessage("unlucky"))
+    with sb_client.get_queue_receiver("three-deliveries") as receiver:
         for attempt in range(3):
             (msg,) = receive_n(receiver, 1)
             assert msg.delivery_count == attempt
             receiver.abandon_message(msg)
         assert receiver.receive_messages(max_message_count=1, max_wait_time=1) == []
-    assert local_broker.message_counts("short-lock")["dead_letter"] == 1
-    with sb_client.get_queue_receiver("short-lock", sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
+    assert local_broker.message_counts("three-deliveries")["dead_letter"] == 1
+    with sb_client.get_queue_receiver("three-deliveries", sub_queue=ServiceBusSubQueue.DEAD_LETTER) as dlq:
         (dead,) = receive_n(dlq, 1)
         assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
         dlq.complete_message(dead)
@@ -165,8 +169,8 @@ def test_lock_expiry_redelivers_and_old_lock_is_lost(local_broker: LocalBroker, 
     send(sb_client, "short-lock", ServiceBusMessage("slow"))
     with sb_client.get_queue_receiver("short-lock") as receiver:
         (first,) = receive_n(receiver, 1)
-        time.sleep(1.4)
-        (second,) = receive_n(receiver, 1, timeout=5)
+        # Comes back only once the 1 s lock has lapsed: the receive waits for that, however long it takes.
+        (second,) = receive_n(receiver, 1)
         assert second.sequence_number == first.sequence_number
         assert second.delivery_count == 1
         with pytest.raises(MessageLockLostError):
@@ -176,12 +180,12 @@ def test_lock_expiry_redelivers_and_old_lock_is_lost(local_broker: LocalBroker, 
 
 
 def test_settling_through_management_after_lock_loss_is_lock_lost(
-    sb_client: ServiceBusClient,
+    local_broker: LocalBroker, sb_client: ServiceBusClient
 ) -> None:
     send(sb_client, "short-lock", ServiceBusMessage("slow"))
     with sb_client.get_queue_receiver("short-lock") as receiver:
         (msg,) = receive_n(receiver, 1)
-        time.sleep(1.3)
+        wait_for(lambda: local_broker.message_counts("short-lock")["locked"] == 0, what="the 1 s lock to lapse")
         # Bypass the SDK's client-side expiry check to exercise the broker's answer.
         msg._expiry = datetime.now(UTC) + timedelta(minutes=1)
         with pytest.raises(MessageLockLostError):
@@ -191,16 +195,18 @@ def test_settling_through_management_after_lock_loss_is_lock_lost(
 
 
 def test_renew_message_lock(sb_client: ServiceBusClient) -> None:
-    send(sb_client, "short-lock", ServiceBusMessage("keep"))
-    with sb_client.get_queue_receiver("short-lock") as receiver:
+    lock = 5.0
+    send(sb_client, "five-second-lock", ServiceBusMessage("keep"))
+    with sb_client.get_queue_receiver("five-second-lock") as receiver:
         (msg,) = receive_n(receiver, 1)
         original = msg.locked_until_utc
         assert original is not None
-        for _ in range(3):
-            time.sleep(0.5)
+        # A renewal every second (4 s of slack each on a busy machine) until held past the lock duration.
+        for _ in range(int(lock) + 1):
+            time.sleep(1)
             renewed = receiver.renew_message_lock(msg)
             assert renewed > original
-        # 1.5 s after receipt with a 1 s lock: only the renewals kept it.
+        # Over 5 s after receipt with a 5 s lock: only the renewals kept it.
         receiver.complete_message(msg)
         assert receiver.receive_messages(max_message_count=1, max_wait_time=1) == []
 
@@ -240,12 +246,15 @@ def test_schedule_and_cancel_messages(local_broker: LocalBroker, sb_client: Serv
         assert local_broker.message_counts(QUEUE)["scheduled"] == 1
         sender.cancel_scheduled_messages(cancel_seq)
         assert local_broker.message_counts(QUEUE)["scheduled"] == 0
-        soon = datetime.now(UTC) + timedelta(seconds=1.5)
+        # AMQP carries milliseconds: compare with the time as the broker gets it.
+        soon = (datetime.now(UTC) + timedelta(seconds=1.5)).replace(microsecond=0)
         (seq,) = sender.schedule_messages(ServiceBusMessage("scheduled"), soon)
-        assert local_broker.message_counts(QUEUE)["scheduled"] == 1
     with sb_client.get_queue_receiver(QUEUE) as receiver:
-        assert receiver.receive_messages(max_message_count=1, max_wait_time=0.3) == []
-        (msg,) = receive_n(receiver, 1, timeout=5)
+        (msg,) = receive_n(receiver, 1)
+        # Enqueued no sooner than its time: the broker's own record, not a receive that must come up
+        # empty first (on a busy machine the receiver's link can open after the time has passed).
+        assert msg.enqueued_time_utc is not None
+        assert msg.enqueued_time_utc >= soon
         assert str(msg) == "scheduled"
         assert msg.sequence_number == seq
         assert msg.scheduled_enqueue_time_utc is not None
@@ -370,7 +379,7 @@ def test_drop_connections_and_sdk_recovers(local_broker: LocalBroker, sb_client:
         assert local_broker.drop_connections() >= 2
         # Both long-lived handlers must notice the dead connection and reconnect by themselves.
         sender.send_messages(ServiceBusMessage("after"))
-        (again,) = receive_n(receiver, 1, timeout=15, wait=5)
+        (again,) = receive_n(receiver, 1, timeout=60, wait=5)
         assert str(again) == "after"
         receiver.complete_message(again)
     assert local_broker.message_counts(QUEUE)["active"] == 0
@@ -431,6 +440,8 @@ def test_config_load_and_errors_name_file_and_field(tmp_path: Path) -> None:
     assert {q.name for q in config.queues} == {
         "assignment-requests",
         "short-lock",
+        "five-second-lock",
+        "three-deliveries",
         "expiring",
         "dedup",
     }
@@ -457,7 +468,9 @@ def test_config_load_and_errors_name_file_and_field(tmp_path: Path) -> None:
 def test_expired_messages_are_dead_lettered_or_dropped(local_broker: LocalBroker, sb_client: ServiceBusClient) -> None:
     send(sb_client, "expiring", ServiceBusMessage("stale"))
     send(sb_client, QUEUE, ServiceBusMessage("short", time_to_live=timedelta(seconds=1)))
-    time.sleep(1.3)
+    # The broker expires messages on its tick: wait for it, not for 1.3 s and hope it ran.
+    wait_for(lambda: local_broker.message_counts("expiring")["dead_letter"] == 1, what="the stale message to expire")
+    wait_for(lambda: local_broker.message_counts(QUEUE)["active"] == 0, what="the short-lived message to expire")
     assert local_broker.message_counts("expiring")["active"] == 0
     assert local_broker.message_counts("expiring")["dead_letter"] == 1
     assert local_broker.message_counts(QUEUE) == EMPTY
@@ -476,15 +489,41 @@ def test_large_message_round_trip(sb_client: ServiceBusClient) -> None:
         receiver.complete_message(msg)
 
 
+class Props:
+    """What a subscription filter sees of a message: application properties and a label."""
+
+    def __init__(self, label: str | None = None, **properties: Any) -> None:
+        self.label = label
+        self.application_properties = properties
+
+    def system_property(self, index: int) -> Any:
+        from adapters.local.broker.filters import SYSTEM_PROPERTIES
+
+        return self.label if index == SYSTEM_PROPERTIES["label"] else None
+
+
 def test_unsupported_sql_filter_warns_and_matches_everything(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from adapters.local.broker.config import RuleConfig
     from adapters.local.broker.filters import compile_rules, parse_sql
 
-    assert parse_sql("a = 'x' AND b = 2") is not None
-    assert parse_sql("sys.Label = 'special'") is not None
-    assert parse_sql("1=1") is not None
+    both = parse_sql("a = 'x' AND b = 2")
+    assert both is not None
+    assert both(Props(a="x", b=2))
+    assert not both(Props(a="x", b=3))
+    assert not both(Props(a="y", b=2))
+    assert not both(Props(a="x"))
+    label = parse_sql("sys.Label = 'special'")
+    assert label is not None
+    assert label(Props(label="special"))
+    assert not label(Props(label="plain", a="special"))
+    always = parse_sql("1=1")
+    assert always is not None
+    assert always(Props())
+    never = parse_sql("1=2")
+    assert never is not None
+    assert not never(Props(a="x"))
     assert parse_sql("a = 'x' OR b = 'y'") is None
     assert parse_sql("a LIKE 'x%'") is None
     assert parse_sql("a > 3") is None
@@ -544,17 +583,22 @@ def test_competing_consumers_share_a_queue(local_broker: LocalBroker, sb_client:
     with sb_client.get_queue_sender(QUEUE) as sender:
         sender.send_messages([ServiceBusMessage(f"c{i}") for i in range(total)])
     seen: list[list[str]] = [[], []]
+    # Each consumer holds its first batch until the other has one too, so both take part however
+    # slowly the second link opens; they stop once every message is seen, not after an idle spell.
+    both_started = threading.Barrier(2, timeout=60)
+    done = threading.Event()
 
     def consume(index: int) -> None:
         with (
             ServiceBusClient.from_connection_string(local_broker.connection_string) as client,
             client.get_queue_receiver(QUEUE) as receiver,
         ):
-            idle_since = time.monotonic()
-            while time.monotonic() - idle_since < 2:
+            started = False
+            while not done.is_set():
                 batch = receiver.receive_messages(max_message_count=20, max_wait_time=0.5)
-                if batch:
-                    idle_since = time.monotonic()
+                if batch and not started:
+                    both_started.wait()
+                    started = True
                 for msg in batch:
                     seen[index].append(str(msg))
                     receiver.complete_message(msg)
@@ -562,8 +606,12 @@ def test_competing_consumers_share_a_queue(local_broker: LocalBroker, sb_client:
     threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(timeout=40)
+    try:
+        wait_for(lambda: len(seen[0]) + len(seen[1]) >= total, what=f"the consumers to see {total} messages")
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(timeout=40)
     everything = seen[0] + seen[1]
     assert len(everything) == total
     assert set(everything) == {f"c{i}" for i in range(total)}
@@ -591,7 +639,7 @@ def test_restart_same_broker_and_long_lived_handlers_reconnect(broker_config: Br
             broker.start()
             assert broker.port == port
             sender.send_messages(ServiceBusMessage("two"))
-            (second,) = receive_n(receiver, 1, timeout=15, wait=5)
+            (second,) = receive_n(receiver, 1, timeout=60, wait=5)
             assert str(second) == "two"
             receiver.complete_message(second)
     finally:
