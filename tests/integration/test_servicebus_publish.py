@@ -18,6 +18,7 @@ from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode, ServiceBus
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, create_client, send_requests
+from tests.waiting import collect
 from worker.bootstrap import bootstrap
 from worker.cli import main
 from worker.cli.common import ExitStatus
@@ -25,7 +26,7 @@ from worker.domain.errors import DeadLetterReason, PublishRejected, TransientErr
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import event_id_for
 from worker.service.ports import OutboundEvent
-from worker.service.pump import PumpConfig
+from worker.service.pump import PumpConfig, settled
 from worker.service.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
@@ -73,7 +74,13 @@ def event(message_id: str, reply_to: str | None = REPLIES, size: int = 0) -> Out
 
 
 def received(broker: LocalBroker, entity: str) -> Counter[str]:
-    """Message ids on a queue or subscription (removed as read), with how often each arrived."""
+    """Message ids on a queue or subscription (removed as read), with how often each arrived.
+
+    The broker counts them first (a duplicate is a message too), so the read waits for exactly
+    those instead of stopping at the first receive that comes back empty on a busy machine.
+    """
+    path = f"{TOPIC}/Subscriptions/all" if entity == TOPIC else entity
+    present = broker.message_counts(path)["active"]
     ids: Counter[str] = Counter()
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         receiver = (
@@ -82,8 +89,12 @@ def received(broker: LocalBroker, entity: str) -> Counter[str]:
             else client.get_queue_receiver(entity, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE)
         )
         with receiver:
-            while batch := receiver.receive_messages(max_message_count=100, max_wait_time=1):
-                ids.update(str(m.message_id) for m in batch)
+            messages = collect(
+                lambda: receiver.receive_messages(max_message_count=100, max_wait_time=1),
+                present,
+                what=f"the {present} messages on {path}",
+            )
+            ids.update(str(m.message_id) for m in messages)
     return ids
 
 
@@ -263,7 +274,7 @@ def test_requests_whose_replies_can_never_go_are_dead_lettered_alone(broker: Loc
             sink=MemorySink(max_rows=50),
             config=PumpConfig(max_batch=20, max_wait=2.0, min_backoff=0.05, max_backoff=0.2),
         )
-        stats = pump.run(idle_exit=2.0)
+        stats = pump.run(until=settled(len(replies)))
     finally:
         client.close()
     assert stats.completed == 5
@@ -272,7 +283,8 @@ def test_requests_whose_replies_can_never_go_are_dead_lettered_alone(broker: Loc
         ServiceBusClient.from_connection_string(broker.connection_string) as check,
         check.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver,
     ):
-        dead = {str(m.message_id): m.dead_letter_reason for m in receiver.receive_messages(10, max_wait_time=2)}
+        messages = collect(lambda: receiver.receive_messages(10, max_wait_time=2), 2, what="the 2 dead letters")
+        dead = {str(m.message_id): m.dead_letter_reason for m in messages}
     assert dead == {"missing": "ReplyUndeliverable", "loop": "ReplyUndeliverable"}
     topic = received(broker, TOPIC)
     assert all(n == 1 for n in topic.values()), topic
@@ -285,7 +297,9 @@ def _set_reply_to_on_queue(broker: LocalBroker, replies: dict[str, str]) -> None
 
     with ServiceBusClient.from_connection_string(broker.connection_string) as client:
         with client.get_queue_receiver(QUEUE, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE) as receiver:
-            messages = receiver.receive_messages(len(replies), max_wait_time=2)
+            messages = collect(
+                lambda: receiver.receive_messages(len(replies), max_wait_time=2), len(replies), what="the requests"
+            )
         with client.get_queue_sender(QUEUE) as sender:
             sender.send_messages(
                 [
