@@ -21,6 +21,7 @@ from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, create_client
+from tests.waiting import collect
 from worker.bootstrap import bootstrap
 from worker.domain.errors import DeadLetterReason, PublishRejected
 from worker.domain.registry import ExperimentRegistry
@@ -109,24 +110,31 @@ def test_legal_amqp_shapes_never_crash_and_poison_is_dead_lettered_alone_on_the_
                 sink=(sink := MemorySink(max_rows=50)),
                 config=PumpConfig(max_batch=50, max_wait=2.0),
             )
-            stats = pump.run(idle_exit=2.0)
+            stats = pump.run(until=settled(len(CASES)))
         finally:
             worker_client.close()
         dead: dict[str, tuple[str, str]] = {}
         with client.get_queue_receiver(
             QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
         ) as receiver:
-            while batch := receiver.receive_messages(max_message_count=100, max_wait_time=1):
-                for message in batch:
-                    key = str(message.message_id)
-                    dead[key] = (message.dead_letter_reason or "", message.dead_letter_error_description or "")
+            # As many as the broker holds: not until a receive comes back empty (a slow link open does).
+            for message in collect(
+                lambda: receiver.receive_messages(max_message_count=100, max_wait_time=1),
+                broker.message_counts(QUEUE)["dead_letter"],
+                what="the dead letters",
+            ):
+                key = str(message.message_id)
+                dead[key] = (message.dead_letter_reason or "", message.dead_letter_error_description or "")
         events: dict[str, list[dict[str, Any]]] = defaultdict(list)
         with client.get_subscription_receiver(
             TOPIC, "all", receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
         ) as receiver:
-            while batch := receiver.receive_messages(max_message_count=100, max_wait_time=1):
-                for message in batch:
-                    events[str(message.message_id)].append(json.loads(b"".join(message.body)))
+            for message in collect(
+                lambda: receiver.receive_messages(max_message_count=100, max_wait_time=1),
+                broker.message_counts(f"{TOPIC}/Subscriptions/all")["active"],
+                what="the events",
+            ):
+                events[str(message.message_id)].append(json.loads(b"".join(message.body)))
         counts = broker.message_counts(QUEUE)
     assert (counts["active"], counts["locked"]) == (0, 0), counts
     # Each message was received exactly once: nothing was abandoned, retried or redelivered.
