@@ -34,6 +34,7 @@ class SubscriptionTail:
         self.subscription = subscription
         self._on_event = on_event
         self._stop = threading.Event()
+        self._read = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="subscription-tail", daemon=True)
         self.received = 0
 
@@ -53,13 +54,19 @@ class SubscriptionTail:
                     self._stop.wait(1.0)
                     continue
                 for message in messages:
-                    self.received += 1
                     self._on_event(message_body(message))
+                    with self._read:
+                        self.received += 1
+                        self._read.notify_all()
 
-    def stop(self, drain_seconds: float = 0.0) -> None:
-        """Stop reading, after ``drain_seconds`` more of reading what is left."""
-        if drain_seconds:
-            time.sleep(drain_seconds)
+    def stop(self, expect: int = 0, timeout: float = 0.0) -> None:
+        """Stop reading, once ``expect`` events were read or ``timeout`` seconds passed waiting for them.
+
+        Waiting for a count, not for a fixed while: on a busy machine the last events of a run can
+        take longer than any fixed pause to come back, and on an idle one they are there at once.
+        """
+        with self._read:
+            self._read.wait_for(lambda: self.received >= expect, timeout)
         self._stop.set()
         self._thread.join(timeout=10)
 
@@ -122,12 +129,14 @@ def read_events(
     stopping early leaves the rest in the subscription. SDK errors are raised as ours. ``on_open`` is
     called once the receiver is open (the subscription exists and may be read).
     """
-    kept, quiet_since = 0, time.monotonic()
+    kept = 0
     with (
         translated(f"reading {topic_name}/Subscriptions/{subscription}"),
         client.get_subscription_receiver(topic_name, subscription) as receiver,
     ):
         on_open()
+        # Idle from the moment it can read: opening the link is not a quiet subscription.
+        quiet_since = time.monotonic()
         while limit is None or kept < limit:
             wanted = 100 if limit is None else min(100, limit - kept)
             messages = receiver.receive_messages(max_message_count=wanted, max_wait_time=0.5)

@@ -219,7 +219,8 @@ class _EventViewer:
     def finish(self, stats: Any, registry: ExperimentRegistry) -> None:
         from worker.cli.demo import summary_table
 
-        self._tail.stop(drain_seconds=1.0)
+        # Every event the run published comes back (the demo's broker is fresh), however slowly.
+        self._tail.stop(expect=sum(stats.assignments.values()), timeout=30.0)
         print(f"\n{counted(self._tail.received, 'event')} read back from subscription 'all'\n", flush=True)
         print(summary_table(stats.assignments, stats.dead_letters, registry, stats.outside), flush=True)
 
