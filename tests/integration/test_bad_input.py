@@ -33,6 +33,7 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.servicebus import ServiceBusAuth, create_client
 from schemas.models import context_problem
+from tests.waiting import collect
 from worker import ABAssignmentAgent, ExperimentRegistry
 from worker.bootstrap import bootstrap
 from worker.cli import main
@@ -482,18 +483,25 @@ def test_malformed_messages_through_the_real_sdk_reach_the_dlq_with_their_reason
         with client.get_queue_receiver(
             QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
         ) as receiver:
-            while batch := receiver.receive_messages(max_message_count=100, max_wait_time=1):
-                for message in batch:
-                    dead[str(message.message_id)].append(
-                        (message.dead_letter_reason or "", message.dead_letter_error_description or "")
-                    )
+            # As many as the broker holds: not until a receive comes back empty (a slow link open does).
+            for message in collect(
+                lambda: receiver.receive_messages(max_message_count=100, max_wait_time=1),
+                broker.message_counts(QUEUE)["dead_letter"],
+                what="the dead letters",
+            ):
+                dead[str(message.message_id)].append(
+                    (message.dead_letter_reason or "", message.dead_letter_error_description or "")
+                )
         events: dict[str, list[bytes]] = defaultdict(list)
         with client.get_subscription_receiver(
             TOPIC, "all", receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
         ) as receiver:
-            while batch := receiver.receive_messages(max_message_count=100, max_wait_time=1):
-                for message in batch:
-                    events[str(message.message_id)].append(b"".join(message.body))
+            for message in collect(
+                lambda: receiver.receive_messages(max_message_count=100, max_wait_time=1),
+                broker.message_counts(f"{TOPIC}/Subscriptions/all")["active"],
+                what="the events",
+            ):
+                events[str(message.message_id)].append(b"".join(message.body))
         counts = broker.message_counts(QUEUE)
     assert counts["active"] == 0
     outcomes = Outcomes(Counter(), dead, events, Counter(r.EventId for r in sink.rows))

@@ -17,6 +17,7 @@ import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
 
 from adapters.local.broker import LocalBroker
+from tests.waiting import collect
 from worker.cli import main
 from worker.cli.common import ExitStatus
 from worker.service.handling import event_id_for
@@ -44,11 +45,11 @@ def _receive(broker: LocalBroker, queue: str, expected: int) -> list:
         ServiceBusClient.from_connection_string(broker.connection_string) as client,
         client.get_queue_receiver(queue) as receiver,
     ):
-        messages: list = []
-        for _ in range(20):
-            if len(messages) >= expected:
-                break
-            messages += receiver.receive_messages(max_message_count=expected, max_wait_time=1)
+        messages = collect(
+            lambda: receiver.receive_messages(max_message_count=expected, max_wait_time=1),
+            expected,
+            what=f"{expected} messages on {queue}",
+        )
         for message in messages:
             receiver.complete_message(message)
     return messages
@@ -198,9 +199,13 @@ def test_events_tail_prints_one_experiment_and_leaves_the_rest(
     assert broker.message_counts(f"{TOPIC}/Subscriptions/all")["active"] == 3
     assert broker.message_counts(f"{TOPIC}/Subscriptions/audit")["active"] == 6
 
-    assert main(["events", "tail", "--idle", "1"]) == ExitStatus.OK
+    assert main(["events", "tail", "--count", "3"]) == ExitStatus.OK
     rest = [json.loads(line)["event_id"] for line in capsys.readouterr().out.splitlines()]
     assert rest == ["e3", "e4", "e5"]
+    # Nothing else was left: an idle tail now reads nothing (idle, not a race with a slow delivery).
+    assert broker.message_counts(f"{TOPIC}/Subscriptions/all")["active"] == 0
+    assert main(["events", "tail", "--idle", "1"]) == ExitStatus.OK
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.timeout(60)
