@@ -12,6 +12,7 @@ import os
 import statistics
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage
@@ -19,6 +20,7 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
 from adapters.servicebus.source import ServiceBusSource
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,24 +65,49 @@ def test_a_lone_request_is_returned_at_once_not_after_the_sdks_batch_wait(broker
     """With the default 2 ms linger a lone message comes back in milliseconds; the SDK alone waits 0.2 s."""
     lingering = statistics.median(_one_at_a_time(broker, linger=0.002))
     sdk = statistics.median(_one_at_a_time(broker, linger=None))
+    # A wait only lasts longer on a busy machine: this cannot fail for slowness, only if the SDK changed.
     assert sdk >= 0.19, f"the SDK's own wait for more is 0.2 s, measured {sdk:.3f} s"
-    # A generous bound (the median is a few ms here): far under the SDK's wait even on a loaded machine.
-    assert lingering < 0.1, f"a lone request took {lingering:.3f} s to come back"
+    # Side by side in one run, not against a fixed bound: a busy machine slows both alike. Kept, the
+    # SDK's wait would make the two about equal; skipped, the linger's receive takes a few ms.
+    assert lingering < sdk / 2, f"a lone request took {lingering:.3f} s to come back, the SDK's wait {sdk:.3f} s"
 
 
 def test_a_backlog_keeps_coming_in_big_batches(broker: LocalBroker) -> None:
-    """A receive keeps gathering while messages keep coming: far more than one linger after the first brings."""
-    count = 2000
+    """A receive keeps gathering while messages keep coming: one receive takes every arrival, not the first.
+
+    The arrivals are driven from the test's side: before each of the source's SDK calls the next chunk
+    is sent and the broker has pushed it onto the open link credit, so messages keep coming however
+    busy the machine is (a backlog streamed by the broker had lulls longer than a linger under load).
+    The SDK alone returns after the first chunk: it waits a linger for more, and no more is sent
+    until the next call.
+    """
+    chunks, size = 4, 100
     client = create_client(ServiceBusAuth(connection_string=broker.connection_string))
-    send_requests(client, QUEUE, [b"{}"] * count, message_ids=[f"m{i}" for i in range(count)])
-    source = ServiceBusSource(client, QUEUE, linger=0.05, window=30.0)
+    source = ServiceBusSource(client, QUEUE, linger=0.25, window=60.0)
+    receiver: Any = source._get_receiver()
+    real_receive = receiver.receive_messages
+    arrivals: list[int] = []
+
+    def next_chunk_then_receive(**options: Any) -> Any:
+        if len(arrivals) < chunks:
+            first = len(arrivals) * size
+            ids = [f"m{i}" for i in range(first, first + size)]
+            send_requests(client, QUEUE, [b"{}"] * size, message_ids=ids)
+            arrivals.append(size)
+            if len(arrivals) > 1:  # the first call grants the credit the broker pushes on
+                wait_for(
+                    lambda: broker.message_counts(QUEUE)["locked"] == sum(arrivals), what="the broker to push the chunk"
+                )
+        return real_receive(**options)
+
+    receiver.receive_messages = next_chunk_then_receive
     try:
-        got = source.receive(count, 10.0)
+        got = source.receive(chunks * size, 10.0)
         source.complete_batch(got)
     finally:
         source.close()
         client.close()
-    assert len(got) >= count // 2, f"one receive gathered only {len(got)} of a {count}-message backlog"
+    assert len(got) == chunks * size, f"one receive gathered {len(got)} of {chunks} arrivals of {size}"
     assert len({d.message_id for d in got}) == len(got)
 
 
@@ -96,12 +123,15 @@ def test_big_messages_cross_a_slow_link_intact_in_short_read_slices(broker: Loca
         client = create_client(ServiceBusAuth(connection_string=proxy.connection_string(broker.connection_string)))
         source = ServiceBusSource(client, QUEUE, linger=0.001, window=0.02)
         got: dict[str, bytes] = {}
+
+        def all_arrived() -> bool:
+            batch = source.receive(100, 2.0)
+            got.update({d.message_id: d.body for d in batch})
+            assert source.complete_batch(batch) == []
+            return len(got) == len(bodies)
+
         try:
-            deadline = time.monotonic() + 60
-            while len(got) < len(bodies) and time.monotonic() < deadline:
-                batch = source.receive(100, 2.0)
-                got.update({d.message_id: d.body for d in batch})
-                assert source.complete_batch(batch) == []
+            wait_for(all_arrived, 60, f"the {len(bodies)} big messages through the slow link", interval=0)
         finally:
             source.close()
             client.close()
@@ -116,7 +146,6 @@ def test_closing_over_a_distant_link_releases_requests_already_on_their_way(brok
     is long before transfers cross a 50 ms link, and they would stay locked until the lock expires.
     """
     from adapters.local.faultproxy import delayed
-    from tests.waiting import wait_for
 
     with (
         delayed(broker.port, 0.05) as proxy,
@@ -134,5 +163,6 @@ def test_closing_over_a_distant_link_releases_requests_already_on_their_way(brok
         finally:
             source.close()
             client.close()
-    wait_for(lambda: broker.message_counts(QUEUE)["locked"] == 0, timeout=5, what="the requests being released")
+    # Well under the 60 s lock: released on close, not left to lapse.
+    wait_for(lambda: broker.message_counts(QUEUE)["locked"] == 0, what="the requests being released")
     assert broker.message_counts(QUEUE)["active"] == 5
