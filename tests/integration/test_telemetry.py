@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = 200
 
 
-def run_worker(appinsights: AppInsightsStandIn, count: int = MESSAGES) -> tuple[dict[str, Any], str]:
+def run_worker(appinsights: AppInsightsStandIn, count: int = MESSAGES, *options: str) -> tuple[dict[str, Any], str]:
     """Run the pump in a fresh interpreter (warnings as errors); its JSON summary and its stderr."""
     env = {
         key: value
@@ -34,7 +34,7 @@ def run_worker(appinsights: AppInsightsStandIn, count: int = MESSAGES) -> tuple[
     }
     env["APPLICATIONINSIGHTS_CONNECTION_STRING"] = appinsights.connection_string
     completed = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "tests.integration.telemetry_worker", str(count)],
+        [sys.executable, "-W", "error", "-m", "tests.integration.telemetry_worker", str(count), *options],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -112,25 +112,31 @@ def test_raw_context_and_secrets_never_leave(appinsights: AppInsightsStandIn) ->
     assert "InstrumentationKey" not in stderr
 
 
-@pytest.mark.parametrize("outage", ["down", "503", "slow"])
+@pytest.mark.parametrize("outage", ["down", "503", "hang"])
 def test_outage_never_slows_or_stops_processing(appinsights: AppInsightsStandIn, outage: str) -> None:
-    """Ingestion refused, failing or hanging for the whole run: every message completes just as fast."""
+    """Ingestion refused, failing or hanging for the whole run: every message completes, none waits on an export.
+
+    Half the requests are processed after the exporter first tried the endpoint (a hung export never
+    ends): an export on the pump's path would stop them. No socket is opened from the pump's threads.
+    """
     if outage == "down":
         appinsights.down()
     elif outage == "503":
         appinsights.fail_with(503)
     else:
-        appinsights.slow(30)
+        appinsights.hang()
 
-    summary, stderr = run_worker(appinsights)
+    summary, stderr = run_worker(appinsights, MESSAGES, "outage")
 
     assert summary["completed"] == MESSAGES
     assert summary["abandoned"] == 0
     assert summary["dead_letters"] == 0
-    # Processing 200 messages takes well under a second; telemetry must not add export time to it.
-    assert summary["run_seconds"] < 3.0
-    # Shutdown is bounded (5 s budget) whatever the endpoint does.
-    assert summary["shutdown_seconds"] < 6.5
+    threads = summary["connecting_threads_while_running"]
+    assert threads, "the exporter never tried the endpoint while the pump ran: nothing was proven"
+    assert not [t for t in threads if t == "MainThread" or t.startswith("pump-")], threads
+    # Shutdown keeps to its 5 s budget whatever the endpoint does (tests/unit/test_telemetry_shutdown.py
+    # holds the budget itself); this guard only catches a shutdown that waited on the endpoint.
+    assert summary["shutdown_seconds"] < 30
     assert process_spans(appinsights) == []
     assert appinsights.instrumentation_key not in stderr
     assert "Traceback" not in stderr
