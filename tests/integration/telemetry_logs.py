@@ -22,7 +22,8 @@ def main() -> int:
     """Log as the adapters, the CLI and the service do; print the logger names used."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     install_log_redaction()
-    telemetry = configure_telemetry("appinsights", export_interval_s=0.5, export_timeout_s=2.0)
+    # Generous budgets: on a busy machine a flush that ran out would drop the logs the test looks for.
+    telemetry = configure_telemetry("appinsights", export_interval_s=0.5, export_timeout_s=10.0)
     logging.getLogger("adapters.servicebus").warning("lock renewal failed for m1 via %s", CONNECTION)
     logging.getLogger("adapters.servicebus").info("settlement fallback: one by one (range refused)")
     cli.log.warning("cli line: replaying with %s", CONNECTION)
@@ -32,7 +33,7 @@ def main() -> int:
         logging.getLogger("adapters.kusto.sink").exception("Kusto ingestion failed")
     logging.getLogger("worker.service.pump").info("record sink is back; resuming")
     logging.getLogger("worker.service.pump").debug("below the level: FAKE-DEBUG-LINE")
-    flushed = telemetry.shutdown(timeout=5.0)
+    flushed = telemetry.shutdown(timeout=30.0)
     print(json.dumps({"flushed": flushed, "cli_logger": cli.log.name}), flush=True)
     return 0
 

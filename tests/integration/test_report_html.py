@@ -63,7 +63,7 @@ def chromium(profile: Path, *arguments: str) -> subprocess.CompletedProcess[str]
         f"--window-size={WIDTH},{HEIGHT}",
         *arguments,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)  # a hang guard
 
 
 def read_png(path: Path) -> np.ndarray[Any, Any]:
