@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import logging
-import time
 from collections import Counter
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from adapters.experiments import ReloadingRegistry
+from tests.waiting import wait_for
 from worker import ExperimentRegistry
 from worker.cli import main
 from worker.cli.common import ExitStatus
@@ -117,9 +117,7 @@ def test_broken_edit_is_reported_on_the_reload_interval_while_idle(
     caplog.set_level(logging.ERROR)
     with registry.watching():
         path.write_text("experiments:\n  - {id: a, split: {A: 0.5, B: 0.6}}\n", encoding="utf-8")
-        deadline = time.monotonic() + 30
-        while registry.failed_reloads == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: registry.failed_reloads > 0, what="the watcher to try the broken edit")
     assert registry.failed_reloads == 1
     assert any(r.levelno == logging.ERROR and "NOT reloaded" in r.getMessage() for r in caplog.records)
     assert registry.current().get("a") is not None

@@ -37,7 +37,11 @@ experiments:
 """
 
 
-def load_within(path: Path, seconds: float = 5.0) -> BaseException | None:
+#: Only a loader that blocks (a FIFO with no writer) or expands a bomb (minutes, gigabytes) outlasts this.
+HANG_GUARD = 30.0
+
+
+def load_within(path: Path, seconds: float = HANG_GUARD) -> BaseException | None:
     """ExperimentRegistry.load(path) in a thread; the exception it raised (the test fails if it hangs)."""
     outcome: list[BaseException | None] = []
 
@@ -56,14 +60,12 @@ def load_within(path: Path, seconds: float = 5.0) -> BaseException | None:
 
 
 def test_an_alias_bomb_is_refused_quickly_by_the_expansion_it_would_cause(tmp_path: Path) -> None:
-    """500 bytes that expand to a billion nodes: refused in well under a second, naming the file."""
+    """500 bytes that expand to a billion nodes: refused before expanding them, naming the file."""
     path = tmp_path / "experiments.yaml"
     path.write_text(alias_bomb(), encoding="utf-8")
     assert path.stat().st_size < 1000
-    started = time.monotonic()
-    error = load_within(path)
+    error = load_within(path)  # expanding them would take minutes and gigabytes, not the guard's 30 s
     assert isinstance(error, ConfigurationError)
-    assert time.monotonic() - started < 2.0
     assert str(path) in str(error)
     assert "aliases expand this document" in str(error)
 
@@ -132,7 +134,7 @@ def test_a_reload_into_a_fifo_keeps_the_last_good_registry(tmp_path: Path) -> No
     os.mkfifo(path)
     started = time.monotonic()
     assert "exp_a" in registry.current()
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < HANG_GUARD  # opening it for reading would wait for a writer forever
     assert len(errors) == 1
     assert "a FIFO" in errors[0]
 
