@@ -14,27 +14,17 @@ import resource
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from adapters.files import JsonLinesSink
 from adapters.memory import MemoryPublisher, MemorySource
+from tests.waiting import wait_for
 from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
 from worker.service.pump import PumpConfig
 
 REQUESTS = 40
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_disk", "split": {"A": 0.5, "B": 0.5}}]})
-
-
-def wait_for(condition: object, timeout: float = 30.0) -> bool:
-    """Poll ``condition()`` until true or ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def whole_lines(path: Path) -> bool:
@@ -68,7 +58,9 @@ def main(argv: list[str]) -> int:
     )
     runner = threading.Thread(target=pump.run, kwargs={"idle_exit": 0.5})
     runner.start()
-    held = wait_for(lambda: pump.stats.downstream_retries >= 3)
+    # Fails this process, naming what it waited for, if the pump never holds through the full disk.
+    wait_for(lambda: pump.stats.downstream_retries >= 3, what="three failed flushes into the full disk")
+    held = True
     _, ready, detail = pump.health()
     whole_during_outage = whole_lines(path)
     resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space freed
