@@ -218,7 +218,8 @@ NETWORK_JAIL = textwrap.dedent(
 
 def probe(port: int, path: str) -> int | None:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as response:
+        # The status is the verdict, not how fast a busy machine answers: a generous timeout.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return error.code
