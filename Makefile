@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: install run broker test lint checkov unit bench bench-worker bench-growthbook sdk-drill lock schemas docs clean
+.PHONY: install run broker test lint checkov unit durations bench bench-worker bench-growthbook sdk-drill lock schemas docs clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ checkov: $(CHECKOV_STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -m "not integration"
+
+## Refresh tests/durations.json from a whole run: the suite starts its longest tests first by it.
+durations: $(STAMP)
+	$(BIN)/pytest --record-durations
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_assignment

@@ -3,33 +3,42 @@
 Most of the suite's wall time is waiting (SDK links opening and closing, worker subprocesses,
 lock expiry), so the default run spreads tests over more processes than there are cores. A
 targeted run (``pytest tests/unit/test_x.py``) stays in one process, which starts faster.
+
+The longest tests start first, so that none of them begins last and alone: their order comes from
+``tests/durations.json``, each test's time as recorded by a whole run with ``--record-durations``
+(``make durations``). A test the file does not know (new, or under a second) falls back to the
+integration-first rule. Only the order depends on the file: a stale or missing entry costs time,
+never a test.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
-#: The longest tests (``pytest --durations``), started first so that none of them begins last and
-#: alone. Only the order depends on this list: a stale or missing entry costs time, never a test.
-LONGEST_FIRST = (
-    "tests/unit/test_deploy.py::test_image_install_steps_produce_a_working_entrypoint",
-    "tests/integration/test_faults.py::test_sigkill_mid_batch_then_restart_loses_nothing",
-    "tests/integration/test_bad_input.py::test_malformed_messages_are_dead_lettered_once_with_the_right_reason",
-    "tests/integration/test_worker_servicebus.py::test_broker_restart_mid_run_loses_nothing",
-    "tests/integration/test_secrets.py::test_operator_commands_leak_nothing",
-    "tests/integration/test_scale.py::test_two_worker_processes_share_a_queue_without_loss",
-    "tests/integration/test_faults.py::test_sigterm_during_busy_run_exits_zero_in_time_and_loses_nothing",
-    "tests/integration/test_secrets.py::test_error_paths_leak_nothing",
-    "tests/integration/test_faults.py::test_connection_drops_and_broker_restart_lose_nothing",
-    "tests/integration/test_secrets.py::test_worker_against_a_closed_port_leaks_nothing_and_stops_on_sigterm",
-    "tests/integration/test_worker_servicebus.py::test_unknown_experiment_hot_reload_then_replay",
-    "tests/integration/test_secrets.py::test_worker_run_at_debug_with_telemetry_leaks_nothing",
-    "tests/integration/test_newcomer.py::test_two_make_runs_leave_one_runs_files_and_next_steps_that_run_as_printed",
-    "tests/integration/test_drain_unreachable.py::test_a_port_that_never_speaks_ends_the_drain_with_status_5",
-    "tests/integration/test_newcomer.py::test_make_broker_keeps_the_demo_and_its_dead_letters_for_the_operator_commands",
-)
+#: Each test's seconds (setup, call and teardown) in a recorded run, longest first.
+DURATIONS = Path(__file__).with_name("durations.json")
+#: Tests shorter than this are left out of the file: where they start makes no difference.
+RECORD_AT_LEAST = 1.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--record-durations``: write this run's test times to tests/durations.json."""
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help=f"write each test's time to {DURATIONS.name} (for the next runs' order; see tests/conftest.py)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Record durations in the controlling process only (under xdist the workers report to it)."""
+    if config.getoption("--record-durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(DurationRecorder(DURATIONS), "duration-recorder")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -39,13 +48,49 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return int(os.environ.get("AB_WORKER_TEST_PROCESSES", "6"))
 
 
+def recorded_durations(path: Path = DURATIONS) -> dict[str, float]:
+    """The recorded seconds per test id; empty when there is no file yet."""
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return {}
+
+
+def start_order(item: pytest.Item, recorded: dict[str, float]) -> tuple[int, float]:
+    """Recorded tests first, longest first; then the other integration tests (they wait more than
+    they compute); then the rest."""
+    seconds = recorded.get(item.nodeid)
+    if seconds is not None:
+        return 0, -seconds
+    return (1 if item.get_closest_marker("integration") else 2), 0.0
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest tests first, then the other integration tests (they wait more than they compute), then the rest."""
-    rank = {node_id: position for position, node_id in enumerate(LONGEST_FIRST)}
+    """Sort the run by :func:`start_order` (stable: file order within a group)."""
+    recorded = recorded_durations()
+    items.sort(key=lambda item: start_order(item, recorded))
 
-    def key(item: pytest.Item) -> tuple[int, int]:
-        if item.nodeid in rank:
-            return 0, rank[item.nodeid]
-        return (1 if item.get_closest_marker("integration") else 2), 0
 
-    items.sort(key=key)
+class DurationRecorder:
+    """Adds up each test's phases as the reports arrive and merges them into the durations file.
+
+    A whole run rewrites every entry it ran; a targeted run updates only its own tests. Tests that
+    ran under :data:`RECORD_AT_LEAST` are dropped from the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seconds[report.nodeid] += report.duration
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        durations = recorded_durations(self.path)
+        for node_id, seconds in self.seconds.items():
+            if seconds >= RECORD_AT_LEAST:
+                durations[node_id] = round(seconds, 1)
+            else:
+                durations.pop(node_id, None)
+        ordered = dict(sorted(durations.items(), key=lambda entry: (-entry[1], entry[0])))
+        self.path.write_text(json.dumps(ordered, indent=0) + "\n", encoding="utf-8")
