@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
 from worker.cli import main
 from worker.cli.common import EXIT_MEANINGS, ExitStatus, describe, exit_status_table
 
@@ -261,6 +262,22 @@ def fifo(tmp_path: Path) -> Path:
     return path
 
 
+def reading_a_pipe(pid: int) -> bool:
+    """True when a thread of ``pid`` sleeps in a pipe read (the kernel's wait channel says so).
+
+    Where the kernel does not tell (a wait channel of "0"), this cannot be known: True.
+    """
+    channels = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            channels.append((task / "wchan").read_text(encoding="ascii").strip())
+        except OSError:
+            continue
+    if channels and all(channel in ("", "0") for channel in channels):
+        return True
+    return any("pipe" in channel for channel in channels)
+
+
 def _interrupt(
     argv: list[str], fifo: Path, first_line: str, tmp_path: Path, close_first: bool = False
 ) -> tuple[int, str]:
@@ -275,6 +292,10 @@ def _interrupt(
         with fifo.open("w") as writer:  # returns once the command has opened the pipe: it is running
             writer.write(first_line)
             writer.flush()
+            # Interrupt it once it waits for more input. Sent a moment before its read begins, the
+            # signal is only flagged, and the read it then enters waits for ever (a busy machine hit
+            # that window: no Ctrl-C is lost that way once the command is inside its read).
+            wait_for(lambda: reading_a_pipe(process.pid), what=f"{argv[0]} to wait on its input")
             process.send_signal(signal.SIGINT)
             if not close_first:
                 _, err = process.communicate(timeout=60)
