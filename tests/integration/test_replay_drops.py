@@ -19,6 +19,7 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.local.faultproxy import FaultProxy
 from adapters.servicebus import ServiceBusAuth, create_client
 from adapters.servicebus.dlq import DeadLetter, Entity, ReplayFilter, browse, replay, replay_message
+from tests.waiting import collect, wait_for
 from worker.cli import main
 
 pytestmark = [
@@ -65,11 +66,15 @@ def _dead_letter(broker: LocalBroker, count: int) -> None:
                     ]
                 )
         with client.get_queue_receiver(QUEUE) as receiver:
-            left = count
-            while left:
-                for message in receiver.receive_messages(max_message_count=min(left, 200), max_wait_time=5):
+            left = [count]
+
+            def dead_lettered() -> bool:
+                for message in receiver.receive_messages(max_message_count=min(left[0], 200), max_wait_time=5):
                     receiver.dead_letter_message(message, reason="UnknownExperiment", error_description="test")
-                    left -= 1
+                    left[0] -= 1
+                return left[0] == 0
+
+            wait_for(dead_lettered, 120, f"the {count} requests to be dead-lettered", interval=0)
 
 
 def _everything(broker: LocalBroker, sub_queue: ServiceBusSubQueue | None) -> list[ServiceBusReceivedMessage]:
@@ -145,7 +150,7 @@ def test_a_rerun_after_an_interruption_sends_no_copy_that_is_already_out(
         with client.get_queue_sender(QUEUE) as sender:
             sender.send_messages(replay_message(letters["m5"], entity))
         with client.get_queue_receiver(QUEUE) as receiver:  # m5's copy failed again: back in the DLQ
-            (copy,) = receiver.receive_messages(max_message_count=1, max_wait_time=5)
+            (copy,) = collect(lambda: receiver.receive_messages(max_message_count=1, max_wait_time=5), 1)
             receiver.dead_letter_message(copy, reason="UnknownExperiment", error_description="again")
         with client.get_queue_sender(QUEUE) as sender:
             sender.send_messages([replay_message(letters[f"m{i}"], entity) for i in range(5)])

@@ -24,6 +24,7 @@ from azure.servicebus import (
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from tests.waiting import wait_for
 from worker.cli import main
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import REPLAY_ORIGINAL_ENQUEUED_TIME, event_id_for
@@ -102,11 +103,12 @@ def _drain(
             else client.get_queue_receiver(entity, sub_queue=sub_queue, receive_mode=mode)
         )
         with receiver:
-            for _ in range(50):
-                if len(got) >= count:
-                    break
-                got += receiver.receive_messages(max_message_count=count - len(got), max_wait_time=2)
-    assert len(got) == count, f"{len(got)} of {count} messages on {entity}"
+
+            def taken() -> bool:
+                got.extend(receiver.receive_messages(max_message_count=count - len(got), max_wait_time=2))
+                return len(got) >= count
+
+            wait_for(taken, 100, f"{count} messages on {entity}", interval=0, detail=lambda: f"{len(got)} arrived")
     return got
 
 
