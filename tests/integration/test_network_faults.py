@@ -44,6 +44,7 @@ from tests.integration.test_faults import (
     drain_events,
     read_rows,
 )
+from tests.waiting import wait_for
 from worker import bootstrap
 from worker.domain.errors import TransientError
 from worker.domain.registry import ExperimentRegistry
@@ -105,11 +106,13 @@ class RunningWorker:
         return self
 
     def readyz(self) -> int:
-        """GET /readyz over HTTP; the status code."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.health.port, timeout=5)
+        """GET /readyz over HTTP; the status code (0 when no answer came: a sample that is neither)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.health.port, timeout=10)
         try:
             conn.request("GET", "/readyz")
             return conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return 0
         finally:
             conn.close()
 
@@ -158,16 +161,6 @@ def scenario(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Scenari
     gc.collect()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until ``condition``; the seconds it took. Fails the test after ``timeout``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def fault(s: Scenario, inject: Callable[[], None], *, stops_progress: bool, hold: float) -> None:
     """Inject, hold (until /readyz says 503 when the fault stops progress, then ``hold`` more), clear."""
     s.fault_on = time.monotonic()
@@ -186,7 +179,7 @@ def finish_and_prove(s: Scenario, *, stops_progress: bool) -> dict[str, Any]:
     timeline = s.worker.timeline
     # The last completions may land just after the fault cleared: let the prober see them.
     drained = time.monotonic()
-    wait_for(lambda: timeline.samples[-1][0] > drained, 10, "a probe after the drain")
+    wait_for(lambda: timeline.samples[-1][0] > drained, 30, "a probe after the drain")
     progress = timeline.completed_at(s.fault_off)
     resumed = timeline.first(s.fault_off, lambda _, done: done > progress)
     ready_again = timeline.first(s.fault_off, lambda st, _: st == 200)
