@@ -36,6 +36,7 @@ from adapters.servicebus.internals import (
     top_up_management_credit,
 )
 from adapters.servicebus.settle import on_current_link, stamp_link
+from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -89,16 +90,18 @@ def receiver(broker: LocalBroker) -> Iterator[ServiceBusReceiver]:
 def receive(receiver: ServiceBusReceiver, count: int) -> list[ServiceBusReceivedMessage]:
     """Exactly ``count`` messages, each stamped with the link it arrived on."""
     got: list[ServiceBusReceivedMessage] = []
-    for _ in range(20):
+
+    def arrived() -> bool:
         try:
             more = receiver.receive_messages(max_message_count=count - len(got), max_wait_time=2)
         except ServiceBusConnectionError:
-            continue  # the connection was dropped: the next call reconnects this receiver
+            return False  # the connection was dropped: the next call reconnects this receiver
         stamp_link(receiver, more)
         got.extend(more)
-        if len(got) == count:
-            return got
-    pytest.fail(f"received {len(got)} of {count}")
+        return len(got) >= count
+
+    wait_for(arrived, 60, f"{count} messages", interval=0, detail=lambda: f"received {len(got)}")
+    return got
 
 
 def counts(broker: LocalBroker) -> tuple[int, int, int]:

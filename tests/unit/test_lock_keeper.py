@@ -110,10 +110,10 @@ def test_an_sdk_surprise_during_a_renewal_is_retried_and_the_keeper_goes_on(surp
     held: list[Any] = [Message("a"), Message("b")]
     try:
         keeper.hold(None, held)  # type: ignore[arg-type]
-        wait_for(lambda: broker.renewed("a") >= 3, 10, "a renewed after the surprise")
+        wait_for(lambda: broker.renewed("a") >= 3, 30, "a renewed after the surprise")
         later: list[Any] = [Message("c")]
         keeper.hold(None, later)  # type: ignore[arg-type]
-        wait_for(lambda: broker.renewed("c") >= 1, 10, "a message held later renewed too")
+        wait_for(lambda: broker.renewed("c") >= 1, 30, "a message held later renewed too")
     finally:
         keeper.close()
     assert keeper.request_failures == 1
@@ -127,7 +127,7 @@ def test_an_unexpected_error_does_not_end_the_keeper_thread() -> None:
     held: list[Any] = [Message("a"), Message("b")]
     try:
         keeper.hold(None, held)  # type: ignore[arg-type]
-        wait_for(lambda: broker.renewed("b") >= 3, 10, "renewals after a failed round")
+        wait_for(lambda: broker.renewed("b") >= 3, 30, "renewals after a failed round")
     finally:
         keeper.close()
 
