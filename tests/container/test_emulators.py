@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,10 +125,11 @@ def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulato
 
     from adapters.memory import MemorySink
     from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+    from tests.waiting import collect
     from worker import ExperimentRegistry
     from worker.bootstrap import bootstrap
     from worker.service.handling import event_id_for
-    from worker.service.pump import PumpConfig
+    from worker.service.pump import PumpConfig, settled
     from worker.service.settings import WorkerSettings
 
     registry = ExperimentRegistry.load(REPO / "deploy" / "experiments.yaml")
@@ -146,17 +146,19 @@ def test_happy_path_and_dead_letters_on_the_official_emulator(servicebus_emulato
             registry=lambda: registry,
             config=PumpConfig(max_wait=2),
         )
-        stats = pump.run(idle_exit=5)
+        stats = pump.run(until=settled(21))
         sb.close()
-        got: set[str] = set()
-        deadline = time.monotonic() + 30
         with client.get_subscription_receiver("assignment-events", "all") as receiver:
-            while len(got) < 20 and time.monotonic() < deadline:
-                for message in receiver.receive_messages(max_message_count=50, max_wait_time=5):
-                    got.add(str(message.message_id))
-                    receiver.complete_message(message)
+            events = collect(
+                lambda: receiver.receive_messages(max_message_count=50, max_wait_time=5), 20, 60, "the 20 events"
+            )
+            for message in events:
+                receiver.complete_message(message)
+        got = {str(message.message_id) for message in events}
         with client.get_queue_receiver("assignment-requests", sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
-            dead = receiver.receive_messages(max_message_count=5, max_wait_time=5)
+            dead = collect(
+                lambda: receiver.receive_messages(max_message_count=5, max_wait_time=5), 1, 60, "the dead letter"
+            )
     assert stats.completed == 20
     assert got == {event_id_for(i) for i in ids}
     assert [m.dead_letter_reason for m in dead] == ["InvalidJson"]
