@@ -15,6 +15,7 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from adapters.servicebus.internals import GUARDS
 from adapters.servicebus.settle import RangeSettlement
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,10 +66,12 @@ class PublicOnlyReceivers:
 def receive_all(source: ServiceBusSource, count: int) -> list[Any]:
     """Receive until ``count`` deliveries are in hand (the first receive also opens the link)."""
     got: list[Any] = []
-    for _ in range(20):
-        got += source.receive(count - len(got), 2.0)
-        if len(got) >= count:
-            break
+
+    def arrived() -> bool:
+        got.extend(source.receive(count - len(got), 2.0))
+        return len(got) >= count
+
+    wait_for(arrived, 60, f"{count} deliveries", interval=0, detail=lambda: f"{len(got)} arrived")
     assert len(got) == count
     return got
 
