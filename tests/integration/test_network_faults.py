@@ -290,18 +290,16 @@ def test_quiet_receiver_on_a_silent_connection_is_probed_and_dropped(blackholed:
     try:
         assert source.receive(5, 2.0), "nothing received before the fault"
         proxy.blackhole()
-        started = time.monotonic()
+        # Within 20 empty receives (a receiver that never probed would return nothing for ever).
         with pytest.raises(TransientError, match="liveness check"):
             receive_until_error(source, attempts=20)
-        took = time.monotonic() - started
     finally:
         source.close()
     assert source.watch.silences == 1
     assert source.reconnects == 1
-    assert took < 15
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_a_handshake_that_never_answers_is_cut_by_the_watchdog(blackholed: Any) -> None:
     """A new connection accepted but silent blocks the SDK's handshake forever; the watchdog cuts it."""
     _, proxy, client = blackholed
@@ -324,5 +322,6 @@ def test_a_handshake_that_never_answers_is_cut_by_the_watchdog(blackholed: Any) 
         publisher.close()
     assert source.watch.watchdog.aborts >= 1
     assert publisher.watch.watchdog.aborts >= 1
-    assert receive_took < 20
-    assert publish_took < 20
+    # Hang guards (the handshake never answers: without the watchdog neither call would return).
+    assert receive_took < 45
+    assert publish_took < 45
