@@ -955,7 +955,8 @@ def _unprivileged_prefix() -> tuple[list[str], str | None]:
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(240)
+# A hang guard about four times what the installs take with both cores busy (~160 s): not a speed bound.
+@pytest.mark.timeout(600)
 def test_image_install_steps_produce_a_working_entrypoint() -> None:
     build_stage = dockerfile_stages()[1]
     reason: str | None = None
