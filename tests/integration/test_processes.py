@@ -64,7 +64,12 @@ def test_two_processes_drain_one_queue_and_a_killed_one_is_restarted_losing_noth
         env = worker_env(broker.connection_string, PREFETCH="0", MAX_BATCH="50", HEALTH_PORT=str(health))
         worker = WorkerProcess(tmp_path, "supervised", env, "--processes", "2", "--drain")
         try:
-            wait_for(lambda: len(children(worker.proc.pid)) == 2, 90, "two pump processes")
+            wait_for(
+                lambda: len(children(worker.proc.pid)) == 2,
+                90,
+                "two pump processes",
+                detail=lambda: f"exit status {worker.proc.poll()}; {worker.stderr[-2000:]}",
+            )
             wait_for(lambda: probe(health, "/readyz")[0] == 200, 60, "the supervisor's /readyz to be 200")
             assert probe(health, "/readyz") == (200, "ok (2 processes)")
             wait_for(busy(broker, 300), 60, "the processes to be mid-run")
@@ -137,14 +142,19 @@ def test_a_stopped_process_fails_healthz_naming_it_and_is_replaced_losing_nothin
         worker = WorkerProcess(tmp_path, "supervised", env, "--processes", "2", "--drain")
         victim = 0
         try:
-            wait_for(lambda: len(children(worker.proc.pid)) == 2, 90, "two pump processes")
+            wait_for(
+                lambda: len(children(worker.proc.pid)) == 2,
+                90,
+                "two pump processes",
+                detail=lambda: f"exit status {worker.proc.poll()}; {worker.stderr[-2000:]}",
+            )
             wait_for(lambda: probe(health, "/readyz")[0] == 200, 60, "the supervisor's /readyz to be 200")
             wait_for(busy(broker, 300), 60, "the processes to be mid-run")
             first = children(worker.proc.pid)
             victim = min(first)
             os.kill(victim, signal.SIGSTOP)
 
-            wait_for(lambda: probe(health, "/healthz")[0] == 503, 60, "/healthz to fail for the stopped process")
+            wait_for(lambda: probe(health, "/healthz")[0] == 503, 120, "/healthz to fail for the stopped process")
 
             status, detail = probe(health, "/healthz")
             assert status == 503
