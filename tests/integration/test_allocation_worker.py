@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
-from tests.waiting import wait_for
+from tests.waiting import collect, wait_for
 from worker import ABAssignmentAgent, ExperimentRegistry
 from worker.bootstrap import bootstrap
 from worker.service.handling import event_id_for
@@ -102,16 +101,16 @@ def _publish(broker: LocalBroker, bodies: Sequence[dict[str, Any] | bytes], ids:
 def _events(broker: LocalBroker, expected: int) -> dict[str, list[bytes]]:
     """Every event on the subscription (removed as read), by message id, in arrival order; fails when short."""
     events: dict[str, list[bytes]] = defaultdict(list)
-    deadline = time.monotonic() + 30
     with (
         ServiceBusClient.from_connection_string(broker.connection_string) as client,
         client.get_subscription_receiver(
             TOPIC, SUBSCRIPTION, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE, prefetch_count=200
         ) as receiver,
     ):
-        while sum(map(len, events.values())) < expected and time.monotonic() < deadline:
-            for message in receiver.receive_messages(max_message_count=200, max_wait_time=0.5):
-                events[str(message.message_id)].append(b"".join(message.body))
+        for message in collect(
+            lambda: receiver.receive_messages(max_message_count=200, max_wait_time=0.5), expected, what="the events"
+        ):
+            events[str(message.message_id)].append(b"".join(message.body))
     assert sum(map(len, events.values())) == expected, f"{sum(map(len, events.values()))} events, not {expected}"
     return events
 
@@ -119,18 +118,18 @@ def _events(broker: LocalBroker, expected: int) -> dict[str, list[bytes]]:
 def _dead_letters(broker: LocalBroker, expected: int) -> dict[str, tuple[str, str]]:
     """Dead letters by message id: (reason, description)."""
     found: dict[str, tuple[str, str]] = {}
-    deadline = time.monotonic() + 30
     with (
         ServiceBusClient.from_connection_string(broker.connection_string) as client,
         client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver,
     ):
-        while len(found) < expected and time.monotonic() < deadline:
-            for message in receiver.receive_messages(max_message_count=50, max_wait_time=0.5):
-                found[str(message.message_id)] = (
-                    str(message.dead_letter_reason),
-                    str(message.dead_letter_error_description),
-                )
-                receiver.complete_message(message)
+        for message in collect(
+            lambda: receiver.receive_messages(max_message_count=50, max_wait_time=0.5),
+            expected,
+            what="the dead letters",
+        ):
+            reason, description = message.dead_letter_reason, message.dead_letter_error_description
+            found[str(message.message_id)] = (str(reason), str(description))
+            receiver.complete_message(message)
     assert len(found) == expected, found
     return found
 
