@@ -17,6 +17,7 @@ import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQueue
 
 from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.servicebus import LockKeeper
 from adapters.servicebus.dlq import SKIP_NOT_RECEIVED, DeadLetter, Entity, ReplayFilter, browse, replay
 from tests.waiting import collect, wait_for
 from worker.cli import main
@@ -382,7 +383,15 @@ def test_a_dead_letter_locked_elsewhere_is_reported_skipped_not_silently_left(
     _dead_letter(client, QUEUE, [ServiceBusMessage(_body(f"U{i}", "exp")) for i in range(3)], "UnknownExperiment")
     with client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as other:
         (taken,) = collect(lambda: other.receive_messages(max_message_count=1, max_wait_time=5), 1, what="a match")
-        outcome = replay(client, Entity.parse(QUEUE), ReplayFilter(reason="UnknownExperiment"), max_wait=0.5)
+        # The other receiver keeps its lock for as long as the replay takes, as a worker would: the
+        # replay takes seconds, and a minute on a busy machine, longer than the 60 s lock.
+        keeper = LockKeeper()
+        keeper.hold(other, [taken])
+        try:
+            outcome = replay(client, Entity.parse(QUEUE), ReplayFilter(reason="UnknownExperiment"), max_wait=0.5)
+        finally:
+            keeper.release(taken)
+            keeper.close()
         other.abandon_message(taken)
 
     assert len(outcome.replayed) == 2
