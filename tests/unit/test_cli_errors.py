@@ -265,14 +265,19 @@ def fifo(tmp_path: Path) -> Path:
 def reading_a_pipe(pid: int) -> bool:
     """True when a thread of ``pid`` sleeps in a pipe read (the kernel's wait channel says so).
 
-    Where the kernel does not tell (a wait channel of "0"), this cannot be known: True.
+    Only sleeping threads count: a running or runnable thread's wait channel reads "0" too, and a
+    process the scheduler has not yet run (a busy machine) is not waiting in its read. Where the
+    kernel does not tell (a sleeping thread's wait channel of "0"), this cannot be known: True.
     """
     channels = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            channels.append((task / "wchan").read_text(encoding="ascii").strip())
-        except OSError:
+            state = (task / "stat").read_text(encoding="ascii").rpartition(")")[2].split()[0]
+            channel = (task / "wchan").read_text(encoding="ascii").strip()
+        except (OSError, IndexError):
             continue
+        if state in ("S", "D"):
+            channels.append(channel)
     if channels and all(channel in ("", "0") for channel in channels):
         return True
     return any("pipe" in channel for channel in channels)
