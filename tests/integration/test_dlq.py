@@ -549,7 +549,7 @@ def test_replay_from_a_repaired_file_says_the_originals_stay_and_purge_from_remo
     assert f"purged 2 of the 2 dead letters {repaired_file} names, from {QUEUE}; 0 not in" in capsys.readouterr().err
     assert sorted(str(x.message_id) for x in _dlq(client, QUEUE)) == ["m2", "m9"]
     with client.get_queue_receiver(QUEUE) as receiver:
-        copies = receiver.receive_messages(max_message_count=2, max_wait_time=5)
+        copies = collect(lambda: receiver.receive_messages(max_message_count=2, max_wait_time=5), 2, what="2 copies")
     assert sorted(json.loads(b"".join(m.body))["experiment_id"] for m in copies) == ["exp_new", "exp_new"]
 
     assert main([*command[1:], "--yes"]) == 0  # again: nothing left to remove, and it says so
