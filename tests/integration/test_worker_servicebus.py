@@ -173,7 +173,9 @@ def test_reply_to_receives_the_event(broker):
             sender.send_messages(ServiceBusMessage(_request("U123"), message_id="ask-1", reply_to=REPLIES))
         _pump(broker.connection_string).run(until=settled(1))
         with client.get_queue_receiver(REPLIES) as receiver:
-            (reply,) = receiver.receive_messages(max_message_count=5, max_wait_time=5)
+            (reply,) = collect(
+                lambda: receiver.receive_messages(max_message_count=5, max_wait_time=5), 1, what="the reply"
+            )
             receiver.complete_message(reply)
     event = json.loads(b"".join(reply.body))
     assert (event["user_id"], event["variant_id"], event["hash_value"]) == ("U123", "A", 0.002099)
