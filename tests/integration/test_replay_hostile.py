@@ -28,6 +28,7 @@ from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from tests.waiting import collect
 from worker.cli import main
 from worker.domain.registry import ExperimentRegistry
 from worker.service.pump import Pump, PumpConfig, PumpStats, settled
@@ -93,11 +94,10 @@ def _events_by_user(broker: LocalBroker, count: int) -> dict[str, list[str]]:
         ServiceBusClient.from_connection_string(broker.connection_string) as client,
         client.get_subscription_receiver(TOPIC, "all", receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE) as r,
     ):
-        for _ in range(50):
-            if sum(map(len, ids.values())) >= count:
-                break
-            for message in r.receive_messages(max_message_count=count, max_wait_time=2):
-                ids[json.loads(b"".join(message.body))["user_id"]].append(str(message.message_id))
+        for message in collect(
+            lambda: r.receive_messages(max_message_count=count, max_wait_time=2), count, 100, f"{count} events"
+        ):
+            ids[json.loads(b"".join(message.body))["user_id"]].append(str(message.message_id))
     assert sum(map(len, ids.values())) == count
     return ids
 
@@ -175,7 +175,9 @@ def test_a_dead_letter_whose_copy_cannot_be_built_is_skipped_and_the_replay_ends
                 ]
             )
         with client.get_queue_receiver(QUEUE) as receiver:
-            for message in receiver.receive_messages(max_message_count=5, max_wait_time=5):
+            for message in collect(
+                lambda: receiver.receive_messages(max_message_count=5, max_wait_time=5), 5, what="the requests"
+            ):
                 receiver.dead_letter_message(message, reason="ReplyUndeliverable", error_description="test")
         assert broker.message_counts(QUEUE)["dead_letter"] == 5
         env = {**os.environ, "AB_WORKER_SERVICEBUS_CONNECTION_STRING": broker.connection_string}

@@ -219,7 +219,11 @@ def test_a_reply_session_id_no_sender_can_set_is_dead_lettered_alone_not_held_wi
         with client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
             dead = {
                 str(m.message_id): (m.dead_letter_reason, m.dead_letter_error_description)
-                for m in receiver.receive_messages(max_message_count=10, max_wait_time=2)
+                for m in collect(
+                    lambda: receiver.receive_messages(max_message_count=10, max_wait_time=2),
+                    broker.message_counts(QUEUE)["dead_letter"],
+                    what="the dead letters",
+                )
             }
     assert stats.downstream_retries == 0, "a bad reply session id was taken for an outage of the topic"
     assert stats.completed == len(healthy)
