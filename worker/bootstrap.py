@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import IO, TYPE_CHECKING, Any, Self
+from typing import IO, TYPE_CHECKING, Self
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -43,6 +43,7 @@ from worker.service.signals import on_signals
 if TYPE_CHECKING:
     from adapters.experiments import ReloadingRegistry
     from adapters.health import HealthCheck
+    from adapters.local.broker import LocalBroker
     from adapters.servicebus import Client as ServiceBusClient
     from adapters.servicebus.liveness import Liveness
 
@@ -410,7 +411,7 @@ def assignment_counts(settings: WorkerSettings) -> Callable[[Tally], str]:
 
 
 @contextmanager
-def local_broker(port: int = 0, host: str = "127.0.0.1", config: Path | None = None) -> Iterator[Any]:
+def local_broker(port: int = 0, host: str = "127.0.0.1", config: Path | None = None) -> Iterator[LocalBroker]:
     """The embedded Service Bus broker, started on ``host:port`` and stopped on exit (``--local``, ``broker``).
 
     ``config`` is an entities file in the official emulator's Config.json shape (a bad one is a

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from worker.cli import assign as assign_cli
 from worker.cli import broker as broker_cli
@@ -16,7 +15,7 @@ from worker.cli import events as events_cli
 from worker.cli import explain as explain_cli
 from worker.cli import report as report_cli
 from worker.cli import run as run_cli
-from worker.cli.common import ExitStatus, Parser, exit_status_table, formatter, invoke
+from worker.cli.common import ExitStatus, Parser, Subcommands, exit_status_table, formatter, invoke
 from worker.domain.errors import ConfigurationError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _accept_log_level_anywhere(commands: Any) -> None:
+def _accept_log_level_anywhere(commands: Subcommands) -> None:
     """``--log-level`` also after the command (``ab-worker run --log-level DEBUG``)."""
     for sub in commands.choices.values():
         # SUPPRESS: a subcommand that was not given the flag must not reset the one given before it.

@@ -15,6 +15,7 @@ from worker.bootstrap import ExperimentRegistry
 from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
+    Subcommands,
     check_input,
     check_output,
     formatter,
@@ -235,7 +236,7 @@ def _compare(args: argparse.Namespace, new: ExperimentRegistry) -> int:
     return EXIT_OK
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Subcommands) -> None:
     """Register ``assign`` and ``validate-config``."""
     assign = commands.add_parser(
         "assign",

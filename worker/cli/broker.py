@@ -20,6 +20,7 @@ from worker import bootstrap
 from worker.cli.common import (
     EXIT_OK,
     ExitStatus,
+    Subcommands,
     activation_hint,
     broker_id,
     check_input,
@@ -141,7 +142,7 @@ def _reply_to(reply_to: str | None, client: Any, queue: str) -> str | None:
     return reply_to
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Subcommands) -> None:
     """Register ``broker`` and ``publish``."""
     broker = commands.add_parser(
         "broker",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from worker.cli.cohort_files import assignments_writer, format_for, read_arm_variants, read_cohort, report_writer
-from worker.cli.common import ExitStatus, check_output, formatter, integer, report_error, write_files
+from worker.cli.common import ExitStatus, Subcommands, check_output, formatter, integer, report_error, write_files
 from worker.cli.render.cohort import render_checks, render_plan, render_table
 from worker.domain.allocation import AllocatedExperiment
 from worker.domain.cohort.allocation import LEFT_OUT, DecidedMembers, partition
@@ -365,7 +365,7 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _add_stratify(subparsers: Any) -> None:
+def _add_stratify(subparsers: Subcommands) -> None:
     parser = subparsers.add_parser(
         "stratify",
         help="assign a cohort file to arms by stratified randomisation, with balance checks",
@@ -416,7 +416,7 @@ def _add_stratify(subparsers: Any) -> None:
     parser.set_defaults(func=run_stratify)
 
 
-def _add_plan(subparsers: Any) -> None:
+def _add_plan(subparsers: Subcommands) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="minimum detectable effect and sample size for an A/B/n test on a rate",
@@ -440,7 +440,7 @@ def _add_plan(subparsers: Any) -> None:
     parser.set_defaults(func=run_plan)
 
 
-def add_commands(subparsers: Any) -> None:
+def add_commands(subparsers: Subcommands) -> None:
     """Register ``stratify`` and ``plan``; each sets ``func(args) -> exit status``."""
     _add_stratify(subparsers)
     _add_plan(subparsers)

@@ -16,15 +16,19 @@ import sys
 import sysconfig
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Any, NoReturn, TextIO
+from typing import IO, TYPE_CHECKING, NoReturn, TextIO, TypeAlias
 
 from worker.domain.errors import ConfigurationError, DependencyRefused, TransientError, UsageError, WorkerError
 from worker.domain.moments import MomentError, parse_moment
 from worker.domain.plural import counted
+
+if TYPE_CHECKING:
+    from adapters.servicebus import Client as ServiceBusClient
+    from worker.service.settings import WorkerSettings
 
 log = logging.getLogger("ab_worker")
 
@@ -208,6 +212,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+#: What ``add_subparsers`` returns and each command module's ``add_commands`` fills (a string: argparse's
+#: action is generic only in typeshed, not at run time).
+Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
@@ -408,7 +417,7 @@ def read_utf8(path: Path) -> str:
 # --- settings and clients -----------------------------------------------------------------------
 
 
-def servicebus_client() -> Any:
+def servicebus_client() -> tuple[ServiceBusClient, WorkerSettings]:
     """A Service Bus client and the settings it came from, from the composition root.
 
     A usage error when none is configured (:func:`worker.bootstrap.require_servicebus`).
@@ -419,7 +428,7 @@ def servicebus_client() -> Any:
     return bootstrap.servicebus_client(settings), settings
 
 
-def servicebus_errors(what: str) -> Any:
+def servicebus_errors(what: str) -> AbstractContextManager[None]:
     """A context in which Service Bus SDK errors are raised as ours (TransientError / DependencyRefused).
 
     ``main`` prints those in one line with exit status 1; the classification is the adapter's.

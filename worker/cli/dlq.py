@@ -23,6 +23,7 @@ from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     ExitStatus,
+    Subcommands,
     check_input,
     check_output,
     formatter,
@@ -611,7 +612,7 @@ def cmd_queue_dead_letter(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if outcome.skipped else EXIT_OK
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Subcommands) -> None:
     """Register ``dlq`` and ``queue``."""
     _add_dlq(commands)
     _add_queue(commands)
@@ -627,7 +628,7 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", help="only dead letters enqueued until (ISO time or age)")
 
 
-def _add_dlq(commands: Any) -> None:
+def _add_dlq(commands: Subcommands) -> None:
     dlq = commands.add_parser(
         "dlq",
         help="inspect, export, replay and purge dead-lettered requests",
@@ -738,7 +739,7 @@ def _add_dlq(commands: Any) -> None:
     purge.set_defaults(func=cmd_dlq_purge)
 
 
-def _add_queue(commands: Any) -> None:
+def _add_queue(commands: Subcommands) -> None:
     queue = commands.add_parser(
         "queue",
         help="inspect active requests; move a poison message to the dead-letter queue",

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from worker.cli.common import EXIT_OK, formatter, integer, positive_number, servicebus_client
+from worker.cli.common import EXIT_OK, Subcommands, formatter, integer, positive_number, servicebus_client
 from worker.cli.dlq import json_line, printable
 from worker.domain.plural import counted
 
@@ -63,7 +63,7 @@ def _line(event: Any) -> str:
     )
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Subcommands) -> None:
     """Register ``events tail``."""
     events = commands.add_parser(
         "events",

@@ -16,7 +16,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from worker.cli.common import ExitStatus, UnreachableError, check_output, formatter, integer, moment, write_files
+from worker.cli.common import (
+    ExitStatus,
+    Subcommands,
+    UnreachableError,
+    check_output,
+    formatter,
+    integer,
+    moment,
+    write_files,
+)
 from worker.domain.errors import UsageError
 from worker.domain.moments import utc_iso
 from worker.domain.plural import counted
@@ -270,7 +279,7 @@ def run_report(args: argparse.Namespace) -> int:
     return ExitStatus.PARTIAL if problems else ExitStatus.OK
 
 
-def add_commands(subparsers: Any) -> None:
+def add_commands(subparsers: Subcommands) -> None:
     """Register ``report``; it sets ``func(args) -> exit status``."""
     parser = subparsers.add_parser(
         "report",

@@ -18,6 +18,7 @@ from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     ExitStatus,
+    Subcommands,
     UnreachableError,
     check_input,
     check_output,
@@ -260,7 +261,7 @@ def processes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} must be a whole number from 1 to 64, or auto") from None
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Subcommands) -> None:
     """Register ``run``."""
     run = commands.add_parser(
         "run",
