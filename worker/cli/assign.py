@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from worker.bootstrap import ExperimentRegistry
 from worker.cli.common import (
@@ -84,7 +85,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
     from worker.service.handling import handle
     from worker.service.ports import Delivery
 
-    body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
+    body: dict[str, object] = {"user_id": args.user, "experiment_id": args.experiment}
     if args.segment:
         body["segment"] = args.segment
     if args.context is not None:
@@ -155,7 +156,7 @@ def _membership(reasons: Counter[str], at: datetime, *, given: bool) -> str:
     return f"in the experiment: {inside}{others}; every row decided at {utc_iso(at)} ({when}, one time for the file)"
 
 
-def _progress_bar(stack: ExitStack, binary: IO[bytes], source: Path) -> Any:
+def _progress_bar(stack: ExitStack, binary: IO[bytes], source: Path) -> Callable[[int], None] | None:
     """A bar on a terminal for inputs over ~1 MB; None otherwise (no noise in pipes and CI)."""
     size = source.stat().st_size
     if not sys.stderr.isatty() or size < 1_000_000:

@@ -14,7 +14,7 @@ import sys
 import threading
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from worker import bootstrap
 from worker.cli.common import (
@@ -35,6 +35,9 @@ from worker.cli.common import (
 from worker.domain.errors import UsageError
 from worker.domain.plural import counted
 from worker.service.signals import on_signals
+
+if TYPE_CHECKING:
+    from adapters.servicebus import Client as ServiceBusClient
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -112,7 +115,7 @@ def _no_constant(literal: str) -> Any:
 def _request_body(args: argparse.Namespace) -> bytes:
     if not args.experiment:
         raise UsageError("--user needs --experiment")
-    body: dict[str, Any] = {"user_id": args.user, "experiment_id": args.experiment}
+    body: dict[str, object] = {"user_id": args.user, "experiment_id": args.experiment}
     if args.segment:
         body["segment"] = args.segment
     if args.context:
@@ -128,7 +131,7 @@ def _request_body(args: argparse.Namespace) -> bytes:
     return json.dumps(body).encode()
 
 
-def _reply_to(reply_to: str | None, client: Any, queue: str) -> str | None:
+def _reply_to(reply_to: str | None, client: ServiceBusClient, queue: str) -> str | None:
     """``--reply-to`` checked by the worker's own rule, so a request is never sent only to be dead-lettered."""
     from adapters.servicebus import reply_entity
     from worker.domain.errors import PermanentError

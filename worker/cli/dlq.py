@@ -15,9 +15,10 @@ import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING
 
 from worker.cli.common import (
     EXIT_OK,
@@ -36,6 +37,10 @@ from worker.domain.errors import UsageError
 from worker.domain.moments import MomentError, parse_moment
 from worker.domain.plural import counted
 from worker.service.signals import on_signals
+
+if TYPE_CHECKING:
+    from adapters.servicebus.dlq import DeadLetter, Entity, Outcome, ReplayFilter, Selection
+    from worker.service.settings import WorkerSettings
 
 # -- dlq and queue ---------------------------------------------------------------------------------
 
@@ -61,7 +66,7 @@ def _escape_char(ch: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def json_line(value: Any) -> str:
+def json_line(value: object) -> str:
     """One JSON line that is safe on a terminal and survives line splitting: unsafe characters escaped."""
     text = json.dumps(value, ensure_ascii=False)
     return "".join(_json_escape(ch) for ch in text) if not text.isprintable() else text
@@ -77,7 +82,7 @@ def _json_escape(ch: str) -> str:
     return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
-def _entity(args: argparse.Namespace, settings: Any) -> Any:
+def _entity(args: argparse.Namespace, settings: WorkerSettings) -> Entity:
     from adapters.servicebus.dlq import Entity
 
     try:
@@ -96,7 +101,7 @@ def parse_time(text: str | None, flag: str) -> datetime | None:
         raise UsageError(f"{flag}: {exc}") from None
 
 
-def _filter(args: argparse.Namespace) -> Any:
+def _filter(args: argparse.Namespace) -> ReplayFilter:
     from adapters.servicebus.dlq import ReplayFilter
 
     return ReplayFilter(
@@ -131,7 +136,7 @@ def _were(count: int) -> str:
     return "was" if count == 1 else "were"
 
 
-def _row(letter: Any, dead_letter: bool) -> str:
+def _row(letter: DeadLetter, dead_letter: bool) -> str:
     when = letter.enqueued_time.strftime("%Y-%m-%d %H:%M:%S") if letter.enqueued_time else "-"
     experiment = printable(letter.request.get("experiment_id", "-"))[:20]
     user = printable(letter.request.get("user_id", "-"))[:16]
@@ -149,7 +154,7 @@ def _header(dead_letter: bool) -> str:
     return f"{'seq':>6}  {'enqueued (UTC)':<19}  {'dlv':>3}  {middle}  {'experiment':<20}  {'user':<16}  {last}"
 
 
-def _show(letters: list[Any], args: argparse.Namespace, dead_letter: bool) -> None:
+def _show(letters: list[DeadLetter], args: argparse.Namespace, dead_letter: bool) -> None:
     if args.json or not sys.stdout.isatty():
         for letter in letters:
             row = letter.to_json()
@@ -169,7 +174,7 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
     selection = _filter(args)
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    shown: list[Any] = []
+    shown: list[DeadLetter] = []
     scanned, matching, reasons, present = 0, 0, Counter[str](), Counter[str]()
     with client, servicebus_errors(f"peeking at the dead letters of {entity}"):
         for letter in browse(client, entity):
@@ -200,7 +205,7 @@ def cmd_dlq_peek(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_for_writing(path: Path) -> Any:
+def _open_for_writing(path: Path) -> IO[str]:
     check_output(path)
     try:
         return path.open("w", encoding="utf-8", newline="\n")
@@ -249,13 +254,13 @@ class _CtrlC:
             raise KeyboardInterrupt
         self.stop.set()
 
-    def handling(self) -> Any:
+    def handling(self) -> AbstractContextManager[list[signal.Signals]]:
         """The block in which Ctrl-C is this object's (the previous handler is restored after it)."""
         return on_signals(self, (signal.SIGINT,))
 
 
-def _confirm(verb: str, entity: Any, assume_yes: bool, ctrl_c: _CtrlC | None = None) -> Any:
-    def ask(found: Any) -> bool:
+def _confirm(verb: str, entity: Entity, assume_yes: bool, ctrl_c: _CtrlC | None = None) -> Callable[[Selection], bool]:
+    def ask(found: Selection) -> bool:
         if assume_yes:
             return True
         if not sys.stdin.isatty():
@@ -274,7 +279,7 @@ def _confirm(verb: str, entity: Any, assume_yes: bool, ctrl_c: _CtrlC | None = N
     return ask
 
 
-def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> int:
+def _report(verb: str, past: str, entity: Entity, outcome: Outcome, dry_run: bool) -> int:
     found = outcome.selection
     reasons = ", ".join(f"{printable(r)}: {n}" for r, n in Counter(x.reason for x in outcome.done).most_common())
     if not outcome.interrupted:
@@ -288,7 +293,7 @@ def _report(verb: str, past: str, entity: Any, outcome: Any, dry_run: bool) -> i
     return _report_details(past, entity, outcome)
 
 
-def _report_details(past: str, entity: Any, outcome: Any) -> int:
+def _report_details(past: str, entity: Entity, outcome: Outcome) -> int:
     """The lines under a summary (skips by reason, what was held, dropped connections); the exit status."""
     from adapters.servicebus.dlq import SKIP_INTERRUPTED, SKIP_LIMIT
 
@@ -358,7 +363,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     entity = _entity(args, settings)
     ask_first = selection.is_empty and not args.all
 
-    def progress(letter: Any, what: str) -> None:
+    def progress(letter: DeadLetter, what: str) -> None:
         if args.verbose:
             print(f"{what}: seq {letter.sequence_number} ({printable(letter.reason)})", file=sys.stderr)
 
@@ -429,8 +434,8 @@ def _read_lines(path: Path, nothing: str) -> list[tuple[int, str]]:
 
 
 def _read_export(
-    path: Path, nothing: str, *, named: bool = False, check: Callable[[Any], object] | None = None
-) -> list[Any]:
+    path: Path, nothing: str, *, named: bool = False, check: Callable[[DeadLetter], object] | None = None
+) -> list[DeadLetter]:
     """Every line of a ``dlq export`` file (possibly repaired), or one error listing the first problems.
 
     ``named``: every line must name its dead letter (a sequence number), as ``purge --from`` needs.
@@ -530,7 +535,7 @@ def _replay_file(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _say_originals_stay(args: argparse.Namespace, path: Path, entity: Any, letters: list[Any]) -> None:
+def _say_originals_stay(args: argparse.Namespace, path: Path, entity: Entity, letters: list[DeadLetter]) -> None:
     """``replay --from`` sends copies and removes nothing: say so, and how to remove exactly the originals."""
     originals = sum(1 for letter in letters if letter.sequence_number)
     if not originals:
@@ -551,7 +556,7 @@ def cmd_queue_peek(args: argparse.Namespace) -> int:
     selection = ReplayFilter(experiment=args.experiment)
     client, settings = servicebus_client()
     entity = _entity(args, settings)
-    shown: list[Any] = []
+    shown: list[DeadLetter] = []
     more = False
     with client, servicebus_errors(f"peeking at the active messages of {entity}"):
         for letter in browse(client, entity, dead_letter=False):

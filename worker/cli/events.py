@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from worker.cli.common import EXIT_OK, Subcommands, formatter, integer, positive_number, servicebus_client
 from worker.cli.dlq import json_line, printable
 from worker.domain.plural import counted
+
+if TYPE_CHECKING:
+    from adapters.servicebus import TailedEvent
 
 #: The subscription ``events tail`` reads unless told otherwise (the default broker and Config.json have it).
 DEFAULT_SUBSCRIPTION = "all"
@@ -20,7 +23,7 @@ DEFAULT_SUBSCRIPTION = "all"
 
 def cmd_events_tail(args: argparse.Namespace) -> int:
     """Print events as they arrive on a subscription (consuming them from it) until --count, --idle or Ctrl-C."""
-    from adapters.servicebus import TailedEvent, read_events
+    from adapters.servicebus import read_events
 
     client, settings = servicebus_client()
     topic = args.topic or settings.topic_name
@@ -45,13 +48,13 @@ def cmd_events_tail(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _json(event: Any) -> str:
+def _json(event: TailedEvent) -> str:
     """The event body as one JSON line (the body as text when it is not a JSON object)."""
     body = event.event or {"body": event.body.decode("utf-8", "replace")}
     return json_line(body)
 
 
-def _line(event: Any) -> str:
+def _line(event: TailedEvent) -> str:
     """One readable line per event, every field escaped for the terminal."""
     fields = event.event
     when = event.enqueued_time.strftime("%Y-%m-%d %H:%M:%S") if event.enqueued_time else "-"

@@ -9,7 +9,7 @@ import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from pydantic import SecretStr
 
@@ -32,12 +32,13 @@ from worker.cli.common import (
 from worker.domain.errors import UsageError
 from worker.domain.plural import counted
 from worker.domain.registry import ExperimentRegistry
-from worker.service.observe import OutageLimit, PumpObserver
+from worker.service.observe import OutageLimit, PumpObserver, PumpStats
 from worker.service.ports import ExperimentSource
 from worker.service.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from adapters.experiments import ReloadingRegistry
+    from adapters.servicebus import Client as ServiceBusClient
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,9 @@ def _run_file(args: argparse.Namespace, settings: WorkerSettings, registry: Expe
     return status
 
 
-def _start_demo(settings: Any, registry: ExperimentRegistry, client: Any, stack: ExitStack) -> Any:
+def _start_demo(
+    settings: WorkerSettings, registry: ExperimentRegistry, client: ServiceBusClient, stack: ExitStack
+) -> _EventViewer:
     from adapters.servicebus import send_requests
     from worker.cli.demo import POISONED, demo_requests
 
@@ -189,7 +192,7 @@ class _EventViewer:
 
     SHOW = 12
 
-    def __init__(self, client: Any, topic: str) -> None:
+    def __init__(self, client: ServiceBusClient, topic: str) -> None:
         from adapters.servicebus import SubscriptionTail
 
         self.shown = 0
@@ -217,7 +220,7 @@ class _EventViewer:
         if self.shown == self.SHOW:
             print("…", flush=True)
 
-    def finish(self, stats: Any, registry: ExperimentRegistry) -> None:
+    def finish(self, stats: PumpStats, registry: ExperimentRegistry) -> None:
         from worker.cli.demo import summary_table
 
         # Every event the run published comes back (the demo's broker is fresh), however slowly.
@@ -237,7 +240,7 @@ def _gave_up(limit: OutageLimit) -> str:
     )
 
 
-def _report_run(stats: Any, dead_letters_are_failures: bool = True) -> int:
+def _report_run(stats: PumpStats, dead_letters_are_failures: bool = True) -> int:
     dead = sum(stats.dead_letters.values())
     reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(stats.dead_letters.items()))
     print(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import IO, Any
+from typing import IO
 
 
-def file_progress(stack: ExitStack, binary: IO[bytes], size: int, stream: IO[str], desc: str) -> Callable[[Any], None]:
+def file_progress(
+    stack: ExitStack, binary: IO[bytes], size: int, stream: IO[str], desc: str
+) -> Callable[[object], None]:
     """A callback that moves a bar to ``binary``'s read position out of ``size`` bytes.
 
     Counting bytes read rather than rows keeps the total known up front, so the bar shows how far
@@ -19,7 +21,7 @@ def file_progress(stack: ExitStack, binary: IO[bytes], size: int, stream: IO[str
         tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=stream, mininterval=0.5)
     )
 
-    def advance(_: Any = None) -> None:
+    def advance(_: int = 0) -> None:
         bar.update(min(binary.tell(), size) - bar.n)
 
     stack.callback(advance)
