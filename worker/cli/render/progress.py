@@ -7,9 +7,7 @@ from contextlib import ExitStack
 from typing import IO
 
 
-def file_progress(
-    stack: ExitStack, binary: IO[bytes], size: int, stream: IO[str], desc: str
-) -> Callable[[object], None]:
+def file_progress(stack: ExitStack, binary: IO[bytes], size: int, stream: IO[str], desc: str) -> Callable[[int], None]:
     """A callback that moves a bar to ``binary``'s read position out of ``size`` bytes.
 
     Counting bytes read rather than rows keeps the total known up front, so the bar shows how far
