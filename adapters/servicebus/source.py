@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiveMode, ServiceBusReceiver
 from azure.servicebus.exceptions import (
@@ -61,6 +61,11 @@ _TOKEN_ACTIONS = {"complete_message": "complete", "abandon_message": "abandon", 
 
 #: What the SDK raises when the broker no longer holds a lock (or the message) for us.
 _LOCK_GONE = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled, MessageNotFoundError)
+
+
+def _message(delivery: Delivery) -> ServiceBusReceivedMessage:
+    """The SDK message a delivery of this source carries (put there by ``convert.to_delivery``)."""
+    return cast(ServiceBusReceivedMessage, delivery.handle)
 
 
 def widen_read_slice(receiver: Any, seconds: float) -> bool:
@@ -290,7 +295,7 @@ class ServiceBusSource:
         with self._management(receiver):
             renew_locks(receiver, messages, timeout=self.watch.liveness.try_timeout)
 
-    def _settle_by_token(self, messages: Sequence[ServiceBusReceivedMessage], action: str, **kwargs: Any) -> None:
+    def _settle_by_token(self, messages: Sequence[ServiceBusReceivedMessage], action: str, **kwargs: str) -> None:
         """Settle by lock token over the management link (any link's messages); SettlementLostError if not."""
         now = datetime.now(UTC)
         for message in messages:
@@ -325,9 +330,9 @@ class ServiceBusSource:
         for start in range(0, len(deliveries), MAX_TOKENS_PER_REQUEST):
             group = list(deliveries[start : start + MAX_TOKENS_PER_REQUEST])
             for delivery in group:
-                self.locks.release(delivery.handle)
+                self.locks.release(_message(delivery))
             try:
-                self._settle_by_token([d.handle for d in group], "complete_message")
+                self._settle_by_token([_message(d) for d in group], "complete_message")
                 continue
             except SettlementLostError as exc:
                 if len(group) == 1:
@@ -337,7 +342,7 @@ class ServiceBusSource:
             # One lock of the group is gone (or expired): each message reports its own outcome.
             for delivery in group:
                 try:
-                    self._settle_by_token([delivery.handle], "complete_message")
+                    self._settle_by_token([_message(delivery)], "complete_message")
                 except SettlementLostError as exc:
                     log.info("Message %s was not completed: %s", delivery.message_id, exc)
                     lost.append(delivery)
@@ -345,12 +350,12 @@ class ServiceBusSource:
 
     # -- settling -------------------------------------------------------------------------------
 
-    def _settle(self, delivery: Delivery, action: str, **kwargs: Any) -> None:
+    def _settle(self, delivery: Delivery, action: str, **kwargs: str) -> None:
         with self._receiver_lock:
             self._settle_locked(delivery, action, **kwargs)
 
-    def _settle_locked(self, delivery: Delivery, action: str, **kwargs: Any) -> None:
-        message: ServiceBusReceivedMessage = delivery.handle
+    def _settle_locked(self, delivery: Delivery, action: str, **kwargs: str) -> None:
+        message = _message(delivery)
         receiver = self._live_receiver()
         self.locks.release(message)
         current = None if receiver is None else on_current_link(receiver, message)
@@ -416,7 +421,7 @@ class ServiceBusSource:
         unsettled = {id(d) for d in left}
         for delivery in current:
             if id(delivery) not in unsettled:
-                self.locks.release(delivery.handle)
+                self.locks.release(_message(delivery))
         # A failed range may have cost the link: what is no longer on the current one goes by token.
         receiver = self._receiver
         still = [d for d in left if receiver is not None and on_current_link(receiver, d.handle) is True]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from schemas.models import AssignmentRecord
 from worker.domain.errors import PermanentError
@@ -14,18 +14,22 @@ from worker.domain.registry import ExperimentRegistry
 
 @dataclass(slots=True)
 class Delivery:
-    """One received request message, whatever the source. ``handle`` is the adapter's own object."""
+    """One received request message, whatever the source.
+
+    ``handle`` is the adapter's own object (the SDK's received message, a file's line number): the
+    service never looks inside it, so it is an ``object`` here and the adapter that made it names its type.
+    """
 
     body: bytes
     message_id: str
     correlation_id: str | None = None
     content_type: str | None = None
-    application_properties: Mapping[str, Any] = field(default_factory=dict)
+    application_properties: Mapping[str, object] = field(default_factory=dict)
     enqueued_time: datetime | None = None
     delivery_count: int = 0
     reply_to: str | None = None
     reply_to_session_id: str | None = None
-    handle: Any = None
+    handle: object = None
     #: Set by a source that could not read the message (its body, ids or reply address): the error
     #: that dead-letters it. Conversion never raises, so one unreadable message fails alone.
     unreadable: PermanentError | None = None
