@@ -29,9 +29,12 @@ import datetime
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.sdk_guards import GuardSet
+
+if TYPE_CHECKING:
+    from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver, ServiceBusSender
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,16 @@ KEEP_UNRETURNED = GUARDS.add(
     fallback="what a receive cut by a connection reset had taken delivery of stays locked until its lock expires",
 )
 
+
+def _private(sdk_object: object) -> Any:
+    """``sdk_object`` seen through its private surface, which the SDK does not type or promise: ``Any`` on purpose.
+
+    Every read through it is guarded (an ``AttributeError`` trips its guard), so the public types of
+    the parameters above stay exact while what they reach into is checked at run time, not by mypy.
+    """
+    return sdk_object
+
+
 #: The SDK's settle operations we use, as their ``disposition-status`` on the management link.
 DISPOSITIONS = {"complete": "completed", "abandon": "abandoned", "dead-letter": "suspended"}
 
@@ -97,25 +110,25 @@ DISPOSITIONS = {"complete": "completed", "abandon": "abandoned", "dead-letter": 
 # -- receiving ------------------------------------------------------------------------------------
 
 
-def set_receive_linger(receiver: Any, seconds: float) -> bool:
+def set_receive_linger(receiver: ServiceBusReceiver, seconds: float) -> bool:
     """Make a receive wait ``seconds`` (not the SDK's 0.2 s) for each further message; False if it cannot."""
     if not isinstance(receive_linger(receiver), int | float):
         GUARDS.trip(RECEIVE_LINGER, "no numeric _further_pull_receive_timeout on the receiver")
         return False
-    receiver._further_pull_receive_timeout = seconds
+    _private(receiver)._further_pull_receive_timeout = seconds
     return True
 
 
-def receive_linger(receiver: Any) -> float | None:
+def receive_linger(receiver: ServiceBusReceiver) -> float | None:
     """How long a receive waits for each further message (None: the SDK keeps it elsewhere)."""
     value = getattr(receiver, "_further_pull_receive_timeout", None)
     return value if isinstance(value, int | float) else None
 
 
-def connection_socket(handler_owner: Any) -> socket.socket | None:
+def connection_socket(handler_owner: ServiceBusReceiver | ServiceBusSender) -> socket.socket | None:
     """The socket under an SDK sender or receiver; None when it is not connected (or the guard tripped)."""
     try:
-        handler = handler_owner._handler
+        handler = _private(handler_owner)._handler
         connection = None if handler is None else handler._connection
         sock = None if connection is None else connection._transport.sock
     except AttributeError as exc:
@@ -127,7 +140,11 @@ def connection_socket(handler_owner: Any) -> socket.socket | None:
     return sock
 
 
-def keep_unreturned_on_failure(receiver: Any, taking: Callable[[], bool], keep: Callable[[list[Any]], None]) -> None:
+def keep_unreturned_on_failure(
+    receiver: ServiceBusReceiver,
+    taking: Callable[[], bool],
+    keep: Callable[[list[ServiceBusReceivedMessage]], None],
+) -> None:
     """Hand ``keep`` the messages the SDK buffered but never returned when it shuts a broken handler down.
 
     A receive that a connection reset interrupts has messages the broker already delivered (and
@@ -139,8 +156,8 @@ def keep_unreturned_on_failure(receiver: Any, taking: Callable[[], bool], keep: 
     :class:`~adapters.sdk_guards.SdkSurfaceMissing` when the guard trips.
     """
     try:
-        close_handler = receiver._close_handler
-        build = receiver._build_received_message
+        close_handler = _private(receiver)._close_handler
+        build = _private(receiver)._build_received_message
     except AttributeError as exc:
         raise GUARDS.trip(KEEP_UNRETURNED, exc) from None
 
@@ -154,13 +171,15 @@ def keep_unreturned_on_failure(receiver: Any, taking: Callable[[], bool], keep: 
         finally:
             close_handler()
 
-    receiver._close_handler = close_and_keep
+    _private(receiver)._close_handler = close_and_keep
 
 
-def _take_buffered(receiver: Any, build: Callable[[Any], Any]) -> list[Any]:
+def _take_buffered(
+    receiver: ServiceBusReceiver, build: Callable[[object], ServiceBusReceivedMessage]
+) -> list[ServiceBusReceivedMessage]:
     """Empty the handler's buffer of delivered messages into received messages ([] when the guard trips)."""
     try:
-        handler = receiver._handler
+        handler = _private(receiver)._handler
         buffered = None if handler is None else handler._received_messages  # None: already shut down
         taken = []
         while buffered is not None and not buffered.empty():
@@ -174,7 +193,7 @@ def _take_buffered(receiver: Any, build: Callable[[Any], Any]) -> list[Any]:
 # -- telling links apart --------------------------------------------------------------------------
 
 
-def link_identity(receiver: Any) -> tuple[Any, Any] | None:
+def link_identity(receiver: ServiceBusReceiver) -> tuple[object, object] | None:
     """The objects that change when the SDK opens a new receive link: its handler and the handler's link.
 
     None when they cannot be read (the guard tripped): the link cannot be told, and nothing may be
@@ -182,7 +201,7 @@ def link_identity(receiver: Any) -> tuple[Any, Any] | None:
     link: ``(None, None)``.
     """
     try:
-        handler = receiver._handler
+        handler = _private(receiver)._handler
         link = None if handler is None else handler._link
     except AttributeError as exc:
         GUARDS.trip(LINK_IDENTITY, exc)
@@ -193,7 +212,7 @@ def link_identity(receiver: Any) -> tuple[Any, Any] | None:
 # -- settling a run of deliveries with one disposition --------------------------------------------
 
 
-def delivery_id(message: Any) -> int:
+def delivery_id(message: ServiceBusReceivedMessage) -> int:
     """The message's AMQP delivery id on the link it arrived on; raises ``SdkSurfaceMissing`` when unreadable."""
     value = getattr(message, "_delivery_id", None)
     if not isinstance(value, int):
@@ -210,7 +229,9 @@ def range_errors() -> tuple[type[BaseException], ...]:
     return AMQPException, TimeoutError, ValueError, OSError
 
 
-def settle_range(receiver: Any, messages: Sequence[Any], outcome_timeout: float) -> None:
+def settle_range(
+    receiver: ServiceBusReceiver, messages: Sequence[ServiceBusReceivedMessage], outcome_timeout: float
+) -> None:
     """Complete ``messages`` (consecutive delivery ids, ascending, all from the current link) with one disposition.
 
     Waits up to ``outcome_timeout`` for the broker's outcome; the messages then read as settled to
@@ -219,8 +240,8 @@ def settle_range(receiver: Any, messages: Sequence[Any], outcome_timeout: float)
     """
     first, last = delivery_id(messages[0]), delivery_id(messages[-1])
     try:
-        handler = receiver._handler
-        tag = messages[0]._delivery_tag
+        handler = _private(receiver)._handler
+        tag = _private(messages[0])._delivery_tag
         _check_settled_flag(messages)
     except AttributeError as exc:
         raise GUARDS.trip(RANGE_SETTLEMENT, exc) from None
@@ -234,30 +255,33 @@ def settle_range(receiver: Any, messages: Sequence[Any], outcome_timeout: float)
     _mark_settled(messages)
 
 
-def _check_settled_flag(messages: Sequence[Any]) -> None:
+def _check_settled_flag(messages: Sequence[ServiceBusReceivedMessage]) -> None:
     """AttributeError unless each message has the flag the SDK's own settle methods set (checked before settling)."""
     for message in messages:
-        if not isinstance(message._settled, bool):
-            raise AttributeError(f"_settled is a {type(message._settled).__name__}")
+        settled = _private(message)._settled
+        if not isinstance(settled, bool):
+            raise AttributeError(f"_settled is a {type(settled).__name__}")
 
 
-def _mark_settled(messages: Sequence[Any]) -> None:
+def _mark_settled(messages: Sequence[ServiceBusReceivedMessage]) -> None:
     # As the SDK's own settle methods do: the message reads as settled (no lock, no token) from now on.
     for message in messages:
-        message._settled = True
+        _private(message)._settled = True
 
 
 # -- the management link: renewal and settlement by lock token ------------------------------------
 
 
-def renew_locks(receiver: Any, messages: Sequence[Any], timeout: float | None) -> None:
+def renew_locks(
+    receiver: ServiceBusReceiver, messages: Sequence[ServiceBusReceivedMessage], timeout: float | None
+) -> None:
     """Renew the locks of ``messages`` with one ``renew-lock`` request; updates each one's ``locked_until_utc``.
 
     Raises what the SDK raises (``MessageLockLostError`` when the broker refuses a token, a
     ``ServiceBusError`` when the connection fails), or :class:`~adapters.sdk_guards.SdkSurfaceMissing`.
     """
     try:
-        renew = receiver._renew_locks
+        renew = _private(receiver)._renew_locks
         tokens = [m.lock_token for m in messages]
         if not all(hasattr(m, "_expiry") for m in messages):  # where the SDK keeps a renewed expiry
             raise AttributeError("no _expiry on the message")
@@ -270,15 +294,15 @@ def renew_locks(receiver: Any, messages: Sequence[Any], timeout: float | None) -
             raise ValueError(f"{len(expirations)} expirations for {len(messages)} tokens")
         for message, millis in zip(messages, expirations, strict=True):
             # What the public renew_message_lock does: the SDK's settle checks this expiry.
-            message._expiry = datetime.datetime.fromtimestamp(millis / 1000.0, datetime.UTC)
+            _private(message)._expiry = datetime.datetime.fromtimestamp(millis / 1000.0, datetime.UTC)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise GUARDS.trip(BULK_RENEWAL, exc) from None
 
 
 def settle_by_lock_token(
-    receiver: Any,
+    receiver: ServiceBusReceiver,
     action: str,
-    messages: Sequence[Any],
+    messages: Sequence[ServiceBusReceivedMessage],
     *,
     reason: str | None = None,
     description: str | None = None,
@@ -293,8 +317,8 @@ def settle_by_lock_token(
     if action == "dead-letter":
         details = {"deadletter-reason": reason or "", "deadletter-description": description or ""}
     try:
-        settle = receiver._settle_message_via_mgmt_link
-        retrying = receiver._do_retryable_operation
+        settle = _private(receiver)._settle_message_via_mgmt_link
+        retrying = _private(receiver)._do_retryable_operation
         _check_settled_flag(messages)
     except AttributeError as exc:
         raise GUARDS.trip(SETTLEMENT_BY_TOKEN, exc) from None
@@ -310,10 +334,10 @@ def settle_by_lock_token(
     _mark_settled(messages)
 
 
-def management_response_links(receiver: Any) -> list[Any]:
+def management_response_links(receiver: ServiceBusReceiver) -> list[Any]:
     """The response links of the management operations open on ``receiver``'s connection (pyAMQP ``ReceiverLink``)."""
     try:
-        handler = receiver._handler
+        handler = _private(receiver)._handler
         if handler is None:
             return []
         return [operation._mgmt_link._response_link for operation in list(handler._mgmt_links.values())]
@@ -321,7 +345,7 @@ def management_response_links(receiver: Any) -> list[Any]:
         raise GUARDS.trip(MANAGEMENT_CREDIT, exc) from None
 
 
-def top_up_management_credit(receiver: Any) -> None:
+def top_up_management_credit(receiver: ServiceBusReceiver) -> None:
     """Grant the management response links of ``receiver``'s connection their credit again when half is spent.
 
     Raises :class:`~adapters.sdk_guards.SdkSurfaceMissing` when the guard trips: the caller then counts its own

@@ -14,7 +14,7 @@ import logging
 import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from opentelemetry import metrics
 
@@ -23,11 +23,19 @@ from adapters.servicebus import internals
 from worker.service.ports import Delivery
 from worker.service.redaction import redact
 
+if TYPE_CHECKING:
+    from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
+
 log = logging.getLogger(__name__)
 
 #: Seconds to wait for the broker's outcome of one range disposition. Short: a range that is not
 #: confirmed in time is completed one by one instead (each of those reports its own outcome).
 DEFAULT_OUTCOME_TIMEOUT = 5.0
+
+
+def received_message(delivery: Delivery) -> ServiceBusReceivedMessage:
+    """The SDK message a delivery from Service Bus carries (``convert.to_delivery`` put it in ``handle``)."""
+    return cast("ServiceBusReceivedMessage", delivery.handle)
 
 
 class RangeSettlement:
@@ -56,7 +64,7 @@ class RangeSettlement:
             "ab.range_settlements", description="Completions settled by one AMQP disposition over a range"
         )
 
-    def settle(self, receiver: Any, deliveries: Sequence[Delivery]) -> list[Delivery]:
+    def settle(self, receiver: ServiceBusReceiver, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Complete what it can by ranges; returns the deliveries the caller must complete one by one."""
         if not self.enabled or len(deliveries) < 2:
             return list(deliveries)
@@ -84,8 +92,8 @@ class RangeSettlement:
             self.enabled = False
             log.info("Range settlement turned off: %s; completing one message per round trip from now on", why)
 
-    def _settle_run(self, receiver: Any, run: list[Delivery]) -> bool:
-        messages = [d.handle for d in run]
+    def _settle_run(self, receiver: ServiceBusReceiver, run: list[Delivery]) -> bool:
+        messages = [received_message(d) for d in run]
         # Delivery ids are per link: every message of a range must be from the receiver's current link.
         if any(on_current_link(receiver, m) is not True for m in messages):
             return False
@@ -99,7 +107,7 @@ class RangeSettlement:
         return True
 
 
-def _settleable(message: Any, now: datetime) -> bool:
+def _settleable(message: ServiceBusReceivedMessage, now: datetime) -> bool:
     """Not settled yet (a settled message has no lock token) and its lock not expired."""
     locked_until = message.locked_until_utc
     return message.lock_token is not None and (locked_until is None or locked_until > now)
@@ -112,11 +120,12 @@ _LINK_ATTRIBUTE = "_ab_received_on"
 UNKNOWN_LINK = None
 
 
-def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
+def stamp_link(receiver: ServiceBusReceiver, messages: Sequence[object]) -> None:
     """Remember which link each message arrived on (the SDK reopens its handler, a new link, after errors).
 
     By weak reference: a message must not keep a dead connection (and its socket) alive; a link that
-    was collected is not the current one.
+    was collected is not the current one. Any object that takes an attribute can be stamped (the
+    dead-letter tools stamp a mark of their own), hence ``object``.
     """
     identity = internals.link_identity(receiver)
     if messages and identity is not None and identity[0] is not None and identity[1] is None:
@@ -137,7 +146,7 @@ def stamp_link(receiver: Any, messages: Sequence[Any]) -> None:
             return
 
 
-def on_current_link(receiver: Any, message: Any) -> bool | None:
+def on_current_link(receiver: ServiceBusReceiver, message: object) -> bool | None:
     """True when ``message`` arrived on the link ``receiver`` is on now; None when that cannot be told.
 
     AMQP delivery ids are per link and start again at 0 on a new one: settling a message from an
@@ -164,10 +173,14 @@ def on_current_link(receiver: Any, message: Any) -> bool | None:
 
 def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:
     """Split into runs whose AMQP delivery ids are consecutive (one disposition can cover each run)."""
-    ordered = sorted(deliveries, key=lambda d: internals.delivery_id(d.handle))
+    ordered = sorted(deliveries, key=lambda d: internals.delivery_id(received_message(d)))
     runs: list[list[Delivery]] = []
     for delivery in ordered:
-        if runs and internals.delivery_id(delivery.handle) == internals.delivery_id(runs[-1][-1].handle) + 1:
+        if (
+            runs
+            and internals.delivery_id(received_message(delivery))
+            == internals.delivery_id(received_message(runs[-1][-1])) + 1
+        ):
             runs[-1].append(delivery)
         else:
             runs.append([delivery])

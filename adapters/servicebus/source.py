@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiveMode, ServiceBusReceiver
 from azure.servicebus.exceptions import (
@@ -31,7 +31,7 @@ from adapters.servicebus.internals import (
 )
 from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError
 from adapters.servicebus.lock import MAX_TOKENS_PER_REQUEST, LockKeeper
-from adapters.servicebus.settle import RangeSettlement, on_current_link, stamp_link
+from adapters.servicebus.settle import RangeSettlement, on_current_link, received_message, stamp_link
 from adapters.settlement import complete_each
 from worker.domain.errors import TransientError
 from worker.service.ports import Delivery, SettlementLostError
@@ -61,11 +61,6 @@ _TOKEN_ACTIONS = {"complete_message": "complete", "abandon_message": "abandon", 
 
 #: What the SDK raises when the broker no longer holds a lock (or the message) for us.
 _LOCK_GONE = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled, MessageNotFoundError)
-
-
-def _message(delivery: Delivery) -> ServiceBusReceivedMessage:
-    """The SDK message a delivery of this source carries (put there by ``convert.to_delivery``)."""
-    return cast(ServiceBusReceivedMessage, delivery.handle)
 
 
 def widen_read_slice(receiver: Any, seconds: float) -> bool:
@@ -330,9 +325,9 @@ class ServiceBusSource:
         for start in range(0, len(deliveries), MAX_TOKENS_PER_REQUEST):
             group = list(deliveries[start : start + MAX_TOKENS_PER_REQUEST])
             for delivery in group:
-                self.locks.release(_message(delivery))
+                self.locks.release(received_message(delivery))
             try:
-                self._settle_by_token([_message(d) for d in group], "complete_message")
+                self._settle_by_token([received_message(d) for d in group], "complete_message")
                 continue
             except SettlementLostError as exc:
                 if len(group) == 1:
@@ -342,7 +337,7 @@ class ServiceBusSource:
             # One lock of the group is gone (or expired): each message reports its own outcome.
             for delivery in group:
                 try:
-                    self._settle_by_token([_message(delivery)], "complete_message")
+                    self._settle_by_token([received_message(delivery)], "complete_message")
                 except SettlementLostError as exc:
                     log.info("Message %s was not completed: %s", delivery.message_id, exc)
                     lost.append(delivery)
@@ -355,7 +350,7 @@ class ServiceBusSource:
             self._settle_locked(delivery, action, **kwargs)
 
     def _settle_locked(self, delivery: Delivery, action: str, **kwargs: str) -> None:
-        message = _message(delivery)
+        message = received_message(delivery)
         receiver = self._live_receiver()
         self.locks.release(message)
         current = None if receiver is None else on_current_link(receiver, message)
@@ -402,7 +397,7 @@ class ServiceBusSource:
         stale: list[Delivery] = []
         unknown: list[Delivery] = []
         for delivery in deliveries:
-            on = None if receiver is None else on_current_link(receiver, delivery.handle)
+            on = None if receiver is None else on_current_link(receiver, received_message(delivery))
             if receiver is None or on is False:
                 stale.append(delivery)
             else:
@@ -421,10 +416,10 @@ class ServiceBusSource:
         unsettled = {id(d) for d in left}
         for delivery in current:
             if id(delivery) not in unsettled:
-                self.locks.release(_message(delivery))
+                self.locks.release(received_message(delivery))
         # A failed range may have cost the link: what is no longer on the current one goes by token.
         receiver = self._receiver
-        still = [d for d in left if receiver is not None and on_current_link(receiver, d.handle) is True]
+        still = [d for d in left if receiver is not None and on_current_link(receiver, received_message(d)) is True]
         kept = {id(d) for d in still}
         stale.extend(d for d in left if id(d) not in kept)
         return complete_each(self.complete, still + unknown) + self._complete_by_token(stale)
