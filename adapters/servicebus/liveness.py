@@ -30,13 +30,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeAlias
 
-from azure.servicebus import ServiceBusReceiver
+from azure.servicebus import ServiceBusReceiver, ServiceBusSender
 from azure.servicebus.exceptions import ServiceBusError
 
 from adapters.servicebus.internals import connection_socket
 from worker.service.redaction import redact
+
+#: What has a connection the watchdog can abort: an SDK receiver or sender.
+HandlerOwner: TypeAlias = ServiceBusReceiver | ServiceBusSender
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class SilenceWatch:
         #: Peeks that failed while the connection answered something else: not silence.
         self.crowded = 0
         #: Wraps each peek (the source serialises every management request on its connection).
-        self.around: Callable[[Any], AbstractContextManager[object]] = lambda _: contextlib.nullcontext()
+        self.around: Callable[[ServiceBusReceiver], AbstractContextManager[object]] = lambda _: contextlib.nullcontext()
         self._heard = time.monotonic()
 
     def heard(self) -> None:
@@ -117,7 +120,7 @@ class SilenceWatch:
         self.heard()
 
 
-def abort_connection(handler_owner: Any) -> bool:
+def abort_connection(handler_owner: HandlerOwner) -> bool:
     """Shut down the socket under an SDK sender or receiver, waking any call blocked on it; False without one."""
     sock = connection_socket(handler_owner)
     if sock is None:
@@ -138,14 +141,14 @@ class Watchdog:
         self.repeat = repeat
         self.interval = interval
         self.aborts = 0
-        self._armed: dict[int, tuple[float, Any]] = {}
+        self._armed: dict[int, tuple[float, HandlerOwner]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned = False
 
     @contextlib.contextmanager
-    def deadline(self, seconds: float, handler_owner: Any) -> Iterator[None]:
+    def deadline(self, seconds: float, handler_owner: HandlerOwner) -> Iterator[None]:
         """Abort ``handler_owner``'s connection if the block is still running after ``seconds``."""
         token = object()
         with self._lock:
@@ -175,7 +178,7 @@ class Watchdog:
             for _, owner in due:
                 self._abort(owner)
 
-    def _abort(self, owner: Any) -> None:
+    def _abort(self, owner: HandlerOwner) -> None:
         if abort_connection(owner):
             self.aborts += 1
             log.warning("A Service Bus call outlived its deadline on a silent connection; aborting the connection")

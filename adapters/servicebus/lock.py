@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import MessageAlreadySettled, MessageLockLostError, ServiceBusError
@@ -173,7 +172,7 @@ class LockKeeper:
             self.request_failures += 1
             log.info("Lock renewal failed for %s; retrying next round: %s", message.message_id, redact(str(exc)))
 
-    def _give_up(self, message: Any, why: str) -> None:
+    def _give_up(self, message: ServiceBusReceivedMessage, why: str) -> None:
         self.failures += 1
         log.info("Lock of %s no longer renewed: %s", message.message_id, why)
         self.release(message)

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiveMode, ServiceBusReceiver
 from azure.servicebus.exceptions import (
@@ -63,7 +62,7 @@ _TOKEN_ACTIONS = {"complete_message": "complete", "abandon_message": "abandon", 
 _LOCK_GONE = (MessageLockLostError, SessionLockLostError, MessageAlreadySettled, MessageNotFoundError)
 
 
-def widen_read_slice(receiver: Any, seconds: float) -> bool:
+def widen_read_slice(receiver: ServiceBusReceiver, seconds: float) -> bool:
     """Make the receiver's socket reads wait up to ``seconds``; False without a socket to reach.
 
     Without it (not connected, or the connection socket guard tripped) a closing receiver releases

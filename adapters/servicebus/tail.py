@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 class SubscriptionTail:
     """Reads a topic subscription in a background thread and hands each event body to ``on_event``."""
 
-    def __init__(self, client: ServiceBusClient, topic_name: str, subscription: str, on_event: Any) -> None:
+    def __init__(
+        self, client: ServiceBusClient, topic_name: str, subscription: str, on_event: Callable[[bytes], object]
+    ) -> None:
         self._client = client
         self.topic_name = topic_name
         self.subscription = subscription
