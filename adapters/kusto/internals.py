@@ -17,7 +17,6 @@ guard to the real SDK, and ``make sdk-drill`` runs it against the newest release
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import requests
 
@@ -44,7 +43,7 @@ TRANSPORT_TIMEOUTS = GUARDS.add(
 _KUSTO_CLIENT_PATHS = (("_kusto_client",), ("_resource_manager", "_kusto_client"))
 
 
-def http_sessions(client: Any) -> list[requests.Session]:
+def http_sessions(client: object) -> list[requests.Session]:
     """The ``requests`` sessions an azure-kusto-ingest client sends its HTTP calls through; [] when the guard trips."""
     sessions = []
     for path in _KUSTO_CLIENT_PATHS:

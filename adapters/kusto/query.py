@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.domain.errors import TransientError, WorkerError
 from worker.domain.moments import as_utc, utc_iso
 from worker.domain.srm.tally import ReportInputError, Tally, Window, in_experiment_of, parse_split, reason_of
+
+if TYPE_CHECKING:
+    from azure.kusto.data import KustoClient
 
 #: The view that drops redelivered rows (same EventId); owned by deploy/kusto/functions.kql.
 DEDUP_VIEW = "AssignmentEventsDedup()"
@@ -87,7 +90,7 @@ def _moment(value: Any) -> datetime:
     return as_utc(datetime.fromisoformat(str(value)))
 
 
-def connect(query_uri: str) -> Any:
+def connect(query_uri: str) -> KustoClient:
     """A ``KustoClient`` for the cluster: Entra ID through ``DefaultAzureCredential``.
 
     A plain ``http://`` URI (a local stand-in) connects without authentication.
@@ -103,8 +106,8 @@ def connect(query_uri: str) -> Any:
     return KustoClient(builder)
 
 
-def query_rows(client: Any, database: str, window: Window) -> Iterator[dict[str, Any]]:
-    """Run :func:`assignment_query` and yield the primary result's rows as dicts."""
+def query_rows(client: KustoClient, database: str, window: Window) -> Iterator[dict[str, Any]]:
+    """Run :func:`assignment_query` and yield the primary result's rows as dicts (values as the SDK decoded them)."""
     from azure.core.exceptions import AzureError
     from azure.kusto.data import ClientRequestProperties
     from azure.kusto.data.exceptions import KustoError
@@ -140,4 +143,4 @@ def fill_tally(query_uri: str, database: str, tally: Tally) -> None:
     try:
         add_rows(tally, query_rows(client, database, tally.window))
     finally:
-        client.close()
+        client.close()  # type: ignore[no-untyped-call]  # the SDK has no annotations here

@@ -52,7 +52,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from adapters.kusto.internals import http_sessions
 from adapters.rowbuffer import BufferedRows
@@ -60,6 +60,13 @@ from schemas.models import AssignmentRecord
 from worker.domain.errors import ConfigurationError, TransientError
 from worker.domain.plural import counted
 from worker.service.redaction import redact
+
+if TYPE_CHECKING:
+    from azure.core.credentials import TokenCredential
+    from azure.kusto.data import KustoConnectionStringBuilder
+    from azure.kusto.ingest import IngestionProperties, IngestionResult, StreamDescriptor
+    from requests import PreparedRequest, Response
+    from requests.adapters import BaseAdapter
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,9 @@ IngestMode = Literal["queued", "streaming"]
 class IngestClient(Protocol):
     """The slice of azure-kusto-ingest's clients the sink uses (both queued and streaming have it)."""
 
-    def ingest_from_stream(self, stream_descriptor: Any, ingestion_properties: Any) -> Any:
+    def ingest_from_stream(
+        self, stream_descriptor: StreamDescriptor, ingestion_properties: IngestionProperties
+    ) -> IngestionResult:
         """Ingest one stream of rows."""
         ...
 
@@ -270,7 +279,7 @@ class KustoSink(BufferedRows):
             raise outcome[0]
 
 
-def connection_builder(uri: str, credential: Any = None) -> Any:
+def connection_builder(uri: str, credential: TokenCredential | None = None) -> KustoConnectionStringBuilder:
     """A ``KustoConnectionStringBuilder``: AAD for https (``credential`` or DefaultAzureCredential), none for http."""
     from azure.kusto.data import KustoConnectionStringBuilder
 
@@ -293,7 +302,7 @@ def kusto_sink(
     table: str = DEFAULT_TABLE,
     *,
     mode: IngestMode = "queued",
-    credential: Any = None,
+    credential: TokenCredential | None = None,
     mapping_name: str = MAPPING_NAME,
     max_rows: int = 500,
     max_age: float = 2.0,
@@ -333,11 +342,11 @@ def kusto_sink(
 class _DeadlineAdapter:
     """A requests transport adapter that caps every call's connect and read timeouts."""
 
-    def __init__(self, inner: Any, seconds: float) -> None:
+    def __init__(self, inner: BaseAdapter, seconds: float) -> None:
         self.inner = inner
         self.seconds = seconds
 
-    def send(self, request: Any, **kwargs: Any) -> Any:
+    def send(self, request: PreparedRequest, **kwargs: Any) -> Response:  # kwargs: requests' own, passed on
         """Send through the SDK's own adapter with the timeout capped at ``seconds``."""
         timeout = kwargs.get("timeout")
         if isinstance(timeout, tuple):
@@ -352,11 +361,11 @@ class _DeadlineAdapter:
         self.inner.close()
 
 
-def _cap(value: Any, seconds: float) -> float:
+def _cap(value: float | None, seconds: float) -> float:
     return seconds if value is None else min(float(value), seconds)
 
 
-def cap_transport_timeouts(client: Any, seconds: float) -> int:
+def cap_transport_timeouts(client: IngestClient, seconds: float) -> int:
     """Give the SDK's HTTP calls real connect/read timeouts of ``seconds``; returns the sessions capped.
 
     0 when the SDK's sessions cannot be reached (the ``transport timeouts`` guard of
