@@ -73,12 +73,15 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from opentelemetry import metrics, trace
 
 from worker.domain.errors import ConfigurationError
 from worker.service.redaction import redact
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +191,7 @@ def configure_telemetry(
     raise ConfigurationError(f"unknown telemetry mode {mode!r}; expected appinsights, console or none")
 
 
-def _resource(service_name: str) -> Any:
+def _resource(service_name: str) -> Resource:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
     return Resource.create({SERVICE_NAME: service_name})
@@ -218,6 +221,8 @@ def _console(service_name: str, export_interval_s: float, out: IO[str]) -> Telem
 
 
 def _sdk_closer(tracer_provider: Any, meter_provider: Any, logger_provider: Any = None) -> Callable[[float], None]:
+    # Any: the SDK providers the console path built, or whatever the distro installed globally (the API
+    # getters type them as the API's providers, which have no flush or shutdown): duck-typed on purpose.
     def close(timeout: float) -> None:
         millis = max(1, int(timeout * 1000))
         tracer_provider.force_flush(millis)
