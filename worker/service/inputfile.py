@@ -28,14 +28,13 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, islice
 from operator import itemgetter
-from typing import Any
 
 from worker.domain.errors import UsageError
 
 #: ``(line, message)``; line 0 is the file as a whole.
 Problem = tuple[int, str]
 #: ``(line, values)``: one value per column asked for, ``None`` for an optional one the row lacks.
-Row = tuple[int, tuple[Any, ...]]
+Row = tuple[int, tuple[object, ...]]
 
 BOM = "\ufeff"
 
