@@ -6,7 +6,7 @@ them. Secrets are ``SecretStr`` so they never print in reprs, logs or errors.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -195,7 +195,7 @@ class WorkerSettings(BaseSettings):
         default="INFO", description="Log level; `--log-level`, before or after the command, wins."
     )
 
-    def with_overrides(self, **changes: Any) -> Self:
+    def with_overrides(self, **changes: object) -> Self:
         """A copy with ``changes`` (command-line flags) over these values; a ``None`` change keeps the value.
 
         The one way settings change: they are frozen. Flags are checked by their argument types, so the

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 #: What a platform sends to stop a process (SIGTERM), and Ctrl-C (SIGINT).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -35,7 +34,7 @@ def on_signals(
         received.append(signal.Signals(signum))
         callback(signal.Signals(signum))
 
-    previous: dict[signal.Signals, Any] = {}
+    previous: dict[signal.Signals, signal._HANDLER] = {}  # typeshed's name for what signal.signal returns
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:

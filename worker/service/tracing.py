@@ -7,7 +7,6 @@ older Azure SDKs write ``Diagnostic-Id`` with the same format. The worker contin
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping
-from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
@@ -16,7 +15,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
-def _text(value: Any) -> str | None:
+def _text(value: object) -> str | None:
     if isinstance(value, bytes):
         try:
             return value.decode("ascii")
@@ -25,23 +24,23 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class _PropertiesGetter(Getter[Mapping[str, Any]]):
-    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
+class _PropertiesGetter(Getter[Mapping[str, object]]):
+    def get(self, carrier: Mapping[str, object], key: str) -> list[str] | None:
         value = _text(carrier.get(key))
         if value is None and key == "traceparent":
             value = _text(carrier.get("Diagnostic-Id"))
         return [value] if value else None
 
-    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
+    def keys(self, carrier: Mapping[str, object]) -> list[str]:
         return [str(k) for k in carrier]
 
 
-class _PropertiesSetter(Setter[MutableMapping[str, Any]]):
-    def set(self, carrier: MutableMapping[str, Any], key: str, value: str) -> None:
+class _PropertiesSetter(Setter[MutableMapping[str, object]]):
+    def set(self, carrier: MutableMapping[str, object], key: str, value: str) -> None:
         carrier[key] = value
 
 
-def extract_context(properties: Mapping[str, Any] | None) -> Context | None:
+def extract_context(properties: Mapping[str, object] | None) -> Context | None:
     """The publisher's trace context from application properties, or None when there is none."""
     if not properties:
         return None
@@ -50,6 +49,6 @@ def extract_context(properties: Mapping[str, Any] | None) -> Context | None:
     return _PROPAGATOR.extract(properties, getter=_PropertiesGetter())
 
 
-def inject_context(properties: MutableMapping[str, Any]) -> None:
+def inject_context(properties: MutableMapping[str, object]) -> None:
     """Write the current trace context into outgoing application properties."""
     _PROPAGATOR.inject(properties, setter=_PropertiesSetter())
