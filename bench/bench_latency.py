@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         worker = start_worker(connection, workdir, rows)
         readers = [EventReader(connection, timeline), EventReader(connection, timeline, replies=True)]
         watcher = RowWatcher(rows, timeline)
-        for thread in (*readers, watcher):
+        threads: list[EventReader | RowWatcher] = [*readers, watcher]
+        for thread in threads:
             thread.start()
         try:
             # One answered request first: the worker opens its topic and reply links on its first event
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             throughput = filled_queue(connection, args.fill, timeline, worker)
             cpu = process_cpu(worker.pid) - cpu_before
         finally:
-            for thread in (*readers, watcher):
+            for thread in threads:
                 thread.stop()
             worker.send_signal(signal.SIGTERM)
             worker.wait(60)
