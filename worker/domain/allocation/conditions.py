@@ -16,7 +16,7 @@ import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal
 
 from schemas.instants import format_instant, instant_of, instant_problem, parse_instant
 from schemas.models import MAX_CONDITION_DEPTH, MAX_CONTEXT_STRING_CHARS, MAX_VERSION_CHARS
@@ -24,9 +24,13 @@ from schemas.text import surrogate_problem
 from worker.domain.allocation.versions import version_key
 
 #: A compiled condition or clause: ``(context, segment) -> matches``. Never raises.
-Predicate = Callable[[Any, "str | None"], bool]
+Predicate = Callable[[object, "str | None"], bool]
 #: A compiled test of one attribute's value (``None`` when missing). Never raises.
-Test = Callable[[Any], bool]
+Test = Callable[[object], bool]
+#: ``operator.gt`` and its kin, applied to two values of one kind (typeshed types them over comparison protocols).
+Compare = Callable[[Any, Any], Any]
+#: An equality operand, checked: its kind and its value as compared (a number as a double).
+Operand = tuple[Literal["string"], str] | tuple[Literal["number"], float] | tuple[Literal["boolean"], bool]
 
 EQUALITY = ("$eq", "$ne", "$in", "$nin")
 ORDERING = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
@@ -61,10 +65,10 @@ class CompiledCondition:
 
     clauses: tuple[Clause, ...]
     matches: Predicate
-    canonical: dict[str, Any]
+    canonical: dict[str, object]
 
 
-def attribute_value(context: Any, segment: str | None, name: str) -> Any:
+def attribute_value(context: object, segment: str | None, name: str) -> object:
     """The value a condition sees for ``name``: the segment for ``segment``, else the context's
     top-level key; ``None`` when missing (JSON null is missing too). Never raises."""
     if name == SEGMENT:
@@ -79,7 +83,7 @@ def attribute_value(context: Any, segment: str | None, name: str) -> Any:
     return None
 
 
-def kind_of(value: Any) -> str:
+def kind_of(value: object) -> str:
     """The contract's kind of an attribute value, for explanations (never the value itself)."""
     if value is None or isinstance(value, str) or value is True or value is False:
         return {type(None): "missing", bool: "boolean"}.get(type(value), "string")
@@ -90,12 +94,11 @@ def kind_of(value: Any) -> str:
     return "object" if isinstance(value, Mapping) else "other"
 
 
-def _number(value: Any) -> float | None:
+def _number(value: object) -> float | None:
     """A value as the double a JSON parser reads, or ``None`` when it is not a number (booleans, NaN)."""
-    kind = type(value)
-    if kind is float:
+    if type(value) is float:
         return None if math.isnan(value) else value
-    if kind is bool or not isinstance(value, int | float):
+    if type(value) is bool or not isinstance(value, int | float):
         return None
     try:
         number = float(value)
@@ -106,7 +109,7 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def compile_condition(raw: Any, path: str = "targeting") -> tuple[CompiledCondition | None, list[ConditionProblem]]:
+def compile_condition(raw: object, path: str = "targeting") -> tuple[CompiledCondition | None, list[ConditionProblem]]:
     """Check and compile a condition; the compiled form is ``None`` whenever there is any problem."""
     compiler = _Compiler()
     compiled = compiler.condition(raw, path, 0)
@@ -156,12 +159,12 @@ class _Compiler:
     def problem(self, path: str, message: str) -> None:
         self.problems.append(ConditionProblem(path, message))
 
-    def condition(self, raw: Any, path: str, depth: int) -> tuple[list[Clause], dict[str, Any]] | None:
+    def condition(self, raw: object, path: str, depth: int) -> tuple[list[Clause], dict[str, object]] | None:
         if not isinstance(raw, dict):
             self.problem(path, f"must be a mapping of attribute names to conditions, got {_kind(raw)}")
             return None
         clauses: list[Clause] = []
-        canonical: dict[str, Any] = {}
+        canonical: dict[str, object] = {}
         for key, value in raw.items():
             where = f"{path}.{key}"
             if not isinstance(key, str):
@@ -190,7 +193,7 @@ class _Compiler:
             return f"{key} compares an attribute: write it inside one, e.g. {{country: {{{key}: ...}}}}"
         return f"unknown combinator {key}; conditions combine with $and, $or and $not"
 
-    def combinator(self, key: str, value: Any, path: str, depth: int) -> tuple[Clause, Any] | None:
+    def combinator(self, key: str, value: object, path: str, depth: int) -> tuple[Clause, object] | None:
         if depth + 1 > MAX_CONDITION_DEPTH:
             self.problem(path, f"conditions nest at most {MAX_CONDITION_DEPTH} deep")
             return None
@@ -211,13 +214,14 @@ class _Compiler:
         combined = _all(predicates) if key == "$and" else _any(predicates)
         return Clause(_label(key, canonical), None, combined), canonical
 
-    def attribute(self, name: str, value: Any, path: str) -> tuple[Clause, Any] | None:
+    def attribute(self, name: str, value: object, path: str) -> tuple[Clause, object] | None:
         if not 0 < len(name) <= MAX_CONTEXT_STRING_CHARS:
             self.problem(path[:80], f"attribute names are 1 to {MAX_CONTEXT_STRING_CHARS} characters")
             return None
         if surrogate_problem(name):
             self.problem(path, f"attribute name {surrogate_problem(name)}")
             return None
+        compiled_tests: tuple[list[Test], object] | None
         if isinstance(value, dict):
             compiled_tests = self.operators(value, path)
         else:
@@ -228,12 +232,12 @@ class _Compiler:
         tests, canonical = compiled_tests
         return Clause(_label(name, canonical), name, _attribute_clause(name, tests)), canonical
 
-    def operators(self, raw: dict[Any, Any], path: str) -> tuple[list[Test], dict[str, Any]] | None:
+    def operators(self, raw: dict[object, object], path: str) -> tuple[list[Test], dict[str, object]] | None:
         if not raw:
             self.problem(path, "an empty operator mapping compares nothing: write a value or operators")
             return None
         tests: list[Test] = []
-        canonical: dict[str, Any] = {}
+        canonical: dict[str, object] = {}
         ok = True
         for op, operand in raw.items():
             where = f"{path}.{op}"
@@ -242,10 +246,10 @@ class _Compiler:
                 ok = False
                 continue
             tests.append(compiled[0])
-            canonical[op] = compiled[1]
+            canonical[str(op)] = compiled[1]  # compiled: op is one of OPERATORS
         return (tests, canonical) if ok else None
 
-    def operator(self, op: Any, operand: Any, path: str) -> tuple[Test, Any] | None:
+    def operator(self, op: object, operand: object, path: str) -> tuple[Test, object] | None:
         if op in ("$eq", "$ne"):
             equal = self.equality_operand(operand, path)
             return None if equal is None else ((_equals if op == "$eq" else _differs)(*equal), equal[1])
@@ -260,7 +264,7 @@ class _Compiler:
         self.problem(path, self.refused_operator(op, operand))
         return None
 
-    def refused_operator(self, op: Any, operand: Any) -> str:
+    def refused_operator(self, op: object, operand: object) -> str:
         if not isinstance(op, str) or not op.startswith("$"):
             return "a mapping of operators must hold operators only ($eq, $in, $gt, ...), not other keys"
         if op == "$exists":
@@ -271,7 +275,7 @@ class _Compiler:
             return _PATTERN_REFUSAL
         return f"unknown operator {op!r:.40}; the operators are {', '.join(sorted(OPERATORS))}"
 
-    def equality_operand(self, operand: Any, path: str, plain: bool = False) -> tuple[str, Any] | None:
+    def equality_operand(self, operand: object, path: str, plain: bool = False) -> Operand | None:
         """``(kind, value)`` of an equality operand: a string, a finite number (as a double) or a boolean."""
         if operand is True or operand is False:
             return "boolean", operand
@@ -293,7 +297,7 @@ class _Compiler:
             self.problem(path, f"must be a string, a number or a boolean, got {_kind(operand)}")
         return None
 
-    def text_operand(self, operand: str, path: str) -> tuple[str, Any] | None:
+    def text_operand(self, operand: str, path: str) -> tuple[Literal["string"], str] | None:
         if len(operand) > MAX_CONTEXT_STRING_CHARS:
             self.problem(path, f"is over {MAX_CONTEXT_STRING_CHARS} characters: no context string can match it")
             return None
@@ -303,23 +307,29 @@ class _Compiler:
             return None
         return "string", operand
 
-    def membership(self, op: str, operand: Any, path: str) -> tuple[Test, Any] | None:
+    def membership(self, op: str, operand: object, path: str) -> tuple[Test, object] | None:
         if not isinstance(operand, list) or not operand:
             self.problem(path, f"{op} takes a non-empty list of strings, numbers or booleans, got {_kind(operand)}")
             return None
         elements = [self.equality_operand(item, f"{path}.{index}") for index, item in enumerate(operand)]
         if any(element is None for element in elements):
             return None
-        by_kind: dict[str, set[Any]] = {"string": set(), "number": set(), "boolean": set()}
-        for kind, value in (element for element in elements if element is not None):
-            by_kind[kind].add(value)
+        strings: set[str] = set()
+        numbers: set[float] = set()
+        booleans: set[bool] = set()
+        for element in elements:
+            match element:
+                case ("string", str() as text):
+                    strings.add(text)
+                case ("boolean", bool() as flag):
+                    booleans.add(flag)
+                case ("number", number):
+                    numbers.add(number)
         canonical = [value for _, value in (element for element in elements if element is not None)]
         make = _member if op == "$in" else _not_member
-        return make(
-            frozenset(by_kind["string"]), frozenset(by_kind["number"]), frozenset(by_kind["boolean"])
-        ), canonical
+        return make(frozenset(strings), frozenset(numbers), frozenset(booleans)), canonical
 
-    def ordering(self, compare: Callable[[Any, Any], bool], operand: Any, path: str) -> tuple[Test, Any] | None:
+    def ordering(self, compare: Compare, operand: object, path: str) -> tuple[Test, object] | None:
         if operand is not True and operand is not False and isinstance(operand, int | float):
             number = _finite(operand)
             if number is None:
@@ -337,7 +347,7 @@ class _Compiler:
         self.problem(path, f"takes a number or a time such as 2026-12-01T00:00:00Z, got {_kind(operand)}")
         return None
 
-    def version(self, compare: Callable[[Any, Any], bool], operand: Any, path: str) -> tuple[Test, Any] | None:
+    def version(self, compare: Compare, operand: object, path: str) -> tuple[Test, object] | None:
         key = version_key(operand) if isinstance(operand, str) else None
         if key is None:
             self.problem(
@@ -363,14 +373,14 @@ def _finite(value: int | float) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _kind(value: Any) -> str:
+def _kind(value: object) -> str:
     names = {type(None): "null", bool: "a boolean", str: "a string", list: "a list", dict: "a mapping"}
     if isinstance(value, int | float) and not isinstance(value, bool):
         return "a number"
     return names.get(type(value), f"a {type(value).__name__}")
 
 
-def _label(name: str, canonical: Any) -> str:
+def _label(name: str, canonical: object) -> str:
     text = json.dumps({name: canonical}, ensure_ascii=False, separators=(", ", ": "))[1:-1]
     return text if len(text) <= 200 else text[:199] + "…"
 
@@ -378,7 +388,7 @@ def _label(name: str, canonical: Any) -> str:
 # --- tests of one value (compiled operands bound in closures) ------------------------------------
 
 
-def _equals(kind: str, expected: Any) -> Test:
+def _equals(kind: str, expected: object) -> Test:
     if kind == "string":
         return lambda value: isinstance(value, str) and value == expected
     if kind == "number":
@@ -386,12 +396,12 @@ def _equals(kind: str, expected: Any) -> Test:
     return lambda value: value is expected
 
 
-def _differs(kind: str, expected: Any) -> Test:
+def _differs(kind: str, expected: object) -> Test:
     if kind == "string":
         return lambda value: isinstance(value, str) and value != expected
     if kind == "number":
 
-        def differs(value: Any) -> bool:
+        def differs(value: object) -> bool:
             number = _number(value)
             return number is not None and number != expected
 
@@ -400,7 +410,7 @@ def _differs(kind: str, expected: Any) -> Test:
 
 
 def _member(strings: frozenset[str], numbers: frozenset[float], booleans: frozenset[bool]) -> Test:
-    def member(value: Any) -> bool:
+    def member(value: object) -> bool:
         if isinstance(value, str):
             return value in strings
         if value is True or value is False:
@@ -412,7 +422,7 @@ def _member(strings: frozenset[str], numbers: frozenset[float], booleans: frozen
 
 
 def _not_member(strings: frozenset[str], numbers: frozenset[float], booleans: frozenset[bool]) -> Test:
-    def not_member(value: Any) -> bool:
+    def not_member(value: object) -> bool:
         if isinstance(value, str):
             return bool(strings) and value not in strings
         if value is True or value is False:
@@ -423,16 +433,16 @@ def _not_member(strings: frozenset[str], numbers: frozenset[float], booleans: fr
     return not_member
 
 
-def _number_order(compare: Callable[[Any, Any], bool], bound: float) -> Test:
-    def test(value: Any) -> bool:
+def _number_order(compare: Compare, bound: float) -> Test:
+    def test(value: object) -> bool:
         number = _number(value)
         return number is not None and compare(number, bound)
 
     return test
 
 
-def _time_order(compare: Callable[[Any, Any], bool], bound: int) -> Test:
-    def test(value: Any) -> bool:
+def _time_order(compare: Compare, bound: int) -> Test:
+    def test(value: object) -> bool:
         if not isinstance(value, str):
             return False
         micros = parse_instant(value)
@@ -441,8 +451,8 @@ def _time_order(compare: Callable[[Any, Any], bool], bound: int) -> Test:
     return test
 
 
-def _version_order(compare: Callable[[Any, Any], bool], bound: tuple[object, ...]) -> Test:
-    def test(value: Any) -> bool:
+def _version_order(compare: Compare, bound: tuple[object, ...]) -> Test:
+    def test(value: object) -> bool:
         if not isinstance(value, str) or len(value) > MAX_VERSION_CHARS:
             return False
         key = version_key(value)
@@ -451,11 +461,11 @@ def _version_order(compare: Callable[[Any, Any], bool], bound: tuple[object, ...
     return test
 
 
-def _present(value: Any) -> bool:
+def _present(value: object) -> bool:
     return value is not None
 
 
-def _missing(value: Any) -> bool:
+def _missing(value: object) -> bool:
     return value is None
 
 
@@ -467,14 +477,14 @@ def _attribute_clause(name: str, tests: list[Test]) -> Predicate:
     if name == SEGMENT:
         return lambda context, segment: test(segment)
 
-    def clause(context: Any, segment: str | None) -> bool:
+    def clause(context: object, segment: str | None) -> bool:
         return test(context.get(name) if type(context) is dict else attribute_value(context, segment, name))
 
     return clause
 
 
 def _every(tests: list[Test]) -> Test:
-    def every(value: Any) -> bool:
+    def every(value: object) -> bool:
         for test in tests:  # noqa: SIM110 - a loop beats all() over a generator on the hot path
             if not test(value):
                 return False
@@ -489,7 +499,7 @@ def _all(predicates: list[Predicate]) -> Predicate:
     if len(predicates) == 1:
         return predicates[0]
 
-    def every(context: Any, segment: str | None) -> bool:
+    def every(context: object, segment: str | None) -> bool:
         for predicate in predicates:  # noqa: SIM110 - as above
             if not predicate(context, segment):
                 return False
@@ -499,7 +509,7 @@ def _all(predicates: list[Predicate]) -> Predicate:
 
 
 def _any(predicates: list[Predicate]) -> Predicate:
-    def some(context: Any, segment: str | None) -> bool:
+    def some(context: object, segment: str | None) -> bool:
         for predicate in predicates:  # noqa: SIM110 - as above
             if predicate(context, segment):
                 return True
