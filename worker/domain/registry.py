@@ -19,10 +19,10 @@ lists all of them: field errors, duplicate ids, split problems and the whole-fil
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Self, TypeVar
 
 from pydantic import JsonValue, ValidationError
 
@@ -141,7 +141,7 @@ class ExperimentRegistry:
         user_id: str,
         *,
         segment: str | None = None,
-        context: Mapping[str, Any] | None = None,
+        context: Mapping[str, object] | None = None,
         at: datetime | None = None,
     ) -> Assignment:
         """Decide one user as the worker would decide their request (``docs/allocation.md`` §2.3).
@@ -174,7 +174,7 @@ class ExperimentRegistry:
         user_id: str,
         *,
         segment: str | None = None,
-        context: Mapping[str, Any] | None = None,
+        context: Mapping[str, object] | None = None,
         at: datetime | None = None,
     ) -> Explanation:
         """:meth:`assign`, recorded step by step: the same walk, never a second implementation.
@@ -190,7 +190,7 @@ class ExperimentRegistry:
         experiment_id: str,
         user_id: str,
         segment: str | None,
-        context: Mapping[str, Any] | None,
+        context: Mapping[str, object] | None,
         at: datetime | None,
     ) -> tuple[Experiment, str | None, datetime]:
         experiment = self.experiment(experiment_id)
@@ -227,7 +227,7 @@ class ExperimentRegistry:
         return cls.from_file(ExperimentFile.model_construct(layers=[], holdouts=[], experiments=list(configs)), source)
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<memory>") -> Self:
+    def from_dict(cls, data: object, source: str = "<memory>") -> Self:
         """Validate a parsed registry document; ``source`` names it in errors, which list every problem."""
         try:
             parsed = ExperimentFile.model_validate(data)
@@ -258,7 +258,10 @@ def _experiment(config: ExperimentConfig, allocated: AllocatedExperiment) -> Exp
     return Experiment(config, VariantTable(validate_split(config.split)), tables, allocated)
 
 
-def _problems_beyond_fields(data: Any, source: str) -> list[str]:
+_Group = TypeVar("_Group", Layer, Holdout)
+
+
+def _problems_beyond_fields(data: object, source: str) -> list[str]:
     """Duplicate ids, split problems and whole-file allocation problems of a file with field errors.
 
     The parts that validate are compiled together, so one run lists every problem. A layer or
@@ -266,8 +269,14 @@ def _problems_beyond_fields(data: Any, source: str) -> list[str]:
     also reported as naming an unknown one.
     """
     document = data if isinstance(data, dict) else {}
-    layers = _valid_or_placeholder(document.get("layers"), Layer, {"salt": None})
-    holdouts = _valid_or_placeholder(document.get("holdouts"), Holdout, {"salt": None, "share": 0.0})
+    layers = _valid_or_placeholder(
+        document.get("layers"), Layer, lambda layer_id: Layer.model_construct(id=layer_id, salt=None)
+    )
+    holdouts = _valid_or_placeholder(
+        document.get("holdouts"),
+        Holdout,
+        lambda holdout_id: Holdout.model_construct(id=holdout_id, salt=None, share=0.0),
+    )
     problems: list[str] = []
     configs: list[ExperimentConfig] = []
     seen: set[str] = set()
@@ -287,19 +296,19 @@ def _problems_beyond_fields(data: Any, source: str) -> list[str]:
     return problems + allocation_problems(partial, source)
 
 
-def _valid_or_placeholder(items: Any, model: type[Layer] | type[Holdout], defaults: dict[str, Any]) -> list[Any]:
-    found: list[Any] = []
+def _valid_or_placeholder(items: object, model: type[_Group], placeholder: Callable[[str], _Group]) -> list[_Group]:
+    found: list[_Group] = []
     for item in items if isinstance(items, list) else []:
         try:
             found.append(model.model_validate(item))
         except ValidationError:
             identifier = item.get("id") if isinstance(item, dict) else None
             if isinstance(identifier, str):
-                found.append(model.model_construct(id=identifier, **defaults))
+                found.append(placeholder(identifier))
     return found
 
 
-def _describe_validation(exc: ValidationError, data: Any, source: str) -> str:
+def _describe_validation(exc: ValidationError, data: object, source: str) -> str:
     """One line per problem: file, experiment (or layer, holdout) by id when readable, field path, message."""
     lines = []
     for error in exc.errors(include_url=False, include_input=False):
@@ -321,6 +330,7 @@ _GROUPS = {"experiments": "experiment", "layers": "layer", "holdouts": "holdout"
 
 
 def _item_label(data: Any, group: str, index: int) -> str:
+    # Any: any document at all, read by trying (a failed lookup is an unlabelled item), not by type.
     try:
         identifier = data[group][index]["id"]
     except (KeyError, IndexError, TypeError):

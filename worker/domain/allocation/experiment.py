@@ -111,7 +111,7 @@ DECIDED, GO_ON, NOT_CONFIGURED, NOT_REACHED = "decided", "go on", "not configure
 
 Trace = list[StepRecord] | None
 #: The walk without its bucket step: ``(user_id, segment, context, at) -> decision or None`` (go on to the bucket).
-Gate = Callable[[str, "str | None", Any, datetime], "Decision | None"]
+Gate = Callable[[str, "str | None", object, datetime], "Decision | None"]
 
 
 class Step(Protocol):
@@ -120,7 +120,7 @@ class Step(Protocol):
     name: str
 
     def __call__(
-        self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
     ) -> Decision | None: ...
 
 
@@ -142,7 +142,9 @@ class OverrideStep:
     def __init__(self, overrides: Mapping[str, str]) -> None:
         self.decisions = {user: Decision(variant, False, Reason.OVERRIDE) for user, variant in overrides.items()}
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+    def __call__(
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
+    ) -> Decision | None:
         decision = self.decisions.get(user_id)
         if trace is not None:
             detail = f"overridden to {decision.variant_id!r}" if decision else "user not in overrides"
@@ -160,7 +162,9 @@ class StatusStep:
         self.status = status
         self.decision = decision
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+    def __call__(
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
+    ) -> Decision | None:
         if trace is not None:
             trace.append(StepRecord(self.name, DECIDED, f"status {self.status}: {self.decision.variant_id!r}"))
         return self.decision
@@ -177,7 +181,9 @@ class ScheduleStep:
         self.not_started = Decision(control, False, Reason.NOT_STARTED)
         self.ended = Decision(control, False, Reason.ENDED)
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+    def __call__(
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
+    ) -> Decision | None:
         decision = None
         if self.start is not None and at < self.start:
             decision = self.not_started
@@ -207,13 +213,15 @@ class TargetingStep:
         self.matches = condition.matches
         self.decision = Decision(control, False, Reason.TARGETING)
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+    def __call__(
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
+    ) -> Decision | None:
         matched = self.matches(context, segment)
         if trace is not None:
             trace.append(StepRecord(self.name, GO_ON if matched else DECIDED, self._describe(context, segment)))
         return None if matched else self.decision
 
-    def _describe(self, context: Any, segment: str | None) -> str:
+    def _describe(self, context: object, segment: str | None) -> str:
         # Which clause held, and whether its attribute was missing or of which kind: never its value.
         parts = []
         for clause in self.condition.clauses:
@@ -236,7 +244,9 @@ class HoldoutStep:
         self.holdouts = tuple((hid, f"holdout:{salt}:", share, _integer_cutoff(share)) for hid, salt, share in holdouts)
         self.decision = Decision(control, False, Reason.HOLDOUT)
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+    def __call__(
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
+    ) -> Decision | None:
         for holdout_id, prefix, share, cutoff in self.holdouts:
             value = _first_word(_digest(_md5((prefix + user_id).encode())))[0] % BUCKETS  # hash_int, inlined
             held = value < cutoff
@@ -266,7 +276,9 @@ class LayerStep:
         self.low, self.high = _integer_cutoff(low), _integer_cutoff(high)
         self.decision = Decision(control, False, Reason.LAYER)
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+    def __call__(
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
+    ) -> Decision | None:
         value = _first_word(_digest(_md5((self.prefix + user_id).encode())))[0] % BUCKETS  # hash_int, inlined
         inside = self.low <= value < self.high
         if trace is not None:
@@ -292,7 +304,9 @@ class CoverageStep:
         self.cutoff = _integer_cutoff(coverage)
         self.decision = Decision(control, False, Reason.COVERAGE)
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision | None:
+    def __call__(
+        self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace
+    ) -> Decision | None:
         value = _first_word(_digest(_md5((self.prefix + user_id).encode())))[0] % BUCKETS  # hash_int, inlined
         exposed = value < self.cutoff
         if trace is not None:
@@ -323,7 +337,7 @@ class BucketStep:
         self.table = table
         self.segment_tables = dict(segment_tables)
 
-    def __call__(self, user_id: str, segment: str | None, context: Any, at: datetime, trace: Trace) -> Decision:
+    def __call__(self, user_id: str, segment: str | None, context: object, at: datetime, trace: Trace) -> Decision:
         # value / 1e6 is the double the seed computes (and equals round(value / 1e6, 6)).
         value = _first_word(_digest(_md5((self.prefix + user_id).encode())))[0] % BUCKETS / BUCKETS
         table = self.table if segment is None else self.segment_tables.get(segment, self.table)
@@ -341,7 +355,7 @@ class BucketStep:
 
 
 def walk(
-    steps: tuple[Step, ...], user_id: str, segment: str | None, context: Any, at: datetime, *, trace: Trace = None
+    steps: tuple[Step, ...], user_id: str, segment: str | None, context: object, at: datetime, *, trace: Trace = None
 ) -> Decision:
     """The one walk: each step in order until one decides (the last, the bucket step, always does)."""
     for step in steps:
@@ -365,7 +379,7 @@ class AllocatedExperiment:
     #: ``D`` of §2.8 (the effective values that decide assignments), digested into ``config_version``.
     document: Mapping[str, Any]
     #: Each step's bound ``__call__``: the same steps, called without the instance-call lookup (0.4 us a decision).
-    calls: tuple[Callable[[str, str | None, Any, datetime, Trace], Decision | None], ...] = field(
+    calls: tuple[Callable[[str, str | None, object, datetime, Trace], Decision | None], ...] = field(
         init=False, repr=False, compare=False
     )
 
@@ -377,7 +391,7 @@ class AllocatedExperiment:
         """The compiled targeting condition, or ``None`` when the experiment targets everyone."""
         return next((step.condition for step in self.steps if isinstance(step, TargetingStep)), None)
 
-    def decide(self, user_id: str, segment: str | None, context: Any, at: datetime) -> Decision:
+    def decide(self, user_id: str, segment: str | None, context: object, at: datetime) -> Decision:
         """The decision for one request (§2.3). ``at`` is the request's enqueued time, timezone-aware.
 
         ``user_id`` must already satisfy the id rule (the request schema's); ``context`` is the
@@ -401,7 +415,7 @@ class AllocatedExperiment:
         """
         calls = tuple(step.__call__ for step in self.steps if step.name not in {*leave_out, "bucket"})
 
-        def first_decision(user_id: str, segment: str | None, context: Any, at: datetime) -> Decision | None:
+        def first_decision(user_id: str, segment: str | None, context: object, at: datetime) -> Decision | None:
             if at.tzinfo is None:
                 raise ValueError("the decision time must be timezone-aware (UTC)")
             for call in calls:
@@ -412,7 +426,7 @@ class AllocatedExperiment:
 
         return first_decision
 
-    def explain(self, user_id: str, segment: str | None, context: Any, at: datetime) -> Explanation:
+    def explain(self, user_id: str, segment: str | None, context: object, at: datetime) -> Explanation:
         """:meth:`decide`, recorded: the same steps, each appending what it computed and decided."""
         if at.tzinfo is None:
             raise ValueError("the decision time must be timezone-aware (UTC)")
