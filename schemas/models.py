@@ -268,7 +268,7 @@ class AssignmentRequest(BaseModel):
         return effective_segment(self.segment, self.context)
 
 
-def effective_segment(segment: str | None, context: Any) -> str | None:
+def effective_segment(segment: str | None, context: object) -> str | None:
     """The segment a request is decided with: ``segment``, else ``context["segment"]`` when that is a
     valid segment name, else none (``docs/allocation.md`` §2.3). One rule for the worker and the API."""
     if segment is not None:
@@ -433,7 +433,7 @@ class AssignmentRecord(BaseModel):
     @classmethod
     def kusto_columns(cls) -> list[tuple[str, str]]:
         """``[(column, kusto_type)]`` derived from the model's annotations."""
-        kinds: dict[Any, str] = {str: "string", float: "real", datetime: "datetime", bool: "bool", int: "long"}
+        kinds: dict[object, str] = {str: "string", float: "real", datetime: "datetime", bool: "bool", int: "long"}
         columns = []
         for name, field in cls.model_fields.items():
             annotation = field.annotation
@@ -577,7 +577,7 @@ class Instant:
         return {"type": "string", "format": "date-time", "pattern": INSTANT_PATTERN, **_NO_NEWLINE}
 
 
-def _to_instant(value: Any) -> datetime:
+def _to_instant(value: object) -> datetime:
     problem = instant_problem(value)
     micros = instant_of(value)
     if problem or micros is None:
