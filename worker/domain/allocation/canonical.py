@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
 
 
-def canonical_json(value: Any) -> str:
+def canonical_json(value: object) -> str:
     """The JCS text of ``value``; raises ``TypeError``/``ValueError`` for anything JCS cannot hold."""
     if value is None or value is True or value is False:
         return json.dumps(value)

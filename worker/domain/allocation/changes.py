@@ -14,10 +14,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from worker.domain.allocation.compile import AllocationFile
-from worker.domain.allocation.experiment import AllocatedExperiment, walk
+from worker.domain.allocation.experiment import AllocatedExperiment, DigestDocument, LayerSlice, walk
 
 #: Synthetic ids of the estimate: ``synthetic-000000`` … (deterministic, so two runs agree).
 SAMPLE = 100_000
@@ -110,19 +109,19 @@ def _compare(
     return ExperimentChange(before.experiment_id, "changed", tuple(changed), refusals, moved, by_segment)
 
 
-def _differing(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def _differing(old: Mapping[str, object], new: Mapping[str, object]) -> list[str]:
     return [key for key in old if key != "contract" and old[key] != new.get(key)]
 
 
-def _describe(name: str, old: Any, new: Any) -> str:
-    def show(value: Any) -> str:
+def _describe(name: str, old: object, new: object) -> str:
+    def show(value: object) -> str:
         text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
         return text if len(text) <= 100 else text[:99] + "…"
 
     return f"{name}: {show(old)} → {show(new)}"
 
 
-def refusal_reasons(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def refusal_reasons(old: DigestDocument, new: DigestDocument) -> list[str]:
     """Why moving from ``D`` ``old`` to ``D`` ``new`` would move bucketed users (§2.9); empty when it would not."""
     reasons = [f"{name} changed" for name in ("seed", "split", "segments", "control") if old[name] != new[name]]
     if new["coverage"] < old["coverage"]:
@@ -145,7 +144,7 @@ def refusal_reasons(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     return reasons
 
 
-def _layer_keeps(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:
+def _layer_keeps(old: LayerSlice | None, new: LayerSlice | None) -> bool:
     """Whether every user the old slice admitted is admitted by the new one (no layer admits everyone)."""
     if new is None or (new["range"][0] <= 0.0 and new["range"][1] >= 1.0):
         return True

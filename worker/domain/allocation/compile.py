@@ -7,9 +7,10 @@ line each naming the file, the experiment (or layer, or holdout) and the field.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import TypeVar
 
 from schemas.instants import format_instant, instant_of_datetime
 from schemas.models import ExperimentConfig, ExperimentFile, Holdout, Layer
@@ -20,6 +21,7 @@ from worker.domain.allocation.experiment import (
     BucketStep,
     CoverageStep,
     Decision,
+    DigestDocument,
     HoldoutStep,
     LayerStep,
     OverrideStep,
@@ -222,7 +224,7 @@ def _check_holdouts(
     return listed
 
 
-def _layer_overlaps(configs: Any, source: str) -> list[str]:
+def _layer_overlaps(configs: Iterable[ExperimentConfig], source: str) -> list[str]:
     """Two draft or running experiments in one layer whose ranges overlap (``lo1 < hi2 and lo2 < hi1``)."""
     problems = []
     placed: dict[str, list[tuple[str, float, float]]] = {}
@@ -291,14 +293,14 @@ def _steps(config: ExperimentConfig, parts: _Checked) -> tuple[tuple[Step, ...],
     return tuple(steps), {name: why for name, step, why in candidates if step is None}
 
 
-def _time(moment: Any) -> str | None:
+def _time(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     micros = instant_of_datetime(moment)
     return None if micros is None else format_instant(micros)
 
 
-def digest_document(config: ExperimentConfig, parts: _Checked) -> dict[str, Any]:
+def digest_document(config: ExperimentConfig, parts: _Checked) -> DigestDocument:
     """``D`` of §2.8: everything that decides the experiment's assignments, effective values filled in."""
     layer, condition = parts.layer, parts.condition
     return {

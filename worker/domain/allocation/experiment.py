@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypedDict
 
 from worker.domain.allocation.conditions import CompiledCondition, attribute_value, kind_of
 from worker.domain.assignment import BUCKETS, VariantTable, _digest, _first_word, _integer_cutoff, _md5
@@ -112,6 +112,44 @@ DECIDED, GO_ON, NOT_CONFIGURED, NOT_REACHED = "decided", "go on", "not configure
 Trace = list[StepRecord] | None
 #: The walk without its bucket step: ``(user_id, segment, context, at) -> decision or None`` (go on to the bucket).
 Gate = Callable[[str, "str | None", object, datetime], "Decision | None"]
+
+
+class LayerSlice(TypedDict):
+    """The layer part of ``D``: the layer, its effective salt and the experiment's ``[lo, hi)`` range."""
+
+    id: str
+    salt: str
+    range: list[float]
+
+
+class HoldoutShare(TypedDict):
+    """One holdout of ``D``: its id, effective salt and share."""
+
+    id: str
+    salt: str
+    share: float
+
+
+class DigestDocument(TypedDict):
+    """``D`` of §2.8: every effective value that decides an experiment's assignments (its digest is
+    ``config_version``). Edits are judged by comparing two of them (``changes.refusal_reasons``)."""
+
+    contract: str
+    experiment_id: str
+    seed: str
+    split: dict[str, float]
+    segments: dict[str, dict[str, float]]
+    control: str
+    status: str
+    launched: str | None
+    start_at: str | None
+    end_at: str | None
+    coverage: float
+    layer: LayerSlice | None
+    holdouts: list[HoldoutShare]
+    #: The canonical condition (``conditions.CompiledCondition.canonical``), or None without targeting.
+    targeting: dict[str, Any] | None
+    overrides: dict[str, str]
 
 
 class Step(Protocol):
@@ -377,7 +415,7 @@ class AllocatedExperiment:
     #: Why each step this experiment does not compile is absent, for explanations.
     absent: Mapping[str, str]
     #: ``D`` of §2.8 (the effective values that decide assignments), digested into ``config_version``.
-    document: Mapping[str, Any]
+    document: DigestDocument
     #: Each step's bound ``__call__``: the same steps, called without the instance-call lookup (0.4 us a decision).
     calls: tuple[Callable[[str, str | None, object, datetime, Trace], Decision | None], ...] = field(
         init=False, repr=False, compare=False

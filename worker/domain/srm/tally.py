@@ -22,7 +22,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from worker.domain.errors import WorkerError
 from worker.domain.moments import as_utc
@@ -90,7 +89,7 @@ class AssignmentRow:
     config_version: str = ""
 
 
-def _text(row: Mapping[str, Any], column: str, *, required: bool = True) -> str:
+def _text(row: Mapping[str, object], column: str, *, required: bool = True) -> str:
     value = row.get(column)
     if value is None and not required:
         return ""
@@ -99,7 +98,7 @@ def _text(row: Mapping[str, Any], column: str, *, required: bool = True) -> str:
     return value
 
 
-def _moment(value: Any) -> datetime:
+def _moment(value: object) -> datetime:
     if isinstance(value, datetime):
         return as_utc(value)
     if isinstance(value, str):
@@ -110,7 +109,7 @@ def _moment(value: Any) -> datetime:
     raise ReportInputError(f"column AssignedAt must be an ISO 8601 time, got {value!r}")
 
 
-def parse_split(value: Any) -> Split:
+def parse_split(value: object) -> Split:
     """A ``SplitRatio`` value — a JSON object, or its text as Kusto's ``tostring`` gives it — as a :data:`Split`."""
     if isinstance(value, str):
         try:
@@ -130,7 +129,7 @@ def parse_split(value: Any) -> Split:
     return tuple(sorted(shares))
 
 
-def in_experiment_of(value: Any) -> bool:
+def in_experiment_of(value: object) -> bool:
     """An ``InExperiment`` value: ``true``/``false``, or missing/null (a row from before allocation: ``true``)."""
     if value is None:
         return True
@@ -139,7 +138,7 @@ def in_experiment_of(value: Any) -> bool:
     return value
 
 
-def reason_of(value: Any) -> str:
+def reason_of(value: object) -> str:
     """A ``Reason`` value as shown: the reason, or :data:`BEFORE_ALLOCATION` when missing, null or empty."""
     if value is None or value == "":
         return BEFORE_ALLOCATION
@@ -150,7 +149,7 @@ def reason_of(value: Any) -> str:
     return value
 
 
-def parse_row(row: Mapping[str, Any]) -> AssignmentRow:
+def parse_row(row: Mapping[str, object]) -> AssignmentRow:
     """Check and pick the report's columns from one row; :class:`ReportInputError` names the bad column.
 
     ``InExperiment``, ``Reason`` and ``ConfigVersion`` may be missing (a row written before allocation);
@@ -296,7 +295,7 @@ class Tally:
         return sum(sum(variants.values()) for (_, inside, _), variants in self.reasons.items() if not inside)
 
 
-def tally_rows(rows: Iterable[Mapping[str, Any]], window: Window | None = None) -> Tally:
+def tally_rows(rows: Iterable[Mapping[str, object]], window: Window | None = None) -> Tally:
     """Parse and count every row; the first malformed one raises :class:`ReportInputError`."""
     tally = Tally(window)
     for row in rows:
