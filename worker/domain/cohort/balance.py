@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
 
 from worker.domain.cohort.records import CohortRecord
 from worker.domain.plural import counted
@@ -31,7 +30,7 @@ class Cell:
         """``"New Customer × control"``, or the arm id for a whole arm."""
         return self.arm if self.segment is None else f"{self.segment} × {self.arm}"
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
         return {"segment": self.segment, "arm": self.arm, "count": self.count}
 
@@ -66,7 +65,7 @@ class BalanceTable:
             row[record.experiment_arm] = row.get(record.experiment_arm, 0) + 1
         return cls.from_counts(arms, counts)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
         return {
             "segments": list(self.segments),
@@ -87,7 +86,7 @@ class BalanceCheck:
     detail: str
     offending_cells: tuple[Cell, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
         return {
             "name": self.name,
@@ -112,7 +111,7 @@ class BalanceReport:
         """True when every check passed."""
         return all(check.passed for check in self.checks)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready fields."""
         return {
             "passed": self.passed,

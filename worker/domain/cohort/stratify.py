@@ -80,9 +80,9 @@ class CohortAssignment:
         """True when every balance check passed."""
         return self.report.passed
 
-    def to_dict(self, *, include_records: bool = False) -> dict[str, Any]:
+    def to_dict(self, *, include_records: bool = False) -> dict[str, object]:
         """JSON-ready summary (the run, the arms, the balance report), optionally the records."""
-        summary: dict[str, Any] = {
+        summary: dict[str, object] = {
             "experiment_id": self.experiment_id,
             "seed": self.seed,
             "assigned_at": utc_iso(self.assigned_at),

@@ -33,7 +33,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from worker.domain.assignment import VariantTable
 from worker.domain.moments import utc_iso
@@ -198,7 +197,7 @@ class Report:
             f" ({outside}{self.duplicates:,} duplicate EventIds dropped, {self.excluded:,} outside the filters)"
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready: times as ISO 8601 UTC text, splits as objects."""
         return {
             "generated_at": utc_iso(self.generated_at),
@@ -230,7 +229,7 @@ class Report:
         }
 
 
-def _allocation_dict(allocation: Allocation) -> dict[str, Any]:
+def _allocation_dict(allocation: Allocation) -> dict[str, object]:
     return {
         "experiment": allocation.experiment,
         "in_experiment": allocation.counted,
@@ -251,7 +250,7 @@ def _allocation_dict(allocation: Allocation) -> dict[str, Any]:
     }
 
 
-def _group_dict(group: GroupResult) -> dict[str, Any]:
+def _group_dict(group: GroupResult) -> dict[str, object]:
     return {
         "experiment": group.experiment,
         "segment": group.segment,
@@ -412,7 +411,7 @@ def _nothing_to_test(allocation: Allocation) -> GroupResult:
 
 
 def report_from_rows(
-    rows: Iterable[Mapping[str, Any]],
+    rows: Iterable[Mapping[str, object]],
     *,
     window: Window | None = None,
     by_segment: bool = False,
