@@ -17,7 +17,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from adapters.rowbuffer import BufferedRows
 from adapters.settlement import complete_each
@@ -94,7 +94,7 @@ def body_fields(body: bytes) -> dict[str, str]:
         return {"body_base64": base64.b64encode(body).decode("ascii")}
 
 
-def dead_letter_record(delivery: Delivery, reason: str, description: str) -> dict[str, Any]:
+def dead_letter_record(delivery: Delivery, reason: str, description: str) -> dict[str, object]:
     """A dead-lettered message as JSON, in the same shape ``dlq export`` writes."""
     return {
         "message_id": delivery.message_id,

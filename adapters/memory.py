@@ -12,12 +12,25 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TypedDict, Unpack
 
 from adapters.settlement import complete_each
 from schemas.models import AssignmentRecord
 from worker.domain.errors import PermanentError, PublishRejected, TransientError
 from worker.service.ports import Delivery, OutboundEvent, SettlementLostError
+
+
+class DeliveryFields(TypedDict, total=False):
+    """The :class:`Delivery` fields a test may set on a message it sends to :class:`MemorySource`."""
+
+    correlation_id: str | None
+    content_type: str | None
+    enqueued_time: datetime | None
+    delivery_count: int
+    reply_to: str | None
+    reply_to_session_id: str | None
+    handle: object
+    unreadable: PermanentError | None
 
 
 @dataclass(slots=True)
@@ -47,16 +60,16 @@ class MemorySource:
         self,
         body: bytes | str,
         message_id: str | None = None,
-        application_properties: Mapping[str, Any] | None = None,
-        **fields: Any,
+        application_properties: Mapping[str, object] | None = None,
+        **fields: Unpack[DeliveryFields],
     ) -> Delivery:
         """Enqueue a request as a publisher would."""
+        given: DeliveryFields = {"enqueued_time": datetime(2026, 1, 1, tzinfo=UTC), **fields}
         delivery = Delivery(
             body=body.encode() if isinstance(body, str) else body,
             message_id=message_id or f"msg-{next(self._ids)}",
             application_properties=dict(application_properties or {}),
-            enqueued_time=fields.pop("enqueued_time", datetime(2026, 1, 1, tzinfo=UTC)),
-            **fields,
+            **given,
         )
         with self._lock:
             self.queue.append(delivery)
