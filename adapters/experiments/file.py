@@ -10,7 +10,6 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -68,7 +67,7 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
 
 
-def read_document(path: Path) -> Any:
+def read_document(path: Path) -> object:
     """Parse a YAML (``.yaml``/``.yml``) or JSON file; errors name the file and position."""
     data = read_config_bytes(path)
     try:
@@ -95,7 +94,7 @@ def read_document(path: Path) -> Any:
         raise ConfigurationError(f"{path}: invalid YAML value: {exc}") from None
 
 
-def _load_yaml(text: str, path: Path) -> Any:
+def _load_yaml(text: str, path: Path) -> object:
     """``yaml.safe_load`` that refuses documents whose aliases would blow up once expanded."""
     loader = yaml.SafeLoader(text)
     try:
