@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from worker.cli.cohort_files import assignments_writer, format_for, read_arm_variants, read_cohort, report_writer
 from worker.cli.common import ExitStatus, Subcommands, check_output, formatter, integer, report_error, write_files
@@ -321,7 +321,7 @@ def run_plan(args: argparse.Namespace) -> int:
     return ExitStatus.OK
 
 
-def _plan_dict(plan: ExperimentPlan) -> dict[str, Any]:
+def _plan_dict(plan: ExperimentPlan) -> dict[str, object]:
     mde = plan.mde
     return {
         "arms": plan.arms,

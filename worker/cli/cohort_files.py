@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from pydantic import JsonValue
 
@@ -52,6 +52,12 @@ def _raise_if_any(path: Path, problems: list[Problem]) -> None:
         raise CohortInputError(
             [f"{path}:{line}: {message}" if line else f"{path}: {message}" for line, message in problems]
         )
+
+
+def _refuse(path: Path, problems: list[Problem]) -> NoReturn:
+    """:func:`_raise_if_any` where there is always a problem (so the type checker knows nothing follows)."""
+    _raise_if_any(path, problems)
+    raise AssertionError("unreachable: problems were given")  # pragma: no cover
 
 
 def read_cohort(
@@ -98,7 +104,11 @@ def read_cohort(
 
 
 def _collect(rows: Iterable[tuple[int, tuple[Any, ...]]], cohort: CohortColumns, *, json_values: bool) -> None:
-    """Append each row's member to the columns; this loop runs once per member, so it stays lean."""
+    """Append each row's member to the columns; this loop runs once per member, so it stays lean.
+
+    Values go in as read (``Any``: a JSON line's id may be any JSON value); ``member_problems``
+    checks every one right after, and the columns leave ``read_cohort`` only when all are strings.
+    """
     add_id, add_segment, add_line = cohort.member_ids.append, cohort.segments.append, cohort.lines.append
     # One str object per distinct segment instead of one per row: saves ~50 MB per million rows.
     canonical: dict[Any, Any] = {}
@@ -156,7 +166,7 @@ def read_arm_variants(path: Path, arm_ids: Sequence[str]) -> dict[str, dict[str,
     problems: list[Problem] = []
     content = _read_json(path, problems)
     if not isinstance(content, dict):
-        _raise_if_any(path, [(0, "expected a JSON object mapping arm id to {segment: variant}")])
+        _refuse(path, [(0, "expected a JSON object mapping arm id to {segment: variant}")])
     variants: dict[str, dict[str, str]] = {}
     for arm, mapping in content.items():
         if arm not in arm_ids:
@@ -172,7 +182,7 @@ def read_arm_variants(path: Path, arm_ids: Sequence[str]) -> dict[str, dict[str,
     return variants
 
 
-def _read_json(path: Path, problems: list[Problem]) -> Any:
+def _read_json(path: Path, problems: list[Problem]) -> object:
     """A small JSON document, decoded as the reader decodes (UTF-8 line by line, a leading BOM dropped)."""
     try:
         data = path.read_bytes()
@@ -183,7 +193,7 @@ def _read_json(path: Path, problems: list[Problem]) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        _raise_if_any(path, [(exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})")])
+        _refuse(path, [(exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})")])
 
 
 # --- writing -------------------------------------------------------------------------------------

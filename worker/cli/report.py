@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from worker.cli.common import (
     ExitStatus,
@@ -98,7 +98,7 @@ def _open(path: str) -> Iterator[IO[bytes]]:
         yield stream
 
 
-def _json_lines(path: str, problems: list[str]) -> Iterator[tuple[int, Any]]:
+def _json_lines(path: str, problems: list[str]) -> Iterator[tuple[int, object]]:
     """``(line number, decoded value)`` for each non-blank line; undecodable lines go to ``problems``."""
     with _open(path) as stream:
         for number, raw in enumerate(stream, start=1):

@@ -149,7 +149,7 @@ def reason_of(value: object) -> str:
     return value
 
 
-def parse_row(row: Mapping[str, object]) -> AssignmentRow:
+def parse_row(row: object) -> AssignmentRow:
     """Check and pick the report's columns from one row; :class:`ReportInputError` names the bad column.
 
     ``InExperiment``, ``Reason`` and ``ConfigVersion`` may be missing (a row written before allocation);
