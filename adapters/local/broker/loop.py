@@ -53,7 +53,7 @@ class _Client:
 class EventLoop:
     """Runs on one thread; other threads talk to it only through :meth:`call`."""
 
-    def __init__(self, listener: socket.socket, handler: Any) -> None:
+    def __init__(self, listener: socket.socket, handler: EngineHandler) -> None:
         self._listener = listener
         self._handler = handler
         self._collector = Collector()

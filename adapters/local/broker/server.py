@@ -11,7 +11,9 @@ from typing import Any, TypeVar, cast
 
 from proton import (
     Condition,
+    Connection,
     Delivery,
+    Disposition,
     Endpoint,
     Event,
     Handler,
@@ -98,7 +100,7 @@ class BrokerHandler(Handler):
             store.on_ready = None
         self._consumers.clear()
 
-    def connection_closed(self, connection: Any) -> None:
+    def connection_closed(self, connection: Connection) -> None:
         """The loop closed a client's socket: release its links."""
         self._forget_connection(connection)
 
@@ -208,7 +210,7 @@ class BrokerHandler(Handler):
         if conn.state & Endpoint.LOCAL_ACTIVE:
             conn.close()
 
-    def _forget_connection(self, conn: Any) -> None:
+    def _forget_connection(self, conn: Connection) -> None:
         link = conn.link_head(0)
         while link is not None:
             self._forget(link)
@@ -376,7 +378,7 @@ class BrokerHandler(Handler):
         delivery.settle()
 
 
-def _apply_outcome(store: MessageStore, tag: bytes, outcome: Any, remote: Any, now: int) -> bool | None:
+def _apply_outcome(store: MessageStore, tag: bytes, outcome: int, remote: Disposition, now: int) -> bool | None:
     """Apply a client's outcome to a locked message: ``False`` if the lock was lost, ``None`` if
     the disposition carried no terminal outcome."""
     if outcome == Delivery.ACCEPTED:
@@ -393,7 +395,7 @@ def _apply_outcome(store: MessageStore, tag: bytes, outcome: Any, remote: Any, n
     return None
 
 
-def _reply_links(conn: Any) -> dict[str, Link]:
+def _reply_links(conn: Connection) -> dict[str, Link]:
     """Per-connection reply links by node address (kept in the connection's proton record)."""
     links: dict[str, Link] | None = getattr(conn, "reply_links", None)
     if links is None:
