@@ -39,7 +39,7 @@ def create_client(
     ``try_timeout`` bounds each SDK attempt (see :mod:`adapters.servicebus.liveness`): without it a
     send on a silent connection waits forever.
     """
-    options: dict[str, Any] = {
+    options: dict[str, Any] = {  # the SDK's own **kwargs: Any
         "retry_total": retry_total,
         "retry_backoff_factor": 0.5,
         "retry_backoff_max": retry_backoff_max,

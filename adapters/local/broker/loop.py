@@ -19,11 +19,13 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from proton import Collector, Connection, Event, ProtonException, Transport
 
 _LOG = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
@@ -62,6 +64,7 @@ class EventLoop:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        # Any: calls of every result type share the queue; each pair's function and future agree (call()).
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
@@ -72,9 +75,9 @@ class EventLoop:
 
     # -- cross-thread and timers -------------------------------------------------------------
 
-    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+    def call(self, fn: Callable[[], _T]) -> Future[_T]:
         """Run ``fn`` on the loop thread; thread-safe."""
-        future: Future[Any] = Future()
+        future: Future[_T] = Future()
         self._calls.put((fn, future))
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
