@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiveMode
 from azure.servicebus.exceptions import ServiceBusError
@@ -81,7 +80,7 @@ class TailedEvent:
     message_id: str | None = None
     correlation_id: str | None = None
     enqueued_time: datetime | None = None
-    application_properties: dict[str, Any] = field(default_factory=dict)
+    application_properties: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def from_message(cls, message: ServiceBusReceivedMessage) -> TailedEvent:
@@ -98,7 +97,7 @@ class TailedEvent:
         )
 
     @property
-    def event(self) -> dict[str, Any]:
+    def event(self) -> dict[str, object]:
         """The body as a JSON object, or empty when it is not one."""
         try:
             value = json.loads(self.body)
@@ -154,7 +153,7 @@ def read_events(
                 receiver.complete_message(message)
 
 
-def _text(value: Any) -> str | None:
+def _text(value: object) -> str | None:
     if value is None:
         return None
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

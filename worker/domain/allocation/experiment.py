@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, NamedTuple, Protocol, TypedDict
+from typing import NamedTuple, Protocol, TypedDict
 
 from worker.domain.allocation.conditions import CompiledCondition, attribute_value, kind_of
 from worker.domain.assignment import BUCKETS, VariantTable, _digest, _first_word, _integer_cutoff, _md5
@@ -148,7 +148,7 @@ class DigestDocument(TypedDict):
     layer: LayerSlice | None
     holdouts: list[HoldoutShare]
     #: The canonical condition (``conditions.CompiledCondition.canonical``), or None without targeting.
-    targeting: dict[str, Any] | None
+    targeting: dict[str, object] | None
     overrides: dict[str, str]
 
 
