@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from .config import BrokerConfig
-from .entities import BrokerState, normalize_address
+from .entities import BrokerState, SendFault, normalize_address
 from .loop import EventLoop
 from .server import TICK_SECONDS, BrokerHandler
 
@@ -155,7 +155,7 @@ class LocalBroker:
         ``com.microsoft:server-busy`` → ``ServiceBusServerBusyError``, ``amqp:unauthorized-access`` →
         ``ServiceBusAuthorizationError``. :meth:`clear_faults` ends every injected refusal.
         """
-        fault = [condition, description or f"{condition} (injected by the local broker)", times]
+        fault = SendFault(condition, description or f"{condition} (injected by the local broker)", times)
         self._call(lambda: self.state.send_faults.__setitem__(normalize_address(entity), fault))
 
     def clear_faults(self) -> None:

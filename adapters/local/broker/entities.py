@@ -14,7 +14,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
 
 from .config import BrokerConfig, EntityProperties, QueueConfig, TopicConfig
 from .filters import Predicate, compile_rules
@@ -28,6 +28,17 @@ TTL_EXPIRED_REASON = "TTLExpiredException"
 # Tags are ASCII: proton's Python binding decodes delivery tags as UTF-8 text when read back.
 _TAG_PREFIX = os.urandom(4).hex()
 _tag_counter = itertools.count(1)
+
+
+@dataclass(slots=True)
+class SendFault:
+    """An injected refusal of transfers to one entity (``LocalBroker.refuse_sends``)."""
+
+    #: The AMQP error condition, e.g. ``com.microsoft:server-busy``.
+    condition: str
+    description: str
+    #: Transfers left to refuse; None: until cleared.
+    left: int | None
 
 
 def now_ms() -> int:
@@ -155,7 +166,7 @@ class MessageStore:
         self.remove(msg)
         if self.dead_letter is None:
             return
-        updates: dict[str, Any] = {}
+        updates: dict[str, str] = {}
         if reason is not None:
             updates["DeadLetterReason"] = reason
         if desc is not None:
@@ -397,8 +408,8 @@ class BrokerState:
         self.config = config
         self.targets: dict[str, SendTarget] = {}
         self.stores: dict[str, MessageStore] = {}
-        #: Fault injection: entity → [AMQP error condition, description, transfers left to refuse or None].
-        self.send_faults: dict[str, list[Any]] = {}
+        #: Fault injection: entity → the refusal to answer its transfers with.
+        self.send_faults: dict[str, SendFault] = {}
         for queue_config in config.queues:
             queue = Queue(queue_config)
             self.targets[queue.name.lower()] = queue
@@ -419,13 +430,12 @@ class BrokerState:
         fault = self.send_faults.get(target.name.lower())
         if fault is None:
             return None
-        condition, description, left = fault
-        if left is not None:
-            if left <= 1:
+        if fault.left is not None:
+            if fault.left <= 1:
                 del self.send_faults[target.name.lower()]
             else:
-                fault[2] = left - 1
-        return condition, description
+                fault.left -= 1
+        return fault.condition, fault.description
 
     def all_stores(self) -> Iterable[MessageStore]:
         """Every store, dead-letter sub-queues included."""
