@@ -12,7 +12,6 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 _LOG = logging.getLogger(__name__)
 
@@ -43,10 +42,10 @@ class BrokerConfigError(ValueError):
     """A broker configuration is invalid; the message names the source and the field."""
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: object) -> float:
     """Parse an ISO-8601 duration such as ``PT30S`` or ``P14D`` into seconds."""
     match = _DURATION.match(text.strip().upper()) if isinstance(text, str) else None
-    if not match or text.strip().upper() in ("P", "PT"):
+    if not match or not isinstance(text, str) or text.strip().upper() in ("P", "PT"):
         raise ValueError(f"not an ISO-8601 duration: {text!r}")
     parts = {k: float(v) for k, v in match.groupdict().items() if v is not None}
     return (
@@ -75,7 +74,7 @@ class RuleConfig:
 
     name: str
     sql: str | None = None
-    correlation: dict[str, Any] | None = None
+    correlation: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ class BrokerConfig:
         return cls.from_dict(document, source=source)
 
     @classmethod
-    def from_dict(cls, document: dict[str, Any], *, source: str = "<dict>") -> BrokerConfig:
+    def from_dict(cls, document: dict[str, object], *, source: str = "<dict>") -> BrokerConfig:
         """Build a config from the emulator's JSON structure (``{"UserConfig": {...}}``)."""
         return _Parser(source).parse(document)
 
@@ -172,19 +171,19 @@ class _Parser:
     def _fail(self, path: str, problem: str) -> BrokerConfigError:
         return BrokerConfigError(f"{self._source}: {path}: {problem}")
 
-    def _obj(self, value: Any, path: str) -> dict[str, Any]:
+    def _obj(self, value: object, path: str) -> dict[str, object]:
         if not isinstance(value, dict):
             raise self._fail(path, f"expected an object, got {type(value).__name__}")
         return value
 
-    def _list(self, value: Any, path: str) -> list[Any]:
+    def _list(self, value: object, path: str) -> list[object]:
         if value is None:
             return []
         if not isinstance(value, list):
             raise self._fail(path, f"expected a list, got {type(value).__name__}")
         return value
 
-    def _name(self, item: dict[str, Any], path: str) -> str:
+    def _name(self, item: dict[str, object], path: str) -> str:
         name = item.get("Name")
         if not isinstance(name, str) or not name.strip():
             raise self._fail(f"{path}.Name", "a non-empty string is required")
@@ -192,7 +191,7 @@ class _Parser:
             raise self._fail(f"{path}.Name", f"invalid entity name {name!r}")
         return name
 
-    def parse(self, document: Any) -> BrokerConfig:
+    def parse(self, document: object) -> BrokerConfig:
         """Validate the whole document and build the config of its first namespace."""
         root = self._obj(document, "(root)")
         user = self._obj(root.get("UserConfig"), "UserConfig")
@@ -219,11 +218,11 @@ class _Parser:
             seen.add(key)
         return BrokerConfig(namespace=str(name), queues=queues, topics=topics)
 
-    def _queue(self, value: Any, path: str) -> QueueConfig:
+    def _queue(self, value: object, path: str) -> QueueConfig:
         item = self._obj(value, path)
         return QueueConfig(self._name(item, path), self._props(item.get("Properties"), path))
 
-    def _topic(self, value: Any, path: str) -> TopicConfig:
+    def _topic(self, value: object, path: str) -> TopicConfig:
         item = self._obj(value, path)
         name = self._name(item, path)
         subs = tuple(
@@ -232,14 +231,14 @@ class _Parser:
         )
         return TopicConfig(name, self._props(item.get("Properties"), path), subs)
 
-    def _subscription(self, value: Any, path: str) -> SubscriptionConfig:
+    def _subscription(self, value: object, path: str) -> SubscriptionConfig:
         item = self._obj(value, path)
         rules = tuple(
             self._rule(r, f"{path}.Rules[{i}]") for i, r in enumerate(self._list(item.get("Rules"), f"{path}.Rules"))
         )
         return SubscriptionConfig(self._name(item, path), self._props(item.get("Properties"), path), rules)
 
-    def _rule(self, value: Any, path: str) -> RuleConfig:
+    def _rule(self, value: object, path: str) -> RuleConfig:
         item = self._obj(value, path)
         name = str(item.get("Name", "rule"))
         props = self._obj(item.get("Properties", {}), f"{path}.Properties")
@@ -253,11 +252,14 @@ class _Parser:
                 raise self._fail(f"{path}.Properties.SqlFilter.SqlExpression", "expected a string")
             return RuleConfig(name, sql=expression)
         if kind == "correlation":
-            corr = self._obj(props.get("CorrelationFilter", {}), f"{path}.Properties.CorrelationFilter")
+            where = f"{path}.Properties.CorrelationFilter"
+            corr = self._obj(props.get("CorrelationFilter", {}), where)
+            if corr.get("Properties") is not None:  # application properties to match: name -> value
+                self._obj(corr["Properties"], f"{where}.Properties")
             return RuleConfig(name, correlation=dict(corr))
         raise self._fail(f"{path}.Properties.FilterType", f"unknown filter type {kind!r}")
 
-    def _props(self, value: Any, path: str) -> EntityProperties:
+    def _props(self, value: object, path: str) -> EntityProperties:
         if value is None:
             return EntityProperties()
         props = self._obj(value, f"{path}.Properties")
@@ -276,19 +278,19 @@ class _Parser:
             default_message_ttl=self._ttl(props, path),
         )
 
-    def _int(self, props: dict[str, Any], key: str, path: str, default: int) -> int:
+    def _int(self, props: dict[str, object], key: str, path: str, default: int) -> int:
         value = props.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise self._fail(f"{path}.Properties.{key}", f"expected a positive integer: {value!r}")
         return value
 
-    def _bool(self, props: dict[str, Any], key: str, path: str, default: bool) -> bool:
+    def _bool(self, props: dict[str, object], key: str, path: str, default: bool) -> bool:
         value = props.get(key, default)
         if not isinstance(value, bool):
             raise self._fail(f"{path}.Properties.{key}", f"expected true or false: {value!r}")
         return value
 
-    def _duration(self, props: dict[str, Any], key: str, path: str, default: float) -> float:
+    def _duration(self, props: dict[str, object], key: str, path: str, default: float) -> float:
         if key not in props:
             return default
         try:
@@ -299,7 +301,7 @@ class _Parser:
             raise self._fail(f"{path}.Properties.{key}", "must be positive")
         return seconds
 
-    def _ttl(self, props: dict[str, Any], path: str) -> float | None:
+    def _ttl(self, props: dict[str, object], path: str) -> float | None:
         if props.get("DefaultMessageTimeToLive") is None:
             return None
         seconds = self._duration(props, "DefaultMessageTimeToLive", path, 0.0)

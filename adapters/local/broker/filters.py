@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 from .config import RuleConfig
 
@@ -41,11 +41,11 @@ class Filterable(Protocol):
     """What a filter can see of a message."""
 
     @property
-    def application_properties(self) -> Mapping[str, Any]:
+    def application_properties(self) -> Mapping[str, object]:
         """Application properties, keyed by name."""
         ...
 
-    def system_property(self, index: int) -> Any:
+    def system_property(self, index: int) -> object:
         """The AMQP properties-list field at ``index``."""
         ...
 
@@ -53,7 +53,7 @@ class Filterable(Protocol):
 Predicate = Callable[[Filterable], bool]
 
 
-def _equal(actual: Any, expected: Any) -> bool:
+def _equal(actual: object, expected: object) -> bool:
     if actual is None:
         return False
     if isinstance(expected, (int, float)) and isinstance(actual, (int, float)):
@@ -61,7 +61,7 @@ def _equal(actual: Any, expected: Any) -> bool:
     return str(actual) == str(expected)
 
 
-def _getter(name: str) -> Callable[[Filterable], Any]:
+def _getter(name: str) -> Callable[[Filterable], object]:
     lowered = name.lower()
     if lowered.startswith("sys."):
         index = SYSTEM_PROPERTIES.get(lowered[4:])
@@ -110,7 +110,7 @@ def parse_sql(expression: str) -> Predicate | None:
     return lambda m: all(c(m) for c in clauses)
 
 
-def _literal(token: tuple[str, str]) -> Any:
+def _literal(token: tuple[str, str]) -> object:
     kind, text = token
     if kind == "str":
         return text[1:-1].replace("''", "'")
@@ -134,12 +134,13 @@ def _clause(left: tuple[str, str], right: tuple[str, str]) -> Predicate | None:
     return lambda m: _equal(get(m), expected)
 
 
-def correlation_filter(spec: Mapping[str, Any]) -> Predicate:
+def correlation_filter(spec: Mapping[str, object]) -> Predicate:
     """Compile an emulator-style ``CorrelationFilter`` object (all given fields must match)."""
     checks: list[Predicate] = []
     for key, value in spec.items():
         if key == "Properties":
-            for prop, expected in dict(value or {}).items():
+            # An object, or null for none: the entities file's loader refused anything else.
+            for prop, expected in (value if isinstance(value, Mapping) else {}).items():
                 checks.append(_app_property_equals(str(prop), expected))
             continue
         index = SYSTEM_PROPERTIES.get(key.lower())
@@ -152,11 +153,11 @@ def correlation_filter(spec: Mapping[str, Any]) -> Predicate:
     return lambda m: all(c(m) for c in checks)
 
 
-def _app_property_equals(name: str, expected: Any) -> Predicate:
+def _app_property_equals(name: str, expected: object) -> Predicate:
     return lambda m: _equal(m.application_properties.get(name), expected)
 
 
-def _system_property_equals(index: int, expected: Any) -> Predicate:
+def _system_property_equals(index: int, expected: object) -> Predicate:
     return lambda m: _equal(m.system_property(index), expected)
 
 

@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any  # AMQP management bodies and properties as proton decodes them, read by key
 
 from proton import Array, Data, Message, symbol, timestamp
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any  # AMQP values as proton decodes them (any of its types), from a client's frames
 
 from proton import symbol
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any  # telemetry envelopes: JSON from the exporter, read by key in tests
 
 from ._http import HttpStandIn, Request, Response
 

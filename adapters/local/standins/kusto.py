@@ -24,11 +24,11 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ._http import HttpStandIn, Request, Response
@@ -36,7 +36,7 @@ from ._http import HttpStandIn, Request, Response
 if TYPE_CHECKING:
     from .azurite import Azurite
 
-Row = dict[str, Any]
+Row = dict[str, object]
 
 _TABLE_COMMAND = re.compile(r"\.create(?:-merge)?\s+table\s+(\w+)\s*\((.*?)\)", re.DOTALL)
 _MAPPING_COMMAND = re.compile(
@@ -80,7 +80,7 @@ def json_mappings_from_kql(text: str) -> dict[tuple[str, str], list[tuple[str, s
     return mappings
 
 
-def _json_path(document: Any, path: str) -> Any:
+def _json_path(document: object, path: str) -> object:
     """The value at a simple ``$.a.b`` path (all the mapping uses), or None."""
     value = document
     for part in path.removeprefix("$").strip(".").split("."):
@@ -92,7 +92,7 @@ def _json_path(document: Any, path: str) -> Any:
     return value
 
 
-def _json_documents(text: str) -> Iterator[Any]:
+def _json_documents(text: str) -> Iterator[object]:
     """JSON values one after another (``json`` and ``multijson``: lines or pretty-printed objects)."""
     decoder = json.JSONDecoder()
     index = 0
@@ -105,7 +105,7 @@ def _json_documents(text: str) -> Iterator[Any]:
         yield value
 
 
-def _v1_table(columns: list[tuple[str, str]], rows: list[list[Any]]) -> dict[str, Any]:
+def _v1_table(columns: list[tuple[str, str]], rows: Sequence[Sequence[object]]) -> dict[str, object]:
     """A one-table v1 REST response (the format KustoResponseDataSetV1 parses)."""
     return {
         "Tables": [
@@ -309,7 +309,7 @@ class KustoStandIn(HttpStandIn):
         return columns
 
     @staticmethod
-    def _row(document: Any, columns: list[tuple[str, str]] | None) -> Row:
+    def _row(document: object, columns: list[tuple[str, str]] | None) -> Row:
         if columns is None:
             return dict(document) if isinstance(document, dict) else {"value": document}
         return {column: _json_path(document, path) for column, path in columns}
