@@ -281,7 +281,7 @@ def _appinsights(
 
     from azure.monitor.opentelemetry import configure_azure_monitor
 
-    options: dict[str, Any] = {
+    options: dict[str, Any] = {  # configure_azure_monitor's **kwargs: Any
         "connection_string": connection_string,
         "resource": _resource(service_name),
         "logger_name": logger_names[0],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args  # Any: pydantic's hook signatures and JSON Schema documents
 
 from pydantic import (
     BaseModel,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from worker.domain.errors import TransientError, WorkerError
 from worker.domain.moments import as_utc, utc_iso
@@ -63,7 +63,10 @@ def assignment_query(window: Window) -> tuple[str, dict[str, str]]:
 
 
 def add_rows(tally: Tally, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Count the query's summarised rows into ``tally`` (already deduplicated and filtered by Kusto)."""
+    """Count the query's summarised rows into ``tally`` (already deduplicated and filtered by Kusto).
+
+    ``Any``: cells as the SDK decoded them, converted by trying; a cell that fails names its row.
+    """
     for number, row in enumerate(rows, start=1):
         try:
             tally.add_cell(
@@ -84,7 +87,7 @@ def add_rows(tally: Tally, rows: Iterable[Mapping[str, Any]]) -> None:
         tally.rows_read += int(row["Assignments"])
 
 
-def _moment(value: Any) -> datetime:
+def _moment(value: object) -> datetime:
     if isinstance(value, datetime):
         return as_utc(value)
     return as_utc(datetime.fromisoformat(str(value)))
@@ -106,7 +109,7 @@ def connect(query_uri: str) -> KustoClient:
     return KustoClient(builder)
 
 
-def query_rows(client: KustoClient, database: str, window: Window) -> Iterator[dict[str, Any]]:
+def query_rows(client: KustoClient, database: str, window: Window) -> Iterator[dict[str, object]]:
     """Run :func:`assignment_query` and yield the primary result's rows as dicts (values as the SDK decoded them)."""
     from azure.core.exceptions import AzureError
     from azure.kusto.data import ClientRequestProperties

@@ -334,7 +334,7 @@ def settle_by_lock_token(
     _mark_settled(messages)
 
 
-def management_response_links(receiver: ServiceBusReceiver) -> list[Any]:
+def management_response_links(receiver: ServiceBusReceiver) -> list[Any]:  # pyAMQP's, private: Any
     """The response links of the management operations open on ``receiver``'s connection (pyAMQP ``ReceiverLink``)."""
     try:
         handler = _private(receiver)._handler

@@ -9,7 +9,7 @@ message costs a few slices and one ``bytes.join``.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any  # AMQP values: whatever proton's type mapping makes of a client's bytes, and back
 
 from proton import Data, Described, symbol
 

@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar  # Any: the cross-thread call queue and _guard's socket operations
 
 from proton import Collector, Connection, Event, ProtonException, Transport
 

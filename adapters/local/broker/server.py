@@ -7,7 +7,7 @@ entities and move stored messages on and off links. Everything runs on the broke
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, cast  # Any: an AMQP error condition's info map, as proton decodes it
 
 from proton import (
     Condition,

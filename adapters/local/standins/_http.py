@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any, Self  # Any: socketserver's and http.server's own override signatures
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +41,7 @@ class Response:
     content_type: str = "application/json; charset=utf-8"
 
     @classmethod
-    def json(cls, status: int, payload: Any) -> Response:
+    def json(cls, status: int, payload: object) -> Response:
         """A JSON answer."""
         return cls(status, json.dumps(payload).encode())
 

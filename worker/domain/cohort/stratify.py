@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain, repeat
-from typing import Any
+from typing import Any  # numpy's array shape parameter, which numpy itself leaves Any
 
 import numpy as np
 
