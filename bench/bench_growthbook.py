@@ -130,7 +130,7 @@ def growthbook_run(ids: list[str], holdout: str) -> tuple[Callable[[], None], Ca
             one(user)
 
     def share() -> float:
-        return sum(one(user).inExperiment for user in ids) / len(ids)
+        return sum(bool(one(user).inExperiment) for user in ids) / len(ids)
 
     return run, share
 

@@ -247,7 +247,7 @@ class _Allocation:
             " Coverage does not apply to a cohort."
         )
 
-    def section(self, decided: DecidedMembers, stratified: int, at: datetime) -> dict[str, Any]:
+    def section(self, decided: DecidedMembers, stratified: int, at: datetime) -> dict[str, object]:
         """The report's ``allocation`` section: what was applied, and every decided member by reason."""
         return {
             "experiments_file": self.source,

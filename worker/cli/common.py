@@ -27,6 +27,8 @@ from worker.domain.moments import MomentError, parse_moment
 from worker.domain.plural import counted
 
 if TYPE_CHECKING:
+    from pydantic import JsonValue
+
     from adapters.servicebus import Client as ServiceBusClient
     from worker.service.settings import WorkerSettings
 
@@ -286,11 +288,11 @@ class _NotJsonNumber(ValueError):
     """``NaN``, ``Infinity`` or ``-Infinity``: Python's parser takes them, JSON (and the worker) does not."""
 
 
-def _no_constant(literal: str) -> Any:
+def _no_constant(literal: str) -> NoReturn:
     raise _NotJsonNumber(literal)
 
 
-def json_context(text: str) -> dict[str, Any]:
+def json_context(text: str) -> dict[str, JsonValue]:
     """An argument type: a request context, a JSON object within the wire contract's context limits.
 
     Refused as the worker would refuse the same context in a request, so the command line never

@@ -82,7 +82,7 @@ class _Chunk:
     contexts: list[dict[str, JsonValue] | None] = field(default_factory=list)
 
 
-def _check_user(user: Any) -> str | None:
+def _check_user(user: object) -> str | None:
     # The wire contract's rule for ids, so a file row and a queued request are judged alike.
     problem = text_problem(user, MAX_ID_CHARS)
     return None if problem is None else f"user_id {problem}"
@@ -141,7 +141,7 @@ def detect_format(path: Path, explicit: str | None) -> str:
 
 def read_rows(
     stream: Iterable[str], fmt: str, source: str, bad: list[BadRow], *, kinds: ColumnKinds | None = None
-) -> Iterator[tuple[int, Any, Any, dict[str, JsonValue] | None]]:
+) -> Iterator[tuple[int, object, str | None, dict[str, JsonValue] | None]]:
     """Yield ``(line, user_id, segment, context)``; rows that cannot be read go to ``bad``.
 
     The segment is the request's effective one (a JSON line's ``segment``, else its context's). A
@@ -251,8 +251,8 @@ def assign_file(
     kinds = None if experiment.plain else column_kinds(experiment)
     for line, user, segment, context in read_rows(stream, in_format, source, result.bad_rows, kinds=kinds):
         problem = _check_user(user) or _check_segment(segment)
-        if problem is not None:
-            result.bad_rows.append(BadRow(line, problem))
+        if problem is not None or not isinstance(user, str):  # only a string passes the check
+            result.bad_rows.append(BadRow(line, problem or "user_id must be a string"))
             continue
         chunk.lines.append(line)
         chunk.users.append(user)

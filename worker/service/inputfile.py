@@ -28,13 +28,15 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, islice
 from operator import itemgetter
+from typing import Any, Protocol
 
 from worker.domain.errors import UsageError
 
 #: ``(line, message)``; line 0 is the file as a whole.
 Problem = tuple[int, str]
 #: ``(line, values)``: one value per column asked for, ``None`` for an optional one the row lacks.
-Row = tuple[int, tuple[object, ...]]
+#: Any: each column's value as its format decodes it (a CSV cell, any JSON value, a CSV's other cells by name).
+Row = tuple[int, tuple[Any, ...]]
 
 BOM = "\ufeff"
 
@@ -155,8 +157,22 @@ def _csv_rows(
             problems.append((reader.line_num, f"unparseable CSV row: {exc}"))
 
 
+class _CsvReader(Protocol):
+    """What ``csv.reader`` returns, as far as this module uses it: rows, and the line the last one ended on."""
+
+    line_num: int
+
+    def __iter__(self) -> Iterator[list[str]]: ...
+
+    def __next__(self) -> list[str]: ...
+
+
 def _csv_rows_with_rest(
-    reader: Any, others: list[tuple[int, str]], slots: list[int | None], width: int, problems: list[Problem]
+    reader: _CsvReader,
+    others: list[tuple[int, str]],
+    slots: list[int | None],
+    width: int,
+    problems: list[Problem],
 ) -> Iterator[Row]:
     """:func:`_csv_rows` with ``others`` (position, header name) of each row as one more value, a dict by name."""
     named = [name for _, name in others]

@@ -79,7 +79,7 @@ class Explanation:
     decision: Decision
     steps: tuple[StepRecord, ...]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-ready: the decision, then every step with its outcome, hash input, value and threshold.
 
         Holds what the explanation holds and nothing more: no context value ever (§2.11).
