@@ -157,8 +157,8 @@ class BrokerConfig:
         return cls.from_dict(document, source=source)
 
     @classmethod
-    def from_dict(cls, document: dict[str, object], *, source: str = "<dict>") -> BrokerConfig:
-        """Build a config from the emulator's JSON structure (``{"UserConfig": {...}}``)."""
+    def from_dict(cls, document: object, *, source: str = "<dict>") -> BrokerConfig:
+        """Build a config from the emulator's JSON structure (``{"UserConfig": {...}}``); anything else is refused."""
         return _Parser(source).parse(document)
 
 
