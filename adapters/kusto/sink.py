@@ -64,7 +64,7 @@ from worker.service.redaction import redact
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
     from azure.kusto.data import KustoConnectionStringBuilder
-    from azure.kusto.ingest import IngestionProperties, IngestionResult, StreamDescriptor
+    from azure.kusto.ingest import IngestionProperties, StreamDescriptor
     from requests import PreparedRequest, Response
     from requests.adapters import BaseAdapter
 
@@ -89,8 +89,8 @@ class IngestClient(Protocol):
 
     def ingest_from_stream(
         self, stream_descriptor: StreamDescriptor, ingestion_properties: IngestionProperties
-    ) -> IngestionResult:
-        """Ingest one stream of rows."""
+    ) -> object:
+        """Ingest one stream of rows (what it returns is not read: a failure raises)."""
         ...
 
     def close(self) -> None:
