@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, NoReturn, TextIO, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO, TypeAlias
 
 from worker.domain.errors import ConfigurationError, DependencyRefused, TransientError, UsageError, WorkerError
 from worker.domain.moments import MomentError, parse_moment
@@ -217,8 +217,9 @@ class Parser(argparse.ArgumentParser):
 
 
 #: What ``add_subparsers`` returns and each command module's ``add_commands`` fills (a string: argparse's
-#: action is generic only in typeshed, not at run time).
-Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"
+#: action is generic only in typeshed, not at run time). Any: the host parser's class, ours (:class:`Parser`)
+#: or a plain ``ArgumentParser`` of another CLI mounting a command; the action is invariant in it.
+Subcommands: TypeAlias = "argparse._SubParsersAction[Any]"
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:
