@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 from worker.bootstrap import ExperimentRegistry, environment_settings
-from worker.cli.common import EXIT_OK, formatter, json_context, moment
+from worker.cli.common import EXIT_OK, Subcommands, formatter, json_context, moment
 from worker.cli.render.explain import render_explanation
 from worker.domain.errors import UnknownExperimentError, UsageError
 from worker.domain.moments import utc_iso
@@ -55,7 +55,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     # The segment the walk used: --segment, else the context's (the worker's rule for requests).
     segment = explanation_segment(args.segment, args.context)
     if args.json:
-        document: dict[str, Any] = {
+        document: dict[str, object] = {
             "experiment_version": experiment.config.version,
             "user_id": args.user,
             "segment": segment,
@@ -71,14 +71,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def explanation_segment(segment: str | None, context: dict[str, Any] | None) -> str | None:
+def explanation_segment(segment: str | None, context: Mapping[str, object] | None) -> str | None:
     """The effective segment of a request with this segment and context (``docs/allocation.md`` §2.3)."""
     from schemas.models import effective_segment
 
     return effective_segment(segment, context)
 
 
-def add_commands(commands: Any) -> None:
+def add_commands(commands: Subcommands) -> None:
     """Register ``explain``."""
     explain = commands.add_parser(
         "explain",

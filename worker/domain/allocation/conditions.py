@@ -128,7 +128,7 @@ def operand_kinds(condition: CompiledCondition) -> dict[str, frozenset[str]]:
     """
     kinds: dict[str, set[str]] = {}
 
-    def visit(node: Any) -> None:
+    def visit(node: Any) -> None:  # Any: the canonical form, well-formed by construction (the compiler built it)
         for key, value in node.items():
             if key in ("$and", "$or"):
                 for item in value:
@@ -146,7 +146,7 @@ def operand_kinds(condition: CompiledCondition) -> dict[str, frozenset[str]]:
     return {name: frozenset(found) for name, found in kinds.items()}
 
 
-def _kind_name(operand: Any) -> str:
+def _kind_name(operand: object) -> str:
     if isinstance(operand, bool):
         return "boolean"
     return "number" if isinstance(operand, int | float) else "string"
