@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TypeVar
 
 from worker.domain.allocation import AllocatedExperiment, Decision
 
@@ -59,6 +59,9 @@ _STEP_RANK = {
 }
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True, slots=True)
 class Partition:
     """A cohort split by its experiment's allocation: the positions to stratify, and the members decided."""
@@ -66,7 +69,7 @@ class Partition:
     stratified: list[int]
     decided: DecidedMembers
 
-    def pick(self, column: Sequence[Any]) -> list[Any]:
+    def pick(self, column: Sequence[_T]) -> list[_T]:
         """``column``'s values at the stratified positions, in order."""
         return [column[position] for position in self.stratified]
 
@@ -75,7 +78,7 @@ def partition(
     experiment: AllocatedExperiment,
     member_ids: Sequence[str],
     segments: Sequence[str],
-    contexts: Sequence[Mapping[str, Any] | None] | None,
+    contexts: Sequence[Mapping[str, object] | None] | None,
     at: datetime,
 ) -> Partition:
     """Walk every member through the experiment's steps but coverage and the bucket (the decision time ``at``).
