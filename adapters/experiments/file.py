@@ -141,9 +141,9 @@ def _check_alias_expansion(root: yaml.Node, path: Path) -> None:
         )
 
 
-def _unique_json_keys(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
+def _unique_json_keys(pairs: list[tuple[str, object]], path: Path) -> dict[str, object]:
     """A JSON object, refusing a key it repeats (the parser would keep the last one silently)."""
-    found: dict[str, Any] = {}
+    found: dict[str, object] = {}
     for key, value in pairs:
         if key in found:
             raise ConfigurationError(f"{path}: the key {key!r:.80} appears twice in one object; keep one")

@@ -14,7 +14,7 @@ import sys
 import threading
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from worker import bootstrap
 from worker.cli.common import (
@@ -108,7 +108,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _no_constant(literal: str) -> Any:
+def _no_constant(literal: str) -> NoReturn:
     raise ValueError(literal)
 
 
