@@ -109,7 +109,7 @@ def test_batch_send_of_several_hundred(local_broker: LocalBroker, sb_client: Ser
     with sb_client.get_queue_receiver(QUEUE, prefetch_count=100) as receiver:
         got = receive_n(receiver, 500, timeout=60)
         assert [str(m) for m in got[:3]] == ["m0", "m1", "m2"]
-        assert got[399].application_properties[b"i"] == 399
+        assert (got[399].application_properties or {})[b"i"] == 399
         assert str(got[-1]) == "list99"
         for msg in got:
             receiver.complete_message(msg)
@@ -125,7 +125,7 @@ def test_abandon_redelivers_with_incremented_delivery_count(
         receiver.abandon_message(first)
         (second,) = receive_n(receiver, 1)
         assert second.sequence_number == first.sequence_number
-        assert second.delivery_count == first.delivery_count + 1
+        assert second.delivery_count == (first.delivery_count or 0) + 1
         receiver.complete_message(second)
 
 
@@ -145,7 +145,7 @@ def test_dead_letter_reason_and_description_reach_the_dlq(
         assert dead.dead_letter_reason == "SchemaValidationFailed"
         assert dead.dead_letter_error_description == "missing user_id"
         assert dead.dead_letter_source == QUEUE
-        assert dead.application_properties[b"k"] == b"v"
+        assert (dead.application_properties or {})[b"k"] == b"v"
         dlq.complete_message(dead)
     assert local_broker.message_counts(QUEUE)["dead_letter"] == 0
 
@@ -229,6 +229,7 @@ def test_defer_and_receive_deferred(local_broker: LocalBroker, sb_client: Servic
     with sb_client.get_queue_receiver(QUEUE) as receiver:
         first, second = receive_n(receiver, 2)
         seq = first.sequence_number
+        assert seq is not None
         receiver.defer_message(first)
         receiver.complete_message(second)
         assert local_broker.message_counts(QUEUE)["deferred"] == 1
@@ -463,6 +464,21 @@ def test_config_load_and_errors_name_file_and_field(tmp_path: Path) -> None:
     assert "Queues[0].Properties.LockDuration" in str(err.value)
     with pytest.raises(BrokerConfigError, match=r"missing\.json"):
         BrokerConfig.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("properties", ["abc", 5, ["a", "b"]])
+def test_a_correlation_filter_whose_properties_are_not_an_object_is_refused_by_path(
+    tmp_path: Path, properties: object
+) -> None:
+    """The entities file names the field (``ab-worker broker --config``'s one-line error), instead of the
+    broker failing to start with Python's 'dictionary update sequence element #0 has length 1'."""
+    rule = {"Name": "r", "Properties": {"FilterType": "Correlation", "CorrelationFilter": {"Properties": properties}}}
+    topic = {"Name": "t", "Subscriptions": [{"Name": "s", "Rules": [rule]}]}
+    path = tmp_path / "entities.json"
+    path.write_text(json.dumps({"UserConfig": {"Namespaces": [{"Name": "ns", "Queues": [], "Topics": [topic]}]}}))
+    where = r"Topics\[0\]\.Subscriptions\[0\]\.Rules\[0\]\.Properties\.CorrelationFilter\.Properties"
+    with pytest.raises(BrokerConfigError, match=rf"entities\.json: .*{where}: expected an object"):
+        BrokerConfig.load(path)
 
 
 def test_expired_messages_are_dead_lettered_or_dropped(local_broker: LocalBroker, sb_client: ServiceBusClient) -> None:
