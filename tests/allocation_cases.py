@@ -393,7 +393,7 @@ COMBINED: list[tuple[dict[str, Any], Any, str | None]] = [
 
 def condition_cases() -> list[dict[str, Any]]:
     """Every operator against every kind of value (missing included), and the combinators."""
-    cases = []
+    cases: list[dict[str, Any]] = []
     for test in OPERATOR_TESTS:
         for value in ATTRIBUTE_VALUES:
             context = {} if value is None else {"x": value}

@@ -205,9 +205,10 @@ def operator_matches(actual: Any, op: str, operand: Any) -> bool:
         else:
             if not isinstance(actual, str):
                 return False
-            left, right = time_micros(actual), time_micros(operand)
-            if left is None:
+            micros, bound = time_micros(actual), time_micros(operand)
+            if micros is None or bound is None:  # an operand the compiler refused never gets here
                 return False
+            left, right = micros, bound
         return {"$gt": left > right, "$gte": left >= right, "$lt": left < right, "$lte": left <= right}[op]
     if op in ("$veq", "$vgt", "$vgte", "$vlt", "$vlte"):
         if parse_version(actual) is None:
@@ -235,6 +236,7 @@ def decide(
     status = experiment.get("status", "running")
     control = control_of(experiment)
     now = time_micros(at)
+    assert now is not None, "the decision time is an aware datetime"
 
     def out(variant: str, reason: str) -> dict[str, Any]:
         return {"variant_id": variant, "in_experiment": False, "reason": reason, "hash_value": None, "threshold": None}
@@ -248,9 +250,10 @@ def decide(
         return out(control, "stopped")
     if status == "launched":
         return out(experiment["launched"], "launched")
-    if experiment.get("start_at") is not None and now < time_micros(experiment["start_at"]):
+    start, end = time_micros(experiment.get("start_at")), time_micros(experiment.get("end_at"))
+    if start is not None and now < start:
         return out(control, "not_started")
-    if experiment.get("end_at") is not None and now >= time_micros(experiment["end_at"]):
+    if end is not None and now >= end:
         return out(control, "ended")
     if experiment.get("targeting") and not condition_matches(experiment["targeting"], context, segment):
         return out(control, "targeting")

@@ -102,6 +102,7 @@ def build_cases() -> list[dict[str, Any]]:
 
 def main() -> int:
     """Write the file."""
+    cases = build_cases()
     document = {
         "description": (
             "Known answers for ab-assignment-worker's stratified cohort assignment. Any implementation, in any "
@@ -117,13 +118,13 @@ def main() -> int:
             "ties to the earlier arm",
             "assignments lists [member_id, arm] in that output order",
         ],
-        "cases": build_cases(),
+        "cases": cases,
     }
     text = json.dumps(document, indent=1, ensure_ascii=False)
     # One [member, segment-or-arm] pair per line keeps the file short and its diffs readable.
     text = re.sub(r"\[\n\s*(\"[^\n]*\"),\n\s*(\"[^\n]*\")\n\s*\]", r"[\1, \2]", text)
     CASES_PATH.write_text(text + "\n", encoding="utf-8")
-    print(f"wrote {CASES_PATH} with {len(document['cases'])} cases")
+    print(f"wrote {CASES_PATH} with {len(cases)} cases")
     return 0
 
 

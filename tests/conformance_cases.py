@@ -96,6 +96,7 @@ def build_cases() -> list[dict[str, Any]]:
 
 def main() -> int:
     """Write the file."""
+    cases = build_cases()
     document = {
         "description": (
             "Known answers for the ab-assignment-worker MD5 assignment rule. Any implementation, in any "
@@ -109,10 +110,10 @@ def main() -> int:
             "ratios in that order; lower = previous upper (first lower = 0.0)",
             "variant = first with lower <= bucket < upper (compared as IEEE-754 doubles); if none, the last variant",
         ],
-        "cases": build_cases(),
+        "cases": cases,
     }
     CASES_PATH.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {CASES_PATH} with {len(document['cases'])} cases")
+    print(f"wrote {CASES_PATH} with {len(cases)} cases")
     return 0
 
 

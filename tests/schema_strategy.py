@@ -53,7 +53,7 @@ def _strategy(node: dict[str, Any], root: dict[str, Any]) -> st.SearchStrategy[A
         "number": lambda: st.integers() | st.floats(allow_nan=False, allow_infinity=False),
         "integer": st.integers,
     }
-    return builders[kind]()
+    return builders[str(kind)]()
 
 
 def _resolve(ref: str, root: dict[str, Any]) -> dict[str, Any]:

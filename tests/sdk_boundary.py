@@ -71,7 +71,12 @@ def defined_private_names(sources: Iterable[str]) -> frozenset[str]:
                     names.update(_class_attributes(node))
             elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                names.update(t.attr for target in targets for t in ast.walk(target) if _on_self(t))
+                names.update(
+                    t.attr
+                    for target in targets
+                    for t in ast.walk(target)
+                    if isinstance(t, ast.Attribute) and _on_self(t)
+                )
     return frozenset(name for name in names if is_private(name))
 
 

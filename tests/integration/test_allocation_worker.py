@@ -170,10 +170,10 @@ def test_plain_experiments_assign_exactly_as_the_seed_rule_through_the_sdk(broke
     for message_id, body in zip(ids, bodies, strict=True):
         (raw,) = events[event_id_for(message_id)]
         event = json.loads(raw)
-        experiment = DEMO.get(body["experiment_id"])
-        assert experiment is not None
+        configured = DEMO.get(body["experiment_id"])
+        assert configured is not None
         segment = body.get("segment") or body.get("context", {}).get("segment")
-        agent = ABAssignmentAgent(dict(experiment.split_for(segment)), seed=experiment.config.seed)
+        agent = ABAssignmentAgent(dict(configured.split_for(segment)), seed=configured.config.seed)
         expected = agent.assign_user(body["user_id"], body["experiment_id"])
         assert (event["variant_id"], event["hash_value"], tuple(event["threshold"])) == (
             expected["variant_id"],
@@ -181,7 +181,7 @@ def test_plain_experiments_assign_exactly_as_the_seed_rule_through_the_sdk(broke
             expected["threshold"],
         )
         assert (event["in_experiment"], event["reason"]) == (True, "bucketed")
-        assert event["config_version"] == experiment.allocation.config_version
+        assert event["config_version"] == configured.allocation.config_version
         row = rows[event["event_id"]]
         assert (row.InExperiment, row.Reason, row.ConfigVersion, row.HashValue) == (
             True,
@@ -372,7 +372,7 @@ def _deep(levels: int) -> Any:
     return value
 
 
-WRONG_KINDS = [
+WRONG_KINDS: list[dict[str, Any]] = [
     {"app_version": 5.2},
     {"app_version": "5.2.0.1"},
     {"app_version": "v5.2.0"},

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import yaml
@@ -58,7 +58,7 @@ EXPERIMENTS: dict[str, Any] = {
 REGISTRY = ExperimentRegistry.from_dict(EXPERIMENTS)
 KNOWN = ("schema_version", "request_id", "user_id", "experiment_id", "segment", "context")
 #: Categories holding every character the contract's rule refuses (schemas/text.py), or unassigned.
-REFUSED_CATEGORIES = ("Cc", "Cf", "Cs", "Cn", "Zl", "Zp")
+REFUSED_CATEGORIES: Final = ("Cc", "Cf", "Cs", "Cn", "Zl", "Zp")
 
 INVALID_JSON, SCHEMA, UNKNOWN, TOO_LARGE = (
     "InvalidJson",
@@ -539,13 +539,13 @@ def broken_config(draw: st.DrawFn) -> tuple[str, bytes, str | None]:
         field = draw(st.sampled_from(["id", "version", "seed", "split", "variants", "segments"]))
         experiment[field] = draw(
             st.sampled_from([[1, 2], 3.5, {"nested": {"x": []}}, True]).filter(
-                lambda v, f=field: not (f in ("variants", "segments") and isinstance(v, dict))
+                lambda v: not (field in ("variants", "segments") and isinstance(v, dict))
             )
         )
         word = field
     elif kind == "unknown_key":
         word = draw(
-            st.text(st.characters(codec="ascii", categories=("Ll",)), min_size=3, max_size=12).filter(
+            st.text(st.characters(codec="ascii", categories=["Ll"]), min_size=3, max_size=12).filter(
                 lambda k: k not in EXPERIMENT_FIELDS
             )
         )

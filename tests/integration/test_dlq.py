@@ -137,7 +137,12 @@ def test_replayed_subscription_dead_letters_survive_the_topics_duplicate_detecti
     assert "replayed 3 of 3" in capsys.readouterr().err
     with client.get_subscription_receiver(TOPIC, "all") as receiver:
         copies = collect(lambda: receiver.receive_messages(max_message_count=3, max_wait_time=5), 3, what="3 copies")
-    originals = sorted(str((m.application_properties or {})[b"ab_replay_original_message_id"].decode()) for m in copies)
+    originals = []
+    for m in copies:
+        original = (m.application_properties or {})[b"ab_replay_original_message_id"]
+        assert isinstance(original, bytes)
+        originals.append(original.decode())
+    originals.sort()
     assert originals == ["evt-0", "evt-1", "evt-2"]
     assert all(not str(m.message_id).startswith("evt-") or "/replay-1-" in str(m.message_id) for m in copies)
     assert len({str(m.message_id) for m in copies}) == 3

@@ -539,6 +539,7 @@ def test_locks_expiring_during_a_slow_batch_redeliver_identically(clients: list[
     with published(requests, "PT2S") as broker:
         sink = SlowFirstFlushes(delay=3.0, slow=1)
         pump = in_process_pump(broker.connection_string, clients, sink=sink, max_batch=100, prefetch=0)
+        assert isinstance(pump.source, ServiceBusSource)
         pump.source.locks.margin = 0  # renew only locks already expired: renewal is effectively off
         # Until the queue is empty ("active" counts locked messages too): an idle window would race the
         # broker's return of the lapsed messages.
@@ -688,6 +689,7 @@ def outage_run(
             max_batch=50,
             prefetch=prefetch,
         )
+        assert isinstance(pump.source, ServiceBusSource)
         pump.source = counting = CountingSource(pump.source)
         counting.locks.interval = 0.2  # renew well before the lapse
         probes: list[Probe] = []
@@ -833,6 +835,7 @@ def test_requests_arriving_during_an_outage_burn_no_delivery_counts(clients: lis
         pump = in_process_pump(
             broker.connection_string, clients, sink=sink, publisher=failing, max_batch=50, prefetch=0
         )
+        assert isinstance(pump.source, ServiceBusSource)
         pump.source = counting = CountingSource(pump.source)
         counting.locks.interval = 0.2
 

@@ -87,9 +87,9 @@ def send_requests(source: MemorySource, count: int) -> list[Delivery]:
     ]
 
 
-def pump_for(source: MemorySource, sink: KustoSink, **config: float) -> Pump:
+def pump_for(source: MemorySource, sink: KustoSink, **config: Any) -> Pump:
     """The real pump over in-memory source and publisher, recording into ``sink``."""
-    settings = {"max_batch": 50, "min_backoff": 0.05, "max_backoff": 0.2, **config}
+    settings: dict[str, Any] = {"max_batch": 50, "min_backoff": 0.05, "max_backoff": 0.2, **config}
     return bootstrap(
         source=source, publisher=MemoryPublisher(), sink=sink, registry=lambda: REGISTRY, config=PumpConfig(**settings)
     )
@@ -257,7 +257,7 @@ def test_queued_ingestion_through_azurite(kusto_queued: KustoStandIn) -> None:
         sink.close()
 
     wait_for(lambda: len(kusto_queued.rows()) >= 40, what="40 queued rows", detail=lambda: kusto_queued.errors)
-    assert sorted(kusto_queued.rows(), key=lambda r: r["EventId"]) == sorted(
+    assert sorted(kusto_queued.rows(), key=lambda r: str(r["EventId"])) == sorted(
         (as_ingested(r) for r in records), key=lambda r: r["EventId"]
     )
     assert {i.path for i in kusto_queued.ingestions} == {"queued"}

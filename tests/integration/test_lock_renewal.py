@@ -58,7 +58,12 @@ def broker(request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
 
 def receive_all(source: ServiceBusSource, count: int) -> list[Delivery]:
     held: list[Delivery] = []
-    wait_for(lambda: held.extend(source.receive(500, 1.0)) or len(held) >= count, 60, f"{count} received")
+
+    def more() -> bool:
+        held.extend(source.receive(500, 1.0))
+        return len(held) >= count
+
+    wait_for(more, 60, f"{count} received")
     return held
 
 

@@ -24,9 +24,9 @@ from tests.integration.test_faults import (
     busy,
     drain_events,
     read_rows,
-    wait_for,
     worker_env,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

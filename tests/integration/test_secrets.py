@@ -286,6 +286,7 @@ def test_error_paths_leak_nothing(experiments: Path, tmp_path: Path) -> None:
     dead = sb_connection_string(closed_port())
     outputs: list[str] = []
     procs: list[tuple[tuple[str, ...], subprocess.Popen[str]]] = []
+    args: tuple[str, ...]
     for env, args in (
         (env_for(dead), ("publish", "--experiment", "exp_001", "--user", "U1")),
         (env_for(dead), ("dlq", "peek", "--summary")),

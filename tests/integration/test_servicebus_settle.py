@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
@@ -81,12 +81,13 @@ def range_metric(reader: InMemoryMetricReader) -> int:
     data = reader.get_metrics_data()
     assert data is not None
     return sum(
-        point.value
+        int(point.value)
         for resource in data.resource_metrics
         for scope in resource.scope_metrics
         for metric in scope.metrics
         if metric.name == "ab.range_settlements"
         for point in metric.data.data_points
+        if isinstance(point, NumberDataPoint)  # a counter's points
     )
 
 

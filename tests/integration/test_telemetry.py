@@ -148,7 +148,7 @@ def test_console_and_none_modes_build_private_providers(capfd: pytest.CaptureFix
 
     global_provider = trace.get_tracer_provider()
     for mode in ("none", "console"):
-        telemetry = configure_telemetry(mode)  # type: ignore[arg-type]
+        telemetry = configure_telemetry(mode)
         with telemetry.tracer_provider.get_tracer("test").start_as_current_span("unit of work"):
             pass
         assert telemetry.shutdown(timeout=30.0) is True  # a hang guard: flushing to the console is not timed

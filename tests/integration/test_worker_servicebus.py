@@ -15,7 +15,7 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQ
 from adapters.experiments import ReloadingRegistry
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from schemas import SCHEMA_VERSION
 from tests.waiting import collect, wait_for
 from worker import ExperimentRegistry
@@ -335,12 +335,14 @@ def test_lock_keeper_renews_locks_while_rows_wait(broker):
                 super().flush()
 
         pump = _pump(short.connection_string, sink=SlowSink())
-        pump.source.locks.margin = lock - 1
-        pump.source.locks.interval = 0.2
+        source = pump.source
+        assert isinstance(source, ServiceBusSource)
+        source.locks.margin = lock - 1
+        source.locks.interval = 0.2
         stats = pump.run(until=settled(5))
         assert stats.completed == 5
         assert stats.settlement_lost == 0
-        assert pump.source.locks.renewals >= 5
+        assert source.locks.renewals >= 5
         assert short.message_counts(QUEUE)["active"] == 0
 
 

@@ -117,11 +117,11 @@ def test_soak_connection_resets_with_max_delivery_count_one(tmp_path: Path) -> N
                 time.sleep(rnd.uniform(1.0, 4.0))  # a soak: resets land at random moments of the run
                 before = proxy.stats.resets
                 proxy.reset_after(rnd.randint(0, 4000))
-                wait_for(
-                    lambda before=before: proxy.stats.resets > before or drained(),
-                    60,
-                    "a reset",
-                )
+
+                def reset_landed(before: int = before) -> bool:
+                    return proxy.stats.resets > before or drained()
+
+                wait_for(reset_landed, 60, "a reset")
                 proxy.pass_through()
                 landed += proxy.stats.resets > before
             # A request whose lock lapsed is dead-lettered by the broker (max delivery count 1) and never

@@ -365,7 +365,7 @@ def test_stopped_and_launched_experiments_free_their_layer_range():
     """Only draft and running experiments hold a range; setting an old one running again is refused."""
     old = {"id": "old", "split": {"A": 1.0}, "status": "stopped", "layer": {"id": "L", "range": [0, 0.5]}}
     new = {"id": "new", "split": {"A": 1.0}, "layer": {"id": "L", "range": [0.25, 0.75]}}
-    document = {"layers": [{"id": "L"}], "experiments": [old, new]}
+    document: dict[str, Any] = {"layers": [{"id": "L"}], "experiments": [old, new]}
     _compile(document)
     document["experiments"][0] = {**old, "status": "launched", "launched": "A"}
     _compile(document)

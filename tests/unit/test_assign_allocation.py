@@ -7,6 +7,7 @@ import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -64,7 +65,7 @@ def test_json_lines_rows_are_what_the_registry_decides(config: str, tmp_path: Pa
         {"app_version": "5.2.0", "age": 17, "zip": "10001", "beta": True, "segment": "vip"},
         None,
     ]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"user_id": f"U{i}", **({"context": contexts[i % 4]} if contexts[i % 4] else {})}
         | ({"segment": "vip"} if i % 5 == 0 else {})
         for i in range(400)

@@ -338,7 +338,7 @@ def test_assign_many_refuses_what_assign_user_refuses():
     ]
     for users, experiment in ((["U1", ""], "e"), (["U1", "a\u202eb"], "e"), (["U1", 5], "e"), (["U1"], "")):
         with pytest.raises(ValueError, match=r"^(user_id|experiment_id) "):
-            agent.assign_many(users, experiment)
+            agent.assign_many(users, experiment)  # type: ignore[arg-type]  # a non-string id, on purpose
 
 
 @pytest.mark.parametrize(

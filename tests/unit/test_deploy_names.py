@@ -248,11 +248,11 @@ def test_every_role_the_manual_grants_is_assigned_by_the_template() -> None:
     rows_of_manual = markdown_table_rows(manual, ("identity", "role", "scope"))
     listed = set()
     for row in rows_of_manual:
-        principal = next((v for k, v in IDENTITIES.items() if row["identity"].lower().startswith(k)), None)
+        named = next((v for k, v in IDENTITIES.items() if row["identity"].lower().startswith(k)), None)
         for key in role_keys(row["role"]):
             for name, scope in SCOPES.items():
                 if name in row["scope"].lower():
-                    listed.add((principal, key, scope))
+                    listed.add((named, key, scope))
     # And the other way round: every grant the template makes is in the manual's table.
     assert grants <= listed, f"granted by main.bicep, missing from docs/deployment.md: {grants - listed}"
 

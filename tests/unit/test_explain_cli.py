@@ -97,6 +97,7 @@ def test_text_shows_each_step_with_hash_input_value_threshold_and_outcome(config
     assigned = registry.assign("exp_cta", user, context=CONTEXT, at=at)
     assert f"exp_cta:{user}" in by_step["bucket"]
     assert f"{assigned.hash_value:.6f}" in by_step["bucket"]
+    assert assigned.threshold is not None
     assert f"[{assigned.threshold[0]!r}, {assigned.threshold[1]!r})" in by_step["bucket"]
     assert f"holdout:q1:{user}" in by_step["holdout"]
     assert "< 0.2" in by_step["holdout"]

@@ -50,7 +50,7 @@ CASES = [
 ]
 
 
-def _assign_reads(path: Path) -> tuple[list[tuple[object, object]], list[BadRow]]:
+def _assign_reads(path: Path) -> tuple[list[tuple[object, str | None]], list[BadRow]]:
     bad: list[BadRow] = []
     problems: list[tuple[int, str]] = []
     fmt = "csv" if path.suffix == ".csv" else "jsonl"

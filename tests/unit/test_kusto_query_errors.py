@@ -26,7 +26,8 @@ class FailingClient:
 @pytest.mark.parametrize("error", [ServiceRequestError("connection refused"), ClientAuthenticationError("no token")])
 def test_azure_core_errors_become_transient_errors(error: Exception) -> None:
     """An unreachable cluster or refused credential is a TransientError naming the database and the SDK error."""
+    client: Any = FailingClient(error)  # a KustoClient as far as query_rows reaches
     with pytest.raises(TransientError) as caught:
-        list(query_rows(FailingClient(error), "abtests", Window()))
+        list(query_rows(client, "abtests", Window()))
     assert "abtests" in str(caught.value)
     assert type(error).__name__ in str(caught.value)

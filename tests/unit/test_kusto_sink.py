@@ -76,7 +76,7 @@ def row(i: int) -> AssignmentRecord:
 
 def sink_with(client: RecordingClient, **options: Any) -> tuple[KustoSink, Clock, list[float]]:
     """A sink on ``client`` with a fake clock and a sleep that records its delays."""
-    clock, sleeps = Clock(), []
+    clock, sleeps = Clock(), list[float]()
     sink = KustoSink(client, "db", clock=clock, sleep=sleeps.append, **options)
     return sink, clock, sleeps
 

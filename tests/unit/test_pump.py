@@ -182,7 +182,12 @@ def test_outage_makes_the_pump_unready_until_it_recovers():
     source, publisher = MemorySource(), MemoryPublisher()
     pump = _pump(source, publisher, min_backoff=0.001)
     observed = []
-    publisher.fail = lambda events: (observed.append(pump.health()), len(observed) < 3)[1]
+
+    def fail(events: object) -> bool:
+        observed.append(pump.health())
+        return len(observed) < 3
+
+    publisher.fail = fail
     source.send(_request())
     pump.run(idle_exit=0)
     assert observed[1][1] is False
@@ -300,7 +305,11 @@ def test_unexpected_handler_error_abandons_until_max_delivery_count():
     source.send(_request(), message_id="m1")
     source.send(_request("U2"), message_id="m2")
     stats = bootstrap(
-        source=source, publisher=MemoryPublisher(), sink=MemorySink(), registry=BrokenRegistry, config=PumpConfig()
+        source=source,
+        publisher=MemoryPublisher(),
+        sink=MemorySink(),
+        registry=BrokenRegistry,  # type: ignore[arg-type]  # a registry that breaks when asked, on purpose
+        config=PumpConfig(),
     ).run(idle_exit=0)
     assert stats.abandoned == 6
     assert source.completed == []
@@ -601,7 +610,7 @@ def test_run_until_settled_returns_without_waiting_for_idle():
 
 def test_sigterm_exits_by_the_drain_deadline_when_a_call_never_returns():
     """stop_on_signals: a publish that hangs cannot keep the process past the drain deadline."""
-    hung, released, exited = threading.Event(), threading.Event(), []
+    hung, released, exited = threading.Event(), threading.Event(), list[int]()
 
     class HangingPublisher(MemoryPublisher):
         def publish(self, events):

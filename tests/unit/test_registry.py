@@ -130,13 +130,13 @@ def test_broken_reload_keeps_last_good_and_reports(tmp_path, caplog):
     clock.now = 2
     with caplog.at_level(logging.ERROR):
         current = registry.current()
-    assert current.get("exp_a").config.version == "2"
+    assert current.experiment("exp_a").config.version == "2"
     assert registry.failed_reloads == 1
     assert "must sum to 1.0" in reported[0]
     assert "NOT reloaded" in caplog.text
     path.write_text(GOOD.replace('"2"', '"3"'), encoding="utf-8")
     clock.now = 4
-    assert registry.current().get("exp_a").config.version == "3"
+    assert registry.current().experiment("exp_a").config.version == "3"
 
 
 def test_public_load_reads_through_the_adapter_into_the_domain_model(tmp_path):
@@ -147,7 +147,7 @@ def test_public_load_reads_through_the_adapter_into_the_domain_model(tmp_path):
     registry = worker.ExperimentRegistry.load(_write(tmp_path, GOOD))
     assert isinstance(registry, worker.ExperimentRegistry)
     assert isinstance(registry, model.ExperimentRegistry)
-    assert registry.get("exp_a").table_for("vip").thresholds["A"] == (0.0, 0.2)
+    assert registry.experiment("exp_a").table_for("vip").thresholds["A"] == (0.0, 0.2)
     assert not hasattr(model.ExperimentRegistry, "load"), "the domain model reads no file"
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from adapters.experiments import ReloadingRegistry
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
@@ -52,6 +52,8 @@ def _failures(reader: InMemoryMetricReader) -> dict[str, int]:
             for metric in scope.metrics:
                 if metric.name == "ab.reload_failures":
                     for point in metric.data.data_points:
+                        assert isinstance(point, NumberDataPoint)
+                        assert point.attributes is not None
                         counts[str(point.attributes["cause"])] = int(point.value)
     return counts
 
@@ -60,7 +62,7 @@ def _failures(reader: InMemoryMetricReader) -> dict[str, int]:
 def watched(tmp_path: Path) -> tuple[Path, ReloadingRegistry, _Clock, list[str], InMemoryMetricReader]:
     path = tmp_path / "experiments.json"
     _write(path, GOOD)
-    clock, errors = _Clock(), []
+    clock, errors = _Clock(), list[str]()
     registry = ReloadingRegistry(path, interval=1, on_error=errors.append, clock=clock)
     reader = InMemoryMetricReader()
     registry.count_in(MeterProvider(metric_readers=[reader]))

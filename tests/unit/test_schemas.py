@@ -425,4 +425,4 @@ def test_a_row_built_from_an_event_is_the_validated_row(overrides):
     assert record.model_fields_set == validated.model_fields_set == set(AssignmentRecord.model_fields)
     assert record.model_copy(update={"Reason": "x"}).Reason == "x"
     with pytest.raises(ValidationError):
-        record.Reason = "changed"  # frozen, like every row
+        record.Reason = "changed"  # type: ignore[misc]  # frozen, like every row: the assignment must fail

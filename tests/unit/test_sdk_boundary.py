@@ -87,7 +87,7 @@ def test_the_product_touches_the_sdks_private_surface_only_in_the_internals_modu
     """What ``make lint`` checks, over every module of the product, from the contract's own configuration."""
     config = tomllib.loads(Path("pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]
     (contract,) = [c for c in config["contracts"] if c["type"] == "sdk_internals"]
-    allowed = dict((part.strip() for part in entry.split(":", 1)) for entry in contract["internals"])
+    allowed = dict(tuple(part.strip() for part in entry.split(":", 1)) for entry in contract["internals"])
     assert allowed == ALLOWED
     paths = {}
     for root in config["root_packages"]:

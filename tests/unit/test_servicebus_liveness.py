@@ -6,6 +6,7 @@ import logging
 import socket
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from azure.servicebus.exceptions import OperationTimeoutError
@@ -16,8 +17,11 @@ from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectio
 from tests.waiting import wait_for
 
 
-def sdk_shaped(sock: socket.socket | None) -> SimpleNamespace:
-    """An object shaped like an SDK sender/receiver down to its socket (``_handler._connection._transport.sock``)."""
+def sdk_shaped(sock: socket.socket | None) -> Any:
+    """An object shaped like an SDK sender/receiver down to its socket (``_handler._connection._transport.sock``).
+
+    Any: it goes where the SDK's receiver is expected, as the watchdog reads it: by its private attributes.
+    """
     transport = SimpleNamespace(sock=sock)
     return SimpleNamespace(_handler=SimpleNamespace(_connection=SimpleNamespace(_transport=transport)))
 
@@ -74,13 +78,14 @@ def test_an_sdk_without_the_expected_internals_is_reported_not_crashed(caplog: p
     """If the SDK's private attributes move, nothing is aborted, the watchdog says so once and so does the guard."""
     GUARDS.reset()
     watchdog = Watchdog(repeat=0.05, interval=0.02)
-    owner = Unrecognisable()
+    owner: Any = Unrecognisable()  # an SDK object whose internals moved
     with caplog.at_level(logging.WARNING), watchdog.deadline(0.05, owner):
         # Until the watchdog has tried three times (not for 0.3 s and hope it ran): one warning, not three.
         wait_for(lambda: owner.looked >= 3, what="three abort attempts")
     watchdog.close()
     assert watchdog.aborts == 0
-    assert abort_connection(object()) is False
+    nothing: Any = object()  # no _handler at all
+    assert abort_connection(nothing) is False
     assert abort_connection(sdk_shaped(None)) is False
     assert [r.message for r in caplog.records].count(
         "A Service Bus call outlived its deadline and its connection could not be aborted"
