@@ -7,7 +7,10 @@ fields before the worker knows them; known fields are validated strictly (no typ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args  # Any: pydantic's hook signatures and JSON Schema documents
 
@@ -84,23 +87,69 @@ SchemaVersion = Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+$"), Allowe
 
 
 def context_problem(value: JsonValue, depth: int = 0) -> str | None:
-    """Why a context value breaks the limits (string length, nesting depth, lone surrogates), or ``None``."""
+    """Why a context value breaks the limits (string length, nesting depth, lone surrogates), or ``None``.
+
+    The problem, then where it is (:class:`ContextProblem`): never the offending value itself.
+    """
+    found = located_context_problem(value, depth)
+    return None if found is None else str(found)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextProblem:
+    """Where a request's context breaks a limit, and how: a key path and a problem, never a value.
+
+    Context may hold personal data and leaves the worker only for allow-listed keys, while a problem's
+    text travels far (dead-letter descriptions, ``dlq peek``, replayed copies' properties, CLI errors).
+    ``path`` follows ``context``: ``.email`` names a top-level key (escaped and bounded when it is not
+    a plain name); below it, list items are ``[i]`` and object keys ``.(key n)`` by position, as a
+    nested key may itself be personal (a map keyed by e-mail address). A key that breaks a limit is
+    named by position only.
+    """
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.problem} (at context{self.path})" if self.path else self.problem
+
+
+def located_context_problem(value: JsonValue, depth: int = 0, path: str = "") -> ContextProblem | None:
+    """The first place a context value breaks the limits, and why; ``None`` when it keeps them."""
     if isinstance(value, str):
-        return _string_problem(value)
+        problem = _string_problem(value)
+        return None if problem is None else ContextProblem(path, problem)
     if not isinstance(value, list | dict):
         return None
     if depth > MAX_CONTEXT_DEPTH:
-        return f"nests deeper than {MAX_CONTEXT_DEPTH} levels"
+        return ContextProblem(path, f"nests deeper than {MAX_CONTEXT_DEPTH} levels")
     if isinstance(value, dict):
-        for key in value:
+        for position, key in enumerate(value, 1):
             problem = _string_problem(key)
             if problem:
-                return problem
-    for item in value.values() if isinstance(value, dict) else value:
-        problem = context_problem(item, depth + 1)
-        if problem:
-            return problem
+                return ContextProblem(path, f"key {position} {problem}")
+        items: Iterable[tuple[str, JsonValue]] = (
+            (_key_step(path, position, key), item) for position, (key, item) in enumerate(value.items(), 1)
+        )
+    else:
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    for where, item in items:
+        found = located_context_problem(item, depth + 1, where)
+        if found:
+            return found
     return None
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def _key_step(path: str, position: int, key: str) -> str:
+    if path:
+        return f"{path}.(key {position})"
+    if _PLAIN_KEY.fullmatch(key):
+        return f".{key}"
+    shown = json.dumps(key)  # escapes quotes, control and non-ASCII characters
+    return f"[{shown}]" if len(shown) <= 66 else f"[{shown[:64]}…]"
 
 
 def json_surrogate_problem(value: JsonValue) -> str | None:
@@ -173,6 +222,14 @@ def request_context_problem(value: object) -> str | None:
     if max(map(len, strings), default=0) <= MAX_CONTEXT_STRING_CHARS and surrogate_problem("".join(strings)) is None:
         return None
     return context_problem(value)
+
+
+def request_context_located_problem(value: object) -> ContextProblem | None:
+    """:func:`request_context_problem`, with the key path apart: for a dead-letter description."""
+    if not isinstance(value, dict) or len(value) > MAX_CONTEXT_KEYS:
+        problem = request_context_problem(value)  # about the whole context: no path
+        return None if problem is None else ContextProblem("", problem)
+    return located_context_problem(value)
 
 
 def _json_kind(value: object) -> str:

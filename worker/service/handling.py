@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import JsonValue, ValidationError
+from pydantic_core import ErrorDetails
 
 from schemas.models import (
     MAX_BODY_BYTES,
@@ -24,6 +25,7 @@ from schemas.models import (
     AssignmentRequest,
     CohortAssignmentRequest,
     CohortReportEvent,
+    request_context_located_problem,
 )
 from worker.domain.errors import DeadLetterReason, DecodeError, PermanentError
 from worker.domain.plural import counted
@@ -188,15 +190,29 @@ def _refuse_constant(literal: str) -> Any:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """``field: problem (got value)`` for each error, values shortened so descriptions stay bounded."""
+    """``field: problem (got value)`` for each error, values shortened so descriptions stay bounded.
+
+    Never a context value (it may hold personal data, and descriptions reach the DLQ, ``dlq peek``
+    and replayed copies): a context problem names its key path instead (:func:`_context_error`).
+    """
     parts = []
     for error in exc.errors(include_url=False):
         field = ".".join(str(p) for p in error["loc"]) or "(body)"
+        if error["loc"][:1] == ("context",):
+            parts.append(_context_error(error, field))
+            continue
         got = ""
         if error["type"] != "missing":
             got = f" (got {_short_repr(error.get('input'))})"
         parts.append(f"{field}: {error['msg']}{got}")
     return "; ".join(parts)
+
+
+def _context_error(error: ErrorDetails, field: str) -> str:
+    found = request_context_located_problem(error.get("input")) if error["loc"] == ("context",) else None
+    if found is None:  # refused for a reason the contract's limits do not name: the message alone
+        return f"{field}: {error['msg']}"
+    return f"context{found.path}: {found.problem}"
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
