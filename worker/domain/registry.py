@@ -34,6 +34,7 @@ from schemas.models import (
     Holdout,
     Layer,
     effective_segment,
+    request_context_problem,
 )
 from schemas.text import text_problem
 from worker.domain.allocation import AllocatedExperiment, AllocationFile, Explanation, Reason, compile_file
@@ -152,8 +153,8 @@ class ExperimentRegistry:
         experiment that is not configured, ``ValueError`` for an id, segment or context the wire
         contract refuses, or for a naive ``at``.
         """
-        experiment, effective, when = self._prepare(experiment_id, user_id, segment, context, at)
-        decision = experiment.allocation.decide(user_id, effective, context, when)
+        experiment, effective, read, when = self._prepare(experiment_id, user_id, segment, context, at)
+        decision = experiment.allocation.decide(user_id, effective, read, when)
         return Assignment(
             experiment_id,
             user_id,
@@ -182,8 +183,8 @@ class ExperimentRegistry:
         The explanation holds each step's hash input, value and threshold and, for targeting, which
         clause matched and the kind of the attribute: never a context value.
         """
-        experiment, effective, when = self._prepare(experiment_id, user_id, segment, context, at)
-        return experiment.allocation.explain(user_id, effective, context, when)
+        experiment, effective, read, when = self._prepare(experiment_id, user_id, segment, context, at)
+        return experiment.allocation.explain(user_id, effective, read, when)
 
     def _prepare(
         self,
@@ -192,7 +193,7 @@ class ExperimentRegistry:
         segment: str | None,
         context: Mapping[str, object] | None,
         at: datetime | None,
-    ) -> tuple[Experiment, str | None, datetime]:
+    ) -> tuple[Experiment, str | None, dict[str, Any] | None, datetime]:
         experiment = self.experiment(experiment_id)
         problem = text_problem(user_id, MAX_ID_CHARS)
         if problem:
@@ -201,13 +202,11 @@ class ExperimentRegistry:
             problem = text_problem(segment, MAX_SEGMENT_CHARS)
             if problem:
                 raise ValueError(f"segment {problem} (got {segment!r:.80})")
-        # type() before isinstance(): a plain dict, the common case, skips the ABC check.
-        if context is not None and type(context) is not dict and not isinstance(context, Mapping):
-            raise ValueError(f"context must be a mapping (a JSON object) or None, got {type(context).__name__}")
+        read = None if context is None else _read_context(context)
         when = datetime.now(UTC) if at is None else at
         if when.tzinfo is None:
             raise ValueError("at must be timezone-aware (UTC); got a naive datetime")
-        return experiment, effective_segment(segment, context), when
+        return experiment, effective_segment(segment, read), read, when
 
     # -- building ----------------------------------------------------------------------------------
 
@@ -336,3 +335,27 @@ def _item_label(data: Any, group: str, index: int) -> str:
     except (KeyError, IndexError, TypeError):
         return f"#{index + 1}"
     return repr(identifier) if isinstance(identifier, str) else f"#{index + 1}"
+
+
+def _read_context(context: object) -> dict[str, Any]:
+    """The caller's context as a plain dict, read once, within the wire contract's limits; else ValueError.
+
+    Read once at the API's boundary: a caller's Mapping may raise from any method (the error would
+    otherwise escape from deep inside the decision) or answer differently on each read (the segment
+    and targeting would then see different contexts). A context the worker would dead-letter (too
+    many keys, too long a string, too deep) is refused as the worker refuses it.
+    """
+    # type() before isinstance(): a plain dict, the common case, skips the ABC check.
+    if type(context) is not dict and not isinstance(context, Mapping):
+        raise ValueError(f"context must be a mapping (a JSON object) or None, got {type(context).__name__}")
+    try:
+        read = dict(context.items())
+    except Exception as exc:  # any error of the caller's Mapping is one clear refusal
+        raise ValueError(f"context could not be read as a mapping: {type(exc).__name__}") from exc
+    odd = next((key for key in read if type(key) is not str), None)
+    if odd is not None:
+        raise ValueError(f"context keys must be strings, got {type(odd).__name__}")
+    problem = request_context_problem(read)
+    if problem:
+        raise ValueError(f"context {problem}")
+    return read
