@@ -8,6 +8,7 @@ fields before the worker knows them; known fields are validated strictly (no typ
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -84,6 +85,24 @@ VariantId = Annotated[str, StringConstraints(min_length=1, max_length=256), Allo
 Seed = Annotated[str, StringConstraints(min_length=1, max_length=256), AllowedText()]
 #: ``1.x``: ASCII digits only (``\d`` would take any script's digits in some regex dialects).
 SchemaVersion = Annotated[str, StringConstraints(pattern=r"^1\.[0-9]+$"), AllowedText()]
+
+
+#: Why :func:`finite_json_float` refuses a literal (the literal itself is never quoted: it may be context).
+OVERFLOWING_NUMBER = "a number beyond the double range (about ±1.8e308), which reads as infinity, and JSON has none"
+
+
+def finite_json_float(literal: str) -> float:
+    """``json.loads``'s ``parse_float``: the literal as a double; ``ValueError`` when it overflows to infinity.
+
+    ``1e400`` is a JSON number by RFC 8259's grammar, but no parser keeps it: Python's reads ``inf``
+    (which an event or row then carries as ``null`` while targeting compared infinity), Go's and
+    Rust's refuse it. So a request holding one is ``InvalidJson``, as one holding ``Infinity`` is.
+    Underflow (``1e-400`` → ``0.0``) rounds as everywhere; integers are exact in Python and kept.
+    """
+    value = float(literal)
+    if math.isinf(value):
+        raise ValueError(OVERFLOWING_NUMBER)
+    return value
 
 
 def context_problem(value: JsonValue, depth: int = 0) -> str | None:

@@ -109,7 +109,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _no_constant(literal: str) -> NoReturn:
-    raise ValueError(literal)
+    raise ValueError(f"{literal} is not a JSON number")
 
 
 def _request_body(args: argparse.Namespace) -> bytes:
@@ -119,12 +119,14 @@ def _request_body(args: argparse.Namespace) -> bytes:
     if args.segment:
         body["segment"] = args.segment
     if args.context:
+        from schemas.models import finite_json_float
+
         try:
-            context = json.loads(args.context, parse_constant=_no_constant)
+            context = json.loads(args.context, parse_constant=_no_constant, parse_float=finite_json_float)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--context is not JSON: {exc.msg}") from None
-        except ValueError as exc:  # NaN or Infinity: the worker would dead-letter the request as InvalidJson
-            raise UsageError(f"--context is not JSON: {exc} is not a JSON number") from None
+        except ValueError as exc:  # NaN, Infinity, 1e400: the worker would dead-letter the request as InvalidJson
+            raise UsageError(f"--context is not JSON the worker accepts: {exc}") from None
         if not isinstance(context, dict):
             raise UsageError("--context must be a JSON object")
         body["context"] = context

@@ -302,18 +302,20 @@ def json_context(text: str) -> dict[str, JsonValue]:
     """
     import json
 
-    from schemas.models import request_context_problem
+    from schemas.models import finite_json_float, request_context_problem
 
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=finite_json_float)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} (column {exc.colno})") from None
     except _NotJsonNumber as exc:
         raise argparse.ArgumentTypeError(
             f"not JSON: {exc} is not a JSON number (the worker dead-letters a request holding it)"
         ) from None
-    except (RecursionError, ValueError):
-        raise argparse.ArgumentTypeError("not JSON the worker accepts (nested too deeply, or a huge number)") from None
+    except ValueError as exc:  # 1e400, or an integer over Python's 4,300-digit conversion limit
+        raise argparse.ArgumentTypeError(f"not JSON the worker accepts: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("not JSON the worker accepts (nested too deeply)") from None
     problem = request_context_problem(value)
     if problem is not None:
         raise argparse.ArgumentTypeError(f"the context {problem}")

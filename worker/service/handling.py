@@ -25,6 +25,7 @@ from schemas.models import (
     AssignmentRequest,
     CohortAssignmentRequest,
     CohortReportEvent,
+    finite_json_float,
     request_context_located_problem,
 )
 from worker.domain.errors import DeadLetterReason, DecodeError, PermanentError
@@ -160,7 +161,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise DecodeError(body, f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=finite_json_float)
     except _NotJsonNumber as exc:
         raise DecodeError(
             body, f"body is not JSON: {exc} is not a JSON number (RFC 8259 has no NaN or infinity)"
@@ -169,7 +170,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise DecodeError(body, f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise DecodeError(body, "body is not JSON the worker accepts: nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer longer than Python's int/str conversion limit (4300 digits)
+    except ValueError as exc:  # an integer over Python's int/str conversion limit (4300 digits), 1e400
         raise DecodeError(body, f"body is not JSON the worker accepts: {exc}") from None
     if not isinstance(data, dict):
         raise PermanentError(
