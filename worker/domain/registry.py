@@ -37,7 +37,14 @@ from schemas.models import (
     request_context_problem,
 )
 from schemas.text import text_problem
-from worker.domain.allocation import AllocatedExperiment, AllocationFile, Explanation, Reason, compile_file
+from worker.domain.allocation import (
+    AllocatedExperiment,
+    AllocationFile,
+    Explanation,
+    Reason,
+    compile_condition,
+    compile_file,
+)
 from worker.domain.allocation import file_problems as allocation_problems
 from worker.domain.assignment import VariantTable, validate_split
 from worker.domain.errors import ConfigurationError, UnknownExperimentError
@@ -280,7 +287,7 @@ def _problems_beyond_fields(data: object, source: str) -> list[str]:
     configs: list[ExperimentConfig] = []
     seen: set[str] = set()
     items = document.get("experiments")
-    for item in items if isinstance(items, list) else []:
+    for index, item in enumerate(items if isinstance(items, list) else []):
         experiment_id = item.get("id") if isinstance(item, dict) else None
         if isinstance(experiment_id, str):
             if experiment_id in seen:
@@ -289,10 +296,25 @@ def _problems_beyond_fields(data: object, source: str) -> list[str]:
             seen.add(experiment_id)
         try:
             configs.append(ExperimentConfig.model_validate(item))
-        except ValidationError:
-            continue  # its field errors are already listed
+        except ValidationError as exc:  # its field errors are already listed; its targeting may add more
+            where = f"{source}: experiment {_item_label(document, 'experiments', index)}"
+            problems += _targeting_problems(item, exc, where)
     partial = ExperimentFile.model_construct(layers=layers, holdouts=holdouts, experiments=configs)
     return problems + allocation_problems(partial, source)
+
+
+def _targeting_problems(item: object, exc: ValidationError, where: str) -> list[str]:
+    """The condition problems of an experiment whose other fields failed: a condition compiles alone.
+
+    Only when ``targeting`` is an object the model took (else its field error says it all); the
+    checks that read several fields (control, overrides and launched against the split, layers,
+    holdouts, times) wait until the fields they read are valid.
+    """
+    raw = item.get("targeting") if isinstance(item, dict) else None
+    if not isinstance(raw, dict) or any(error["loc"][:1] == ("targeting",) for error in exc.errors()):
+        return []
+    _, found = compile_condition(raw)
+    return [f"{where}: field '{problem.path}': {problem.message}" for problem in found]
 
 
 def _valid_or_placeholder(items: object, model: type[_Group], placeholder: Callable[[str], _Group]) -> list[_Group]:
