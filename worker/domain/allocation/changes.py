@@ -11,12 +11,16 @@ step (requests' contexts are not in the file).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
+
+import numpy as np
 
 from worker.domain.allocation.compile import AllocationFile
-from worker.domain.allocation.experiment import AllocatedExperiment, DigestDocument, LayerSlice, walk
+from worker.domain.allocation.experiment import AllocatedExperiment, BucketStep, DigestDocument, LayerSlice, walk
+from worker.domain.assignment import VariantTable
 
 #: Synthetic ids of the estimate: ``synthetic-000000`` … (deterministic, so two runs agree).
 SAMPLE = 100_000
@@ -101,11 +105,11 @@ def _compare(
     refusals = (
         () if old_config.version != new_config.version else tuple(refusal_reasons(before.document, after.document))
     )
-    moved, by_segment = 0.0, {}
+    moved = 0.0
+    by_segment: dict[str, float] = {}
     if before.document != after.document:
         segments = sorted(set(before.document["segments"]) | set(after.document["segments"]))
-        moved = moved_share(before, after, None, at, sample)
-        by_segment = {segment: moved_share(before, after, segment, at, sample) for segment in segments}
+        moved, by_segment = moved_shares(before, after, segments, at, sample)
     return ExperimentChange(before.experiment_id, "changed", tuple(changed), refusals, moved, by_segment)
 
 
@@ -153,10 +157,83 @@ def _layer_keeps(old: LayerSlice | None, new: LayerSlice | None) -> bool:
     return bool(new["range"][0] <= old["range"][0] and old["range"][1] <= new["range"][1])
 
 
+def moved_shares(
+    before: AllocatedExperiment, after: AllocatedExperiment, segments: Iterable[str], at: datetime, sample: int = SAMPLE
+) -> tuple[float, dict[str, float]]:
+    """:func:`moved_share` with no segment and for each of ``segments``, from one walk of each file.
+
+    With targeting taken as matched, a segment changes only the bucket step's table: every other step
+    reads the user, the time and the configuration. So each synthetic user is walked once per file up
+    to the bucket, keeping who was decided before it and the bucket's hash value; a segment then only
+    looks its tables up, for all users at once. Walking every user twice per segment instead took 43 s
+    for 200 segments. The figures are :func:`moved_share`'s exactly (a test holds them equal);
+    segments with the same pair of splits share one lookup.
+    """
+    codes: dict[tuple[str, bool], int] = {}
+    old, new = _Reached(before, at, sample, codes), _Reached(after, at, sample, codes)
+    found: dict[tuple[object, object], float] = {}
+
+    def share(segment: str | None) -> float:
+        key = (old.table_key(segment), new.table_key(segment))
+        if key not in found:
+            moved = np.count_nonzero(old.outcomes(segment, codes) != new.outcomes(segment, codes))
+            found[key] = int(moved) / sample if sample else 0.0
+        return found[key]
+
+    return share(None), {segment: share(segment) for segment in segments}
+
+
+class _Reached:
+    """One file's synthetic users walked up to the bucket step: each one's earlier decision, else its hash value."""
+
+    def __init__(self, experiment: AllocatedExperiment, at: datetime, sample: int, codes: dict[tuple[str, bool], int]):
+        *steps, bucket = (step for step in experiment.steps if step.name != "targeting")
+        if not isinstance(bucket, BucketStep):  # pragma: no cover - compile always ends the walk with it
+            raise TypeError(f"the walk of {experiment.experiment_id} does not end with the bucket step")
+        self.bucket = bucket
+        self.decided = np.full(sample, -1, dtype=np.int64)
+        values = []
+        for index in range(sample):
+            user_id = f"synthetic-{index:06d}"
+            decision = next(filter(None, (step(user_id, None, None, at, None) for step in steps)), None)
+            if decision is None:  # the hash value is the segment's too: only the table differs
+                values.append(bucket(user_id, None, None, at, None).hash_value)
+            else:
+                self.decided[index] = _code(codes, decision.variant_id, decision.in_experiment)
+        self.reached = self.decided < 0
+        self.values = np.array(values, dtype=np.float64)
+
+    def table_key(self, segment: str | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        table = self._table(segment)
+        return table.names, table.bounds
+
+    def outcomes(self, segment: str | None, codes: dict[tuple[str, bool], int]) -> np.ndarray[Any, Any]:
+        """Each user's ``(variant, in_experiment)`` as a code, under ``segment``'s table."""
+        table = self._table(segment)
+        picks = np.array([_code(codes, name, True) for name in table.names], dtype=np.int64)
+        # side="right" is bisect_right, on the same doubles: the bucket step's own comparison.
+        bucketed = picks[np.searchsorted(np.array(table.bounds, dtype=np.float64), self.values, side="right")]
+        outcomes = self.decided.copy()
+        outcomes[self.reached] = bucketed
+        return outcomes
+
+    def _table(self, segment: str | None) -> VariantTable:
+        bucket = self.bucket
+        return bucket.table if segment is None else bucket.segment_tables.get(segment, bucket.table)
+
+
+def _code(codes: dict[tuple[str, bool], int], variant_id: str, in_experiment: bool) -> int:
+    return codes.setdefault((variant_id, in_experiment), len(codes))
+
+
 def moved_share(
     before: AllocatedExperiment, after: AllocatedExperiment, segment: str | None, at: datetime, sample: int
 ) -> float:
-    """Share of ``synthetic-000000`` … whose ``(variant, in_experiment)`` differs, targeting taken as matched."""
+    """Share of ``synthetic-000000`` … whose ``(variant, in_experiment)`` differs, targeting taken as matched.
+
+    The plain walk of every user in both files, one segment at a time: the reference that
+    :func:`moved_shares` computes faster.
+    """
     old_steps = tuple(step for step in before.steps if step.name != "targeting")
     new_steps = tuple(step for step in after.steps if step.name != "targeting")
     moved = 0
