@@ -34,11 +34,9 @@ def purge(
 ) -> Outcome:
     """Delete matching dead letters for good (complete them in the DLQ); ``stop`` ends it between two."""
     found = select(client, entity, selection, limit=limit, patience=patience)
-    outcome = Outcome(found, skipped=list(found.skipped))
-    if not go_ahead(found, outcome, dry_run, confirm, stop):
-        return outcome
-    act_on_targets(client, entity, found, outcome, _delete, max_wait=max_wait, patience=patience, stop=stop)
-    return outcome
+    return _purge_found(
+        client, entity, found, dry_run=dry_run, confirm=confirm, max_wait=max_wait, patience=patience, stop=stop
+    )
 
 
 def purge_exported(
@@ -58,6 +56,23 @@ def purge_exported(
     body is still the one exported; :attr:`Selection.not_found` lists the lines naming none.
     """
     found = choose_exported(browse(client, entity, patience=patience), exported)
+    return _purge_found(
+        client, entity, found, dry_run=dry_run, confirm=confirm, max_wait=max_wait, patience=patience, stop=stop
+    )
+
+
+def _purge_found(
+    client: ServiceBusClient,
+    entity: Entity,
+    found: Selection,
+    *,
+    dry_run: bool,
+    confirm: Callable[[Selection], bool] | None,
+    max_wait: float,
+    patience: Patience,
+    stop: threading.Event | None,
+) -> Outcome:
+    """Delete what ``found`` targets, once the dry run, the confirmation and ``stop`` let it go ahead."""
     outcome = Outcome(found, skipped=list(found.skipped))
     if not go_ahead(found, outcome, dry_run, confirm, stop):
         return outcome
