@@ -17,10 +17,10 @@ from worker.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     Subcommands,
+    add_decision_arguments,
     check_input,
     check_output,
     formatter,
-    json_context,
     moment,
     open_output,
     parse_split,
@@ -273,14 +273,10 @@ def add_commands(commands: Subcommands) -> None:
         "--segment",
         help="segment, for experiments with per-segment splits (it must be one of them: see below)",
     )
-    assign.add_argument(
-        "--context", type=json_context, metavar="JSON", help="the request's context (targeting reads it); with --user"
-    )
-    assign.add_argument(
-        "--at",
-        type=moment(lambda: datetime.now(UTC)),
-        metavar="ISO|2h",
-        help="decision time (default now): an ISO 8601 time, UTC unless it says otherwise, or a duration back"
+    add_decision_arguments(
+        assign,
+        context_help="the request's context (targeting reads it); with --user",
+        at_help="decision time (default now): an ISO 8601 time, UTC unless it says otherwise, or a duration back"
         " from now; with --input, one time for every row",
     )
     assign.add_argument("--split", help="variant shares, e.g. A=0.5,B=0.5 (default); not with --config")

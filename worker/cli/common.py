@@ -17,7 +17,7 @@ import sysconfig
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO, TypeAlias
@@ -441,3 +441,13 @@ def servicebus_errors(what: str) -> AbstractContextManager[None]:
     from adapters.servicebus.errors import translated
 
     return translated(what)
+
+
+def add_decision_arguments(parser: argparse.ArgumentParser, *, context_help: str, at_help: str) -> None:
+    """``--context`` and ``--at``, read alike by ``assign`` and ``explain``: they decide as the worker would.
+
+    ``--context`` is a request context the worker would accept; ``--at`` the decision time, resolved
+    against the clock when the command line is parsed.
+    """
+    parser.add_argument("--context", type=json_context, metavar="JSON", help=context_help)
+    parser.add_argument("--at", type=moment(lambda: datetime.now(UTC)), metavar="ISO|2h", help=at_help)

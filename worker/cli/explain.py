@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from worker.bootstrap import ExperimentRegistry, environment_settings
-from worker.cli.common import EXIT_OK, Subcommands, formatter, json_context, moment
+from worker.cli.common import EXIT_OK, Subcommands, add_decision_arguments, formatter
 from worker.cli.render.explain import render_explanation
 from worker.domain.errors import UnknownExperimentError, UsageError
 from worker.domain.moments import utc_iso
@@ -93,14 +93,10 @@ def add_commands(commands: Subcommands) -> None:
     explain.add_argument("--experiment", required=True, help="experiment id")
     explain.add_argument("--user", required=True, help="user id, exactly as requests carry it")
     explain.add_argument("--segment", help="the request's segment (else the context's 'segment', as on the queue)")
-    explain.add_argument(
-        "--context", type=json_context, metavar="JSON", help='the request\'s context, e.g. \'{"country": "US"}\''
-    )
-    explain.add_argument(
-        "--at",
-        type=moment(lambda: datetime.now(UTC)),
-        metavar="ISO|2h",
-        help="decision time: an ISO 8601 time (UTC unless it says otherwise) or a duration back from now"
+    add_decision_arguments(
+        explain,
+        context_help='the request\'s context, e.g. \'{"country": "US"}\'',
+        at_help="decision time: an ISO 8601 time (UTC unless it says otherwise) or a duration back from now"
         " (default: now)",
     )
     explain.add_argument("--config", help="experiments file (default: AB_WORKER_EXPERIMENTS_FILE)")
