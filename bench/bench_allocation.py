@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
+from bench.timing import cpu_seconds
 from schemas.models import ExperimentFile
 from tests import allocation_claims as claims
 from tests.reference import ReferenceAgent
@@ -43,12 +43,6 @@ FULL = {
     ],
 }
 CONTEXT = {"country": "US", "app_version": "5.3.1", "age": 30}
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
 
 
 def speed(count: int, repeat: int) -> None:
@@ -75,7 +69,7 @@ def speed(count: int, repeat: int) -> None:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeat):
         for name, run in contenders.items():
-            times[name].append(_timed(run))
+            times[name].append(cpu_seconds(run))
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"\n{count:,} ids, {repeat} interleaved rounds, medians (CPU time):")
     for name, seconds in median.items():

@@ -29,24 +29,16 @@ import argparse
 import hashlib
 import itertools
 import statistics
-import time
 import tracemalloc
 from collections.abc import Callable
 
+from bench.timing import cpu_seconds
 from tests.reference import ReferenceAgent
 from worker import ABAssignmentAgent
 from worker.domain.assignment import assign_variants
 
 EXPERIMENT = "exp_bench"
 SPLIT = {"control": 0.5, "test_1": 0.3, "test_2": 0.2}
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    # CPU time of this process, not wall time: on a shared machine the wall clock also counts the
-    # time other processes held the core, which lands on whichever contender was running.
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in contenders | agent_contenders}
     for round_ in range(args.repeat):
         for name, fn in (contenders | agent_contenders).items():
-            times[name].append(_timed(fn))
+            times[name].append(cpu_seconds(fn))
         print(f"round {round_ + 1}/{args.repeat} done", flush=True)
 
     median = {name: statistics.median(values) for name, values in times.items()}

@@ -32,10 +32,10 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
+from bench.timing import cpu_seconds
 from tests import allocation_claims as claims
 from worker.domain.registry import ExperimentRegistry
 
@@ -135,12 +135,6 @@ def growthbook_run(ids: list[str], holdout: str) -> tuple[Callable[[], None], Ca
     return run, share
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
-
-
 def main(argv: list[str] | None = None) -> int:
     """Interleaved rounds of each contender; medians, ratios, and each side's share in the experiment."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeat):
         for name, (run, _) in contenders.items():
-            times[name].append(_timed(run))
+            times[name].append(cpu_seconds(run))
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"{len(ids):,} users, {args.repeat} interleaved rounds, medians of CPU time:")
     for name, seconds in median.items():
