@@ -20,27 +20,17 @@ import pytest
 from azure.servicebus import ServiceBusClient
 from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
 
-from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.local.broker import LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from tests.integration.emulator import emulator_config, queue, run_pump, running_broker, topic
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import REPLAY_ORIGINAL_ENQUEUED_TIME
-from worker.service.pump import Pump, PumpConfig, PumpStats, settled
+from worker.service.pump import PumpStats
 
 pytestmark = pytest.mark.integration
 
 QUEUE, TOPIC = "assignment-requests", "assignment-events"
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [{"Name": QUEUE, "Properties": {"MaxDeliveryCount": 1, "LockDuration": "PT30S"}}],
-                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
-            }
-        ]
-    }
-}
+CONFIG = emulator_config([queue(QUEUE, MaxDeliveryCount=1, LockDuration="PT30S")], [topic(TOPIC)])
 SPLIT = {"control": 0.5, "blue": 0.5}
 REGISTRY = ExperimentRegistry.from_dict(
     {
@@ -144,23 +134,12 @@ DEAD_LETTER_REASONS = {"SchemaValidationFailed", "InvalidJson"}
 @pytest.fixture
 def broker() -> Iterator[LocalBroker]:
     """The embedded broker, its queue with max delivery count 1."""
-    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
+    with running_broker(CONFIG) as running:
         yield running
 
 
 def _work(broker: LocalBroker, count: int, sink: MemorySink) -> PumpStats:
-    client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
-    try:
-        pump = Pump(
-            ServiceBusSource(client, QUEUE),
-            ServiceBusPublisher(client, TOPIC, requests_queue=QUEUE),
-            sink,
-            lambda: REGISTRY,
-            config=PumpConfig(max_batch=50, max_wait=1.0, min_backoff=0.05, max_backoff=0.2),
-        )
-        return pump.run(until=settled(count))
-    finally:
-        client.close()
+    return run_pump(broker, REGISTRY, count, sink=sink, max_batch=50)
 
 
 @pytest.mark.timeout(180)

@@ -16,56 +16,39 @@ from typing import Any
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSubQueue
 
-from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.local.broker import LocalBroker
 from adapters.servicebus import LockKeeper
 from adapters.servicebus.dlq import SKIP_NOT_RECEIVED, DeadLetter, Entity, ReplayFilter, browse, replay
+from tests.integration.emulator import emulator_config, queue, running_broker
 from tests.waiting import collect, wait_for
 from worker.cli import main
 
 pytestmark = pytest.mark.integration
 
 QUEUE, EXPIRING, SLOW, TOPIC = "assignment-requests", "expiring", "slow-lock", "assignment-events"
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [
-                    {
-                        "Name": QUEUE,
-                        "Properties": {
-                            "MaxDeliveryCount": 10,
-                            "RequiresDuplicateDetection": True,
-                            "DuplicateDetectionHistoryTimeWindow": "PT5M",
-                        },
-                    },
-                    # Messages sent with a short time-to-live land in its DLQ by themselves: a cheap
-                    # way to build a large DLQ, and replayed copies (which keep their TTL) come back
-                    # as new dead letters while a replay runs, as a worker re-dead-lettering them would.
-                    {"Name": EXPIRING, "Properties": {"DeadLetteringOnMessageExpiration": True}},
-                    {"Name": SLOW, "Properties": {"LockDuration": "PT3S", "MaxDeliveryCount": 10}},
-                ],
-                "Topics": [
-                    {
-                        "Name": TOPIC,
-                        "Properties": {
-                            "RequiresDuplicateDetection": True,
-                            "DuplicateDetectionHistoryTimeWindow": "PT5M",
-                        },
-                        "Subscriptions": [{"Name": "all"}, {"Name": "audit"}],
-                    }
-                ],
-            }
-        ]
-    }
-}
+CONFIG = emulator_config(
+    [
+        queue(QUEUE, MaxDeliveryCount=10, RequiresDuplicateDetection=True, DuplicateDetectionHistoryTimeWindow="PT5M"),
+        # Messages sent with a short time-to-live land in its DLQ by themselves: a cheap
+        # way to build a large DLQ, and replayed copies (which keep their TTL) come back
+        # as new dead letters while a replay runs, as a worker re-dead-lettering them would.
+        queue(EXPIRING, DeadLetteringOnMessageExpiration=True),
+        queue(SLOW, LockDuration="PT3S", MaxDeliveryCount=10),
+    ],
+    [
+        {
+            "Name": TOPIC,
+            "Properties": {"RequiresDuplicateDetection": True, "DuplicateDetectionHistoryTimeWindow": "PT5M"},
+            "Subscriptions": [{"Name": "all"}, {"Name": "audit"}],
+        }
+    ],
+)
 
 
 @pytest.fixture
 def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBroker]:
     """The embedded broker with duplicate detection on, and the CLI pointed at it."""
-    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
-        monkeypatch.setenv("AB_WORKER_SERVICEBUS_CONNECTION_STRING", running.connection_string)
+    with running_broker(CONFIG, monkeypatch) as running:
         yield running
 
 

@@ -26,32 +26,18 @@ from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
 from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
 
 from adapters.local.broker import BrokerConfig, LocalBroker
-from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from tests.integration.emulator import emulator_config, queue, run_pump, running_broker, topic
 from tests.waiting import collect
 from worker.cli import main
 from worker.domain.registry import ExperimentRegistry
-from worker.service.pump import Pump, PumpConfig, PumpStats, settled
+from worker.service.pump import PumpStats
 
 pytestmark = pytest.mark.integration
 
 WORKER = str(Path(sys.executable).with_name("ab-worker"))
 
 QUEUE, TOPIC, REPLIES = "assignment-requests", "assignment-events", "replies"
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [
-                    {"Name": QUEUE, "Properties": {"MaxDeliveryCount": 1, "LockDuration": "PT30S"}},
-                    {"Name": REPLIES, "Properties": {}},
-                ],
-                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
-            }
-        ]
-    }
-}
+CONFIG = emulator_config([queue(QUEUE, MaxDeliveryCount=1, LockDuration="PT30S"), queue(REPLIES)], [topic(TOPIC)])
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_001", "split": {"A": 0.5, "B": 0.5}}]})
 #: user id → the AMQP message-id the request is published with (None: no message id at all). ``Any``:
 #: a ulong is legal AMQP (and sent as one), though the SDK's type hint leaves it out.
@@ -67,24 +53,12 @@ MESSAGE_IDS: dict[str, Any] = {
 @pytest.fixture
 def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBroker]:
     """The embedded broker, the CLI pointed at it."""
-    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
-        monkeypatch.setenv("AB_WORKER_SERVICEBUS_CONNECTION_STRING", running.connection_string)
+    with running_broker(CONFIG, monkeypatch) as running:
         yield running
 
 
 def _work(broker: LocalBroker, count: int) -> PumpStats:
-    client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
-    try:
-        pump = Pump(
-            ServiceBusSource(client, QUEUE),
-            ServiceBusPublisher(client, TOPIC, requests_queue=QUEUE),
-            MemorySink(),
-            lambda: REGISTRY,
-            config=PumpConfig(max_batch=20, max_wait=1.0, min_backoff=0.05, max_backoff=0.2),
-        )
-        return pump.run(until=settled(count))
-    finally:
-        client.close()
+    return run_pump(broker, REGISTRY, count)
 
 
 def _events_by_user(broker: LocalBroker, count: int) -> dict[str, list[str]]:

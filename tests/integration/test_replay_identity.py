@@ -21,65 +21,44 @@ from azure.servicebus import (
     ServiceBusSubQueue,
 )
 
-from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.local.broker import LocalBroker
 from adapters.memory import MemorySink
-from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from tests.integration.emulator import emulator_config, queue, run_pump, running_broker, topic
 from tests.waiting import wait_for
 from worker.cli import main
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import REPLAY_ORIGINAL_ENQUEUED_TIME, event_id_for
-from worker.service.pump import Pump, PumpConfig, PumpStats, settled
+from worker.service.pump import PumpStats
 
 pytestmark = pytest.mark.integration
 
 QUEUE, TOPIC, REPLIES = "assignment-requests", "assignment-events", "replies"
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [
-                    {
-                        "Name": QUEUE,
-                        "Properties": {
-                            "MaxDeliveryCount": 1,
-                            "LockDuration": "PT30S",
-                            "RequiresDuplicateDetection": True,
-                            "DuplicateDetectionHistoryTimeWindow": "PT10M",
-                        },
-                    },
-                    {"Name": REPLIES, "Properties": {}},
-                ],
-                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
-            }
-        ]
-    }
-}
+CONFIG = emulator_config(
+    [
+        queue(
+            QUEUE,
+            MaxDeliveryCount=1,
+            LockDuration="PT30S",
+            RequiresDuplicateDetection=True,
+            DuplicateDetectionHistoryTimeWindow="PT10M",
+        ),
+        queue(REPLIES),
+    ],
+    [topic(TOPIC)],
+)
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_001", "split": {"A": 0.5, "B": 0.5}}]})
 
 
 @pytest.fixture
 def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalBroker]:
     """The embedded broker (max delivery count 1: a burned count shows as a dead letter), the CLI pointed at it."""
-    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
-        monkeypatch.setenv("AB_WORKER_SERVICEBUS_CONNECTION_STRING", running.connection_string)
+    with running_broker(CONFIG, monkeypatch) as running:
         yield running
 
 
 def _work(broker: LocalBroker, sink: MemorySink, count: int) -> PumpStats:
     """The worker's pump on the real SDK until ``count`` requests were settled."""
-    client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)
-    try:
-        pump = Pump(
-            ServiceBusSource(client, QUEUE),
-            ServiceBusPublisher(client, TOPIC, requests_queue=QUEUE),
-            sink,
-            lambda: REGISTRY,
-            config=PumpConfig(max_batch=20, max_wait=1.0, min_backoff=0.05, max_backoff=0.2),
-        )
-        return pump.run(until=settled(count))
-    finally:
-        client.close()
+    return run_pump(broker, REGISTRY, count, sink=sink)
 
 
 def _publish(broker: LocalBroker, messages: list[ServiceBusMessage]) -> None:

@@ -21,6 +21,7 @@ from azure.servicebus.amqp import AmqpAnnotatedMessage, AmqpMessageProperties
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, create_client
+from tests.integration.emulator import emulator_config, queue, topic
 from tests.waiting import collect
 from worker.bootstrap import bootstrap
 from worker.domain.errors import DeadLetterReason, PublishRejected
@@ -34,17 +35,7 @@ pytestmark = pytest.mark.integration
 
 QUEUE, TOPIC = "assignment-requests", "assignment-events"
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_001", "split": {"A": 0.5, "B": 0.5}}]})
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [{"Name": QUEUE, "Properties": {"MaxDeliveryCount": 10, "LockDuration": "PT30S"}}],
-                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
-            }
-        ]
-    }
-}
+CONFIG = emulator_config([queue(QUEUE, MaxDeliveryCount=10, LockDuration="PT30S")], [topic(TOPIC)])
 GOOD = {"user_id": "U1", "experiment_id": "exp_001"}
 
 
@@ -170,20 +161,7 @@ def _stop_on_backoff(pump: Pump) -> None:
         time.sleep(0.02)
 
 
-REPLY_CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [
-                    {"Name": QUEUE, "Properties": {"MaxDeliveryCount": 1, "LockDuration": "PT5S"}},
-                    {"Name": REPLIES, "Properties": {}},
-                ],
-                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
-            }
-        ]
-    }
-}
+REPLY_CONFIG = emulator_config([queue(QUEUE, MaxDeliveryCount=1, LockDuration="PT5S"), queue(REPLIES)], [topic(TOPIC)])
 
 
 @pytest.mark.timeout(120)

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode, ServiceBusSubQueue
 
-from adapters.local.broker import BrokerConfig, LocalBroker
+from adapters.local.broker import LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, create_client, send_requests
+from tests.integration.emulator import emulator_config, queue, running_broker, topic
 from tests.waiting import collect
 from worker.bootstrap import bootstrap
 from worker.cli import main
@@ -32,26 +33,14 @@ from worker.service.settings import WorkerSettings
 pytestmark = pytest.mark.integration
 
 QUEUE, TOPIC, REPLIES = "assignment-requests", "assignment-events", "replies"
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [
-                    {"Name": QUEUE, "Properties": {"MaxDeliveryCount": 10, "LockDuration": "PT30S"}},
-                    {"Name": REPLIES, "Properties": {}},
-                ],
-                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
-            }
-        ]
-    }
-}
+QUEUES = [queue(QUEUE, MaxDeliveryCount=10, LockDuration="PT30S"), queue(REPLIES)]
+CONFIG = emulator_config(QUEUES, [topic(TOPIC)])
 
 
 @pytest.fixture
 def broker() -> Iterator[LocalBroker]:
     """The embedded broker: requests queue, a replies queue, the topic without duplicate detection."""
-    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
+    with running_broker(CONFIG) as running:
         yield running
 
 
@@ -195,9 +184,7 @@ def test_reply_refused_for_good_rejects_only_those_events(
 @pytest.fixture
 def broker_with_other_replies() -> Iterator[LocalBroker]:
     """Like ``broker``, plus an ``other-replies`` queue."""
-    config = json.loads(json.dumps(CONFIG))
-    config["UserConfig"]["Namespaces"][0]["Queues"].append({"Name": "other-replies", "Properties": {}})
-    with LocalBroker(BrokerConfig.from_dict(config)) as running:
+    with running_broker(emulator_config([*QUEUES, queue("other-replies")], [topic(TOPIC)])) as running:
         yield running
 
 

@@ -13,6 +13,7 @@ from azure.servicebus import ServiceBusClient, ServiceBusMessage
 from adapters.files import JsonLinesSink
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, create_client
+from tests.integration.emulator import emulator_config, queue, topic
 from tests.waiting import wait_for
 from worker.bootstrap import bootstrap
 from worker.domain.registry import ExperimentRegistry
@@ -25,17 +26,7 @@ from worker.service.settings import WorkerSettings
 pytestmark = pytest.mark.integration
 
 QUEUE, TOPIC = "assignment-requests", "assignment-events"
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [{"Name": QUEUE, "Properties": {"LockDuration": "PT30S"}}],
-                "Topics": [{"Name": TOPIC, "Properties": {}, "Subscriptions": [{"Name": "all"}]}],
-            }
-        ]
-    }
-}
+CONFIG = emulator_config([queue(QUEUE, LockDuration="PT30S")], [topic(TOPIC)])
 REGISTRY = ExperimentRegistry.from_dict({"experiments": [{"id": "exp_trickle", "split": {"A": 0.5, "B": 0.5}}]})
 INTERVAL = 0.3
 FLUSH_AGE = 1.0

@@ -17,6 +17,7 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from schemas import SCHEMA_VERSION
+from tests.integration.emulator import emulator_config, queue, running_broker
 from tests.waiting import collect, wait_for
 from worker import ExperimentRegistry
 from worker.bootstrap import bootstrap
@@ -28,40 +29,30 @@ from worker.service.settings import WorkerSettings
 pytestmark = pytest.mark.integration
 
 QUEUE, TOPIC, REPLIES = "assignment-requests", "assignment-events", "replies"
-CONFIG = {
-    "UserConfig": {
-        "Namespaces": [
-            {
-                "Name": "sbemulatorns",
-                "Queues": [
-                    {"Name": QUEUE, "Properties": {"MaxDeliveryCount": 10, "LockDuration": "PT30S"}},
-                    {"Name": REPLIES, "Properties": {}},
-                ],
-                "Topics": [
-                    {
-                        "Name": TOPIC,
-                        "Properties": {"RequiresDuplicateDetection": True},
-                        "Subscriptions": [
-                            {"Name": "all"},
-                            {
-                                "Name": "tone-only",
-                                "Rules": [
-                                    {
-                                        "Name": "tone",
-                                        "Properties": {
-                                            "FilterType": "Sql",
-                                            "SqlFilter": {"SqlExpression": "experiment_id = 'exp_tone'"},
-                                        },
-                                    }
-                                ],
+CONFIG = emulator_config(
+    [queue(QUEUE, MaxDeliveryCount=10, LockDuration="PT30S"), queue(REPLIES)],
+    [
+        {
+            "Name": TOPIC,
+            "Properties": {"RequiresDuplicateDetection": True},
+            "Subscriptions": [
+                {"Name": "all"},
+                {
+                    "Name": "tone-only",
+                    "Rules": [
+                        {
+                            "Name": "tone",
+                            "Properties": {
+                                "FilterType": "Sql",
+                                "SqlFilter": {"SqlExpression": "experiment_id = 'exp_tone'"},
                             },
-                        ],
-                    }
-                ],
-            }
-        ]
-    }
-}
+                        }
+                    ],
+                },
+            ],
+        }
+    ],
+)
 EXPERIMENTS = {
     "experiments": [
         {"id": "exp_001", "split": {"A": 0.5, "B": 0.5}},
@@ -72,7 +63,7 @@ EXPERIMENTS = {
 
 @pytest.fixture
 def broker():
-    with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
+    with running_broker(CONFIG) as running:
         yield running
 
 
