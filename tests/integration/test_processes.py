@@ -54,6 +54,17 @@ def probe(port: int, path: str) -> tuple[int, str]:
         return 0, "no answer"
 
 
+def _wait_for_two_pumps(worker: WorkerProcess, health: int) -> None:
+    """Until the supervisor runs its two pump processes and says it is ready."""
+    wait_for(
+        lambda: len(children(worker.proc.pid)) == 2,
+        90,
+        "two pump processes",
+        detail=lambda: f"exit status {worker.proc.poll()}; {worker.stderr[-2000:]}",
+    )
+    wait_for(lambda: probe(health, "/readyz")[0] == 200, 60, "the supervisor's /readyz to be 200")
+
+
 @pytest.mark.timeout(240)
 def test_two_processes_drain_one_queue_and_a_killed_one_is_restarted_losing_nothing(tmp_path: Path) -> None:
     """Both children take requests; SIGKILL of one is repaired by the supervisor; lost = 0, duplicates identical."""
@@ -64,13 +75,7 @@ def test_two_processes_drain_one_queue_and_a_killed_one_is_restarted_losing_noth
         env = worker_env(broker.connection_string, PREFETCH="0", MAX_BATCH="50", HEALTH_PORT=str(health))
         worker = WorkerProcess(tmp_path, "supervised", env, "--processes", "2", "--drain")
         try:
-            wait_for(
-                lambda: len(children(worker.proc.pid)) == 2,
-                90,
-                "two pump processes",
-                detail=lambda: f"exit status {worker.proc.poll()}; {worker.stderr[-2000:]}",
-            )
-            wait_for(lambda: probe(health, "/readyz")[0] == 200, 60, "the supervisor's /readyz to be 200")
+            _wait_for_two_pumps(worker, health)
             assert probe(health, "/readyz") == (200, "ok (2 processes)")
             wait_for(busy(broker, 300), 60, "the processes to be mid-run")
             # Both take requests from the one queue: each has flushed rows before one is killed.
@@ -142,13 +147,7 @@ def test_a_stopped_process_fails_healthz_naming_it_and_is_replaced_losing_nothin
         worker = WorkerProcess(tmp_path, "supervised", env, "--processes", "2", "--drain")
         victim = 0
         try:
-            wait_for(
-                lambda: len(children(worker.proc.pid)) == 2,
-                90,
-                "two pump processes",
-                detail=lambda: f"exit status {worker.proc.poll()}; {worker.stderr[-2000:]}",
-            )
-            wait_for(lambda: probe(health, "/readyz")[0] == 200, 60, "the supervisor's /readyz to be 200")
+            _wait_for_two_pumps(worker, health)
             wait_for(busy(broker, 300), 60, "the processes to be mid-run")
             first = children(worker.proc.pid)
             victim = min(first)
