@@ -110,6 +110,15 @@ def _collect_dropped_sdk_sockets() -> Iterator[None]:
 
 
 @pytest.fixture
+def clients() -> Iterator[list[Any]]:
+    """SDK clients made by a test, closed after it."""
+    made: list[Any] = []
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
 def broker_config() -> BrokerConfig:
     """The broker test entities (defaults plus short and five-second locks, dedup and a filtered topic)."""
     return BrokerConfig.from_dict(TEST_BROKER_CONFIG, source="TEST_BROKER_CONFIG")

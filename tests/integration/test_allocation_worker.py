@@ -64,15 +64,6 @@ def broker() -> Iterator[LocalBroker]:
         yield running
 
 
-@pytest.fixture
-def clients() -> Iterator[list[Any]]:
-    """SDK clients a test made, closed after it."""
-    made: list[Any] = []
-    yield made
-    for client in made:
-        client.close()
-
-
 def _pump(broker: LocalBroker, clients: list[Any], registry: ExperimentRegistry, **options: Any) -> Pump:
     """The real pump on the real SDK adapters (``sink``, ``tracer_provider``, ``allow`` optional)."""
     client = create_client(ServiceBusAuth(connection_string=broker.connection_string), retry_total=1)

@@ -325,15 +325,6 @@ def in_process_pump(
     )
 
 
-@pytest.fixture
-def clients() -> Any:
-    """SDK clients made by a test, closed after it."""
-    made: list[Any] = []
-    yield made
-    for client in made:
-        client.close()
-
-
 def run_in_thread(pump: Pump, idle_exit: float) -> threading.Thread:
     """``pump.run(idle_exit)`` in a thread, re-raising nothing: the test checks ``is_alive`` and the output."""
     thread = threading.Thread(target=pump.run, kwargs={"idle_exit": idle_exit}, daemon=True)

@@ -265,17 +265,6 @@ def blackholed(clients: list[Any]) -> Iterator[tuple[LocalBroker, FaultProxy, An
         yield broker, proxy, client
 
 
-@pytest.fixture
-def clients() -> Iterator[list[Any]]:
-    """SDK clients made by a test, closed after it."""
-    made: list[Any] = []
-    yield made
-    for client in made:
-        client.close()
-    # Collect the SDK's abandoned sockets now, while this test's warning filters apply.
-    gc.collect()
-
-
 def receive_until_error(source: ServiceBusSource, attempts: int) -> None:
     """Receive until the source raises (it must within ``attempts`` empty receives)."""
     for _ in range(attempts):
