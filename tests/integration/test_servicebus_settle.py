@@ -15,6 +15,7 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.servicebus import ServiceBusAuth, ServiceBusSource, create_client, send_requests
 from adapters.servicebus.internals import GUARDS
 from adapters.servicebus.settle import RangeSettlement
+from tests.renamed_sdk import PublicOnly
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,18 +39,6 @@ def broker() -> Iterator[LocalBroker]:
     """The embedded broker with one request queue."""
     with LocalBroker(BrokerConfig.from_dict(CONFIG)) as running:
         yield running
-
-
-class PublicOnly:
-    """Forwards public attributes only: what an SDK that renamed its internals looks like from outside."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._inner, name)
 
 
 class PublicOnlyReceivers:

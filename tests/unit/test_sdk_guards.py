@@ -25,6 +25,7 @@ from adapters.sdk_guards import GuardSet, SdkSurfaceMissing
 from adapters.servicebus import internals
 from adapters.servicebus.settle import RangeSettlement, on_current_link, stamp_link
 from adapters.servicebus.source import widen_read_slice
+from tests.renamed_sdk import PublicOnly as _PublicOnly
 from tests.sdk_drill import CONTRACT_TESTS
 from worker.service.ports import Delivery
 from worker.service.settings import WorkerSettings
@@ -37,18 +38,6 @@ class _Obj:
 
     def __init__(self, **attributes: object) -> None:
         self.__dict__.update(attributes)
-
-
-class _PublicOnly:
-    """Forwards public attributes only: what an SDK that renamed its internals looks like from outside."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._inner, name)
 
 
 #: The stand-ins go where the SDK's own types are expected, as the guards see SDK objects: by what they
