@@ -31,6 +31,7 @@ from adapters.local.broker import LocalBroker
 from adapters.local.faultproxy import FaultProxy
 from adapters.servicebus import ServiceBusSource
 from tests.integration.test_faults import (
+    DROPPED_CONNECTION_WARNINGS,
     EXPERIMENTS,
     Requests,
     assert_no_loss,
@@ -46,8 +47,7 @@ from worker.service.settings import WorkerSettings
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    *DROPPED_CONNECTION_WARNINGS,
 ]
 
 

@@ -35,6 +35,7 @@ from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusS
 from adapters.servicebus.liveness import Liveness
 from tests.integration.test_faults import (
     ALL,
+    DROPPED_CONNECTION_WARNINGS,
     EXPERIMENTS,
     QUEUE,
     TOPIC,
@@ -53,10 +54,7 @@ from worker.service.settings import WorkerSettings
 
 pytestmark = [
     pytest.mark.integration,
-    # The SDK does not always close the socket of a connection it gave up on (reset, aborted or
-    # silent); the garbage collector reports it, sometimes on another thread.
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    *DROPPED_CONNECTION_WARNINGS,
 ]
 
 #: How soon after a fault clears the worker must be ready and completing again (issue 10, D12).

@@ -36,12 +36,12 @@ from adapters.servicebus.internals import (
     top_up_management_credit,
 )
 from adapters.servicebus.settle import on_current_link, stamp_link
+from tests.integration.test_faults import DROPPED_CONNECTION_WARNINGS
 from tests.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    *DROPPED_CONNECTION_WARNINGS,
 ]
 
 QUEUE = "contract"

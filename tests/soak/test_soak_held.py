@@ -32,6 +32,7 @@ from adapters.local.broker import LocalBroker
 from adapters.local.faultproxy import FaultProxy
 from adapters.servicebus import ServiceBusSource
 from tests.integration.test_faults import (
+    DROPPED_CONNECTION_WARNINGS,
     EXPERIMENTS,
     QUEUE,
     Requests,
@@ -49,8 +50,7 @@ from worker.service.settings import WorkerSettings
 pytestmark = [
     pytest.mark.soak,
     pytest.mark.skipif(os.environ.get("AB_WORKER_SOAK") != "1", reason="soak run: set AB_WORKER_SOAK=1"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    *DROPPED_CONNECTION_WARNINGS,
 ]
 
 RESET_MESSAGES = int(os.environ.get("AB_WORKER_SOAK_RESET_MESSAGES", "10000"))
