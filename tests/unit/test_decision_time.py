@@ -15,6 +15,7 @@ import pytest
 
 from adapters.memory import MemoryPublisher, MemorySink, MemorySource
 from adapters.servicebus.dlq import DeadLetter, Entity, original_decision_time, replay_message
+from tests.dead_letters import dead_letter
 from worker.domain.errors import DeadLetterReason, PermanentError
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import (
@@ -173,20 +174,8 @@ def test_a_cohort_with_an_unbelievable_time_is_refused_before_anything_is_decide
 
 
 def _letter(**fields: object) -> DeadLetter:
-    letter = DeadLetter(
-        sequence_number=3,
-        enqueued_time=FIRST,
-        delivery_count=1,
-        reason="SchemaValidationFailed",
-        description="",
-        message_id="req-9",
-        correlation_id=None,
-        content_type=None,
-        body=SINGLE,
-    )
-    for name, value in fields.items():
-        setattr(letter, name, value)
-    return letter
+    base = {"sequence_number": 3, "enqueued_time": FIRST, "reason": "SchemaValidationFailed", "message_id": "req-9"}
+    return dead_letter(**{**base, "body": SINGLE, **fields})
 
 
 def test_a_copy_of_a_letter_whose_time_was_refused_is_decided_at_the_letters_own_time() -> None:

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from adapters.servicebus.dlq import DeadLetter, Entity, replay_copy
+from adapters.servicebus.dlq import Entity, replay_copy
+from tests.dead_letters import dead_letter
 from worker.domain.errors import DeadLetterReason, PermanentError
 from worker.domain.registry import ExperimentRegistry
 from worker.service.handling import DEFAULT_MAX_EVENT_BYTES, REPLAY_ORIGINAL_ENQUEUED_TIME, handle
@@ -105,15 +106,11 @@ def test_a_carried_original_time_outside_years_1_to_9999_in_utc_is_schema_valida
         handle(delivery, REGISTRY)
     assert caught.value.reason is DeadLetterReason.SCHEMA_VALIDATION_FAILED
     assert REPLAY_ORIGINAL_ENQUEUED_TIME in caught.value.description
-    letter = DeadLetter(
+    letter = dead_letter(
         sequence_number=7,
         enqueued_time=enqueued,
-        delivery_count=1,
         reason="MaxDeliveryCountExceeded",
-        description="",
         message_id="m1",
-        correlation_id=None,
-        content_type=None,
         body=delivery.body,
         application_properties={REPLAY_ORIGINAL_ENQUEUED_TIME: carried},
     )

@@ -21,7 +21,8 @@ from azure.servicebus.exceptions import (
 
 from adapters.local.broker import BrokerConfig
 from adapters.local.broker.config import DEFAULT_QUEUE
-from adapters.servicebus.dlq import DeadLetter, Entity, Patience, is_dropped, replay_message
+from adapters.servicebus.dlq import Entity, Patience, is_dropped, replay_message
+from tests.dead_letters import dead_letter
 
 EMULATOR_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "servicebus-emulator" / "Config.json"
 
@@ -73,16 +74,8 @@ def test_patience_counts_reconnects_without_progress_and_backs_off() -> None:
 
 def test_the_same_dead_letter_gets_the_same_copy_id_in_every_run() -> None:
     """Whatever run sends it, a dead letter's copy has one id: a second copy is recognisable as such."""
-    letter = DeadLetter(
-        sequence_number=4,
-        enqueued_time=None,
-        delivery_count=3,
-        reason="UnknownExperiment",
-        description="",
-        message_id="m4",
-        correlation_id=None,
-        content_type=None,
-        body=b'{"user_id": "U"}',
+    letter = dead_letter(
+        sequence_number=4, delivery_count=3, reason="UnknownExperiment", message_id="m4", body=b'{"user_id": "U"}'
     )
     first = replay_message(letter, Entity.parse(DEFAULT_QUEUE))
     letter.delivery_count = 9  # a later run, after locks lapsed
