@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.cli_runs import experiments_file, run_cli
 from worker import ABAssignmentAgent, ExperimentRegistry
-from worker.cli import main
 from worker.cli.common import ExitStatus
 from worker.service.batch import OUTPUT_FIELDS, assign_file, csv_value
 
@@ -46,15 +45,11 @@ FILE = {
 @pytest.fixture
 def config(tmp_path: Path) -> str:
     """The experiments file above, as YAML."""
-    path = tmp_path / "experiments.yaml"
-    path.write_text(yaml.safe_dump(FILE), encoding="utf-8")
-    return str(path)
+    return experiments_file(tmp_path, FILE)
 
 
 def _assign(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(["assign", *argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return run_cli(capsys, "assign", *argv)
 
 
 def test_json_lines_rows_are_what_the_registry_decides(config: str, tmp_path: Path, capsys) -> None:

@@ -7,10 +7,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.cli_runs import experiments_file, run_cli
 from worker import ExperimentRegistry
-from worker.cli import main
 from worker.cli.common import ExitStatus
 
 REPO = Path(__file__).parents[2]
@@ -43,15 +42,11 @@ CONTEXT = {"country": "US", "email": SECRET, "age": 30}
 @pytest.fixture
 def config(tmp_path: Path) -> str:
     """The experiments file above, as YAML."""
-    path = tmp_path / "experiments.yaml"
-    path.write_text(yaml.safe_dump(FILE), encoding="utf-8")
-    return str(path)
+    return experiments_file(tmp_path, FILE)
 
 
 def _explain(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(["explain", *argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return run_cli(capsys, "explain", *argv)
 
 
 def test_json_is_the_registry_explanation_and_agrees_with_assign(config: str, capsys) -> None:
