@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args  # Any: pydantic's hook signatures and JSON Schema documents
+from typing import Annotated, Any, Literal, NoReturn, get_args  # Any: pydantic's hooks, JSON Schema documents
 
 from pydantic import (
     BaseModel,
@@ -103,6 +103,23 @@ def finite_json_float(literal: str) -> float:
     if math.isinf(value):
         raise ValueError(OVERFLOWING_NUMBER)
     return value
+
+
+class NotJsonNumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity``: Python's parser takes them, JSON (RFC 8259) does not."""
+
+    def __init__(self, literal: str) -> None:
+        super().__init__(f"{literal} is not a JSON number")
+        self.literal = literal
+
+
+def refuse_json_constant(literal: str) -> NoReturn:
+    """``json.loads``'s ``parse_constant``: :class:`NotJsonNumber`, so a request holding one is ``InvalidJson``.
+
+    The JSON Schema and other languages' parsers refuse these literals, so the worker, the CLI and its
+    input files refuse them alike (an AMQP value body holding one is refused too: adapters.servicebus.convert).
+    """
+    raise NotJsonNumber(literal)
 
 
 def context_problem(value: JsonValue, depth: int = 0) -> str | None:

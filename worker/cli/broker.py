@@ -14,7 +14,7 @@ import sys
 import threading
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from worker import bootstrap
 from worker.cli.common import (
@@ -108,10 +108,6 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _no_constant(literal: str) -> NoReturn:
-    raise ValueError(f"{literal} is not a JSON number")
-
-
 def _request_body(args: argparse.Namespace) -> bytes:
     if not args.experiment:
         raise UsageError("--user needs --experiment")
@@ -119,10 +115,10 @@ def _request_body(args: argparse.Namespace) -> bytes:
     if args.segment:
         body["segment"] = args.segment
     if args.context:
-        from schemas.models import finite_json_float
+        from schemas.models import finite_json_float, refuse_json_constant
 
         try:
-            context = json.loads(args.context, parse_constant=_no_constant, parse_float=finite_json_float)
+            context = json.loads(args.context, parse_constant=refuse_json_constant, parse_float=finite_json_float)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--context is not JSON: {exc.msg}") from None
         except ValueError as exc:  # NaN, Infinity, 1e400: the worker would dead-letter the request as InvalidJson

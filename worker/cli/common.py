@@ -285,14 +285,6 @@ def moment(now: Callable[[], datetime]) -> Callable[[str], datetime]:
     return parse
 
 
-class _NotJsonNumber(ValueError):
-    """``NaN``, ``Infinity`` or ``-Infinity``: Python's parser takes them, JSON (and the worker) does not."""
-
-
-def _no_constant(literal: str) -> NoReturn:
-    raise _NotJsonNumber(literal)
-
-
 def json_context(text: str) -> dict[str, JsonValue]:
     """An argument type: a request context, a JSON object within the wire contract's context limits.
 
@@ -302,16 +294,14 @@ def json_context(text: str) -> dict[str, JsonValue]:
     """
     import json
 
-    from schemas.models import finite_json_float, request_context_problem
+    from schemas.models import NotJsonNumber, finite_json_float, refuse_json_constant, request_context_problem
 
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=finite_json_float)
+        value = json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc.msg} (column {exc.colno})") from None
-    except _NotJsonNumber as exc:
-        raise argparse.ArgumentTypeError(
-            f"not JSON: {exc} is not a JSON number (the worker dead-letters a request holding it)"
-        ) from None
+    except NotJsonNumber as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc} (the worker dead-letters a request holding it)") from None
     except ValueError as exc:  # 1e400, or an integer over Python's 4,300-digit conversion limit
         raise argparse.ArgumentTypeError(f"not JSON the worker accepts: {exc}") from None
     except RecursionError:

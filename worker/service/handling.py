@@ -25,7 +25,9 @@ from schemas.models import (
     AssignmentRequest,
     CohortAssignmentRequest,
     CohortReportEvent,
+    NotJsonNumber,
     finite_json_float,
+    refuse_json_constant,
     request_context_located_problem,
 )
 from worker.domain.errors import DeadLetterReason, DecodeError, PermanentError
@@ -161,11 +163,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise DecodeError(body, f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        data = json.loads(text, parse_constant=_refuse_constant, parse_float=finite_json_float)
-    except _NotJsonNumber as exc:
-        raise DecodeError(
-            body, f"body is not JSON: {exc} is not a JSON number (RFC 8259 has no NaN or infinity)"
-        ) from None
+        data = json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float)
+    except NotJsonNumber as exc:
+        raise DecodeError(body, f"body is not JSON: {exc} (RFC 8259 has no NaN or infinity)") from None
     except json.JSONDecodeError as exc:
         raise DecodeError(body, f"body is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
@@ -178,16 +178,6 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
             f"body must be a JSON object, got {type(data).__name__}",
         )
     return data
-
-
-class _NotJsonNumber(ValueError):
-    """``NaN``, ``Infinity`` or ``-Infinity``: Python's parser takes them, JSON does not."""
-
-
-def _refuse_constant(literal: str) -> Any:
-    # Refused as an AMQP value body holding them is (adapters.servicebus.convert): the JSON Schema and
-    # other languages' parsers refuse them, so the worker must not assign such a request quietly.
-    raise _NotJsonNumber(literal)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

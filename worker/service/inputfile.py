@@ -30,7 +30,7 @@ from itertools import chain, islice
 from operator import itemgetter
 from typing import Any, Protocol
 
-from schemas.models import finite_json_float
+from schemas.models import finite_json_float, refuse_json_constant
 from worker.domain.errors import UsageError
 
 #: ``(line, message)``; line 0 is the file as a whole.
@@ -215,7 +215,7 @@ def _json_rows(lines: Iterator[str], columns: Sequence[str], needed: int, proble
         if not text.strip():
             continue
         try:
-            item = json.loads(text, parse_constant=_refuse_constant, parse_float=finite_json_float)
+            item = json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float)
         except json.JSONDecodeError as exc:
             problems.append((number, f"not JSON: {exc.msg} (column {exc.colno})"))
             continue
@@ -233,8 +233,3 @@ def _json_rows(lines: Iterator[str], columns: Sequence[str], needed: int, proble
             problems.extend((number, f"missing field {name!r}") for name in missing)
             continue
         yield number, tuple(item.get(name) for name in columns)
-
-
-def _refuse_constant(literal: str) -> Any:
-    # NaN and Infinity: Python's parser takes them, JSON and the worker do not (a request holding one is InvalidJson).
-    raise ValueError(f"{literal} is not a JSON number")
