@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from schemas.models import effective_segment
 from worker.bootstrap import ExperimentRegistry, environment_settings
 from worker.cli.common import EXIT_OK, Subcommands, add_decision_arguments, formatter
 from worker.cli.render.explain import render_explanation
@@ -53,7 +53,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ValueError as exc:  # the id or segment the wire contract refuses
         raise UsageError(f"--user/--segment: {exc}") from None
     # The segment the walk used: --segment, else the context's (the worker's rule for requests).
-    segment = explanation_segment(args.segment, args.context)
+    segment = effective_segment(args.segment, args.context)
     if args.json:
         document: dict[str, object] = {
             "experiment_version": experiment.config.version,
@@ -69,13 +69,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     print("\n".join(lines))
     return EXIT_OK
-
-
-def explanation_segment(segment: str | None, context: Mapping[str, object] | None) -> str | None:
-    """The effective segment of a request with this segment and context (``docs/allocation.md`` §2.3)."""
-    from schemas.models import effective_segment
-
-    return effective_segment(segment, context)
 
 
 def add_commands(commands: Subcommands) -> None:
