@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
-from worker.domain.allocation import AllocatedExperiment, Decision
+from worker.domain.allocation import AllocatedExperiment, Decision, Reason
 
 #: The steps a cohort does not take (see the module's docstring).
 LEFT_OUT = frozenset({"coverage"})
@@ -43,20 +43,15 @@ class DecidedMembers:
         found: dict[str, list[str]] = {}
         for member_id, decision in zip(self.member_ids, self.decisions, strict=True):
             found.setdefault(decision.reason.value, []).append(member_id)
-        return dict(sorted(found.items(), key=lambda item: _STEP_RANK.get(item[0], len(_STEP_RANK))))
+        return dict(sorted(found.items(), key=lambda item: _STEP_RANK[item[0]]))
 
     def counts(self) -> dict[str, int]:
         """How many members each reason decided."""
         return {reason: len(ids) for reason, ids in self.by_reason().items()}
 
 
-#: Reasons in the order their steps are tried (§2.3), so every report lists them alike.
-_STEP_RANK = {
-    reason: rank
-    for rank, reason in enumerate(
-        ("override", "draft", "stopped", "launched", "not_started", "ended", "targeting", "holdout", "layer")
-    )
-}
+#: Reasons in the order their steps are tried (§2.3: :class:`Reason` lists them so), so every report lists them alike.
+_STEP_RANK = {reason.value: rank for rank, reason in enumerate(Reason)}
 
 
 _T = TypeVar("_T")
