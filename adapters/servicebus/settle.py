@@ -14,6 +14,7 @@ import logging
 import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import TYPE_CHECKING, cast
 
 from opentelemetry import metrics
@@ -173,15 +174,14 @@ def on_current_link(receiver: ServiceBusReceiver, message: object) -> bool | Non
 
 def _consecutive_runs(deliveries: Sequence[Delivery]) -> list[list[Delivery]]:
     """Split into runs whose AMQP delivery ids are consecutive (one disposition can cover each run)."""
-    ordered = sorted(deliveries, key=lambda d: internals.delivery_id(received_message(d)))
+    # Each delivery id read once (the key), then kept beside its delivery.
+    numbered = sorted(((internals.delivery_id(received_message(d)), d) for d in deliveries), key=itemgetter(0))
     runs: list[list[Delivery]] = []
-    for delivery in ordered:
-        if (
-            runs
-            and internals.delivery_id(received_message(delivery))
-            == internals.delivery_id(received_message(runs[-1][-1])) + 1
-        ):
+    previous = -2  # no delivery id follows it: ids start at 0
+    for number, delivery in numbered:
+        if number == previous + 1:
             runs[-1].append(delivery)
         else:
             runs.append([delivery])
+        previous = number
     return runs
