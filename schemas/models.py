@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, NoReturn, get_args  # Any: pydantic's hooks, JSON Schema documents
@@ -151,37 +151,50 @@ class ContextProblem:
 
 
 def located_context_problem(value: JsonValue, depth: int = 0, path: str = "") -> ContextProblem | None:
-    """The first place a context value breaks the limits, and why; ``None`` when it keeps them."""
+    """The first place a context value breaks the limits, and why; ``None`` when it keeps them.
+
+    ``path`` is where ``value`` sits (``""``: it is the context itself, so its keys are top-level keys).
+    """
+    found = _problem_within(value, depth, top=not path)
+    return found if found is None or not path else ContextProblem(path + found.path, found.problem)
+
+
+def _problem_within(value: JsonValue, depth: int, *, top: bool) -> ContextProblem | None:
+    # The path is built only on the way back from a problem: a context that keeps the limits (every
+    # request's, checked as it is validated) costs no string formatting.
     if isinstance(value, str):
         problem = _string_problem(value)
-        return None if problem is None else ContextProblem(path, problem)
+        return None if problem is None else ContextProblem("", problem)
     if not isinstance(value, list | dict):
         return None
     if depth > MAX_CONTEXT_DEPTH:
-        return ContextProblem(path, f"nests deeper than {MAX_CONTEXT_DEPTH} levels")
+        return ContextProblem("", f"nests deeper than {MAX_CONTEXT_DEPTH} levels")
     if isinstance(value, dict):
-        for position, key in enumerate(value, 1):
-            problem = _string_problem(key)
-            if problem:
-                return ContextProblem(path, f"key {position} {problem}")
-        items: Iterable[tuple[str, JsonValue]] = (
-            (_key_step(path, position, key), item) for position, (key, item) in enumerate(value.items(), 1)
-        )
-    else:
-        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
-    for where, item in items:
-        found = located_context_problem(item, depth + 1, where)
+        return _problem_in_object(value, depth, top=top)
+    for index, item in enumerate(value):
+        found = _problem_within(item, depth + 1, top=False)
         if found:
-            return found
+            return ContextProblem(f"[{index}]{found.path}", found.problem)
+    return None
+
+
+def _problem_in_object(value: dict[str, JsonValue], depth: int, *, top: bool) -> ContextProblem | None:
+    for position, key in enumerate(value, 1):
+        problem = _string_problem(key)
+        if problem:
+            return ContextProblem("", f"key {position} {problem}")
+    for position, (key, item) in enumerate(value.items(), 1):
+        found = _problem_within(item, depth + 1, top=False)
+        if found:
+            step = _top_key_step(key) if top else f".(key {position})"
+            return ContextProblem(step + found.path, found.problem)
     return None
 
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 
 
-def _key_step(path: str, position: int, key: str) -> str:
-    if path:
-        return f"{path}.(key {position})"
+def _top_key_step(key: str) -> str:
     if _PLAIN_KEY.fullmatch(key):
         return f".{key}"
     shown = json.dumps(key)  # escapes quotes, control and non-ASCII characters
