@@ -1,4 +1,4 @@
-"""W3C trace context carried in message application properties (getter/setter pair).
+"""W3C trace context read from a request's application properties.
 
 Publishers put ``traceparent`` (and ``tracestate``) in the request's application properties; the
 older Azure SDKs write ``Diagnostic-Id`` with the same format. The worker continues that trace.
@@ -6,10 +6,10 @@ older Azure SDKs write ``Diagnostic-Id`` with the same format. The worker contin
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 
 from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -35,11 +35,6 @@ class _PropertiesGetter(Getter[Mapping[str, object]]):
         return [str(k) for k in carrier]
 
 
-class _PropertiesSetter(Setter[MutableMapping[str, object]]):
-    def set(self, carrier: MutableMapping[str, object], key: str, value: str) -> None:
-        carrier[key] = value
-
-
 def extract_context(properties: Mapping[str, object] | None) -> Context | None:
     """The publisher's trace context from application properties, or None when there is none."""
     if not properties:
@@ -47,8 +42,3 @@ def extract_context(properties: Mapping[str, object] | None) -> Context | None:
     if "traceparent" not in properties and "Diagnostic-Id" not in properties:
         return None
     return _PROPAGATOR.extract(properties, getter=_PropertiesGetter())
-
-
-def inject_context(properties: MutableMapping[str, object]) -> None:
-    """Write the current trace context into outgoing application properties."""
-    _PROPAGATOR.inject(properties, setter=_PropertiesSetter())
