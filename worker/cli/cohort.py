@@ -32,7 +32,7 @@ from worker.domain.errors import UsageError
 from worker.domain.moments import utc_iso
 from worker.domain.plural import counted
 from worker.domain.srm.stats import ExperimentPlan, StatsInputError, plan_experiment
-from worker.service.batch import ColumnKinds
+from worker.service.batch import column_kinds
 
 STRATIFY_EPILOG = """\
 Members are grouped by segment, ordered within a segment by
@@ -173,7 +173,11 @@ def run_stratify(args: argparse.Namespace) -> int:
         source_format = format_for(args.input, args.format, "input")
         out_format = format_for(args.out, None, "output")
         allocation = _allocation_for(args)
-        kinds = None if allocation is None or allocation.experiment.targeting is None else allocation.kinds()
+        kinds = (
+            None
+            if allocation is None or allocation.experiment.targeting is None
+            else column_kinds(allocation.experiment)
+        )
         cohort = read_cohort(args.input, source_format, args.id_column, args.segment_column, kinds)
         member_ids, segments, decided = cohort.member_ids, cohort.segments, None
         if allocation is not None:
@@ -225,12 +229,6 @@ class _Allocation:
     experiment: AllocatedExperiment
     version: str
     source: str
-
-    def kinds(self) -> ColumnKinds:
-        from worker.domain.allocation import operand_kinds
-
-        condition = self.experiment.targeting
-        return {} if condition is None else operand_kinds(condition)
 
     def summary(self, decided: DecidedMembers, stratified: int) -> str:
         """One paragraph: the configuration applied, and the members its steps decided, by reason."""

@@ -30,7 +30,7 @@ from pydantic import JsonValue
 
 from schemas.models import MAX_ID_CHARS, MAX_SEGMENT_CHARS, effective_segment, request_context_problem
 from schemas.text import text_problem
-from worker.domain.allocation import operand_kinds
+from worker.domain.allocation import AllocatedExperiment, operand_kinds
 from worker.domain.assignment import BUCKETS, bucket_ints
 from worker.domain.errors import UsageError
 from worker.domain.registry import Experiment
@@ -126,9 +126,9 @@ def csv_context(cells: Mapping[str, str], kinds: ColumnKinds) -> dict[str, JsonV
     return {name: csv_value(cell, kinds.get(name, untyped)) for name, cell in cells.items()}
 
 
-def column_kinds(experiment: Experiment) -> ColumnKinds:
+def column_kinds(allocation: AllocatedExperiment) -> ColumnKinds:
     """What :func:`csv_value` reads each column as, from the experiment's targeting (none: all text)."""
-    condition = experiment.allocation.targeting
+    condition = allocation.targeting
     return {} if condition is None else operand_kinds(condition)
 
 
@@ -248,7 +248,7 @@ def assign_file(
             progress(len(rows))
 
     chunk = _Chunk()
-    kinds = None if experiment.plain else column_kinds(experiment)
+    kinds = None if experiment.plain else column_kinds(experiment.allocation)
     for line, user, segment, context in read_rows(stream, in_format, source, result.bad_rows, kinds=kinds):
         problem = _check_user(user) or _check_segment(segment)
         if problem is not None or not isinstance(user, str):  # only a string passes the check
