@@ -238,7 +238,7 @@ class _Allocation:
             return (
                 f"{head} no member is overridden, outside its lifecycle, targeted away, held out or in another layer."
             )
-        reasons = ", ".join(f"{reason} {count}" for reason, count in decided.counts().items())
+        reasons = decided.counts_text()
         return (
             f"{head} {len(decided)} of {counted(len(decided) + stratified, 'member')} decided before stratification,"
             f" not in the experiment ({reasons}; listed by reason in the report); the other {stratified} stratified."
@@ -291,7 +291,7 @@ def _allocation_for(args: argparse.Namespace) -> _Allocation | None:
 
 
 def _nothing_to_stratify(allocation: _Allocation, decided: DecidedMembers) -> str:
-    reasons = ", ".join(f"{reason} {count}" for reason, count in decided.counts().items())
+    reasons = decided.counts_text()
     return (
         f"nothing to stratify: the allocation of {allocation.experiment.experiment_id} in {allocation.source}"
         f" decides every member before stratification ({reasons}); check its status, start_at/end_at and targeting"

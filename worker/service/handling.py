@@ -478,7 +478,7 @@ def _decided_first(
     aware = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
     split = partition(allocated, member_ids, segments, None, aware)
     if not split.stratified:
-        reasons = ", ".join(f"{reason} {count}" for reason, count in split.decided.counts().items())
+        reasons = split.decided.counts_text()
         raise PermanentError(
             DeadLetterReason.INVALID_COHORT,
             f"nothing to stratify: the allocation of {allocated.experiment_id} decides every member before "

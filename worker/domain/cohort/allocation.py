@@ -49,6 +49,10 @@ class DecidedMembers:
         """How many members each reason decided."""
         return {reason: len(ids) for reason, ids in self.by_reason().items()}
 
+    def counts_text(self) -> str:
+        """:meth:`counts` for a sentence: ``override 2, holdout 1``."""
+        return ", ".join(f"{reason} {count}" for reason, count in self.counts().items())
+
 
 #: Reasons in the order their steps are tried (§2.3: :class:`Reason` lists them so), so every report lists them alike.
 _STEP_RANK = {reason.value: rank for rank, reason in enumerate(Reason)}
