@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,7 +37,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Record durations in the controlling process only (under xdist the workers report to it)."""
+    """Let Ctrl-C reach the commands tests start; record durations in the controlling process only.
+
+    A run started in the background by a non-interactive shell (``make test &``, a CI job) inherits
+    SIGINT *ignored*, every command a test starts inherits that, and Python then never raises
+    ``KeyboardInterrupt``: the Ctrl-C tests would wait out their SIGINT as if the command hung. A
+    command typed at a terminal has SIGINT at its default, the case those tests are about; a handled
+    signal is reset to its default across ``exec``, an ignored one is not, so handle it here.
+    (Under xdist the workers report durations to the controlling process.)
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if config.getoption("--record-durations") and not hasattr(config, "workerinput"):
         config.pluginmanager.register(DurationRecorder(DURATIONS), "duration-recorder")
 
