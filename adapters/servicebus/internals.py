@@ -92,6 +92,14 @@ KEEP_UNRETURNED = GUARDS.add(
     reaches="receiver._close_handler, receiver._build_received_message, receiver._handler._received_messages",
     fallback="what a receive cut by a connection reset had taken delivery of stays locked until its lock expires",
 )
+NO_KEEP_ALIVE = GUARDS.add(
+    "no receiver keep-alive thread",
+    reaches="receiver._create_handler, receiver._handler._keep_alive_interval",
+    fallback=(
+        "the SDK's keep-alive thread reads the receiver's connection every 5 s outside the source's lock; "
+        "racing a receive or a renewal, it can hand a message another's delivery tag and drop it"
+    ),
+)
 
 
 def _private(sdk_object: object) -> Any:
@@ -188,6 +196,36 @@ def _take_buffered(
     except Exception as exc:
         GUARDS.trip(KEEP_UNRETURNED, exc)
         return []
+
+
+def stop_keep_alive(receiver: ServiceBusReceiver) -> None:
+    """Keep every handler ``receiver`` opens from starting the SDK's keep-alive thread.
+
+    With prefetch 0 pyAMQP starts a thread per handler that calls ``connection.listen`` every 5 s
+    from outside any lock of ours, so it processes incoming transfers at the same time as a receive,
+    a renewal or a liveness peek on another thread. The receive link's transfer state (the frame
+    that began a delivery, its partial payload, the set of delivery tags) is shared unguarded: one
+    message can be handed on with another's delivery tag, its own never settled, its lock left to
+    lapse (a delivery counted); the SDK logs ``Transfer callback function failed with error:
+    KeyError(<tag>)`` and drops it. Every read of the connection is then the source's own, one at a
+    time under its lock; its receives and renewals read often enough to answer heartbeats and to
+    release what arrives between receives. Raises :class:`~adapters.sdk_guards.SdkSurfaceMissing`
+    when the guard trips (the caller then lives with the SDK's thread).
+    """
+    try:
+        create_handler = _private(receiver)._create_handler
+    except AttributeError as exc:
+        raise GUARDS.trip(NO_KEEP_ALIVE, exc) from None
+
+    def create_without_keep_alive(*args: Any, **kwargs: Any) -> None:
+        create_handler(*args, **kwargs)
+        handler = _private(receiver)._handler
+        if not isinstance(getattr(handler, "_keep_alive_interval", None), int):
+            GUARDS.trip(NO_KEEP_ALIVE, "no integer _keep_alive_interval on the handler")
+            return
+        handler._keep_alive_interval = 0  # read by the handler's open(): 0 starts no thread
+
+    _private(receiver)._create_handler = create_without_keep_alive
 
 
 # -- telling links apart --------------------------------------------------------------------------

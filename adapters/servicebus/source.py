@@ -26,6 +26,7 @@ from adapters.servicebus.internals import (
     renew_locks,
     set_receive_linger,
     settle_by_lock_token,
+    stop_keep_alive,
     top_up_management_credit,
 )
 from adapters.servicebus.liveness import Liveness, SilenceWatch, SilentConnectionError
@@ -149,6 +150,8 @@ class ServiceBusSource:
                     set_receive_linger(receiver, self.linger)
                 with contextlib.suppress(SdkSurfaceMissing):  # the guard said so; such messages wait out their locks
                     keep_unreturned_on_failure(receiver, lambda: not self._closing, self._keep_from(receiver))
+                with contextlib.suppress(SdkSurfaceMissing):  # the guard said so: the SDK's thread reads too
+                    stop_keep_alive(receiver)
                 self._receiver, self._fresh, self._management_requests = receiver, True, 0
             return self._receiver
 

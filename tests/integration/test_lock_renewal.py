@@ -11,6 +11,7 @@ dead letter.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -117,3 +118,33 @@ def test_management_requests_keep_answering_past_the_sdks_link_credit(
     finally:
         source.close()
         client.close()
+
+
+def keep_alive_threads() -> set[threading.Thread]:
+    """The SDK's keep-alive threads running in this process (pyAMQP names them after their target)."""
+    return {thread for thread in threading.enumerate() if "_keep_alive" in thread.name}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker", [("PT30S", 2)], indirect=True)
+def test_no_thread_of_the_sdks_reads_the_receivers_connection_beside_the_renewals(broker: LocalBroker) -> None:
+    """At prefetch 0 the SDK reads the connection from a keep-alive thread every 5 s, outside the source's lock.
+
+    Racing a renewal or a receive on another thread, that thread can hand a message on with another's
+    delivery tag (the SDK logs ``Transfer callback function failed with error: KeyError(<tag>)``): the
+    message is never settled and its lock lapses, a dead letter at max delivery count 1. The source's
+    receiver starts no such thread; it still receives, renews and completes.
+    """
+    already = keep_alive_threads()
+    client = create_client(ServiceBusAuth(connection_string=broker.connection_string))
+    source = ServiceBusSource(client, QUEUE, lock_keeper=LockKeeper(margin=3600.0))  # prefetch 0
+    try:
+        held = receive_all(source, 2)
+        assert keep_alive_threads() - already == set()
+        source.locks.renew_due()
+        assert (source.locks.renewals, source.locks.failures) == (2, 0)
+        assert source.complete_batch(held) == []
+    finally:
+        source.close()
+        client.close()
+    assert broker.message_counts(QUEUE)["active"] == 0

@@ -33,6 +33,7 @@ from adapters.servicebus.internals import (
     set_receive_linger,
     settle_by_lock_token,
     settle_range,
+    stop_keep_alive,
     top_up_management_credit,
 )
 from adapters.servicebus.settle import on_current_link, stamp_link
@@ -227,3 +228,21 @@ def test_a_reset_receive_hands_over_what_it_had_taken_delivery_of(broker: LocalB
         assert kept, "the reset left nothing buffered in the SDK"
         assert all(isinstance(m, ServiceBusReceivedMessage) and m.lock_token is not None for m in kept)
         assert broker.message_counts(QUEUE)["locked"] >= len(kept) + 1
+
+
+@pytest.mark.sdk_guard("no receiver keep-alive thread")
+def test_a_receiver_without_keep_alive_opens_its_handler_with_no_thread_reading_its_connection(
+    broker: LocalBroker,
+) -> None:
+    """At prefetch 0 the SDK starts a keep-alive thread per handler; with the guard none, and it still receives."""
+    with ServiceBusClient.from_connection_string(broker.connection_string) as client:
+        with client.get_queue_receiver(QUEUE) as plain:
+            receive(plain, 1)
+            assert plain._handler._keep_alive_thread is not None, "the SDK no longer starts its keep-alive thread"
+            assert plain._handler._keep_alive_thread.is_alive()
+        quiet = client.get_queue_receiver(QUEUE)  # built lazily: its handler is made when it opens
+        stop_keep_alive(quiet)
+        with quiet:
+            receive(quiet, 1)
+            assert quiet._handler._keep_alive_interval == 0
+            assert quiet._handler._keep_alive_thread is None

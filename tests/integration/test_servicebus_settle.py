@@ -129,7 +129,7 @@ def test_sdk_without_the_private_api_falls_back_one_by_one_with_a_warning(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([w for w in warnings if "link identity is off" in w]) == 1, warnings
     # Each guard the public-only receiver trips says so once; nothing else warns.
-    assert len(warnings) == len(GUARDS.tripped) == 2, warnings
-    assert GUARDS.tripped == {"link identity", "keeping a broken receive's messages"}
+    assert len(warnings) == len(GUARDS.tripped) == 3, warnings
+    assert GUARDS.tripped == {"link identity", "keeping a broken receive's messages", "no receiver keep-alive thread"}
     assert broker.message_counts(QUEUE)["active"] == 0
     assert broker.message_counts(QUEUE)["locked"] == 0

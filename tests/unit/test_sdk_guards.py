@@ -116,6 +116,11 @@ def moved_keep_unreturned(receiver: ServiceBusReceiver) -> object:
     return None  # not reached: the guard raises SdkSurfaceMissing
 
 
+def moved_keep_alive(receiver: ServiceBusReceiver) -> object:
+    internals.stop_keep_alive(PublicOnly(receiver))
+    return None  # not reached: the guard raises SdkSurfaceMissing
+
+
 def moved_transport_timeouts(receiver: ServiceBusReceiver) -> object:
     return kusto_internals.http_sessions(Obj(_kusto_client=Obj(_http=object())))
 
@@ -130,6 +135,7 @@ MOVED: dict[str, tuple[Callable[[ServiceBusReceiver], object], object]] = {
     "settlement by lock token": (moved_settlement_by_token, SdkSurfaceMissing),
     "management link credit": (moved_management_credit, SdkSurfaceMissing),
     "keeping a broken receive's messages": (moved_keep_unreturned, SdkSurfaceMissing),
+    "no receiver keep-alive thread": (moved_keep_alive, SdkSurfaceMissing),
     "transport timeouts": (moved_transport_timeouts, []),
 }
 
