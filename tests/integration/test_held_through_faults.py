@@ -95,6 +95,11 @@ class HeldWorker:
             lambda: self.pump.stats.downstream_retries >= 1 and self.pump.stats.received == count,
             120,
             f"the worker to hold {count} messages",
+            # Which message is missing shows in these: a lapsed lock is a dead letter, a reset a reconnect.
+            detail=lambda: (
+                f"pump {self.pump.stats}; source reconnects {self.source.reconnects}, "
+                f"kept from broken receives {self.source.kept_from_broken_receives}"
+            ),
         )
         return time.monotonic()
 
