@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage, ServiceBusReceiver
-from azure.servicebus.exceptions import ServiceBusConnectionError, ServiceBusError
+from azure.servicebus.exceptions import OperationTimeoutError, ServiceBusConnectionError, ServiceBusError
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.local.faultproxy import FaultProxy
@@ -95,8 +95,10 @@ def receive(receiver: ServiceBusReceiver, count: int) -> list[ServiceBusReceived
     def arrived() -> bool:
         try:
             more = receiver.receive_messages(max_message_count=count - len(got), max_wait_time=2)
-        except ServiceBusConnectionError:
-            return False  # the connection was dropped: the next call reconnects this receiver
+        except (ServiceBusConnectionError, OperationTimeoutError):
+            # The connection was dropped, or its new link took longer than the SDK waits to open (a
+            # busy machine, right after a drop): the next call reconnects this receiver.
+            return False
         stamp_link(receiver, more)
         got.extend(more)
         return len(got) >= count
