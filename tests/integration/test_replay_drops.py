@@ -8,6 +8,7 @@ broker at chosen points, or by the fault proxy after a fixed number of bytes on 
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.local.faultproxy import FaultProxy
 from adapters.servicebus import ServiceBusAuth, create_client
 from adapters.servicebus.dlq import DeadLetter, Entity, ReplayFilter, browse, replay, replay_message
+from adapters.servicebus.dlq.connection import open_receiver
 from tests.waiting import collect, wait_for
 from worker.cli import main
 
@@ -223,3 +225,31 @@ def test_a_dead_letter_stranded_by_a_dropped_connection_is_completed_by_lock_tok
     assert dead == set()
     assert sorted(on_queue) == sorted(f"m{i}" for i in range(60))
     assert max(on_queue.values()) == 1, {k: n for k, n in on_queue.items() if n > 1}
+
+
+@pytest.mark.timeout(120)
+def test_the_dead_letter_tools_receivers_start_no_thread_of_the_sdks_reading_their_connection(
+    no_duplicate_detection: LocalBroker,
+) -> None:
+    """The dead-letter tools' receivers, like the worker's, start no SDK keep-alive thread.
+
+    That thread reads the connection every 5 s beside the command's calls and its lock keeper's
+    renewals; racing them it can hand a dead letter on with another's delivery tag (the SDK then logs
+    ``unpack requires a buffer of 8 bytes`` or ``KeyError(<tag>)`` and shuts the handler down): a
+    replay under load lost a connection that way where no connection was cut. The receiver still
+    receives and settles.
+    """
+    broker = no_duplicate_detection
+    _dead_letter(broker, 3)
+    already = {thread for thread in threading.enumerate() if "_keep_alive" in thread.name}
+    with (
+        ServiceBusClient.from_connection_string(broker.connection_string) as client,
+        open_receiver(client, Entity.parse(QUEUE)) as receiver,
+    ):
+        letters = collect(lambda: receiver.receive_messages(max_message_count=3, max_wait_time=5), 3)
+        started = {thread for thread in threading.enumerate() if "_keep_alive" in thread.name} - already
+        assert started == set(), [thread.name for thread in started]
+        for letter in letters:
+            receiver.complete_message(letter)
+    _, dead = _census(broker)
+    assert dead == set()

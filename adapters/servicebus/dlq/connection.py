@@ -6,6 +6,7 @@ new one and going on; :class:`Patience` says how long it keeps trying while noth
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from azure.servicebus.exceptions import (
     ServiceBusServerBusyError,
 )
 
+from adapters.sdk_guards import SdkSurfaceMissing
 from adapters.servicebus.dlq.entity import Entity
+from adapters.servicebus.internals import stop_keep_alive
 from worker.domain.errors import TransientError
 from worker.service.redaction import redact
 
@@ -36,14 +39,25 @@ log = logging.getLogger(__name__)
 
 
 def open_receiver(client: ServiceBusClient, entity: Entity, *, dead_letter: bool = True) -> ServiceBusReceiver:
-    """A PEEK_LOCK receiver on ``entity``'s dead-letter sub-queue (or, with ``dead_letter=False``, on it)."""
+    """A PEEK_LOCK receiver on ``entity``'s dead-letter sub-queue (or, with ``dead_letter=False``, on it).
+
+    It starts no SDK keep-alive thread (:func:`~adapters.servicebus.internals.stop_keep_alive`): that
+    thread reads the connection beside the command's own calls and its lock keeper's renewals, and a
+    dead letter handed on with another's delivery tag is dropped by the SDK, its lock left to lapse.
+    """
     sub_queue = ServiceBusSubQueue.DEAD_LETTER if dead_letter else None
     mode = ServiceBusReceiveMode.PEEK_LOCK
     if entity.queue:
-        return client.get_queue_receiver(entity.queue, sub_queue=sub_queue, receive_mode=mode)
-    if not (entity.topic and entity.subscription):
+        receiver = client.get_queue_receiver(entity.queue, sub_queue=sub_queue, receive_mode=mode)
+    elif entity.topic and entity.subscription:
+        receiver = client.get_subscription_receiver(
+            entity.topic, entity.subscription, sub_queue=sub_queue, receive_mode=mode
+        )
+    else:
         raise ValueError(f"entity {entity}: neither a queue nor a topic subscription")
-    return client.get_subscription_receiver(entity.topic, entity.subscription, sub_queue=sub_queue, receive_mode=mode)
+    with contextlib.suppress(SdkSurfaceMissing):  # the guard said so: the SDK's thread reads too
+        stop_keep_alive(receiver)
+    return receiver
 
 
 def open_sender(client: ServiceBusClient, entity: Entity) -> ServiceBusSender:
