@@ -10,10 +10,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
 
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, ServiceBusPublisher, ServiceBusSource, create_client
+from tests.waiting import collect
 from worker.domain.registry import ExperimentRegistry
 from worker.service.pump import Pump, PumpConfig, PumpStats, settled
 
@@ -65,3 +67,22 @@ def run_pump(
         return pump.run(until=settled(count))
     finally:
         client.close()
+
+
+def dead_letters(broker: LocalBroker, expected: int) -> dict[str, tuple[str, str]]:
+    """The requests queue's ``expected`` dead letters by message id, (reason, description); each is completed."""
+    found: dict[str, tuple[str, str]] = {}
+    with (
+        ServiceBusClient.from_connection_string(broker.connection_string) as client,
+        client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver,
+    ):
+        for message in collect(
+            lambda: receiver.receive_messages(max_message_count=50, max_wait_time=0.5),
+            expected,
+            what="the dead letters",
+        ):
+            reason, description = message.dead_letter_reason, message.dead_letter_error_description
+            found[str(message.message_id)] = (str(reason), str(description))
+            receiver.complete_message(message)
+    assert len(found) == expected, found
+    return found

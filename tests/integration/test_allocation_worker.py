@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode, ServiceBusSubQueue
+from azure.servicebus import ServiceBusClient, ServiceBusReceiveMode
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
+from tests.integration.emulator import dead_letters
 from tests.waiting import collect, wait_for
 from worker import ABAssignmentAgent, ExperimentRegistry
 from worker.bootstrap import bootstrap
@@ -104,25 +105,6 @@ def _events(broker: LocalBroker, expected: int) -> dict[str, list[bytes]]:
             events[str(message.message_id)].append(b"".join(message.body))
     assert sum(map(len, events.values())) == expected, f"{sum(map(len, events.values()))} events, not {expected}"
     return events
-
-
-def _dead_letters(broker: LocalBroker, expected: int) -> dict[str, tuple[str, str]]:
-    """Dead letters by message id: (reason, description)."""
-    found: dict[str, tuple[str, str]] = {}
-    with (
-        ServiceBusClient.from_connection_string(broker.connection_string) as client,
-        client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver,
-    ):
-        for message in collect(
-            lambda: receiver.receive_messages(max_message_count=50, max_wait_time=0.5),
-            expected,
-            what="the dead letters",
-        ):
-            reason, description = message.dead_letter_reason, message.dead_letter_error_description
-            found[str(message.message_id)] = (str(reason), str(description))
-            receiver.complete_message(message)
-    assert len(found) == expected, found
-    return found
 
 
 def _enqueued(broker: LocalBroker, count: int) -> dict[str, datetime]:
@@ -419,7 +401,7 @@ def test_contexts_of_the_wrong_kind_or_at_the_limits_are_decided_and_over_them_d
             assert (event["reason"], event["in_experiment"]) == ("bucketed", True), name
         else:
             assert (event["reason"], event["in_experiment"], event["variant_id"]) == ("targeting", False, "control")
-    letters = _dead_letters(broker, len(bad))
+    letters = dead_letters(broker, len(bad))
     for name, (_, reason) in bad.items():
         assert letters[name][0] == reason, (name, letters[name])
     assert "context" in letters["not-object-list"][1]

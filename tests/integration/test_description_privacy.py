@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from azure.servicebus import ServiceBusClient, ServiceBusSubQueue
+from azure.servicebus import ServiceBusClient
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from adapters.local.broker import BrokerConfig, LocalBroker
 from adapters.memory import MemorySink
 from adapters.servicebus import ServiceBusAuth, create_client, send_requests
-from tests.waiting import collect
+from tests.integration.emulator import dead_letters
 from worker import ExperimentRegistry
 from worker.bootstrap import bootstrap
 from worker.service.pump import PumpConfig, settled
@@ -94,7 +94,7 @@ def test_dead_letter_descriptions_name_the_key_path_and_never_quote_a_context_va
     finally:
         sb.close()
     assert stats.dead_letters == {"SchemaValidationFailed": len(CASES)}
-    letters = _dead_letters(broker, len(CASES))
+    letters = dead_letters(broker, len(CASES))
     for name, (_, expected) in CASES.items():
         reason, description = letters[name]
         assert reason == "SchemaValidationFailed"
@@ -108,22 +108,3 @@ def test_dead_letter_descriptions_name_the_key_path_and_never_quote_a_context_va
     for span in spans:
         assert "alice" not in json.dumps(dict(span.attributes or {}), default=str)
         assert "alice" not in (span.status.description or "")
-
-
-def _dead_letters(broker: LocalBroker, expected: int) -> dict[str, tuple[str, str]]:
-    """Dead letters by message id: (reason, description)."""
-    found: dict[str, tuple[str, str]] = {}
-    with (
-        ServiceBusClient.from_connection_string(broker.connection_string) as client,
-        client.get_queue_receiver(QUEUE, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver,
-    ):
-        for message in collect(
-            lambda: receiver.receive_messages(max_message_count=50, max_wait_time=0.5),
-            expected,
-            what="the dead letters",
-        ):
-            reason, description = message.dead_letter_reason, message.dead_letter_error_description
-            found[str(message.message_id)] = (str(reason), str(description))
-            receiver.complete_message(message)
-    assert len(found) == expected, found
-    return found
